@@ -1,0 +1,65 @@
+"""One layer's curvature block and the preconditioning formula shared by all strategies."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_DAMPING_FACTOR = 0.1
+
+
+class LayerCurvature(NamedTuple):
+    """Curvature of one dense layer with augmented weight ``[d_a, d_out]``.
+
+    Attributes:
+      q_a: ``[d_a, d_a]`` eigenvectors (columns) of A = E[ā āᵀ], or ``None``.
+      q_s: ``[d_out, d_out]`` eigenvectors (columns) of S = E[g gᵀ], or ``None``.
+      eigenvalues: ``[d_a, d_out]`` Λ, the curvature in the (rotated) basis, or
+        ``None`` for the identity strategy.
+      a_eigenvalues, s_eigenvalues: eigenvalues of A ``[d_a]`` and S ``[d_out]``
+        (kfac/ekfac only; kept for diagnostics).
+    """
+
+    q_a: np.ndarray | None = None
+    q_s: np.ndarray | None = None
+    eigenvalues: np.ndarray | None = None
+    a_eigenvalues: np.ndarray | None = None
+    s_eigenvalues: np.ndarray | None = None
+
+
+def default_damping(curvature: LayerCurvature, factor: float = DEFAULT_DAMPING_FACTOR) -> float:
+    """λ = factor × mean(Λ), the heuristic of Grosse et al. (2023); 0 without Λ."""
+    if curvature.eigenvalues is None:
+        return 0.0
+    return float(factor * np.mean(np.asarray(curvature.eigenvalues, np.float64)))
+
+
+def rotate(v, q_a, q_s):
+    """``Q_Aᵀ V Q_S`` for ``v [..., d_a, d_out]``."""
+    return jnp.einsum("ia,...ij,jb->...ab", q_a, v, q_s)
+
+
+def unrotate(v, q_a, q_s):
+    """``Q_A V Q_Sᵀ`` for ``v [..., d_a, d_out]``."""
+    return jnp.einsum("ia,...ab,jb->...ij", q_a, v, q_s)
+
+
+def precondition(v, curvature: LayerCurvature, damping: float):
+    """Apply the damped inverse curvature to gradients ``v [..., d_a, d_out]``.
+
+    Computes ``Q_A [(Q_Aᵀ V Q_S) / (Λ + λ)] Q_Sᵀ``, which equals
+    ``(Q_A ⊗ Q_S) diag(vec Λ + λ)⁻¹ (Q_A ⊗ Q_S)ᵀ vec(V)`` with row-major ``vec``. (The
+    paper's Eq. 21 prints the rotations transposed for its [d_out, d_in] layout.)
+    Identity curvature returns ``v`` unchanged; ``damping`` is then ignored.
+    """
+    if curvature.eigenvalues is None:
+        return v
+    rotated = curvature.q_a is not None
+    if rotated:
+        v = rotate(v, curvature.q_a, curvature.q_s)
+    v = v / (curvature.eigenvalues + damping)
+    if rotated:
+        v = unrotate(v, curvature.q_a, curvature.q_s)
+    return v

@@ -1,0 +1,249 @@
+"""Tasks: what the influence engine differentiates.
+
+A task turns a model and a batch into per-example losses (for fitting curvature and
+for training gradients) and per-example measurements (for queries). Losses are
+**sums** over tokens/outputs, never means: softmax cross-entropy and the Gaussian
+negative log-likelihood are then matching losses, and the true Fisher equals the
+Gauss-Newton matrix the curvature approximates.
+
+Write your own by subclassing :class:`Task`; only :meth:`Task.loss` is required.
+Tasks are used as static arguments of jitted functions, so they must be hashable:
+the built-ins are frozen dataclasses, and a subclass instance hashes by identity
+(reuse the same instance to reuse compiled code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+
+Batch = dict[str, jax.Array]
+
+
+class Task:
+    """Protocol of a task. Subclass and implement :meth:`loss`.
+
+    Attributes:
+      fields: names of the batch entries the task reads. The library passes only
+        these to the model (other columns, e.g. string metadata, are dropped). An
+        empty tuple means "every numeric column".
+      optional_fields: entries used when present (e.g. a loss mask).
+    """
+
+    fields: tuple[str, ...] = ()
+    optional_fields: tuple[str, ...] = ()
+
+    def loss(self, model: Any, batch: Batch, sample_key: jax.Array | None = None) -> jax.Array:
+        """Per-example losses, float32 ``[B]``, summed over tokens/outputs.
+
+        With ``sample_key``, targets are drawn from the model's own predictive
+        distribution (used to fit the true Fisher); without it, the batch's labels are
+        used (training gradients and the empirical Fisher).
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement loss(model, batch, sample_key=None)")
+
+    def measurement(self, model: Any, batch: Batch) -> jax.Array:
+        """Per-query measurement ``[B]`` whose gradient is preconditioned. Loss-like:
+        a positive influence score means upweighting the training example *lowers* it.
+        Defaults to the loss on the batch's labels."""
+        return self.loss(model, batch)
+
+    def token_mask(self, batch: Batch) -> jax.Array | None:
+        """Which token positions count when averaging the factors A and S, ``[B, T]``
+        in {0, 1}; ``None`` means every position of every example counts."""
+        return None
+
+    def fisher_directions(self, model: Any, batch: Batch) -> jax.Array:
+        """Pseudo-losses ``[K, B]`` whose per-example gradients g_k satisfy
+        Σ_k g_k g_kᵀ = the exact per-example Fisher (used by ``fisher="exact"``)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no exact Fisher; use fisher='sampled' or 'empirical'"
+        )
+
+
+def _softmax_sqrt_fisher_pseudo_losses(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Pseudo-losses for the exact Fisher of softmax cross-entropy.
+
+    logits ``[B, T, K]``, mask ``[B, T]``; returns ``[T*K, B]``. For direction (t, k)
+    the gradient with respect to logits[:, t] is √p_k (e_k − p), and
+    Σ_k √p_k (e_k − p) (√p_k (e_k − p))ᵀ = diag(p) − ppᵀ, the Hessian of the loss.
+    Each token gets its own directions, so no cross-token terms appear.
+    """
+    p = jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1))
+    mean_logit = jnp.sum(p * logits, axis=-1, keepdims=True)
+    psi = jnp.sqrt(p) * (logits - mean_logit) * mask[..., None]  # [B, T, K]
+    b = logits.shape[0]
+    return psi.reshape(b, -1).T
+
+
+@dataclasses.dataclass(frozen=True)
+class _OutputTask(Task):
+    """Shared machinery of tasks whose loss is a likelihood over model outputs.
+
+    Subclasses give ``outputs(model, batch) -> [B, T, K]``, ``targets(batch)`` and
+    ``output_mask(batch) -> [B, T]``; loss, sampled loss and exact Fisher follow.
+    """
+
+    family: str = dataclasses.field(default="categorical", init=False)
+
+    def outputs(self, model: Any, batch: Batch) -> jax.Array:
+        raise NotImplementedError
+
+    def targets(self, batch: Batch) -> jax.Array:
+        raise NotImplementedError
+
+    def output_mask(self, batch: Batch, outputs: jax.Array) -> jax.Array:
+        return jnp.ones(outputs.shape[:2], outputs.dtype)
+
+    def _loss_from_outputs(self, out: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+        if self.family == "categorical":
+            logp = jax.nn.log_softmax(out, axis=-1)
+            per_token = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        else:  # gaussian with unit variance: 0.5‖f − y‖²
+            per_token = 0.5 * jnp.sum((out - targets) ** 2, axis=-1)
+        return jnp.sum(per_token * mask, axis=1)
+
+    def _sample_targets(self, out: jax.Array, key: jax.Array) -> jax.Array:
+        out = jax.lax.stop_gradient(out)
+        if self.family == "categorical":
+            return jax.random.categorical(key, out, axis=-1)
+        return out + jax.random.normal(key, out.shape, out.dtype)
+
+    def loss(self, model, batch, sample_key=None):
+        out = self.outputs(model, batch)
+        mask = self.output_mask(batch, out)
+        targets = self.targets(batch) if sample_key is None else self._sample_targets(out, sample_key)
+        return self._loss_from_outputs(out, targets, mask)
+
+    def fisher_directions(self, model, batch):
+        out = self.outputs(model, batch)
+        mask = self.output_mask(batch, out)
+        if self.family == "categorical":
+            return _softmax_sqrt_fisher_pseudo_losses(out, mask)
+        # Gaussian: the output Hessian is I, so the directions are the outputs themselves.
+        return (out * mask[..., None]).reshape(out.shape[0], -1).T
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification(_OutputTask):
+    """Softmax cross-entropy on ``model(batch[x_key]) -> logits [B, C]``.
+
+    Args:
+      x_key, y_key: batch entries holding inputs and integer labels ``[B]``.
+      measurement_kind: ``"loss"`` (cross-entropy of the labelled class) or
+        ``"margin"``: −(logit_y − logsumexp of the other logits), loss-like so that
+        positive influence still means "upweighting raises the correct-class margin".
+    """
+
+    x_key: str = "x"
+    y_key: str = "y"
+    measurement_kind: Literal["loss", "margin"] = "loss"
+
+    def __post_init__(self):
+        if self.measurement_kind not in ("loss", "margin"):
+            raise ValueError(f"measurement_kind must be 'loss' or 'margin', got {self.measurement_kind!r}")
+
+    @property
+    def fields(self):  # type: ignore[override]
+        return (self.x_key, self.y_key)
+
+    def outputs(self, model, batch):
+        logits = model(batch[self.x_key])
+        if logits.ndim != 2:
+            raise ValueError(f"Classification expects logits [B, C]; the model returned shape {logits.shape}")
+        return logits[:, None, :]
+
+    def targets(self, batch):
+        return batch[self.y_key].reshape(-1, 1)
+
+    def measurement(self, model, batch):
+        if self.measurement_kind == "loss":
+            return self.loss(model, batch)
+        logits = self.outputs(model, batch)[:, 0]
+        y = batch[self.y_key].astype(jnp.int32)
+        correct = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+        others = jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+        return -(correct - jax.nn.logsumexp(others, axis=-1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Regression(_OutputTask):
+    """Squared error 0.5‖f(x) − y‖² (Gaussian likelihood with unit variance).
+
+    ``model(batch[x_key])`` returns ``[B]`` or ``[B, K]``; targets have the same shape.
+    The factor 0.5 makes the Gauss-Newton matrix JᵀJ equal the Fisher of the sampled
+    targets y ~ N(f, I).
+    """
+
+    x_key: str = "x"
+    y_key: str = "y"
+    family: str = dataclasses.field(default="gaussian", init=False)
+
+    @property
+    def fields(self):  # type: ignore[override]
+        return (self.x_key, self.y_key)
+
+    def outputs(self, model, batch):
+        out = model(batch[self.x_key])
+        if out.ndim == 1:
+            out = out[:, None]
+        if out.ndim != 2:
+            raise ValueError(f"Regression expects outputs [B] or [B, K]; the model returned shape {out.shape}")
+        return out[:, None, :]
+
+    def targets(self, batch):
+        y = batch[self.y_key]
+        return y.reshape(y.shape[0], 1, -1).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLM(_OutputTask):
+    """Next-token cross-entropy for ``model(input_ids [B, T]) -> logits [B, T, V]``.
+
+    Position t predicts token t+1. ``loss_mask[b, t] = 1`` marks token t as a target
+    that counts (padding and, for queries, the prompt are 0; position 0 is never a
+    target). Without a mask every token after the first counts. The measurement is
+    therefore the completion's loss given the prompt when the prompt is masked out.
+
+    Token convention for the factors A and S: a position counts iff it predicts a
+    counted target (T−1 positions for an unpadded sequence); the last position, which
+    predicts nothing, is left out of A (kronfluence keeps its activation; see
+    docs/method.md).
+    """
+
+    input_key: str = "input_ids"
+    mask_key: str = "loss_mask"
+
+    @property
+    def fields(self):  # type: ignore[override]
+        return (self.input_key,)
+
+    @property
+    def optional_fields(self):  # type: ignore[override]
+        return (self.mask_key,)
+
+    def outputs(self, model, batch):
+        ids = batch[self.input_key]
+        logits = model(ids)
+        if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+            raise ValueError(f"CausalLM expects logits [B, T, V] for input_ids {ids.shape}; got {logits.shape}")
+        return logits[:, :-1]
+
+    def targets(self, batch):
+        return batch[self.input_key][:, 1:]
+
+    def _target_mask(self, batch) -> jax.Array:
+        ids = batch[self.input_key]
+        if self.mask_key in batch:
+            return batch[self.mask_key][:, 1:].astype(jnp.float32)
+        return jnp.ones((ids.shape[0], ids.shape[1] - 1), jnp.float32)
+
+    def output_mask(self, batch, outputs):
+        return self._target_mask(batch)
+
+    def token_mask(self, batch):
+        m = self._target_mask(batch)
+        return jnp.concatenate([m, jnp.zeros((m.shape[0], 1), m.dtype)], axis=1)
