@@ -12,7 +12,7 @@ from influence.curvature.accumulate import per_example_gradients
 from influence.exact import per_example_gradients as grad_reference
 from influence.exact import unflatten
 from influence.gradients import layer_gradients
-from tests.helpers import MLP, digits, lm_sequences, trained_lm, trained_mlp
+from influence.examples import MLP, digits, lm_sequences, trained_lm, trained_mlp
 
 
 def _factored(model, task, data, kind="empirical", layers=None):

@@ -13,7 +13,7 @@ from influence.curvature import accumulate
 from influence.exact import gauss_newton, layer_slices, unflatten
 from influence.exact import per_example_gradients as grad_reference
 from influence.gradients import layer_gradients, token_weights
-from tests.helpers import trained_lm, trained_mlp
+from influence.examples import trained_lm, trained_mlp
 
 
 def _kron_basis(c: LayerCurvature) -> np.ndarray:
