@@ -32,14 +32,18 @@ def _dict_path(path) -> str:
     return ".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
+def _param(layer: str, leaf: str) -> str:
+    return f"{layer}.{leaf}" if layer else leaf  # a model that is itself a Linear has path ""
+
+
 def layer_weights(tracked: TrackedModel) -> dict[str, jax.Array]:
     """Augmented weights ``{name: [d_a, d_out]}`` of the tracked layers."""
     leaves = {_dict_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(tracked.state)}
     out = {}
     for info in tracked.layers:
-        w = leaves[f"{info.name}.kernel"]
+        w = leaves[_param(info.name, "kernel")]
         if info.has_bias:
-            w = jnp.concatenate([w, leaves[f"{info.name}.bias"][None]], axis=0)
+            w = jnp.concatenate([w, leaves[_param(info.name, "bias")][None]], axis=0)
         out[info.name] = w
     return out
 
@@ -65,9 +69,9 @@ def model_at(tracked: TrackedModel, theta: jax.Array) -> nnx.Module:
     replace = {}
     for info in tracked.layers:
         w = blocks[info.name]
-        replace[f"{info.name}.kernel"] = w[: info.d_in]
+        replace[_param(info.name, "kernel")] = w[: info.d_in]
         if info.has_bias:
-            replace[f"{info.name}.bias"] = w[info.d_in]
+            replace[_param(info.name, "bias")] = w[info.d_in]
     state = jax.tree_util.tree_map_with_path(lambda p, x: replace.get(_dict_path(p), x), tracked.state)
     return nnx.merge(tracked.graphdef, state)
 
