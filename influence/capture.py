@@ -42,6 +42,10 @@ class LayerInfo(NamedTuple):
         return self.d_in + int(self.has_bias)
 
 
+class TrackingError(ValueError):
+    """The model's use of its tracked layers cannot be captured (e.g. a shared layer)."""
+
+
 LayerFilter = str | Iterable[str] | Callable[[str], bool] | None
 
 
@@ -60,7 +64,7 @@ class _Tap:
 
     def record(self, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
         if name in self.inputs:
-            raise ValueError(
+            raise TrackingError(
                 f"layer {name!r} was called more than once in one forward pass; shared "
                 "weights are not supported: exclude it with layers=..."
             )
@@ -204,7 +208,7 @@ def _augment(x: jax.Array, has_bias: bool) -> jax.Array:
 def _as_tokens(x: jax.Array, batch: int, name: str) -> jax.Array:
     """``[B, ..., d] -> [B, T, d]`` (``T = 1`` for rank-2 inputs)."""
     if x.ndim < 2 or x.shape[0] != batch:
-        raise ValueError(
+        raise TrackingError(
             f"layer {name!r} received input of shape {x.shape}; its leading axis must be the batch axis (size {batch})"
         )
     return x.reshape(batch, -1, x.shape[-1])
@@ -233,7 +237,7 @@ def capture(
             value = objective(model)
         missing = set(names) - set(tap.inputs)
         if missing:
-            raise ValueError(f"tracked layers {sorted(missing)} were not called by the task's forward pass")
+            raise TrackingError(f"tracked layers {sorted(missing)} were not called by the task's forward pass")
         return value, {n: tap.inputs[n] for n in names}, {n: tap.output_shapes[n] for n in names}
 
     # Trace once without perturbations to learn the output shapes (no FLOPs are spent).

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from influence.capture import LayerInfo, capture
+from influence.capture import LayerInfo, TrackingError, capture
 
 KINDS = ("sampled", "empirical", "exact", "measurement")
 
@@ -48,7 +48,17 @@ def layer_gradients(
     """Captured ``(objective value, a, g)`` for one padded batch (see :func:`capture`)."""
     batch_size = example_mask.shape[0]
     objective = _objective(task, kind, batch, example_mask, key)
-    return capture(graphdef, state, layers, objective, batch_size)
+
+    def checked(model):
+        try:
+            return objective(model)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, TrackingError):
+                raise
+            shapes = {k: tuple(v.shape) for k, v in batch.items()}
+            raise ValueError(f"the task's forward pass failed on a batch with fields {shapes}: {e}") from e
+
+    return capture(graphdef, state, layers, checked, batch_size)
 
 
 def token_weights(task: Any, batch, example_mask: jax.Array, a: jax.Array) -> jax.Array:

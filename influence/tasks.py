@@ -14,6 +14,7 @@ the built-ins are frozen dataclasses, and a subclass instance hashes by identity
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 Batch = dict[str, jax.Array]
 
 
-class Task:
+class Task(abc.ABC):
     """Protocol of a task. Subclass and implement :meth:`loss`.
 
     Attributes:
@@ -36,6 +37,7 @@ class Task:
     fields: tuple[str, ...] = ()
     optional_fields: tuple[str, ...] = ()
 
+    @abc.abstractmethod
     def loss(self, model: Any, batch: Batch, sample_key: jax.Array | None = None) -> jax.Array:
         """Per-example losses, float32 ``[B]``, summed over tokens/outputs.
 
@@ -43,7 +45,6 @@ class Task:
         distribution (used to fit the true Fisher); without it, the batch's labels are
         used (training gradients and the empirical Fisher).
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement loss(model, batch, sample_key=None)")
 
     def measurement(self, model: Any, batch: Batch) -> jax.Array:
         """Per-query measurement ``[B]`` whose gradient is preconditioned. Loss-like:
@@ -89,11 +90,13 @@ class _OutputTask(Task):
 
     family: str = dataclasses.field(default="categorical", init=False)
 
+    @abc.abstractmethod
     def outputs(self, model: Any, batch: Batch) -> jax.Array:
-        raise NotImplementedError
+        """Model outputs ``[B, T, K]`` (logits, or regression predictions)."""
 
+    @abc.abstractmethod
     def targets(self, batch: Batch) -> jax.Array:
-        raise NotImplementedError
+        """Labels ``[B, T]`` (categorical) or targets ``[B, T, K]`` (Gaussian)."""
 
     def output_mask(self, batch: Batch, outputs: jax.Array) -> jax.Array:
         return jnp.ones(outputs.shape[:2], outputs.dtype)
