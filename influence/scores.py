@@ -134,6 +134,9 @@ def _self_layer_scores(a, g, curvature: LayerCurvature, damping) -> jax.Array:
     if curvature.q_a is not None:
         a, g = a @ curvature.q_a, g @ curvature.q_s
     weights = 1.0 if curvature.eigenvalues is None else 1.0 / (curvature.eigenvalues + damping)
+    if a.shape[1] == 1:  # DW_b = ā_b g_bᵀ: Σ_ij ā_i² g_j² W_ij without forming DW_b
+        a2, g2 = a[:, 0] ** 2, g[:, 0] ** 2
+        return jnp.sum((a2 @ weights) * g2, axis=-1) if curvature.eigenvalues is not None else a2.sum(-1) * g2.sum(-1)
     chunk = example_chunk(a.shape[0], a.shape[-1] * g.shape[-1])
 
     def one_example(xs):

@@ -32,10 +32,11 @@ def test_identity_scores_equal_gradient_dot_products(case):
     np.testing.assert_allclose(scores.values, expected, rtol=2e-4, atol=2e-5 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("strategy", ["diagonal", "kfac", "ekfac"])
-def test_per_layer_scores_sum_to_total_and_self_scores_match_pairwise(strategy):
-    model, data, _ = trained_lm()
-    task = tasks.CausalLM()
+@pytest.mark.parametrize("strategy", ["identity", "diagonal", "kfac", "ekfac"])
+@pytest.mark.parametrize("case", ["mlp", "lm"])  # one token per example (fast paths) and sequences
+def test_per_layer_scores_sum_to_total_and_self_scores_match_pairwise(strategy, case):
+    model, data, _ = trained_mlp() if case == "mlp" else trained_lm()
+    task = tasks.Classification() if case == "mlp" else tasks.CausalLM()
     subset = {k: v[:10] for k, v in data.items()}
     factors = inf.fit_factors(model, task, data, strategy=strategy, progress=False)
     scores = inf.pairwise_scores(model, task, factors, subset, subset, per_layer=True, progress=False, batch_size=4)

@@ -72,6 +72,11 @@ def eigenvalue_sums(a, g, example_weights, q_a=None, q_s=None) -> jax.Array:
     if q_a is not None:
         a = a @ q_a
         g = g @ q_s
+    if a.shape[1] == 1:
+        # One token per example: DW_b = ā_b g_bᵀ, so Σ_b w_b DW_b² = (w·ā²)ᵀ g², one matmul.
+        a2 = (a[:, 0] ** 2) * example_weights[:, None]
+        g2 = g[..., 0, :] ** 2  # [(K,) B, d_out]
+        return jnp.einsum("bi,...bj->ij", a2, g2)
 
     def chunk_sum(a_c, g_c, w_c):
         dw = per_example_gradients(a_c, g_c)  # [(K,) b, d_a, d_out]
