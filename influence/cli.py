@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name != module_name:
+            if e.name is None or not module_name.startswith(e.name):
                 raise
             continue  # capability not part of this build
         p = sub.add_parser(name, help=help_text, description=module.__doc__,
