@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from influence import io
 from influence.capture import track
 from influence.curvature import LayerCurvature, precondition
+from influence.contract import LayerQueries, layer_scores, low_rank
 from influence.curvature.accumulate import example_chunk, per_example_gradients
 from influence.data import as_source
 from influence.factors import Factors
@@ -102,31 +103,11 @@ def _precondition_all(gradients, curvature, damping):
     return {name: precondition(v, curvature[name], damping[name]) for name, v in gradients.items()}
 
 
-def _layer_scores(a: jax.Array, g: jax.Array, p: jax.Array) -> jax.Array:
-    """Scores ``[Q, B]`` = ⟨P_q, Σ_t ā_bt g_btᵀ⟩ for ``a [B,T,d_a]``, ``g [B,T,d_out]``, ``p [Q,d_a,d_out]``.
-
-    Picks the cheaper of two exact forms: the factored Σ_t ā_tᵀ P_q g_t (costs
-    Q·B·T·d_a·d_out, no per-example gradient) when Q·T ≤ Q + T, else per-example
-    gradients materialised a chunk of examples at a time and contracted with P
-    (B·T·d_a·d_out + Q·B·d_a·d_out).
-    """
-    n_query, batch, tokens = p.shape[0], a.shape[0], a.shape[1]
-    if n_query * tokens <= n_query + tokens:
-        return jnp.einsum("bti,qij,btj->qb", a, p, g)
-    chunk = example_chunk(batch, a.shape[-1] * g.shape[-1])
-
-    def one_example(xs):
-        a_b, g_b = xs
-        return jnp.einsum("ti,tj,qij->q", a_b, g_b, p)
-
-    return jax.lax.map(one_example, (a, g), batch_size=chunk).T
-
-
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _score_step(preconditioned, state, batch, example_mask, *, graphdef, layers, task, kind):
     """Per-layer scores ``[L, Q, B]`` of one training batch."""
     _, a, g = layer_gradients(graphdef, state, layers, task, kind, batch, example_mask)
-    return jnp.stack([_layer_scores(a[i.name], g[i.name], preconditioned[i.name]) for i in layers])
+    return jnp.stack([layer_scores(a[i.name], g[i.name], preconditioned[i.name]) for i in layers])
 
 
 def _self_layer_scores(a, g, curvature: LayerCurvature, damping) -> jax.Array:
@@ -179,9 +160,10 @@ def _stream(step, tracked, task, kind, source, desc, progress, *leading) -> np.n
     return np.concatenate([np.asarray(out)[..., :n] for out, n in parts], axis=-1)
 
 
-def query_gradients(model, task, factors: Factors, queries, *, damping=None, batch_size=32, progress=True):
-    """Preconditioned query gradients ``{name: [n_query, d_a, d_out]}`` (device arrays)
-    and the damping used per layer."""
+def query_gradients(model, task, factors: Factors, queries, *, damping=None, rank=None, batch_size=32, progress=True):
+    """Preconditioned query gradients per layer, ``{name: LayerQueries}``, and the
+    damping used per layer. ``rank=r`` keeps each ``[d_a, d_out]`` matrix as its best
+    rank-r approximation (query batching); ``None`` keeps it in full."""
     tracked, curvature, dampings = _prepare(model, factors, damping)
     source = as_source(queries, batch_size, task)
     grads = {name: [] for name in tracked.layer_names}
@@ -191,7 +173,12 @@ def query_gradients(model, task, factors: Factors, queries, *, damping=None, bat
         for name, v in out.items():
             grads[name].append(v[: batch.n_valid])
     stacked = {name: jnp.concatenate(vs) for name, vs in grads.items()}
-    return _precondition_all(stacked, curvature, dampings), dampings
+    preconditioned = _precondition_all(stacked, curvature, dampings)
+    if rank is not None:
+        if rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank}")
+        return {name: low_rank(p, rank) for name, p in preconditioned.items()}, dampings
+    return {name: LayerQueries(full=p) for name, p in preconditioned.items()}, dampings
 
 
 def pairwise_scores(
@@ -203,6 +190,7 @@ def pairwise_scores(
     *,
     damping: float | None = None,
     per_layer: bool = False,
+    query_rank: int | None = None,
     batch_size: int = 32,
     progress: bool = True,
 ) -> Scores:
@@ -217,12 +205,15 @@ def pairwise_scores(
       train: training data, streamed in batches of ``batch_size``.
       damping: absolute damping λ for every layer, or ``None`` for 0.1 × mean(Λ) per layer.
       per_layer: also return each layer's share.
+      query_rank: keep each layer's preconditioned query gradient as its best rank-r
+        approximation (Grosse et al. use 32): less memory per query, and cheaper
+        scoring when r·(d_a + d_out) is small against d_a·d_out. ``None``: full rank.
 
     Returns:
       :class:`Scores` with ``values [n_query, n_train]``.
     """
     tracked, _, _ = _prepare(model, factors, damping)
-    preconditioned, dampings = query_gradients(model, task, factors, queries, damping=damping,
+    preconditioned, dampings = query_gradients(model, task, factors, queries, damping=damping, rank=query_rank,
                                                batch_size=batch_size, progress=progress)
     source = as_source(train, batch_size, task)
     layer_scores = _stream(_score_step, tracked, task, "empirical", source, "scores", progress, preconditioned)
@@ -233,6 +224,7 @@ def pairwise_scores(
         "layers": list(tracked.layer_names),
         "n_query": int(values.shape[0]),
         "n_train": int(values.shape[1]),
+        "query_rank": query_rank,
         "fingerprint": tracked.fingerprint,
     }
     per = {name: layer_scores[i] for i, name in enumerate(tracked.layer_names)} if per_layer else None

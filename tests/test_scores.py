@@ -11,7 +11,7 @@ import influence as inf
 from influence import tasks
 from influence.exact import exact_scores, per_example_gradients
 from influence.examples import digits, trained_lm, trained_mlp
-from influence.scores import _layer_scores
+from influence.contract import LayerQueries, _lowrank_scores, layer_scores, low_rank
 
 
 def _mean_spearman(a, b):
@@ -58,7 +58,12 @@ def test_factored_and_materialised_score_forms_agree(n_query, tokens):
     g = jnp.asarray(rng.normal(size=(6, tokens, 4)), jnp.float32)
     p = jnp.asarray(rng.normal(size=(n_query, 9, 4)), jnp.float32)
     expected = np.einsum("qij,bij->qb", p, np.einsum("bti,btj->bij", a, g))
-    np.testing.assert_allclose(np.asarray(_layer_scores(a, g, p)), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(layer_scores(a, g, LayerQueries(full=p))), expected, rtol=1e-4, atol=1e-4)
+    # a rank-4 representation of the same matrices (exact: rank <= min(9, 4)), both kernels
+    lr = low_rank(p, 4)
+    np.testing.assert_allclose(np.asarray(layer_scores(a, g, lr)), expected, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(_lowrank_scores(a, g, lr.left, lr.right)), expected, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(layer_scores(a, g, LayerQueries(full=lr.dense()))), expected, rtol=1e-3, atol=1e-3)
 
 
 class _OneLinear(nnx.Module):
