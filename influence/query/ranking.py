@@ -1,0 +1,232 @@
+"""Top-k influential training examples per query, in one streaming pass, and their
+token-wise and layer-wise attribution.
+
+Memory does not grow with the training set: per batch, scores ``[Q, B]`` are merged into
+a running top-k ``[Q, k]`` on the device. Optionally every score is also written to a
+``.npy`` file (memory-mapped, written batch by batch, renamed into place at the end).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from influence.capture import track
+from influence.contract import LayerQueries, layer_scores, token_scores
+from influence.data import DataError, as_source
+from influence.factors import Factors
+from influence.gradients import layer_gradients
+from influence.scores import query_gradients
+
+
+class Ranking(NamedTuple):
+    """Result of :func:`rank_training`.
+
+    Attributes:
+      indices: int64 ``[Q, k]`` training-row indices, most positive score first.
+      scores: float32 ``[Q, k]``.
+      queries: the preconditioned query gradients used (``{layer: LayerQueries}``), kept
+        so that attribution reuses them.
+      damping: the damping of each layer.
+      n_train: number of training examples scored.
+    """
+
+    indices: np.ndarray
+    scores: np.ndarray
+    queries: dict[str, LayerQueries]
+    damping: dict[str, float]
+    n_train: int
+
+
+_STATIC = ("graphdef", "layers", "task")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("k",))
+def _rank_step(best_scores, best_indices, queries, state, batch, example_mask, rows, allowed, *, graphdef, layers, task, k):
+    """Score one batch and merge it into the running top-k. ``rows [B]`` are the batch's
+    training indices; ``allowed [Q, B]`` masks (query, row) pairs out of the ranking."""
+    _, a, g = layer_gradients(graphdef, state, layers, task, "empirical", batch, example_mask)
+    scores = sum(layer_scores(a[i.name], g[i.name], queries[i.name]) for i in layers)  # [Q, B]
+    ranked = jnp.where((example_mask[None, :] > 0) & allowed, scores, -jnp.inf)
+    merged_scores = jnp.concatenate([best_scores, ranked], axis=1)
+    merged_rows = jnp.concatenate([best_indices, jnp.broadcast_to(rows, ranked.shape)], axis=1)
+    top, pos = jax.lax.top_k(merged_scores, k)
+    return top, jnp.take_along_axis(merged_rows, pos, axis=1), scores
+
+
+def _candidate_mask(candidates, n_query: int, rows: np.ndarray) -> np.ndarray:
+    if candidates is None:
+        return np.ones((n_query, len(rows)), bool)
+    return np.stack([np.isin(rows, c) for c in candidates])
+
+
+def _select_rows(data: Any, rows: np.ndarray) -> Any:
+    """The training rows ``rows`` of a dict of arrays or a ``datasets.Dataset``."""
+    if isinstance(data, dict):
+        return {k: np.asarray(v)[rows] for k, v in data.items()}
+    if hasattr(data, "select"):
+        return data.select(rows.tolist())
+    raise DataError("candidate rows (a prefilter) need training data that can be indexed: a dict of arrays or a datasets.Dataset")
+
+
+def rank_training(
+    model,
+    task,
+    factors: Factors,
+    queries: Any,
+    train: Any,
+    *,
+    k: int = 10,
+    damping: float | None = None,
+    query_rank: int | None = None,
+    candidates: list[np.ndarray] | None = None,
+    scores_path: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> Ranking:
+    """The ``k`` training examples with the most positive influence on each query.
+
+    Args:
+      queries, train: as for :func:`influence.pairwise_scores`.
+      k: how many to keep per query.
+      query_rank: rank-r query batching (``None``: full rank).
+      candidates: optional per-query arrays of training-row indices (e.g. from a BM25
+        prefilter); only those rows are scored for that query, and only the union of all
+        queries' candidates is read from ``train``.
+      scores_path: also write every score, float32 ``[Q, n_train]`` (``-inf`` where a
+        pair was not a candidate), to this ``.npy`` file.
+    """
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    tracked = track(model, list(factors.layer_names))
+    factors.check_compatible(tracked)
+    prepared, dampings = query_gradients(model, task, factors, queries, damping=damping, rank=query_rank,
+                                         batch_size=batch_size, progress=progress)
+    n_query = next(iter(prepared.values())).num_queries
+    row_map = None
+    if candidates is not None:
+        if len(candidates) != n_query:
+            raise ValueError(f"candidates has {len(candidates)} entries for {n_query} queries")
+        candidates = [np.asarray(c, np.int64) for c in candidates]
+        row_map = np.unique(np.concatenate(candidates)) if candidates else np.zeros(0, np.int64)
+        n_total = _num_rows(train)
+        train = _select_rows(train, row_map)
+    source = as_source(train, batch_size, task)
+    n_rows = source.num_examples if row_map is None else n_total
+    k_eff = min(k, n_rows) if n_rows else k
+    best_scores = jnp.full((n_query, k_eff), -jnp.inf, jnp.float32)
+    best_indices = jnp.full((n_query, k_eff), -1, jnp.int32)
+    writer = _ScoreWriter(scores_path, n_query, n_rows) if scores_path is not None else None
+    bar = tqdm(total=source.num_batches, desc="ranking", unit="batch", disable=not progress, leave=False)
+    try:
+        for batch in source:
+            local = np.arange(batch.start, batch.start + source.batch_size)
+            rows = local if row_map is None else np.where(local < len(row_map), row_map[np.minimum(local, len(row_map) - 1)], -1)
+            allowed = _candidate_mask(candidates, n_query, rows)
+            best_scores, best_indices, scores = _rank_step(
+                best_scores, best_indices, prepared, tracked.state, batch.arrays, batch.example_mask,
+                rows.astype(np.int32), allowed, graphdef=tracked.graphdef, layers=tracked.layers, task=task, k=k_eff)
+            if writer is not None:
+                writer.write(rows[: batch.n_valid], np.where(allowed, np.asarray(scores), -np.inf)[:, : batch.n_valid])
+            bar.update(1)
+        if writer is not None:
+            writer.close()
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.abort()
+    top = np.asarray(best_scores)
+    idx = np.where(np.isfinite(top), np.asarray(best_indices), -1).astype(np.int64)  # -1: fewer candidates than k
+    return Ranking(idx, top, prepared, dampings, int(n_rows))
+
+
+def _num_rows(data) -> int:
+    if isinstance(data, dict):
+        return len(next(iter(data.values())))
+    return len(data)
+
+
+class _ScoreWriter:
+    """Writes a ``[Q, N]`` float32 ``.npy`` batch by batch; atomic rename on close."""
+
+    def __init__(self, path, n_query: int, n_train: int | None):
+        if n_train is None:
+            raise DataError("writing all scores needs a training set of known size (a dict, a list or a Dataset)")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(n_query, n_train))
+        self.array[:] = -np.inf
+        self.done = False
+
+    def write(self, rows: np.ndarray, scores: np.ndarray) -> None:
+        self.array[:, rows] = scores
+
+    def close(self) -> None:
+        self.array.flush()
+        del self.array
+        os.replace(self.tmp, self.path)
+        self.done = True
+
+    def abort(self) -> None:
+        if not self.done and self.tmp.exists():
+            self.tmp.unlink()
+
+
+# --- attribution ----------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _attribution_step(queries, state, batch, example_mask, *, graphdef, layers, task):
+    _, a, g = layer_gradients(graphdef, state, layers, task, "empirical", batch, example_mask)
+    return jnp.stack([token_scores(a[i.name], g[i.name], queries[i.name]) for i in layers], axis=1)  # [B, L, T]
+
+
+class Attribution(NamedTuple):
+    """Per (query, training row) pair: ``per_layer_token [P, L, T]`` terms of the score.
+
+    ``token = per_layer_token.sum(1)`` ``[P, T]`` (token-wise), ``layer =
+    per_layer_token.sum(2)`` ``[P, L]`` (layer-wise); both sum to the pair's score.
+    Token t's term is ā_tᵀ P_q g_t at position t of the training sequence, i.e. mostly the
+    influence of predicting token t+1 there.
+    """
+
+    per_layer_token: np.ndarray
+    layer_names: tuple[str, ...]
+
+    @property
+    def token(self) -> np.ndarray:
+        return self.per_layer_token.sum(axis=1)
+
+    @property
+    def layer(self) -> np.ndarray:
+        return self.per_layer_token.sum(axis=2)
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.per_layer_token.sum(axis=(1, 2))
+
+
+def attribute(model, task, factors: Factors, ranking: Ranking, train: Any, pairs: np.ndarray, *, batch_size: int = 32) -> Attribution:
+    """Token-wise and layer-wise split of the scores of ``pairs`` ``[P, 2]`` of (query index,
+    training row), using the query gradients kept in ``ranking``."""
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    tracked = track(model, list(factors.layer_names))
+    rows = _select_rows(train, pairs[:, 1])
+    source = as_source(rows, batch_size, task)
+    parts = []
+    for batch in source:
+        q = pairs[batch.start : batch.start + batch.n_valid, 0]
+        q = np.concatenate([q, np.zeros(source.batch_size - len(q), np.int64)])
+        per_query = {name: lq.take(jnp.asarray(q)) for name, lq in ranking.queries.items()}
+        out = _attribution_step(per_query, tracked.state, batch.arrays, batch.example_mask,
+                                graphdef=tracked.graphdef, layers=tracked.layers, task=task)
+        parts.append(np.asarray(out)[: batch.n_valid])
+    return Attribution(np.concatenate(parts), tracked.layer_names)
