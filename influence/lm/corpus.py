@@ -99,6 +99,7 @@ class _PlayParser:
         self.length = 0
         self.spans: list[tuple[int, int, str]] = []
         self.speaker: str | None = None
+        self.speech_opened = False  # the next paragraph directly follows a speaker's name
         self.para: list[str] = []
 
     def _open(self, section: str) -> None:
@@ -143,7 +144,7 @@ class _PlayParser:
 
     def speaker_line(self, name: str) -> None:
         self.flush()
-        self.speaker = name
+        self.speaker, self.speech_opened = name, True
 
     def text_line(self, line: str) -> None:
         self.para.append(line)
@@ -153,7 +154,10 @@ class _PlayParser:
         text = "\n".join(_clean_line(ln) for ln in raw).strip()
         if not text:
             return
-        if raw[0].startswith("_") or (raw[0].startswith("*") and not raw[0].startswith("**")):
+        opened, self.speech_opened = self.speech_opened, False
+        # A paragraph in italics is a stage direction, unless it follows a speaker's name
+        # directly: then it is a speech opening with an inline direction ("_[Aside]_").
+        if not opened and (raw[0].startswith("_") or (raw[0].startswith("*") and not raw[0].startswith("**"))):
             text = text.replace("\n", " ")
             self._add(text if text.startswith("[") else f"[{text}]")
         elif self.speaker:
@@ -263,16 +267,18 @@ def dataset_documents(dataset, text_column: str = "text") -> list[Document]:
 
 # ---------------------------------------------------------------- Debian corpora
 
-def fortune_documents(directory: str | pathlib.Path = FORTUNES_DIR) -> list[Document]:
-    """One document per fortune from Debian's ``fortunes`` package; genre = topic file."""
-    directory = pathlib.Path(directory)
+def fortune_documents(directory: str | pathlib.Path | None = None) -> list[Document]:
+    """One document per fortune from Debian's ``fortunes`` package (``directory`` defaults
+    to its install folder); genre = topic file."""
+    directory = pathlib.Path(directory or FORTUNES_DIR)
     files = sorted(f for f in directory.glob("*") if f.is_file() and not f.suffix) if directory.is_dir() else []
     if not files:
         raise MissingCorpusError(f"the fortunes corpus needs Debian's fortunes package: {FORTUNES_APT}")
     docs = []
     for f in files:
         raw = f.read_bytes().decode("utf-8", errors="replace")
-        raw = re.sub(r".\x08", "", raw)  # drop overstrike (char, backspace) pairs
+        # Terminal emphasis: "___\bWORD" underlines, "c\bc" overstrikes; keep the plain text.
+        raw = re.sub(r".\x08", "", re.sub(r"_+\x08", "", raw)).replace("\x08", "")
         entries = [e.strip("\n") for e in re.split(r"^%\s*$", raw, flags=re.M)]
         for i, text in enumerate(e for e in entries if e.strip()):
             docs.append(Document(doc_id=f"fortunes/{f.name}/{i:04d}", text=text, source="fortunes",
@@ -303,7 +309,8 @@ def bible_documents(languages: Sequence[str] = ("en", "es")) -> list[Document]:
         for line in out.splitlines():
             m = _VERSE.match(line)
             if m:  # other lines are headings diatheke repeats before verses (e.g. psalm titles)
-                chapters.setdefault((m[1], int(m[2])), []).append((int(m[3]), m[4]))
+                verse = re.sub(r"\s*<[GH]\d+>", "", m[4])  # Strong's numbers left in by -f plain
+                chapters.setdefault((m[1], int(m[2])), []).append((int(m[3]), verse))
         if not chapters:
             raise MissingCorpusError(f"diatheke found no text in SWORD module {module}: {BIBLE_APT}")
         for (book, chapter), verses in chapters.items():

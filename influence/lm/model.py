@@ -73,16 +73,17 @@ class Scale:
                          d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads)
 
 
-# Non-embedding parameters (blocks + final LayerNorm) grow ~12 d^2 per layer:
-# ~0.1M, 0.6M, 2.4M, 6.3M (63x from mini to large). Budgets were sized so that `large`
-# trains in under ~30 min on a 2-core CPU; see docs/lm.md for measured numbers.
+# Non-embedding parameters (blocks + final LayerNorm) grow ~12 d^2 per layer: ~0.10M,
+# 0.60M, 2.2M, 6.3M (63x from mini to large). All rungs see the same 4M-token budget
+# (976 steps of 32 x 128 tokens, ~2.6 epochs of Shakespeare), sized so that `large`
+# trains in under ~30 min on a 2-core CPU; docs/lm.md has the measured numbers.
 LADDER: dict[str, Scale] = {
     "tiny": Scale(d_model=32, n_layers=1, n_heads=2, tokens=20_000, batch_size=8,
                   learning_rate=1e-2, context_length=32),
-    "mini": Scale(d_model=64, n_layers=2, n_heads=2, tokens=2_000_000, batch_size=32, learning_rate=3e-3),
-    "small": Scale(d_model=128, n_layers=3, n_heads=4, tokens=2_000_000, batch_size=32, learning_rate=2e-3),
-    "medium": Scale(d_model=192, n_layers=5, n_heads=6, tokens=2_000_000, batch_size=32, learning_rate=1.5e-3),
-    "large": Scale(d_model=256, n_layers=8, n_heads=8, tokens=2_000_000, batch_size=32, learning_rate=1e-3),
+    "mini": Scale(d_model=64, n_layers=2, n_heads=2, tokens=4_000_000, learning_rate=5e-3),
+    "small": Scale(d_model=128, n_layers=3, n_heads=4, tokens=4_000_000, learning_rate=3e-3),
+    "medium": Scale(d_model=192, n_layers=5, n_heads=6, tokens=4_000_000, learning_rate=2e-3),
+    "large": Scale(d_model=256, n_layers=8, n_heads=8, tokens=4_000_000, learning_rate=1.5e-3),
 }
 
 

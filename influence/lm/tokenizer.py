@@ -53,6 +53,7 @@ class Tokenizer:
         hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
         hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         hf.decoder = decoders.Fuse()  # concatenate, no spaces between "words"
+        hf.add_special_tokens([PAD, BOS])  # dropped by decode; <|unk|> stays visible
         return cls(hf)
 
     # ---------------------------------------------------------------- properties
