@@ -104,6 +104,23 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
                        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask))
 
 
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
+    """Jitted ``(params, rest, opt_state, ids, mask) -> (params, opt_state, loss)``: one
+    optimizer step on the mean next-token loss of a batch (``ids``/``mask`` int32 [B, T];
+    ``loss`` in nats per target token, before the update)."""
+
+    def loss_fn(params, rest, ids, mask):
+        return mean_loss(nnx.merge(graphdef, params, rest), ids, mask)
+
+    @jax.jit
+    def train_step(params, rest, opt_state, ids, mask):
+        loss, grads = jax.value_and_grad(loss_fn)(params, rest, ids, mask)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step
+
+
 def unigram_stats(train_ids: np.ndarray, train_mask: np.ndarray, held_ids: np.ndarray,
                   held_mask: np.ndarray, vocab_size: int) -> dict[str, float]:
     """Bits per target token of the unigram baseline: ``unigram_entropy_bits`` (entropy of
@@ -197,22 +214,15 @@ class Trainer:
         ckpt._write_json(run_file, self.run_info)
 
     def _compile(self) -> None:
-        graphdef, tx = self.graphdef, self.tx
-
-        def loss_fn(params, rest, ids, mask):
-            return mean_loss(nnx.merge(graphdef, params, rest), ids, mask)
-
-        @jax.jit
-        def train_step(params, rest, opt_state, ids, mask):
-            loss, grads = jax.value_and_grad(loss_fn)(params, rest, ids, mask)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
+        graphdef = self.graphdef
+        self._train_step = make_train_step(graphdef, self.tx)
+        self._loss = jax.jit(lambda params, rest, ids, mask: mean_loss(nnx.merge(graphdef, params, rest), ids, mask))
 
         @jax.jit
         def eval_sums(params, rest, ids, mask):
             return token_losses(nnx.merge(graphdef, params, rest), ids, mask).sum(), mask[:, 1:].sum()
 
-        self._train_step, self._eval_sums, self._loss = train_step, eval_sums, jax.jit(loss_fn)
+        self._eval_sums = eval_sums
 
     def _resume(self) -> None:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
