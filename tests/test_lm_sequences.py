@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from influence.lm import as_arrays, build_splits, token_display_spans
+from influence.lm.sequences import describe
 from lm_helpers import bpe, docs
 
 T = 64
@@ -59,6 +60,7 @@ def test_metadata_traces_sequences_to_scenes_and_speakers():
     assert first["title"] == "Macbeth" and first["genre"] == "tragedies" and first["chunk"] == 0
     assert first["section"] == "ACT I. SCENE I. A desert place."
     assert first["speakers"].split("; ")[0] == "First Witch" and "First Witch:\nWhen shall we three" in first["text"]
+    assert describe(first).startswith("Macbeth (tragedies), ACT I. SCENE I. A desert place., chars 0-")
     for row in data["train"].select(range(0, len(data["train"]), 7)):
         touched = [lab for a, b, lab in spans[row["doc_id"]] if a < row["char_end"] and b > row["char_start"]]
         assert row["speakers"] == "; ".join(dict.fromkeys(touched))

@@ -15,7 +15,7 @@ from .corpus import (Document, MissingCorpusError, bible_documents, dataset_docu
 from .generate import generate
 from .model import GPT, LADDER, GPTConfig, Scale, get_scale, init_model, mean_loss, parameter_counts, token_losses
 from .run import Run, load_run
-from .sequences import as_arrays, build_sequences, build_splits, documents_dataset
+from .sequences import as_arrays, build_sequences, build_splits, describe, documents_dataset
 from .tokenizer import Tokenizer, token_display_spans, train_tokenizer
 from .train import TrainConfig, Trainer, train
 
@@ -23,6 +23,6 @@ __all__ = [
     "GPT", "GPTConfig", "LADDER", "Scale", "get_scale", "init_model", "parameter_counts", "token_losses",
     "mean_loss", "Document", "MissingCorpusError", "load_corpus", "shakespeare_documents", "file_documents",
     "dataset_documents", "fortune_documents", "bible_documents", "Tokenizer", "train_tokenizer",
-    "token_display_spans", "documents_dataset", "build_sequences", "build_splits", "as_arrays",
+    "token_display_spans", "documents_dataset", "describe", "build_sequences", "build_splits", "as_arrays",
     "TrainConfig", "Trainer", "train", "Run", "load_run", "generate",
 ]

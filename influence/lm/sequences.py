@@ -195,3 +195,12 @@ def as_arrays(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids int32 [N, T], loss_mask int32 [N, T])`` of a sequence dataset, in memory."""
     table = data.with_format("numpy")
     return (np.asarray(table["input_ids"], dtype=np.int32), np.asarray(table["loss_mask"], dtype=np.int32))
+
+
+def describe(row: dict) -> str:
+    """One line saying where a sequence comes from, e.g.
+    ``"Macbeth (tragedies), ACT I. SCENE I. A desert place., chars 0-412, speakers: First Witch"``."""
+    where = ", ".join(x for x in (f"{row['title']} ({row['genre']})" if row["genre"] else row["title"],
+                                  row["section"]) if x)
+    who = f", speakers: {row['speakers']}" if row["speakers"] else ""
+    return f"{where or row['doc_id']}, chars {row['char_start']}-{row['char_end']}{who}"
