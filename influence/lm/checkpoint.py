@@ -27,9 +27,15 @@ import numpy as np
 LATEST = "latest.json"
 
 
+def _key(path) -> str:
+    """``keystr`` of a leaf path without flax's ``.value`` attribute step, so files do not
+    depend on how a flax version flattens its Variables: ``['blocks'][0]['mlp']['fc_in']['kernel']``."""
+    return jax.tree_util.keystr(path).replace(".value", "")
+
+
 def _flatten(tree) -> dict[str, np.ndarray]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+    return {_key(path): np.asarray(leaf) for path, leaf in leaves}
 
 
 def save_tree(path: pathlib.Path, tree) -> None:
@@ -42,11 +48,11 @@ def load_tree(path: pathlib.Path, template):
     """Arrays from :func:`save_tree` placed into the structure of ``template`` (same
     paths, shapes and dtypes required)."""
     with np.load(path) as data:
-        stored = dict(data)
+        stored = {k.replace(".value", ""): data[k] for k in data.files}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     out = []
     for key_path, leaf in leaves:
-        key = jax.tree_util.keystr(key_path)
+        key = _key(key_path)
         if key not in stored:
             raise ValueError(f"{path} has no array for {key}")
         arr = stored[key]
