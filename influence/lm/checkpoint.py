@@ -62,7 +62,7 @@ def load_tree(path: pathlib.Path, template):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _write_json(path: pathlib.Path, obj) -> None:
+def write_json(path: pathlib.Path, obj) -> None:
     """Replace ``path`` atomically with ``obj`` as JSON."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     with os.fdopen(fd, "w") as f:
@@ -91,7 +91,7 @@ def save_checkpoint(ckpt_root: pathlib.Path, step: int, params, opt_state, state
     if final.exists():  # a re-run of the same step after an interruption
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _write_json(ckpt_root / LATEST, {"step": step, "path": final.name})
+    write_json(ckpt_root / LATEST, {"step": step, "path": final.name})
     return final
 
 

@@ -7,6 +7,8 @@ step; fine for the short samples used to eyeball a model.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,18 @@ from flax import nnx
 
 from .model import GPT
 from .tokenizer import Tokenizer
+
+
+@functools.lru_cache(maxsize=8)
+def _next_logits(graphdef: nnx.GraphDef):
+    """Jitted ``(state, window int32 [T], length) -> logits [V]`` at position length - 1,
+    cached per model structure so repeated calls compile once."""
+
+    @jax.jit
+    def next_logits(state, window, length):
+        return nnx.merge(graphdef, state)(window[None])[0, length - 1]
+
+    return next_logits
 
 
 def generate(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 100,
@@ -28,12 +42,7 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int 
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     t_max = model.config.context_length
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def last_logits(state, window, length):
-        logits = nnx.merge(graphdef, state)(window[None])[0]  # [T, V]
-        return logits[length - 1]
-
+    last_logits = _next_logits(graphdef)
     ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
     n_prompt = len(ids)
     key = jax.random.key(seed)

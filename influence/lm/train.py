@@ -37,7 +37,7 @@ from flax import nnx
 from . import checkpoint as ckpt
 from .corpus import Document, load_corpus
 from .model import GPT, GPTConfig, get_scale, init_model, mean_loss, parameter_counts, token_losses
-from .sequences import as_arrays, build_splits, heldout_groups, load_splits
+from .sequences import SPLIT_KEYS, as_arrays, build_splits, heldout_groups, load_splits
 from .tokenizer import Tokenizer, train_tokenizer
 
 LN2 = math.log(2.0)
@@ -187,7 +187,7 @@ class Trainer:
         docs = list(documents) if documents is not None else load_corpus(cfg.corpus)
         # The tokenizer sees only training documents, so held-out text stays unseen.
         held = heldout_groups(docs, cfg.heldout_fraction, cfg.split_by, cfg.seed)
-        key = {"doc": "doc_id", "title": "title", "section": "section"}[cfg.split_by]
+        key = SPLIT_KEYS[cfg.split_by]
         tokenizer = train_tokenizer((d.text for d in docs if getattr(d, key) not in held), cfg.tokenizer,
                                     cfg.vocab_size)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +211,7 @@ class Trainer:
                                      self.tokenizer.vocab_size)},
             "tokenizer": {"kind": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size},
         }
-        ckpt._write_json(run_file, self.run_info)
+        ckpt.write_json(run_file, self.run_info)
 
     def _compile(self) -> None:
         graphdef = self.graphdef
@@ -337,8 +337,8 @@ class Trainer:
             rate = n_rate * tokens_per_step / max(now - t_rate, 1e-9)
             if now - t_rate > 10:  # a rate over the last ~10 s, not since start (compile time)
                 t_rate, n_rate = now, 0
-            bar.set_postfix(loss=f"{losses[-1] if losses else self.last_eval.get('train_loss', 0):.3f}",
-                            heldout=f"{self.last_eval.get('heldout_loss', float('nan')):.3f}",
+            last = losses[-1] if losses else self.last_eval["train_loss"]
+            bar.set_postfix(loss=f"{last:.3f}", heldout=f"{self.last_eval.get('heldout_loss', float('nan')):.3f}",
                             tok_s=f"{rate:,.0f}", refresh=False)
             bar.update(1)
         bar.close()
@@ -352,7 +352,7 @@ class Trainer:
                    "final_checkpoint": f"checkpoints/{ckpt.step_name(self.step_count)}",
                    "device": str(jax.devices()[0]), **self.last_eval}
         self.run_info["summary"] = summary
-        ckpt._write_json(self.out / "run.json", self.run_info)
+        ckpt.write_json(self.out / "run.json", self.run_info)
         return summary
 
 
