@@ -86,7 +86,12 @@ def test_local_text_and_json_files(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps([{"body": "x"}]))
     found = file_documents([tmp_path / "a.txt", tmp_path / "b.jsonl"])
     assert [(d.doc_id, d.text, d.title, d.genre) for d in found] == [
-        ("a", "Plain text.\nTwo lines.", "a", ""), ("b/0", "first", "T1", ""), ("b/1", "second", "", "g")]
+        ("a.txt", "Plain text.\nTwo lines.", "a", ""), ("b.jsonl/0", "first", "T1", ""),
+        ("b.jsonl/1", "second", "", "g")]
+    (tmp_path / "tree" / "sub").mkdir(parents=True)
+    (tmp_path / "tree" / "a.txt").write_text("Top.")
+    (tmp_path / "tree" / "sub" / "a.txt").write_text("Same name, other folder.")
+    assert [d.doc_id for d in file_documents([tmp_path / "tree"])] == ["a.txt", "sub/a.txt"]
     assert len(load_corpus(str(tmp_path / "a.txt"))) == 1
     with pytest.raises(ValueError, match="no 'text' field"):
         file_documents([tmp_path])  # c.json has no text field

@@ -92,3 +92,5 @@ def test_bad_split_settings():
         build_splits(docs()[:2], bpe(), heldout_fraction=1.0)
     with pytest.raises(ValueError, match="seq_len must be at least 2"):
         build_splits(docs()[:2], bpe(), seq_len=1)
+    with pytest.raises(ValueError, match="ids must be unique; 'the-tempest/000'"):
+        build_splits([docs()[0], docs()[0]], bpe())

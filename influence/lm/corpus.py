@@ -229,31 +229,35 @@ def _record_document(record: dict, doc_id: str, source: str, text_key: str) -> D
 
 
 def file_documents(paths: Iterable[str | pathlib.Path], text_key: str = "text") -> list[Document]:
-    """Documents from local files; directories are searched recursively.
+    """Documents from local files; folders are searched recursively.
 
     ``.txt``/``.md``: one document per file, title = file stem. ``.json`` (a list of records
     or one record) and ``.jsonl`` (a record per line): one document per record, text in
     ``text_key``, optional ``title``/``genre``/``section``/``id`` fields kept as metadata.
+    Document ids are file paths relative to the folder given (``"notes/a.txt"``,
+    ``"b.jsonl/3"`` for records).
     """
-    files: list[pathlib.Path] = []
-    for p in map(pathlib.Path, paths):
+    paths = [pathlib.Path(p) for p in paths]
+    files: list[tuple[pathlib.Path, str]] = []  # (file, id)
+    for p in paths:
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix in {".txt", ".md", ".json", ".jsonl"})
+            files += [(f, str(f.relative_to(p))) for f in sorted(p.rglob("*"))
+                      if f.suffix in {".txt", ".md", ".json", ".jsonl"}]
         elif p.exists():
-            files.append(p)
+            files.append((p, p.name))
         else:
             raise FileNotFoundError(f"no such corpus file or folder: {p}")
     docs: list[Document] = []
-    for f in files:
+    for f, name in files:
         if f.suffix in {".json", ".jsonl"}:
             raw = f.read_text(encoding="utf-8")
             records = [json.loads(ln) for ln in raw.splitlines() if ln.strip()] if f.suffix == ".jsonl" else json.loads(raw)
             records = records if isinstance(records, list) else [records]
-            docs += [_record_document(r, f"{f.stem}/{i}", f.stem, text_key) for i, r in enumerate(records)]
+            docs += [_record_document(r, f"{name}/{i}", f.stem, text_key) for i, r in enumerate(records)]
         else:
-            docs.append(Document(doc_id=f.stem, text=f.read_text(encoding="utf-8"), source="files", title=f.stem))
+            docs.append(Document(doc_id=name, text=f.read_text(encoding="utf-8"), source="files", title=f.stem))
     if not docs:
-        raise ValueError(f"no .txt, .md, .json or .jsonl files found in {list(map(str, paths))}")
+        raise ValueError(f"no .txt, .md, .json or .jsonl files found in {[str(p) for p in paths]}")
     return docs
 
 

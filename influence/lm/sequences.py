@@ -69,6 +69,7 @@ def heldout_groups(docs: Sequence[Document], fraction: float, by: str = "doc", s
 
 
 def sequence_features(seq_len: int) -> Features:
+    """Column types of a sequence dataset (``sequence_id`` is added after the ``.map``)."""
     ints = lambda dtype: List(Value(dtype), length=seq_len)  # noqa: E731
     return Features({
         "input_ids": ints("int32"), "loss_mask": ints("int8"),
@@ -148,6 +149,10 @@ def build_splits(docs: Sequence[Document], tokenizer: Tokenizer, seq_len: int = 
     tokenizer and settings.
     """
     settings = {"seq_len": seq_len, "heldout_fraction": heldout_fraction, "split_by": split_by, "seed": seed}
+    ids = [d.doc_id for d in docs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"document ids must be unique; {dup!r} appears more than once")
     held = heldout_groups(docs, heldout_fraction, split_by, seed)
     fingerprint = _fingerprint(docs, tokenizer, settings)
     if cache_dir is not None:
@@ -159,8 +164,6 @@ def build_splits(docs: Sequence[Document], tokenizer: Tokenizer, seq_len: int = 
     documents = documents.add_column("split", ["heldout" if v in held else "train" for v in documents[key]])
     seqs = build_sequences(documents, tokenizer, seq_len)
     split_of = dict(zip(documents["doc_id"], documents["split"]))
-    if len(split_of) != len(documents):
-        raise ValueError("document ids must be unique")
     is_held = np.array([split_of[d] == "heldout" for d in seqs["doc_id"]])
     result = DatasetDict({"train": seqs.select(np.flatnonzero(~is_held)),
                           "heldout": seqs.select(np.flatnonzero(is_held)), "documents": documents})
