@@ -1,0 +1,1 @@
+"""Validation of influence scores against retraining: LDS, PBRF, IHVP accuracy."""
