@@ -51,7 +51,8 @@ def correlations(predicted: np.ndarray, actual: np.ndarray) -> tuple[float, floa
     return float(np.mean(pe)), float(np.mean(sp))
 
 
-def run(n_points: int = 256, configs=((0.1, 0.1), (1.0, 1.0), (1.0, -1.0)), fishers=("sampled", "exact"), log=print):
+def run(n_points: int = 256, configs=((0.1, 0.1), (1.0, 1.0), (1.0, -1.0)), fishers=("sampled", "exact"),
+        max_iterations: int = 300, log=print):
     """``configs``: (r, k) pairs: damping λ = r × mean Λ (EK-FAC, averaged over layers) and
     ε = k / N. Returns JSON-serialisable rows."""
     setting = pbrf_setting()
@@ -65,21 +66,22 @@ def run(n_points: int = 256, configs=((0.1, 0.1), (1.0, 1.0), (1.0, -1.0)), fish
     for r, k in configs:
         damping, epsilon = r * mean_lambda, k / n
         t0 = time.perf_counter()
-        response = pbrf(model, task, train, points, epsilon=epsilon, damping=damping, max_iterations=200)
+        response = pbrf(model, task, train, points, epsilon=epsilon, damping=damping, max_iterations=max_iterations)
         seconds = time.perf_counter() - t0
-        actual = (-measurement_changes(model, task, queries, response.delta) / epsilon).T  # [Q, K]
-        nonlinearity = float(np.linalg.norm(response.delta - response.linear) / np.linalg.norm(response.linear))
-        log(f"λ = {r:g} × mean Λ = {damping:.3g}, ε = {k:g}/N: {response.iterations} iterations, {seconds:.0f} s, "
-            f"‖δ − δ_linear‖/‖δ_linear‖ = {nonlinearity:.3f}")
+        ok = response.converged  # correlations over the examples whose PBRF was found
+        actual = (-measurement_changes(model, task, queries, response.delta[ok]) / epsilon).T  # [Q, K_ok]
+        nonlinearity = float(np.linalg.norm(response.delta[ok] - response.linear[ok]) / np.linalg.norm(response.linear[ok]))
+        log(f"λ = {r:g} × mean Λ = {damping:.3g}, ε = {k:g}/N: {ok.sum()}/{len(ok)} converged in "
+            f"{response.iterations} iterations, {seconds:.0f} s, ‖δ − δ_linear‖/‖δ_linear‖ = {nonlinearity:.3f}")
         candidates = {("exact", "-"): exact_scores(model, task, queries, train, damping=damping)}
         for (strategy, fisher), factors in fits.items():
             values = inf.pairwise_scores(model, task, factors, queries, train, damping=damping, progress=False).values
             candidates[(strategy, fisher if strategy != "identity" else "-")] = values
         for (strategy, fisher), values in candidates.items():
-            pe, sp = correlations(values[:, points], actual)
+            pe, sp = correlations(values[:, points[ok]], actual)
             rows.append({"damping_factor": r, "damping": damping, "epsilon_times_n": k, "strategy": strategy,
                          "fisher": fisher, "pearson": pe, "spearman": sp, "nonlinearity": nonlinearity,
-                         "iterations": response.iterations})
+                         "converged": int(ok.sum()), "points": len(ok), "iterations": response.iterations})
     return {"n_train": n, "n_points": n_points, "n_queries": setting.n_queries, "mean_lambda": mean_lambda,
             "rows": rows}
 
@@ -96,11 +98,11 @@ def main(argv=None) -> None:
                   seconds=round(time.perf_counter() - t0, 1))
     print(f"MLP 64-32-10 on {result['n_train']} digits; {result['n_points']} upweighted examples, "
           f"{result['n_queries']} queries (loss)")
-    print("| λ / mean Λ | ε·N | strategy | fisher | Pearson | Spearman |")
-    print("|---|---|---|---|---|---|")
+    print("| λ / mean Λ | ε·N | PBRF found | ‖δ−δ_lin‖/‖δ_lin‖ | strategy | fisher | Pearson | Spearman |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
-        print(f"| {r['damping_factor']:g} | {r['epsilon_times_n']:g} | {r['strategy']} | {r['fisher']} | "
-              f"{r['pearson']:.3f} | {r['spearman']:.3f} |")
+        print(f"| {r['damping_factor']:g} | {r['epsilon_times_n']:g} | {r['converged']}/{r['points']} | "
+              f"{r['nonlinearity']:.3f} | {r['strategy']} | {r['fisher']} | {r['pearson']:.3f} | {r['spearman']:.3f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out} ({result['seconds']} s)")
