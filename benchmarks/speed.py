@@ -58,15 +58,20 @@ def forward_backward(model, task, data, batch_size):
     return run
 
 
-def setup(name: str, n_train: int):
+def setup(name: str, n_train: int, width: int | None = None):
+    """Model, task, training set, queries and a label for ``name`` ("mlp" or "lm").
+
+    ``width``: the MLP's hidden width (default 256) or the transformer's d_model (default
+    128; 4 heads, MLP 2·d, T=64, vocabulary 256)."""
     if name == "mlp":
         x, y = digits()
+        hidden = width or 256
 
         class Deep(nnx.Module):
             def __init__(self, rngs):
-                self.l1 = nnx.Linear(64, 256, rngs=rngs)
-                self.l2 = nnx.Linear(256, 256, rngs=rngs)
-                self.l3 = nnx.Linear(256, 10, rngs=rngs)
+                self.l1 = nnx.Linear(64, hidden, rngs=rngs)
+                self.l2 = nnx.Linear(hidden, hidden, rngs=rngs)
+                self.l3 = nnx.Linear(hidden, 10, rngs=rngs)
 
             def __call__(self, x):
                 return self.l3(jax.nn.relu(self.l2(jax.nn.relu(self.l1(x)))))
@@ -75,11 +80,12 @@ def setup(name: str, n_train: int):
         reps = int(np.ceil(n_train / len(y)))
         train = {"x": np.tile(x, (reps, 1))[:n_train], "y": np.tile(y, reps)[:n_train]}
         queries = {"x": x[-128:], "y": y[-128:]}
-        return model, inf.tasks.Classification(), train, queries, "MLP 64-256-256-10"
-    model = TinyLM(vocab=256, d=128, heads=4, context=64, rngs=nnx.Rngs(0))
+        return model, inf.tasks.Classification(), train, queries, f"MLP 64-{hidden}-{hidden}-10"
+    d = width or 128
+    model = TinyLM(vocab=256, d=d, heads=4, context=64, rngs=nnx.Rngs(0))
     train = lm_sequences(n_train, length=64, vocab=256)
     queries = lm_sequences(32, length=64, vocab=256, seed=1)
-    return model, inf.tasks.CausalLM(), train, queries, "transformer block d=128, T=64, V=256"
+    return model, inf.tasks.CausalLM(), train, queries, f"transformer block d={d}, T=64, V=256"
 
 
 def main(argv=None) -> None:

@@ -60,9 +60,10 @@ def pbrf(
     train: dict[str, np.ndarray],
     points: np.ndarray,
     *,
-    epsilon: float,
+    epsilon: float | np.ndarray,
     damping: float,
     layers: LayerFilter = None,
+    gauss_newton_matrix: np.ndarray | None = None,
     max_iterations: int = 50,
     tol: float = 1e-6,
     chunk: int = 64,
@@ -74,8 +75,10 @@ def pbrf(
         ``targets`` and ``output_mask``).
       train: the whole training set (a dict of arrays ``[N, ...]``).
       points: indices ``[K]`` of the examples to upweight (one PBRF each).
-      epsilon: upweighting (negative to downweight; ``-1/N`` is removal).
+      epsilon: upweighting (negative to downweight; ``-1/N`` is removal), one for all
+        or one per point ``[K]``.
       damping: λ of the proximity term (the influence scores' damping).
+      gauss_newton_matrix: the exact G ``[P, P]`` of ``train`` if already computed.
       max_iterations, tol: the Newton iteration stops at relative gradient norm ``tol``.
       chunk: examples optimised together (memory ∝ chunk · N · outputs).
 
@@ -87,7 +90,8 @@ def pbrf(
     """
     tracked = track(model, layers)
     n = len(next(iter(train.values())))
-    gn = gauss_newton(model, task, train, layers=layers)
+    gn = gauss_newton(model, task, train, layers=layers) if gauss_newton_matrix is None else gauss_newton_matrix
+    epsilons = np.broadcast_to(np.asarray(epsilon, np.float64), (len(points),))
     factor = scipy.linalg.cho_factor(gn + damping * np.eye(gn.shape[0]))
     with jax.enable_x64(True):
         data = _as_jnp({k: np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else v for k, v in train.items()})
@@ -102,29 +106,29 @@ def pbrf(
         loss_of = lambda f: jnp.sum(task._loss_from_outputs(f, targets, mask))  # noqa: E731
         g_s = jax.grad(loss_of)(f_s)
 
-        def objective(theta, point):
+        def objective(theta, point, eps):
             # Σ_n D_ℓ(f_n, f_s,n) up to a constant: ℓ(f) − ⟨∇ℓ(f_s), f⟩ has the same gradient,
             # ∇ℓ(f) − ∇ℓ(f_s), without the cancellation of subtracting ℓ(f_s).
             f = outputs(theta)
             bregman = (loss_of(f) - jnp.sum(g_s * f)) / n
             example = {k: jax.lax.dynamic_slice_in_dim(v, point, 1) for k, v in data.items()}
             upweight = task.loss(model_at(tracked, theta), example)[0]
-            return bregman + epsilon * upweight + 0.5 * damping * jnp.sum((theta - theta_s) ** 2)
+            return bregman + eps * upweight + 0.5 * damping * jnp.sum((theta - theta_s) ** 2)
 
         grad = jax.jit(jax.vmap(jax.grad(objective)))
         value = jax.jit(jax.vmap(objective))
         solve = lambda g: scipy.linalg.cho_solve(factor, np.asarray(g).T).T  # noqa: E731
         deltas, linears, residuals, iterations = [], [], [], 0
         for lo in range(0, len(points), chunk):
-            idx = jnp.asarray(points[lo : lo + chunk])
-            theta = jnp.broadcast_to(theta_s, (len(idx), theta_s.size))
-            g0 = np.asarray(grad(theta, idx))  # = ε ∇L_m at θ_s
+            args = (jnp.asarray(points[lo : lo + chunk]), jnp.asarray(epsilons[lo : lo + chunk]))
+            theta = jnp.broadcast_to(theta_s, (len(args[0]), theta_s.size))
+            g0 = np.asarray(grad(theta, *args))  # = ε ∇L_m at θ_s
             scale = np.linalg.norm(g0, axis=1)
             g, it = g0, 0
             while it < max_iterations:
-                theta = _line_search(value, theta, idx, g, -solve(g))
+                theta = _line_search(value, theta, args, g, -solve(g))
                 it += 1
-                g = np.asarray(grad(theta, idx))
+                g = np.asarray(grad(theta, *args))
                 if np.all(np.linalg.norm(g, axis=1) <= tol * scale):
                     break
             residual = np.linalg.norm(g, axis=1) / scale
@@ -135,7 +139,7 @@ def pbrf(
     return PBRFResult(np.concatenate(deltas), np.concatenate(linears), np.concatenate(residuals), iterations, tol)
 
 
-def _line_search(value, theta, idx, g: np.ndarray, direction: np.ndarray, max_halvings: int = 30):
+def _line_search(value, theta, args, g: np.ndarray, direction: np.ndarray, max_halvings: int = 30):
     """θ + t·d per example with the largest t in {1, ½, ¼, …} meeting Armijo's condition.
 
     The preconditioned Newton direction d = −(G + λI)⁻¹ ∇J is always a descent direction,
@@ -144,11 +148,11 @@ def _line_search(value, theta, idx, g: np.ndarray, direction: np.ndarray, max_ha
     minimiser instead of diverging.
     """
     d = jnp.asarray(direction)
-    j0 = np.asarray(value(theta, idx))
+    j0 = np.asarray(value(theta, *args))
     slope = np.sum(g * direction, axis=1)
     t = np.ones(len(j0))
     for _ in range(max_halvings):
-        decrease = np.asarray(value(theta + jnp.asarray(t)[:, None] * d, idx)) - j0
+        decrease = np.asarray(value(theta + jnp.asarray(t)[:, None] * d, *args)) - j0
         # a predicted decrease below float64 resolution of J cannot be checked: take the step
         ok = (decrease <= 1e-4 * t * slope) | (-t * slope < 1e-11 * np.maximum(np.abs(j0), 1.0))
         if ok.all():
