@@ -10,7 +10,7 @@ from influence.examples import trained_lm, trained_mlp
 from influence.exact import flatten, gauss_newton
 from influence.scores import query_gradients
 from influence.validation.ihvp import (conjugate_gradient, cosine, curvature_preconditioner, damping_vector,
-                                       gauss_newton_product)
+                                       flat_gradients, gauss_newton_product)
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,10 @@ def test_preconditioner_is_what_query_gradients_apply(lm):
     np.testing.assert_allclose(curvature_preconditioner(model, factors.layers, dampings)(raw), ours,
                                rtol=2e-3, atol=2e-4 * np.abs(ours).max())
     assert cosine(ours, ours) == pytest.approx(np.ones(len(ours)))
+
+
+def test_flat_gradients_are_the_exact_per_example_gradients(mlp):
+    model, task, data, queries = mlp
+    ours = np.concatenate(list(flat_gradients(model, task, queries, measurement=True, batch_size=5)))
+    np.testing.assert_allclose(ours, inf.exact.per_example_gradients(model, task, queries, measurement=True),
+                               rtol=1e-5, atol=1e-6)

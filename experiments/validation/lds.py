@@ -43,6 +43,12 @@ def seed_agreement(measurements: np.ndarray) -> float:
     return float(np.nanmean(values)) if values else float("nan")
 
 
+def reliability(agreement: float, n_seeds: int) -> float:
+    """Spearman-Brown: the expected correlation of two independent ``n_seeds``-seed means
+    when single seeds agree with correlation ``agreement`` (how stable the LDS target is)."""
+    return n_seeds * agreement / (1 + (n_seeds - 1) * agreement)
+
+
 def _score_all(setting, strategies, fishers, damping_factors, extra_dampings, progress=False):
     """Scores for every (measurement, strategy, fisher, damping label) -> ``[Q, N]``."""
     out = {}
@@ -107,8 +113,10 @@ def print_table(result: dict) -> None:
     print(f"setting {result['setting']}: N={result['n_train']}, Q={result['n_queries']}, M={result['subsets']} subsets "
           f"of α={result['fraction']}, seeds {result['seeds']}; retraining {result['retrain_seconds']} s "
           f"(0 when cached), scoring {result['score_seconds']} s")
+    n_seeds = len(result["seeds"])
     print("seed agreement of the retrained measurements (Spearman, seed vs seed): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in result["seed_agreement"].items()))
+          + ", ".join(f"{k} {v:.3f} (reliability of the {n_seeds}-seed mean {reliability(v, n_seeds):.2f})"
+                      for k, v in result["seed_agreement"].items()))
     print("| measurement | strategy | fisher | damping | λ (first layer) | LDS | ± s.e. |")
     print("|---|---|---|---|---|---|---|")
     for r in result["rows"]:

@@ -14,6 +14,7 @@ a ``jax.vjp``. Nothing of size P² is formed, so this scales to models far large
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -36,6 +37,18 @@ def damping_vector(model: Any, dampings: dict[str, float], layers: LayerFilter =
     return out
 
 
+def _functional(model: Any, layers: LayerFilter):
+    """``(tracked, theta, at)``: flat tracked weights ``theta [P]`` and ``at(theta, state)``,
+    the model at ``theta`` with every other variable from ``state``. Passing ``theta``
+    and ``state`` as arguments of jitted functions (instead of closing over them) keeps
+    the weights out of the compiled program as constants, which XLA would otherwise
+    spend minutes folding for a model with a large vocabulary."""
+    tracked = track(model, layers)
+    theta = flatten(tracked, layer_weights(tracked))
+    at = lambda th, state: model_at(dataclasses.replace(tracked, state=state), th)  # noqa: E731
+    return tracked, theta, at
+
+
 def gauss_newton_product(model: Any, task: Any, data: Any, *, layers: LayerFilter = None,
                          batch_size: int = 32) -> Callable[[np.ndarray], np.ndarray]:
     """``v [R, P] -> G v [R, P]`` (float32 arithmetic, float64 result) for the mean
@@ -43,14 +56,13 @@ def gauss_newton_product(model: Any, task: Any, data: Any, *, layers: LayerFilte
 
     ``task`` must be a built-in task (``outputs``, ``targets``, ``output_mask``).
     """
-    tracked = track(model, layers)
-    theta = flatten(tracked, layer_weights(tracked))
+    tracked, theta, at = _functional(model, layers)
     batches = [(b.arrays, b.example_mask) for b in as_source(data, batch_size, task)]
     n = sum(float(m.sum()) for _, m in batches)
 
     @jax.jit
-    def batch_product(vs, batch, example_mask):
-        outputs = lambda th: task.outputs(model_at(tracked, th), batch)  # noqa: E731
+    def batch_product(theta, state, vs, batch, example_mask):
+        outputs = lambda th: task.outputs(at(th, state), batch)  # noqa: E731
         f, jvp = jax.linearize(outputs, theta)
         _, vjp = jax.vjp(outputs, theta)
         mask = task.output_mask(batch, f) * example_mask[:, None]
@@ -68,10 +80,30 @@ def gauss_newton_product(model: Any, task: Any, data: Any, *, layers: LayerFilte
         vs = jnp.asarray(v, jnp.float32)
         total = np.zeros(v.shape, np.float64)
         for arrays, example_mask in batches:
-            total += np.asarray(batch_product(vs, arrays, example_mask), np.float64)
+            total += np.asarray(batch_product(theta, tracked.state, vs, arrays, example_mask), np.float64)
         return total / n
 
     return product
+
+
+def flat_gradients(model: Any, task: Any, data: Any, *, layers: LayerFilter = None, measurement: bool = False,
+                   batch_size: int = 32):
+    """Per-example gradients ``[B, P]`` (flat layout of :mod:`influence.exact`) of the loss
+    (or the measurement), yielded one batch at a time by ``jax.grad`` per example, so the
+    ``[N, P]`` matrix is never held."""
+    tracked, theta, at = _functional(model, layers)
+    fn = task.measurement if measurement else task.loss
+
+    @jax.jit
+    def grads(theta, state, batch):
+        def one(example):
+            single = {k: v[None] for k, v in example.items()}
+            return jax.grad(lambda th: fn(at(th, state), single)[0])(theta)
+
+        return jax.vmap(one)(batch)
+
+    for b in as_source(data, batch_size, task):
+        yield np.asarray(grads(theta, tracked.state, b.arrays), np.float64)[: b.n_valid]
 
 
 class CGResult(NamedTuple):
@@ -84,12 +116,15 @@ class CGResult(NamedTuple):
 
 def conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray, *,
                        preconditioner: Callable[[np.ndarray], np.ndarray] | None = None,
-                       tol: float = 1e-6, max_iterations: int = 500) -> CGResult:
+                       tol: float = 1e-6, max_iterations: int = 500,
+                       callback: Callable[[int, np.ndarray], None] | None = None) -> CGResult:
     """Solve ``A x = b`` for each row of ``b [R, P]`` by (preconditioned) conjugate gradient.
 
     ``A`` (``matvec``, row-wise) must be symmetric positive definite, ``preconditioner`` an
     SPD approximation of ``A⁻¹``. The preconditioner changes only the speed: the iteration
-    stops when every row's true relative residual ‖A x − b‖/‖b‖ is below ``tol``.
+    stops when every row's recursively updated relative residual is below ``tol``;
+    the returned ``residual`` is recomputed from ``x``. ``callback(iteration, relative
+    residuals [R])`` is called after every iteration (progress reports).
     """
     b = np.asarray(b, np.float64)
     m = preconditioner or (lambda r: r)
@@ -112,6 +147,8 @@ def conjugate_gradient(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray
         p = z + beta[:, None] * p
         rz = rz_new
         it += 1
+        if callback is not None:
+            callback(it, np.linalg.norm(r, axis=1) / b_norm)
     residual = np.linalg.norm(matvec(x) - b, axis=1) / b_norm
     return CGResult(x, residual, it)
 
@@ -125,12 +162,12 @@ def curvature_preconditioner(model: Any, curvature: dict[str, LayerCurvature], d
               for name, c in curvature.items()}
 
     @jax.jit
-    def apply(v):
+    def apply(v, blocks):  # the factors are arguments, not constants folded into the program
         per_layer = jax.vmap(lambda row: unflatten(tracked, row))(v)
         return flatten(tracked, {name: precondition(per_layer[name], blocks[name], dampings[name])
                                  for name in per_layer})
 
-    return lambda v: np.asarray(apply(jnp.asarray(v, jnp.float32)), np.float64)
+    return lambda v: np.asarray(apply(jnp.asarray(v, jnp.float32), blocks), np.float64)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
