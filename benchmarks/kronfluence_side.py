@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -62,6 +63,7 @@ class Classification(Task):
 
 
 def main(src: str, dst: str) -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's GradScaler deprecation, inside kronfluence
     arrays = np.load(src)
     n_layers = int(arrays["n_layers"])
     kernels = [arrays[f"kernel{i}"] for i in range(n_layers)]

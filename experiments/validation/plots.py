@@ -37,7 +37,7 @@ def lds_bars(results: list[dict], dst: Path) -> None:
     width = 0.2
     labels = []
     for i, res in enumerate(results):
-        measurement = res["key"]["measurements"][0]
+        measurement = res["rows"][0]["measurement"]  # the setting's first measurement
         labels.append(f"{res['setting']}\n({measurement}; M={res['subsets']}, {len(res['seeds'])} seeds)")
         for j, strategy in enumerate(STRATEGIES):
             fisher = "-" if strategy == "identity" else "sampled"
@@ -45,7 +45,7 @@ def lds_bars(results: list[dict], dst: Path) -> None:
             ax.bar(i + (j - 1.5) * width, r["lds"], width, yerr=r["stderr"], color=COLOURS[strategy],
                    label=strategy if i == 0 else None, capsize=2)
         ax.plot([i - 0.45, i + 0.45], [res["seed_agreement"][measurement]] * 2, "k--", lw=1,
-                label="seed vs seed" if i == 0 else None)
+                label="one seed vs another" if i == 0 else None)
     ax.set_xticks(range(len(results)), labels, fontsize=8)
     ax.set_ylabel("LDS (Spearman, mean over queries)")
     ax.set_title("Linear datamodeling score, default damping, sampled Fisher", fontsize=10)
@@ -59,7 +59,7 @@ def lds_bars(results: list[dict], dst: Path) -> None:
 def lds_damping(results: list[dict], dst: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(3.3 * len(results), 3), squeeze=False)
     for ax, res in zip(axes[0], results):
-        measurement = res["key"]["measurements"][0]
+        measurement = res["rows"][0]["measurement"]  # the setting's first measurement
         for strategy in STRATEGIES[1:]:
             for fisher, style in (("sampled", "-"), ("exact", ":")):
                 pts = [(r["lambda"], r["lds"]) for r in res["rows"] if r["measurement"] == measurement
@@ -72,7 +72,7 @@ def lds_damping(results: list[dict], dst: Path) -> None:
         ax.set_title(f"{res['setting']} ({measurement})", fontsize=9)
         ax.set_xlabel("damping λ")
     axes[0][0].set_ylabel("LDS")
-    axes[0][-1].legend(fontsize=6)
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(dst / "lds_damping.png", dpi=130)
     plt.close(fig)
@@ -93,7 +93,7 @@ def pbrf_bars(res: dict, dst: Path) -> None:
                    alpha=1.0 if fisher != "sampled" else 0.55, label=label if i == 0 else None)
     ax.set_xticks(range(len(configs)), [f"λ = {r_:g}·mean Λ\nε = {k:g}/N" for r_, k in configs], fontsize=8)
     ax.set_ylabel("Pearson with PBRF")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.3)
     ax.set_title(f"PBRF check: MLP 64-32-10, {res['n_points']} upweighted digits, {res['n_queries']} queries", fontsize=10)
     ax.legend(fontsize=6, ncol=4, loc="upper left")
     fig.tight_layout()
