@@ -122,6 +122,12 @@ def ihvp_bars(res: dict, dst: Path) -> None:
     plt.close(fig)
 
 
+def _data_ticks(ax, values, axis="x") -> None:
+    """Label a log axis at the measured values only (matplotlib's minor labels overlap)."""
+    ax.minorticks_off()
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(values, [f"{v:g}" for v in values])
+
+
 def scaling_plot(res: dict, dst: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for key, label, style in (("fwd_bwd", "forward+backward", "k-"), ("fit", "fit EK-FAC", "C3-"),
@@ -134,6 +140,12 @@ def scaling_plot(res: dict, dst: Path) -> None:
     n = np.array([r["n"] for r in res["by_size"]], float)
     ref = res["by_size"][0]["fit"] * n / n[0]
     axes[0].loglog(n, ref, "C3:", lw=1, label="linear in n")
+    _data_ticks(axes[0], [r["n"] for r in res["by_size"]])
+    if res["by_width"]:
+        _data_ticks(axes[1], [r["width"] for r in res["by_width"]])
+    for ax in axes:
+        lo, hi = ax.get_ylim()
+        _data_ticks(ax, [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50) if lo <= t <= hi], axis="y")
     axes[0].set_xlabel("training sequences n")
     axes[0].set_ylabel("seconds")
     axes[0].legend(fontsize=7)
@@ -150,6 +162,7 @@ def memory_plot(res: dict, dst: Path) -> None:
     n = [r["n"] for r in res["rows"]]
     ax.semilogx(n, [r["baseline_mb"] for r in res["rows"]], "k-o", ms=3, label="model + data + fwd/bwd")
     ax.semilogx(n, [r["influence_mb"] for r in res["rows"]], "C3-o", ms=3, label="+ EK-FAC fit + pairwise scores")
+    _data_ticks(ax, n)
     ax.set_xlabel("training sequences n")
     ax.set_ylabel("peak RSS (MB)")
     ax.set_ylim(0, max(r["influence_mb"] for r in res["rows"]) * 1.3)
