@@ -25,7 +25,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
 import influence as inf
-from experiments.validation.settings import RUNS, _mlp_setting
+from experiments.validation.settings import RUNS, mlp_setting
 from influence import tasks
 from influence.examples import digits
 from influence.exact import exact_scores
@@ -39,7 +39,7 @@ def pbrf_setting(n_train: int = 512, n_queries: int = 32, hidden=(32,)):
     enough for the dense Gauss-Newton matrix the PBRF optimisation uses)."""
     x, y = digits()
     task = tasks.Classification()
-    return _mlp_setting("pbrf-digits", {"x": x[:n_train], "y": y[:n_train]},
+    return mlp_setting("pbrf-digits", {"x": x[:n_train], "y": y[:n_train]},
                         {"x": x[1500 : 1500 + n_queries], "y": y[1500 : 1500 + n_queries]}, task, {"loss": task},
                         hidden=hidden, d_out=10, steps=300, lr=1e-2, weight_decay=1e-3, key={})
 

@@ -93,7 +93,7 @@ class DeepMLP(nnx.Module):
         return out[..., 0] if out.shape[-1] == 1 else out
 
 
-def _mlp_setting(name, train, queries, task, measurements, *, hidden, d_out, steps, lr, weight_decay, key) -> Setting:
+def mlp_setting(name, train, queries, task, measurements, *, hidden, d_out, steps, lr, weight_decay, key) -> Setting:
     """A full-batch Adam setting: every model (base and retrained) follows this recipe."""
     d_in = train["x"].shape[1]
     make = lambda seed: DeepMLP(d_in, hidden, d_out, rngs=nnx.Rngs(seed))  # noqa: E731
@@ -129,7 +129,7 @@ def digits_setting(n_train: int = 512, n_queries: int = 64, hidden=(64, 64), ste
     queries = {"x": x[1500 : 1500 + n_queries], "y": y[1500 : 1500 + n_queries]}
     task = tasks.Classification()
     measurements = {"margin": tasks.Classification(measurement_kind="margin"), "loss": task}
-    return _mlp_setting("digits", train, queries, task, measurements, hidden=hidden, d_out=10, steps=steps, lr=lr,
+    return mlp_setting("digits", train, queries, task, measurements, hidden=hidden, d_out=10, steps=steps, lr=lr,
                         weight_decay=weight_decay, key={"n_train": n_train, "n_queries": n_queries})
 
 
@@ -146,7 +146,7 @@ def diabetes_setting(n_train: int = 320, n_queries: int = 64, hidden=(32, 32), s
     train = {"x": x[:n_train], "y": y[:n_train]}
     queries = {"x": x[n_train : n_train + n_queries], "y": y[n_train : n_train + n_queries]}
     task = tasks.Regression()
-    return _mlp_setting("diabetes", train, queries, task, {"loss": task}, hidden=hidden, d_out=1, steps=steps,
+    return mlp_setting("diabetes", train, queries, task, {"loss": task}, hidden=hidden, d_out=1, steps=steps,
                         lr=lr, weight_decay=weight_decay, key={"n_train": n_train, "n_queries": n_queries})
 
 
