@@ -76,7 +76,8 @@ def main(src: str, dst: str) -> None:
     damping = float(arrays["damping"])
     batch = int(arrays["batch_size"])
     repeats = int(arrays["repeats"])
-    factor_args = FactorArguments(strategy=str(arrays["strategy"]), use_empirical_fisher=str(arrays["fisher"]) == "empirical")
+    factor_args = FactorArguments(strategy=str(arrays["strategy"]),
+                                  use_empirical_fisher=str(arrays["fisher"]) == "empirical")
     score_args = ScoreArguments(damping_factor=None if np.isnan(damping) else damping)
     fit_times, score_times = [], []
     with tempfile.TemporaryDirectory() as out:

@@ -101,7 +101,8 @@ def test_zero_weights_train_on_the_subset_only(small_problem):
     make = lambda seed: MLP(hidden=8, rngs=nnx.Rngs(seed))  # noqa: E731
     loss = weighted_mean_loss(tasks.Classification())
     graphdef, params, rest = stack_models(make, [5])
-    weighted = fit_many(graphdef, params, rest, optax.adam(1e-2), loss, data, lambda _: jnp.asarray(keep[None], jnp.float32), 20)
+    weights = jnp.asarray(keep[None], jnp.float32)
+    weighted = fit_many(graphdef, params, rest, optax.adam(1e-2), loss, data, lambda _: weights, 20)
     graphdef, params, rest = stack_models(make, [5])
     direct = fit_many(graphdef, params, rest, optax.adam(1e-2), loss, subset, lambda _: jnp.ones((1, keep.sum())), 20)
     task = tasks.Classification()

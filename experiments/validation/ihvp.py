@@ -64,8 +64,11 @@ def run(setting, n_queries=8, fit_examples=64, damping_scale=1.0, layers="blocks
     product = gauss_newton_product(model, task, fit, layers=layers, batch_size=setting.batch_size)
     matvec = lambda v: product(v) + d * v  # noqa: E731
     t0 = time.perf_counter()
-    report = lambda it, res: it % 25 == 0 and log(f"  CG iteration {it}: worst relative residual {res.max():.1e}, "  # noqa: E731
-                                                   f"{time.perf_counter() - t0:.0f} s")
+
+    def report(it, residuals):
+        if it % 25 == 0:
+            log(f"  CG iteration {it}: worst relative residual {residuals.max():.1e}, {time.perf_counter() - t0:.0f} s")
+
     reference = conjugate_gradient(matvec, raw, tol=tol, max_iterations=max_iterations, callback=report,
                                    preconditioner=curvature_preconditioner(model, ekfac.layers, dampings, layers))
     log(f"CG: {reference.iterations} iterations, worst relative residual {reference.residual.max():.1e}, "
@@ -108,7 +111,8 @@ def main(argv=None) -> None:
         result = run(setting, args.queries, args.fit_examples, scale, args.layers, max_iterations=args.max_iterations)
         results.append(result)
         print(f"layers {args.layers!r}, damping {scale:g} × default; P = {result['parameters']:,}, "
-              f"G over {result['fit_examples']} sequences, {result['n_queries']} queries, scores over {result['n_train_scored']} training sequences; CG "
+              f"G over {result['fit_examples']} sequences, {result['n_queries']} queries, "
+              f"scores over {result['n_train_scored']} training sequences; CG "
               f"{result['cg_iterations']} iterations (residual {result['cg_residual']:.1e})")
         layers = list(result["rows"][0]["cosine_per_layer"])
         print("| strategy | cosine | " + " | ".join(layers) + " | score Pearson | score Spearman |")

@@ -131,7 +131,8 @@ def main(argv=None) -> None:
     parser.add_argument("--subsets", type=int, default=64, help="M, the number of half-subsets")
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per subset (averaged)")
     parser.add_argument("--fraction", type=float, default=0.5, help="α, the subset fraction")
-    parser.add_argument("--fishers", default=None, help="comma-separated (default: sampled,exact for the MLPs, sampled for lm)")
+    parser.add_argument("--fishers", default=None,
+                        help="comma-separated (default: sampled,exact for the MLPs, sampled for lm)")
     parser.add_argument("--damping-sweep", default="0.001,0.01,0.1,1,10", help="factors r of λ = r × mean Λ")
     parser.add_argument("--out", type=Path, default=None, help="JSON output (default runs/validation/lds-<setting>.json)")
     args = parser.parse_args(argv)

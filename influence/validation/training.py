@@ -74,7 +74,8 @@ def fit_many(
     return params
 
 
-def evaluate_many(graphdef: nnx.GraphDef, params: Any, rest: Any, fn: Callable[[nnx.Module, Any], jax.Array], data: Any) -> np.ndarray:
+def evaluate_many(graphdef: nnx.GraphDef, params: Any, rest: Any, fn: Callable[[nnx.Module, Any], jax.Array],
+                  data: Any) -> np.ndarray:
     """``fn(model, data)`` for each of the stacked models, ``[K, ...]`` numpy."""
     run = jax.jit(jax.vmap(lambda p, d: fn(nnx.merge(graphdef, p, rest), d), in_axes=(0, None)))
     return np.asarray(run(params, data))
