@@ -1,0 +1,95 @@
+"""Streaming the batches of a pass onto a device mesh, from a resume point.
+
+:class:`BatchStream` turns a :class:`~influence.data.DataSource` into the steps of a
+pass: each host batch is placed on the mesh with its batch axis split over the data axis.
+It starts at a given batch index (re-reading, not computing, the batches before it and
+checking them against a checkpoint's data chain), keeps the chain up to date when a
+checkpoint needs it, and, with several processes, keeps them in step: a process whose
+data is exhausted feeds empty (fully masked) batches until every process is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from influence.checkpoint import Checkpoint, DataChain
+from influence.data import Batch, DataError, DataSource
+from influence.parallel import all_processes_sum, shard_batch
+
+
+class Step(NamedTuple):
+    """One batch of a pass: its index, the host batch, and its arrays on the mesh."""
+
+    index: int
+    batch: Batch
+    arrays: Any
+    example_mask: Any
+
+
+def _empty_like(batch: Batch) -> Batch:
+    return Batch({k: np.zeros_like(v) for k, v in batch.arrays.items()}, 0, -1)
+
+
+class BatchStream:
+    """Iterate the steps of one pass.
+
+    Args:
+      source: the batches (of this process's rows, with several processes).
+      mesh: where to place them.
+      start: index of the first step to compute.
+      consumed: how many of this process's batches the steps before ``start`` read
+        (``start`` in one process; fewer where a process ran out early). They are
+        re-read, not computed, and checked against ``chain`` by ``checkpoint``.
+      chain: the data chain of those batches, from the checkpoint.
+      checkpoint: the run's :class:`Checkpoint`, or ``None`` (then no hashing).
+    """
+
+    def __init__(self, source: DataSource, mesh: Mesh, *, start: int = 0, consumed: int | None = None, chain: str = "",
+                 checkpoint: Checkpoint | None = None, desc: str = "", progress: bool = True):
+        self.source = source
+        self.mesh = mesh
+        self.start = start
+        self.consumed = start if consumed is None else consumed  # this process's real batches read so far
+        self.chain = DataChain(chain)
+        self.checkpoint = checkpoint
+        self.desc = desc
+        self.progress = progress
+        self.n_examples = 0  # real rows of this process computed in this call
+
+    def __iter__(self) -> Iterator[Step]:
+        batches = iter(self.source)
+        if self.consumed:
+            self.chain = self.checkpoint.skip(batches, self.consumed, self.chain.value)
+        bar = tqdm(total=self.source.num_batches, initial=self.start, desc=self.desc, unit="batch",
+                   disable=not self.progress, leave=False)
+        multi = self.mesh.is_multi_process
+        template = None
+        index = self.start
+        try:
+            while True:
+                batch = next(batches, None)
+                if multi:
+                    if int(all_processes_sum(np.array(batch is not None, np.int64))) == 0:
+                        break
+                    if batch is None:
+                        if template is None:
+                            raise DataError("this process has no data while others have; give every process rows")
+                        batch = _empty_like(template)
+                elif batch is None:
+                    break
+                template = template or batch
+                if batch.n_valid:
+                    self.consumed += 1
+                    if self.checkpoint is not None:
+                        self.chain.update(batch.arrays, batch.n_valid)
+                self.n_examples += batch.n_valid
+                yield Step(index, batch, shard_batch(batch.arrays, self.mesh), shard_batch(batch.example_mask, self.mesh))
+                index += 1
+                bar.update(1)
+        finally:
+            bar.close()
