@@ -1,0 +1,136 @@
+"""Tokenizers trained offline with the ``tokenizers`` library: byte-level BPE (default) or
+one token per character. Both are lossless on the text they can represent and report each
+token's character offsets, so a report can shade every token of a sequence.
+
+Special tokens: ``<|pad|>`` (id 0, fills short sequences) and ``<|doc|>`` (id 1, starts
+every document so its first real token is predicted too). The character tokenizer has also
+``<|unk|>`` (id 2) for characters unseen in training; byte-level BPE needs none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+from collections.abc import Iterable, Sequence
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+PAD, BOS, UNK = "<|pad|>", "<|doc|>", "<|unk|>"
+FILENAME = "tokenizer.json"
+
+
+class Tokenizer:
+    """Thin wrapper over a ``tokenizers.Tokenizer`` with the project's conventions."""
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        self.pad_id = hf.token_to_id(PAD)
+        self.bos_id = hf.token_to_id(BOS)
+        if self.pad_id is None or self.bos_id is None:
+            raise ValueError(f"tokenizer lacks the special tokens {PAD} and {BOS}")
+
+    # ---------------------------------------------------------------- training
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int = 4096) -> "Tokenizer":
+        """Byte-level BPE with ``vocab_size`` entries (256 bytes + 2 specials + merges)."""
+        if vocab_size < 258:
+            raise ValueError(f"byte-level BPE needs vocab_size >= 258 (256 bytes + 2 specials), got {vocab_size}")
+        hf = HFTokenizer(models.BPE())
+        # add_prefix_space=False and no normaliser keep decode(encode(text)) == text.
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.train_from_iterator(texts, trainer)
+        return cls(hf)
+
+    @classmethod
+    def train_chars(cls, texts: Iterable[str]) -> "Tokenizer":
+        """One token per character seen in ``texts`` (sorted), after the three specials."""
+        chars = sorted(set().union(*map(set, texts)))
+        vocab = {tok: i for i, tok in enumerate([PAD, BOS, UNK, *chars])}
+        hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        hf.decoder = decoders.Fuse()  # concatenate, no spaces between "words"
+        hf.add_special_tokens([PAD, BOS])  # dropped by decode; <|unk|> stays visible
+        return cls(hf)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def kind(self) -> str:
+        """``"bpe"`` or ``"char"``."""
+        return "char" if isinstance(self.hf.model, models.WordLevel) else "bpe"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def fingerprint(self) -> str:
+        """Short hash of the serialised tokenizer (used to key cached datasets)."""
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+
+    # ---------------------------------------------------------------- encoding
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """For each text, its token ids and each token's ``(char_start, char_end)`` in the
+        text. Byte-level tokens holding part of one multi-byte character all report that
+        character's offsets."""
+        encs = self.hf.encode_batch(list(texts), add_special_tokens=False)
+        return [(e.ids, e.offsets) for e in encs]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; special tokens (padding, document start) are dropped."""
+        return self.hf.decode(list(map(int, ids)), skip_special_tokens=True)
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """Display string of each token on its own (specials by name; a byte-level token
+        holding part of a multi-byte character shows as U+FFFD; prefer offsets for text)."""
+        return [self.hf.id_to_token(int(i)) if int(i) in (self.pad_id, self.bos_id)
+                else self.hf.decode([int(i)], skip_special_tokens=False) for i in ids]
+
+    # ---------------------------------------------------------------- files
+    def save(self, directory: str | pathlib.Path) -> pathlib.Path:
+        """Write ``tokenizer.json`` into ``directory``; returns its path."""
+        path = pathlib.Path(directory) / FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(path))
+        return path
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> "Tokenizer":
+        """From a ``tokenizer.json`` file or a directory holding one."""
+        path = pathlib.Path(path)
+        if path.is_dir():
+            path = path / FILENAME
+        if not path.exists():
+            raise FileNotFoundError(f"no tokenizer at {path}")
+        return cls(HFTokenizer.from_file(str(path)))
+
+
+def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 4096) -> Tokenizer:
+    """Train a tokenizer of ``kind`` ``"bpe"`` (byte-level, ``vocab_size`` entries) or
+    ``"char"`` (vocabulary = characters of ``texts``)."""
+    if kind == "bpe":
+        return Tokenizer.train_bpe(texts, vocab_size)
+    if kind == "char":
+        return Tokenizer.train_chars(texts)
+    raise ValueError(f"unknown tokenizer kind {kind!r}; choose 'bpe' or 'char'")
+
+
+def token_display_spans(offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Non-overlapping character spans, one per token, that tile the covered text.
+
+    Byte-level BPE may give several tokens the same offsets (pieces of one multi-byte
+    character); the first keeps the character and the rest get an empty span, so shading
+    spans side by side reproduces the text exactly once.
+    """
+    out, end = [], 0
+    for a, b in offsets:
+        a = max(a, end) if b > a else a
+        out.append((min(a, b), b))
+        end = max(end, b)
+    return out
