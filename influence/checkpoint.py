@@ -103,6 +103,9 @@ class Checkpoint:
         self.process = jax.process_index()
         self._generation = 0
         self.directory.mkdir(parents=True, exist_ok=True)
+        if not resume:  # start afresh: no stale snapshot or chunk of this kind may be read later
+            for stale in self.directory.glob(f"{kind}-p{self.process}-*.npz"):
+                stale.unlink()
 
     def _file(self, generation: int) -> Path:
         return self.directory / f"{self.kind}-p{self.process}-{generation}.npz"

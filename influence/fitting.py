@@ -37,7 +37,7 @@ from influence.parallel import (
     to_host,
     zeros_per_device,
 )
-from influence.stream import BatchStream
+from influence.stream import BatchStream, save_on_interrupt
 
 _STATIC = ("graphdef", "layers", "task", "fisher", "mesh", "blocks")
 COVARIANCE_PASS, EIGENVALUE_PASS = 0, 1
@@ -223,21 +223,10 @@ def run_pass(
                 snapshot()
     except BaseException:
         if checkpoint is not None:
-            _save_on_interrupt(snapshot)
+            save_on_interrupt(snapshot)
         raise
     if checkpoint is not None:
         snapshot()
     settle()
     total_examples = int(all_processes_sum(np.array(n_examples + stream.n_examples, np.int64)))
     return PassResult(sums, totals, total_examples)
-
-
-def _save_on_interrupt(snapshot: Callable[[], None]) -> None:
-    """Keep the completed batches of an interrupted pass (best effort: a failed device
-    computation or NaN leaves the last periodic snapshot in place)."""
-    try:
-        snapshot()
-    except Exception as e:  # noqa: BLE001 - the original exception is re-raised by the caller
-        import logging
-
-        logging.getLogger(__name__).warning("could not save a checkpoint after the interruption: %s", e)

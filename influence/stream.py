@@ -10,16 +10,20 @@ data is exhausted feeds empty (fully masked) batches until every process is done
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from influence import io
 from influence.checkpoint import Checkpoint, DataChain
 from influence.data import Batch, DataError, DataSource
 from influence.parallel import all_processes_sum, shard_batch
+
+log = logging.getLogger(__name__)
 
 
 class Step(NamedTuple):
@@ -93,3 +97,73 @@ class BatchStream:
                 bar.update(1)
         finally:
             bar.close()
+
+
+_CHUNK_KIND = "influence-score-chunk"
+
+
+def save_on_interrupt(snapshot: Callable[[], None]) -> None:
+    """Keep the completed batches of an interrupted pass (best effort: a failed device
+    computation or a NaN leaves the last periodic snapshot in place)."""
+    try:
+        snapshot()
+    except Exception as e:  # noqa: BLE001 - the caller re-raises the interruption itself
+        log.warning("could not save a checkpoint after the interruption: %s", e)
+
+
+def collect(run_step: Callable[[Step], Any], source: DataSource, mesh: Mesh, *, checkpoint: Checkpoint | None = None,
+            desc: str = "", progress: bool = True) -> np.ndarray:
+    """Run ``run_step`` on every batch and concatenate its ``[..., B]`` outputs over the
+    real rows: ``[..., n_rows]`` numpy.
+
+    With a checkpoint, the outputs since the last snapshot are written as a chunk file
+    before each snapshot, and a resumed call reloads the chunks and goes on from the
+    snapshot's batch.
+    """
+    host: list[np.ndarray] = []  # outputs up to the last chunk written (or all, without checkpoint)
+    recent: list[np.ndarray] = []  # outputs since
+    chunks: list[str] = []
+    start, consumed, chain = 0, None, ""
+    resumed = checkpoint.load() if checkpoint is not None else None
+    if resumed is not None:
+        state, _ = resumed
+        start, consumed, chain, chunks = state["next"], state["consumed"], state["chain"], list(state["chunks"])
+        host = [io.load_arrays(checkpoint.chunk_file(name), _CHUNK_KIND)[0]["values"] for name in chunks]
+    stream = BatchStream(source, mesh, start=start, consumed=consumed, chain=chain, checkpoint=checkpoint,
+                         desc=desc, progress=progress)
+    inflight: list[tuple[Any, int]] = []  # the last step's device output, fetched after the next is dispatched
+    done = (start, stream.consumed, chain)
+
+    def fetch() -> None:
+        for out, n_valid in inflight:
+            recent.append(np.asarray(out)[..., :n_valid])
+        inflight.clear()
+
+    def snapshot() -> None:
+        fetch()
+        index, n_read, data_chain = done
+        if recent:
+            name = f"chunk-{index:09d}"
+            values = np.concatenate(recent, axis=-1)
+            io.save_arrays(checkpoint.chunk_file(name), _CHUNK_KIND, {"values": values}, {})
+            host.append(values)
+            chunks.append(name)
+            recent.clear()
+        checkpoint.save((0, index), {"next": index, "consumed": n_read, "chain": data_chain, "chunks": chunks}, {})
+
+    try:
+        for s in stream:
+            out = run_step(s)
+            fetch()
+            inflight.append((out, s.batch.n_valid))
+            done = (s.index + 1, stream.consumed, stream.chain.value)
+            if checkpoint is not None and (s.index + 1) % checkpoint.every == 0:
+                snapshot()
+    except BaseException:
+        if checkpoint is not None:
+            save_on_interrupt(snapshot)
+        raise
+    if checkpoint is not None:
+        snapshot()
+    fetch()
+    return np.concatenate(host + recent, axis=-1)

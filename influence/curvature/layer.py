@@ -88,7 +88,7 @@ def precondition(v, curvature: LayerCurvature, damping: float):
     rotated = curvature.q_a is not None
     if rotated:
         v = rotate(v, curvature.q_a, curvature.q_s)
-    v = v / (curvature.eigenvalues + damping)
+    v = v / (curvature.eigenvalues.astype(v.dtype) + damping)  # bfloat16 factors: divide in v's precision
     if rotated:
         v = unrotate(v, curvature.q_a, curvature.q_s)
     return v
