@@ -40,15 +40,16 @@ def resolve_mesh(mesh: MeshLike = None) -> Mesh:
     """A mesh with axis ``"data"`` (and optionally ``"query"``), every axis *auto*-sharded.
 
     Args:
-      mesh: ``None`` (one device: this process's first), an ``int`` n (the first n of
-        ``jax.devices()``), a sequence of devices, or a :class:`Mesh` whose axes are
-        named ``"data"`` and optionally ``"query"``.
+      mesh: ``None`` (one device: this process's first), an ``int`` n (the first n
+        devices of this process, ``jax.local_devices()``), a sequence of devices, or a
+        :class:`Mesh` whose axes are named ``"data"`` and optionally ``"query"`` (across
+        hosts: a mesh over ``jax.devices()``).
     """
     if mesh is None:
         devices = np.array(jax.local_devices()[:1])
         return Mesh(devices, (DATA,), axis_types=(AxisType.Auto,))
     if isinstance(mesh, int | np.integer) and not isinstance(mesh, bool):
-        available = jax.devices()
+        available = jax.local_devices()
         if not 1 <= mesh <= len(available):
             raise ValueError(
                 f"mesh={mesh} asks for {mesh} devices but {len(available)} are available ({available[0].platform}); "
@@ -129,7 +130,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     if not mesh.is_multi_process:
         return jax.device_put(tree, sharding)
     # Every process holds the same value: build the global array from local copies.
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+    def one(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys travel as their key data
+            data = jax.make_array_from_process_local_data(sharding, np.asarray(jax.random.key_data(x)))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+    return jax.tree.map(one, tree)
 
 
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
