@@ -62,3 +62,20 @@ def test_merged_host_parts_equal_one_run_on_all_the_data(tmp_path):
     (tmp_path / "parts" / "part-00001.npz").unlink()
     with pytest.raises(DataError, match="do not tile"):
         inf.hosts.merge_rankings(tmp_path / "parts")
+
+
+def test_merging_top_k_lists_ties_and_resumed_slots():
+    from influence.query.ranking import _restore_best
+    from influence.topk import merge_slots
+
+    # two slots (devices or hosts), 1 query, k = 3; equal scores go to the lower row
+    scores = np.array([[[5.0, 2.0, -np.inf]], [[5.0, 4.0, 2.0]]], np.float32)
+    rows = np.array([[[9, 1, -1]], [[3, 7, 0]]])
+    idx, top = merge_slots(scores, rows, 4)
+    np.testing.assert_array_equal(idx, [[3, 9, 7, 0]])
+    np.testing.assert_array_equal(top, [[5, 5, 4, 2]])
+    # a snapshot from 2 devices resumed on 3, with one real query padded to 2
+    s, i = _restore_best(scores, rows, 3, 1, 2)
+    assert s.shape == i.shape == (3, 2, 3)
+    np.testing.assert_array_equal(i[0, 0], [3, 9, 7])
+    assert np.all(np.isneginf(s[1:])) and np.all(i[1:] == -1) and np.all(i[:, 1] == -1)

@@ -165,7 +165,8 @@ def rank_training(
     else:
         state, arrays = resumed
         start, consumed, chain = state["next"], state["consumed"], state["chain"]
-        best_scores, best_indices = _restore_best(arrays["best_scores"], arrays["best_indices"], n_data(mesh))
+        best_scores, best_indices = _restore_best(arrays["best_scores"], arrays["best_indices"], n_data(mesh),
+                                                  n_query, q_pad)
     best_scores, best_indices = jax.device_put((best_scores, best_indices), best_sharding)
     writer = _ScoreWriter(scores_path, n_query, n_rows, reopen=resumed is not None) if scores_path is not None else None
     stream = BatchStream(source, mesh, start=start, consumed=consumed, chain=chain, checkpoint=checkpoint,
@@ -210,16 +211,18 @@ def rank_training(
     return Ranking(idx[:n_query], top[:n_query], prepared, dampings, int(n_rows))
 
 
-def _restore_best(scores: np.ndarray, indices: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-device top-k lists from a snapshot; taken with another number of devices, they
-    are merged into the first slot (exactly: a top-k of top-k lists)."""
-    if scores.shape[0] == slots:
-        return scores, indices
-    idx, top = merge_slots(scores, indices, scores.shape[-1])
-    out_scores = np.full((slots, *top.shape), -np.inf, np.float32)
-    out_indices = np.full((slots, *idx.shape), -1, np.int32)
-    out_scores[0], out_indices[0] = top, idx
-    return out_scores, out_indices
+def _restore_best(scores: np.ndarray, indices: np.ndarray, slots: int, n_query: int, q_pad: int):
+    """Per-device top-k lists ``[slots, q_pad, k]`` from a snapshot. Taken with another
+    number of devices, they are merged into the first slot (exactly: a top-k of top-k
+    lists); with another query axis, the padding queries are cut or added."""
+    scores, indices = scores[:, :n_query], indices[:, :n_query]
+    if scores.shape[0] != slots:
+        idx, top = merge_slots(scores, indices, scores.shape[-1])
+        scores = np.full((slots, *top.shape), -np.inf, np.float32)
+        indices = np.full((slots, *idx.shape), -1, np.int32)
+        scores[0], indices[0] = top, idx
+    pad = [(0, 0), (0, q_pad - n_query), (0, 0)]
+    return np.pad(scores, pad, constant_values=-np.inf), np.pad(indices, pad, constant_values=-1).astype(np.int32)
 
 
 def _num_rows(data) -> int:
