@@ -29,7 +29,7 @@ details.query{border:1px solid #ddd;border-radius:8px;margin:1rem 0;padding:.6re
 details.query>summary{cursor:pointer;list-style:revert}
 .qtext{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;background:#f6f6f6;border-radius:6px;padding:.5rem;margin:.5rem 0}
 .prompt{color:#666} .completion{font-weight:600;text-decoration:underline;text-decoration-color:#0b57d0}
-.seq{border-top:1px solid #eee;padding:.6rem 0;display:grid;grid-template-columns:1fr 170px;gap:.8rem}
+.seq{border-top:1px solid #eee;padding:.6rem 0;display:grid;grid-template-columns:1fr 230px;gap:.8rem}
 .seqhead{font-size:.88rem;color:#333;margin-bottom:.3rem} .rank{font-weight:700;margin-right:.4rem}
 .score{font-family:ui-monospace,monospace} .src{color:#555}
 .flag{background:#fff3cd;color:#7a5a00;border-radius:4px;padding:0 .35rem;font-size:.8rem;margin-left:.4rem}
@@ -68,27 +68,36 @@ def _tokens_html(inf: TrainingInfluence) -> str:
     return "".join(parts)
 
 
-def _layer_chart(layer_scores: dict[str, float], width: int = 170) -> str:
-    """Horizontal bars, one per layer, around a zero line; values on hover."""
+def _short_names(names: list[str]) -> list[str]:
+    """Layer paths without the components every path shares (``blocks.0.mlp.fc_in`` -> ``0.fc_in``)."""
+    parts = [n.split(".") for n in names]
+    common = set.intersection(*(set(p) for p in parts)) if len(parts) > 1 else set()
+    return [".".join(x for x in p if x not in common) or n for p, n in zip(parts, names)]
+
+
+def _layer_chart(layer_scores: dict[str, float], width: int = 220, label_width: int = 80) -> str:
+    """Horizontal bars, one per layer, around a zero line, labelled; values on hover."""
     if not layer_scores:
         return ""
     names = list(layer_scores)
     values = np.array([layer_scores[n] for n in names])
     scale = float(np.abs(values).max()) or 1.0
-    row = 12
-    mid = width / 2
-    bars = []
-    for i, (name, v) in enumerate(zip(names, values)):
+    row = 13
+    mid = label_width + (width - label_width) / 2
+    half = (width - label_width) / 2 - 2
+    items = []
+    for i, (name, short, v) in enumerate(zip(names, _short_names(names), values)):
         y = i * row
-        w = abs(v) / scale * (mid - 4)
+        w = abs(v) / scale * half
         x = mid if v >= 0 else mid - w
         colour = "#16a34a" if v >= 0 else "#dc2626"
-        bars.append(f'<rect x="{x:.1f}" y="{y + 2}" width="{max(w, 0.5):.1f}" height="{row - 4}" fill="{colour}">'
-                    f'<title>{html.escape(name)}: {_fmt(float(v))}</title></rect>')
+        items.append(f'<text x="0" y="{y + 10}">{html.escape(short[:14])}</text>'
+                     f'<rect x="{x:.1f}" y="{y + 2}" width="{max(w, 0.5):.1f}" height="{row - 4}" fill="{colour}">'
+                     f'<title>{html.escape(name)}: {_fmt(float(v))}</title></rect>')
     height = len(names) * row
     return (f'<svg width="{width}" height="{height + 14}" role="img" aria-label="influence per layer">'
-            f'<line x1="{mid}" y1="0" x2="{mid}" y2="{height}" stroke="#999"/>{"".join(bars)}'
-            f'<text x="0" y="{height + 11}">per layer (hover for names)</text></svg>')
+            f'<line x1="{mid}" y1="0" x2="{mid}" y2="{height}" stroke="#999"/>{"".join(items)}'
+            f'<text x="{label_width}" y="{height + 11}">influence per layer</text></svg>')
 
 
 def _source(meta: dict) -> str:
