@@ -23,7 +23,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
 import influence as inf
-from benchmarks.speed import forward_backward
+from benchmarks.speed import _timed, forward_backward
 from influence.commands.common import factors_dir
 from influence.query import rank_training
 
@@ -40,16 +40,6 @@ def held_out_queries(run, n: int, prompt: int, completion: int) -> dict[str, np.
     q_mask = np.zeros_like(q_ids)
     q_mask[:, prompt:] = 1
     return {"input_ids": q_ids.astype(np.int32), "loss_mask": q_mask.astype(np.int32)}
-
-
-def _best_time(fn, repeats=2):
-    fn()
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main(argv=None) -> None:
@@ -77,11 +67,11 @@ def main(argv=None) -> None:
           f"{args.queries} queries (64-token prompt, 32-token completion), EK-FAC on {len(factors.layer_names)} MLP "
           f"layers, batch {bs}; jax {jax.__version__} {jax.devices()[0].platform} ({platform.machine()})")
 
-    base = _best_time(forward_backward(run.model, task, run.train, bs))
+    base = _timed(forward_backward(run.model, task, run.train, bs))
     timings = {}
     for label, rank in (("full rank", None), ("rank 32", 32)):
-        timings[label] = _best_time(lambda r=rank: rank_training(run.model, task, factors, queries, run.train, k=10,
-                                                               query_rank=r, batch_size=bs, progress=False))
+        timings[label] = _timed(lambda r=rank: rank_training(run.model, task, factors, queries, run.train, k=10,
+                                                           query_rank=r, batch_size=bs, progress=False))
     print(f"\none forward+backward pass over the training set: {base:.2f} s\n")
     print("| scoring 32 queries (top-10 per query) | seconds | ÷ forward+backward |")
     print("|---|---|---|")
