@@ -23,7 +23,7 @@ import numpy as np
 from scipy.stats import pearsonr, spearmanr
 
 import influence as inf
-from benchmarks.speed import _timed, forward_backward
+from benchmarks.speed import forward_backward, timed
 from influence.commands.common import factors_dir
 from influence.query import rank_training
 
@@ -67,10 +67,10 @@ def main(argv=None) -> None:
           f"{args.queries} queries (64-token prompt, 32-token completion), EK-FAC on {len(factors.layer_names)} MLP "
           f"layers, batch {bs}; jax {jax.__version__} {jax.devices()[0].platform} ({platform.machine()})")
 
-    base = _timed(forward_backward(run.model, task, run.train, bs))
+    base = timed(forward_backward(run.model, task, run.train, bs))
     timings = {}
     for label, rank in (("full rank", None), ("rank 32", 32)):
-        timings[label] = _timed(lambda r=rank: rank_training(run.model, task, factors, queries, run.train, k=10,
+        timings[label] = timed(lambda r=rank: rank_training(run.model, task, factors, queries, run.train, k=10,
                                                            query_rank=r, batch_size=bs, progress=False))
     print(f"\none forward+backward pass over the training set: {base:.2f} s\n")
     print("| scoring 32 queries (top-10 per query) | seconds | ÷ forward+backward |")
