@@ -44,7 +44,7 @@ from influence.fitting import (
     eigenvalue_zeros,
     run_pass,
 )
-from influence.parallel import MeshLike, data_mesh, describe, local_batch_size, reduce_slots, replicate
+from influence.parallel import MeshLike, data_mesh, describe, local_batch_size, reduce_slots, replicate, to_host
 
 FISHER_KINDS = ("sampled", "empirical", "exact")
 _FILE_KIND = "influence-factors"
@@ -207,14 +207,15 @@ def _eigh(matrix: np.ndarray, name: str, which: str) -> tuple[np.ndarray, np.nda
 
 
 def _eigendecompose(totals: dict, n_tokens: dict[str, float], n_examples: int, layer_blocks, dtype) -> dict[str, LayerCurvature]:
-    """K-FAC curvature of every layer from its summed token covariances (float64, host)."""
+    """K-FAC curvature of every layer from its summed token covariances (on the devices),
+    one factor block at a time in float64 on the host."""
     curvature = {}
     for name, (a_sum, s_sum) in totals.items():
         if n_tokens[name] <= 0:
             raise DataError(f"layer {name!r}: no token of the data is counted (all masked)")
         split = not layer_blocks[name].dense
-        a_parts = [_eigh(m / n_tokens[name], name, "A") for m in (a_sum if split else (a_sum,))]
-        s_parts = [_eigh(m / n_tokens[name], name, "S") for m in (s_sum if split else (s_sum,))]
+        a_parts = [_eigh(to_host(m, np.float64) / n_tokens[name], name, "A") for m in (a_sum if split else (a_sum,))]
+        s_parts = [_eigh(to_host(m, np.float64) / n_tokens[name], name, "S") for m in (s_sum if split else (s_sum,))]
         e_a = np.concatenate([e for e, _ in a_parts])
         e_s = np.concatenate([e for e, _ in s_parts])
         q_a = tuple(q.astype(dtype) for _, q in a_parts) if split else a_parts[0][1].astype(dtype)
@@ -352,7 +353,8 @@ def fit_factors(
                           snapshot_arrays=lambda: kept, **common)
         n_examples = result.n_examples
         totals = reduce_slots(result.sums, mesh)
+        del result
         for name, lam in totals.items():
-            curvature[name] = curvature[name]._replace(eigenvalues=(lam / n_examples).astype(dtype))
+            curvature[name] = curvature[name]._replace(eigenvalues=(to_host(lam, np.float64) / n_examples).astype(dtype))
     metadata.update(n_examples=int(n_examples), n_tokens=n_tokens, mesh=describe(mesh))
     return Factors(strategy, curvature, metadata)

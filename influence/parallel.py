@@ -181,17 +181,16 @@ def _sum_slots(tree):
 
 
 def reduce_slots(tree: Any, mesh: Mesh) -> Any:
-    """Add the per-device slots of accumulators (the one cross-device reduction of a
-    pass) and bring the totals to the host as float64 numpy."""
-    total = jax.jit(_sum_slots, out_shardings=replicated(mesh))(tree)
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0), np.float64), total)
+    """Add the per-device slots of accumulators: the one cross-device reduction of a pass.
+    The totals stay on the devices (replicated); fetch them one layer at a time with
+    :func:`to_host` so that the host never holds every layer's float64 copy at once."""
+    return jax.jit(_sum_slots, out_shardings=replicated(mesh))(tree)
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """A replicated (or single-process) array as numpy, on any process."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    return np.asarray(x.addressable_data(0))
+def to_host(x: jax.Array, dtype=None) -> np.ndarray:
+    """A replicated (or single-process) array as numpy (in ``dtype``), on any process."""
+    out = np.asarray(x) if x.is_fully_addressable else np.asarray(x.addressable_data(0))
+    return out if dtype is None else out.astype(dtype)
 
 
 def all_processes_sum(value: np.ndarray) -> np.ndarray:
