@@ -152,9 +152,9 @@ def test_bfloat16_factors_stay_close_to_float32(lm, tmp_path):
     assert bf16.dtype == np.dtype(jnp.bfloat16) and bf16.layers["head"].q_a.dtype == jnp.bfloat16
     a = inf.pairwise_scores(model, task, f32, queries, data, progress=False, batch_size=8).values
     b = inf.pairwise_scores(model, task, bf16, queries, data, progress=False, batch_size=8).values
-    # bfloat16 keeps 8 bits of mantissa: scores move by a few percent, rankings barely
-    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.05
-    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.995
+    # bfloat16 keeps 8 bits of mantissa (0.4% per entry); measured: scores move by 0.3%
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.01
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9999
     loaded = inf.Factors.load(bf16.save(tmp_path))
     assert loaded.dtype == bf16.dtype
     np.testing.assert_array_equal(np.asarray(loaded.layers["head"].eigenvalues, np.float32),

@@ -12,10 +12,11 @@ import functools
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import influence as inf
 from influence import tasks
-from influence.examples import trained_lm, trained_mlp
+from influence.examples import MLP, TinyLM, digits, lm_sequences
 from influence.query import rank_training
 
 if jax.device_count() < 4:
@@ -30,13 +31,17 @@ def _close(got, want, tol=1e-5):
     assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
 
 
+@functools.cache
 def _case(name):
+    """Untrained models (sharding must not change any result, trained or not): the
+    digits MLP (one token per example: the fast paths) and the tiny transformer."""
     if name == "mlp":
-        model, data, queries = trained_mlp()
-        return model, tasks.Classification(), data, queries
-    model, data, queries = trained_lm()
-    # 5 queries: a ("data", "query") mesh of 2 × 2 pads them to 6
-    return model, tasks.CausalLM(), data, {k: v[:5] for k, v in queries.items()}
+        x, y = digits()
+        data = {"x": x[:256], "y": y[:256]}
+        return MLP(rngs=nnx.Rngs(0)), tasks.Classification(), data, {"x": x[1500:1508], "y": y[1500:1508]}
+    queries = lm_sequences(5, seed=1)  # 5 queries: a ("data", "query") mesh of 2 × 2 pads them to 6
+    queries["loss_mask"][:, :4] = 0
+    return TinyLM(rngs=nnx.Rngs(1)), tasks.CausalLM(), lm_sequences(32), queries
 
 
 @functools.cache
