@@ -15,13 +15,11 @@ checkpointed and resumed; a layer's factors can be split into diagonal blocks
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import functools
 import os
 from pathlib import Path
 from typing import Any
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp

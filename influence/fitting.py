@@ -37,7 +37,7 @@ from influence.parallel import (
     to_host,
     zeros_per_device,
 )
-from influence.stream import BatchStream, save_on_interrupt
+from influence.stream import BatchStream, drive
 
 _STATIC = ("graphdef", "layers", "task", "fisher", "mesh", "blocks")
 COVARIANCE_PASS, EIGENVALUE_PASS = 0, 1
@@ -212,21 +212,15 @@ def run_pass(
 
     if checkpoint is not None and resumed is None and pass_id == EIGENVALUE_PASS:
         snapshot()  # the covariance pass's results are kept even if this pass saves nothing else
-    try:
-        for s in stream:
-            out = step(sums, *extra, tracked.state, s.arrays, s.example_mask, pass_key,
-                       replicate(np.int32(s.index), mesh), **statics)
-            sums = out[0]
-            pending.append((s.index, out[-1], out[1] if len(out) == 3 else None))
-            done = (s.index + 1, stream.consumed, stream.chain.value, stream.n_examples)
-            if checkpoint is not None and (s.index + 1) % checkpoint.every == 0:
-                snapshot()
-    except BaseException:
-        if checkpoint is not None:
-            save_on_interrupt(snapshot)
-        raise
-    if checkpoint is not None:
-        snapshot()
+    def body(s) -> None:
+        nonlocal sums, done
+        out = step(sums, *extra, tracked.state, s.arrays, s.example_mask, pass_key,
+                   replicate(np.int32(s.index), mesh), **statics)
+        sums = out[0]
+        pending.append((s.index, out[-1], out[1] if len(out) == 3 else None))
+        done = (s.index + 1, stream.consumed, stream.chain.value, stream.n_examples)
+
+    drive(stream, checkpoint, body, snapshot)
     settle()
     total_examples = int(all_processes_sum(np.array(n_examples + stream.n_examples, np.int64)))
     return PassResult(sums, totals, total_examples)

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -154,7 +155,7 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
 @functools.lru_cache(maxsize=64)
 def _zeros(shape: tuple[int, ...], dtype: str, mesh: Mesh):
     sharding = NamedSharding(mesh, PartitionSpec(DATA))
-    return jax.jit(lambda: jax.numpy.zeros((n_data(mesh), *shape), dtype), out_shardings=sharding)
+    return jax.jit(lambda: jnp.zeros((n_data(mesh), *shape), dtype), out_shardings=sharding)
 
 
 def zeros_per_device(shape: tuple[int, ...], mesh: Mesh, dtype="float32") -> jax.Array:
@@ -175,7 +176,6 @@ def per_device_to_host(x: jax.Array) -> np.ndarray:
     return np.concatenate([np.asarray(s.data) for s in shards])
 
 
-@jax.jit
 def _sum_slots(tree):
     return jax.tree.map(lambda x: x.sum(axis=0), tree)
 

@@ -111,6 +111,26 @@ def save_on_interrupt(snapshot: Callable[[], None]) -> None:
         log.warning("could not save a checkpoint after the interruption: %s", e)
 
 
+def drive(stream: BatchStream, checkpoint: Checkpoint | None, body: Callable[[Step], None],
+          snapshot: Callable[[], None], on_abort: Callable[[], None] | None = None) -> None:
+    """Run ``body`` on every step of a pass; with a checkpoint, ``snapshot()`` after every
+    ``checkpoint.every`` steps, on an exception (best effort, then re-raised) and at the
+    end. Without one, ``on_abort()`` cleans up after an exception."""
+    try:
+        for step in stream:
+            body(step)
+            if checkpoint is not None and (step.index + 1) % checkpoint.every == 0:
+                snapshot()
+    except BaseException:
+        if checkpoint is not None:
+            save_on_interrupt(snapshot)
+        elif on_abort is not None:
+            on_abort()
+        raise
+    if checkpoint is not None:
+        snapshot()
+
+
 def collect(run_step: Callable[[Step], Any], source: DataSource, mesh: Mesh, *, checkpoint: Checkpoint | None = None,
             desc: str = "", progress: bool = True) -> np.ndarray:
     """Run ``run_step`` on every batch and concatenate its ``[..., B]`` outputs over the
@@ -151,19 +171,13 @@ def collect(run_step: Callable[[Step], Any], source: DataSource, mesh: Mesh, *, 
             recent.clear()
         checkpoint.save((0, index), {"next": index, "consumed": n_read, "chain": data_chain, "chunks": chunks}, {})
 
-    try:
-        for s in stream:
-            out = run_step(s)
-            fetch()
-            inflight.append((out, s.batch.n_valid))
-            done = (s.index + 1, stream.consumed, stream.chain.value)
-            if checkpoint is not None and (s.index + 1) % checkpoint.every == 0:
-                snapshot()
-    except BaseException:
-        if checkpoint is not None:
-            save_on_interrupt(snapshot)
-        raise
-    if checkpoint is not None:
-        snapshot()
+    def body(step: Step) -> None:
+        nonlocal done
+        out = run_step(step)
+        fetch()
+        inflight.append((out, step.batch.n_valid))
+        done = (step.index + 1, stream.consumed, stream.chain.value)
+
+    drive(stream, checkpoint, body, snapshot)
     fetch()
     return np.concatenate(host + recent, axis=-1)

@@ -28,7 +28,7 @@ from influence.factors import Factors, curvature_arrays
 from influence.gradients import layer_gradients
 from influence.parallel import DATA, MeshLike, local, n_data, query_axis, replicate, shard_batch, spec
 from influence.scores import place_queries, query_gradients, score_checkpoint, scoring_mesh
-from influence.stream import BatchStream, save_on_interrupt
+from influence.stream import BatchStream, drive
 from influence.topk import merge_slots
 
 
@@ -180,31 +180,24 @@ def rank_training(
         checkpoint.save((0, index), {"next": index, "consumed": n_read, "chain": data_chain},
                         {"best_scores": np.asarray(best_scores), "best_indices": np.asarray(best_indices)})
 
-    try:
-        for s in stream:
-            local_rows = np.arange(s.batch.start, s.batch.start + source.batch_size)
-            rows = local_rows if row_map is None else np.where(
-                local_rows < len(row_map), row_map[np.minimum(local_rows, len(row_map) - 1)], -1)
-            allowed = np.zeros((q_pad, len(rows)), bool)
-            allowed[:n_query] = _candidate_mask(candidates, n_query, rows)
-            best_scores, best_indices, scores = _rank_step(
-                best_scores, best_indices, placed, tracked.state, s.arrays, s.example_mask,
-                shard_batch(rows.astype(np.int32), mesh), jax.device_put(allowed, NamedSharding(mesh, spec(query_axis(mesh), DATA))),
-                graphdef=tracked.graphdef, layers=tracked.layers, task=task, k=k_eff, mesh=mesh)
-            if writer is not None:
-                n = s.batch.n_valid
-                writer.write(rows[:n], np.where(allowed, np.asarray(scores), -np.inf)[:n_query, :n])
-            done = (s.index + 1, stream.consumed, stream.chain.value)
-            if checkpoint is not None and (s.index + 1) % checkpoint.every == 0:
-                snapshot()
-    except BaseException:
-        if checkpoint is not None:
-            save_on_interrupt(snapshot)
-        elif writer is not None:
-            writer.abort()
-        raise
-    if checkpoint is not None:
-        snapshot()
+    def body(s) -> None:
+        nonlocal best_scores, best_indices, done
+        local_rows = np.arange(s.batch.start, s.batch.start + source.batch_size)
+        rows = local_rows if row_map is None else np.where(
+            local_rows < len(row_map), row_map[np.minimum(local_rows, len(row_map) - 1)], -1)
+        allowed = np.zeros((q_pad, len(rows)), bool)
+        allowed[:n_query] = _candidate_mask(candidates, n_query, rows)
+        best_scores, best_indices, scores = _rank_step(
+            best_scores, best_indices, placed, tracked.state, s.arrays, s.example_mask,
+            shard_batch(rows.astype(np.int32), mesh), jax.device_put(allowed, allowed_sharding),
+            graphdef=tracked.graphdef, layers=tracked.layers, task=task, k=k_eff, mesh=mesh)
+        if writer is not None:
+            n = s.batch.n_valid
+            writer.write(rows[:n], np.where(allowed, np.asarray(scores), -np.inf)[:n_query, :n])
+        done = (s.index + 1, stream.consumed, stream.chain.value)
+
+    allowed_sharding = NamedSharding(mesh, spec(query_axis(mesh), DATA))
+    drive(stream, checkpoint, body, snapshot, on_abort=writer.abort if writer is not None else None)
     if writer is not None:
         writer.close()
     idx, top = merge_slots(np.asarray(best_scores), np.asarray(best_indices), k_eff)
