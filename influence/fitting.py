@@ -33,6 +33,7 @@ from influence.parallel import (
     per_device_to_host,
     put_per_device,
     replicate,
+    spans_processes,
     spec,
     to_host,
     zeros_per_device,
@@ -133,7 +134,7 @@ def _restore_slots(template: Any, arrays: dict[str, np.ndarray], mesh: Mesh) -> 
         if saved.shape[1:] != leaf.shape[1:]:
             raise CheckpointMismatch(f"checkpoint sums {i} have shape {saved.shape[1:]}, expected {leaf.shape[1:]}")
         if saved.shape[0] != slots:
-            if mesh.is_multi_process:
+            if spans_processes(mesh):
                 raise CheckpointMismatch(
                     f"the checkpoint was taken with {saved.shape[0]} devices on this process, now {slots}; "
                     "resume several processes with the same devices")

@@ -94,6 +94,16 @@ def query_axis(mesh: Mesh) -> str | None:
     return QUERY if QUERY in mesh.axis_names else None
 
 
+def mesh_processes(mesh: Mesh) -> int:
+    """How many processes (hosts) own devices of the mesh."""
+    return len({d.process_index for d in mesh.devices.flat})
+
+
+def spans_processes(mesh: Mesh) -> bool:
+    """Whether the mesh has devices of other processes (several hosts)."""
+    return mesh_processes(mesh) > 1
+
+
 def spec(*axes) -> PartitionSpec:
     return PartitionSpec(*axes)
 
@@ -117,18 +127,18 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 def local_batch_size(batch_size: int, mesh: Mesh) -> int:
     """Rows of each global batch that this process supplies."""
     check_batch_size(batch_size, mesh)
-    return batch_size // jax.process_count() if mesh.is_multi_process else batch_size
+    return batch_size // mesh_processes(mesh)
 
 
 def local_slots(mesh: Mesh) -> int:
     """How many slots of a ``[n_data, ...]`` accumulator live on this process."""
-    return n_data(mesh) // jax.process_count() if mesh.is_multi_process else n_data(mesh)
+    return n_data(mesh) // mesh_processes(mesh)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place a pytree of arrays on every device of ``mesh`` (same value everywhere)."""
     sharding = replicated(mesh)
-    if not mesh.is_multi_process:
+    if not spans_processes(mesh):
         return jax.device_put(tree, sharding)
     # Every process holds the same value: build the global array from local copies.
     def one(x):
@@ -147,7 +157,7 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
     process's rows, and the global batch is their concatenation in process order.
     """
     sharding = NamedSharding(mesh, PartitionSpec(DATA))
-    if not mesh.is_multi_process:
+    if not spans_processes(mesh):
         return jax.device_put(tree, sharding)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 

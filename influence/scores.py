@@ -54,6 +54,7 @@ from influence.parallel import (
     replicate,
     resolve_mesh,
     shard_batch,
+    spans_processes,
     spec,
 )
 from influence.stream import collect
@@ -173,7 +174,7 @@ def scoring_mesh(mesh: MeshLike, batch_size: int):
     """The mesh of a scoring pass: devices of this process only (hosts score their own
     shards independently and merge, see :mod:`influence.hosts`)."""
     mesh = resolve_mesh(mesh)
-    if mesh.is_multi_process:
+    if spans_processes(mesh):
         raise ValueError(
             "scoring runs on the devices of one process: give each process a mesh of its local devices "
             "(jax.local_devices()) and its own shard of the training data, then merge the parts "

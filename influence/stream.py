@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from influence import io
 from influence.checkpoint import Checkpoint, DataChain
 from influence.data import Batch, DataError, DataSource
-from influence.parallel import all_processes_sum, shard_batch
+from influence.parallel import all_processes_sum, shard_batch, spans_processes
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class BatchStream:
             self.chain = self.checkpoint.skip(batches, self.consumed, self.chain.value)
         bar = tqdm(total=self.source.num_batches, initial=self.start, desc=self.desc, unit="batch",
                    disable=not self.progress, leave=False)
-        multi = self.mesh.is_multi_process
+        multi = spans_processes(self.mesh)
         template = None
         index = self.start
         try:

@@ -49,14 +49,14 @@ def test_bounds_and_resolution():
 
 @pytest.fixture(scope="module")
 def lm():
-    """The tiny transformer, its unsplit EK-FAC factors, and factors with every layer split
-    (the MLP input layer 3 × 2 and the attention input 2 × 5 explicitly, the others by
-    ``max_block_size``), both with the empirical Fisher so that A and S can be rebuilt."""
+    """The tiny transformer, its unsplit EK-FAC factors, and factors with two layers split
+    (the MLP input layer 3 × 2, the attention input 2 × 5) beside unsplit ones, both with
+    the empirical Fisher so that A and S can be rebuilt."""
     model, data, queries = trained_lm()
     task = tasks.CausalLM()
     dense = inf.fit_factors(model, task, data, strategy="ekfac", fisher="empirical", progress=False, batch_size=8)
     split = inf.fit_factors(model, task, data, strategy="ekfac", fisher="empirical", progress=False, batch_size=8,
-                            blocks={"mlp_in": (3, 2), "attn_qkv": (2, 5)}, max_block_size=12)
+                            blocks={"mlp_in": (3, 2), "attn_qkv": (2, 5)})
     return model, task, data, queries, dense, split
 
 
@@ -71,23 +71,25 @@ def test_one_block_is_the_unsplit_layer(lm):
 
 def test_kfac_blocks_precondition_with_the_block_diagonal_kronecker_inverse(lm):
     """Split factors keep the diagonal blocks of A and S: the K-FAC preconditioner is the
-    inverse of T̄·blockdiag(A) ⊗ blockdiag(S) + λI, built here from explicit covariances."""
+    inverse of T̄·blockdiag(A) ⊗ blockdiag(S) + λI, built here from explicit covariances
+    (for an unsplit layer of the same model, the one block is the whole factor)."""
     model, task, data, _, _, factors = lm
     tracked = track(model)
     n = len(data["input_ids"])
     capture = jax.jit(layer_gradients, static_argnums=(0, 2, 3, 4))
     _, a, g = capture(tracked.graphdef, tracked.state, tracked.layers, task, "empirical", data, jnp.ones(n))
     rng = np.random.default_rng(0)
-    assert set(factors.metadata["blocks"]) == set(factors.layer_names)
+    assert set(factors.metadata["blocks"]) == {"mlp_in", "attn_qkv"}
     for name in factors.layer_names:
         w = np.asarray(token_weights(task, data, jnp.ones(n), a[name]), np.float64).ravel()
         aa = np.asarray(a[name], np.float64).reshape(-1, a[name].shape[-1])
         gg = np.asarray(g[name], np.float64).reshape(-1, g[name].shape[-1])
-        edges = factors.metadata["blocks"][name]
+        edges = factors.metadata["blocks"].get(name, {"a": [0, aa.shape[1]], "s": [0, gg.shape[1]]})
         a_cov = _keep_diagonal_blocks((aa * w[:, None]).T @ aa / w.sum(), edges["a"])
         s_cov = _keep_diagonal_blocks((gg * w[:, None]).T @ gg / w.sum(), edges["s"])
         curv = factors.layers[name]
-        assert len(curv.q_a) == len(edges["a"]) - 1 and len(curv.q_s) == len(edges["s"]) - 1
+        q_a, q_s = (q if blocks.is_blocked(q) else (q,) for q in (curv.q_a, curv.q_s))
+        assert len(q_a) == len(edges["a"]) - 1 and len(q_s) == len(edges["s"]) - 1
         tokens_per_example = w.sum() / n
         kfac = tokens_per_example * np.outer(curv.a_eigenvalues, curv.s_eigenvalues)  # K-FAC's Λ in the same basis
         lam = 0.3 * float(np.mean(kfac))
@@ -95,8 +97,8 @@ def test_kfac_blocks_precondition_with_the_block_diagonal_kronecker_inverse(lm):
         v = rng.normal(size=kfac.shape)
         expected = np.linalg.solve(dense, v.ravel()).reshape(v.shape)
         with jax.enable_x64(True):
-            c64 = curv._replace(q_a=tuple(np.asarray(q, np.float64) for q in curv.q_a),
-                                q_s=tuple(np.asarray(q, np.float64) for q in curv.q_s), eigenvalues=kfac)
+            c64 = curv._replace(q_a=tuple(np.asarray(q, np.float64) for q in q_a),
+                                q_s=tuple(np.asarray(q, np.float64) for q in q_s), eigenvalues=kfac)
             got = np.asarray(precondition(jnp.asarray(v), c64, lam))
         # float32 factors: ~1e-5 agreement; a block in the wrong place is off by O(1)
         np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5 * np.abs(expected).max())
