@@ -12,8 +12,9 @@ all devices before the eigendecompositions, so every host ends with the same fac
 Scoring needs no communication: each host scores its rows on its own devices and writes
 its part; any one host (or a later job) merges the parts::
 
-    ranking = inf.query.rank_training(model, task, factors, queries, part, k=10,
-                                      mesh=jax.local_devices(), scores_path=f"run/all-{i}.npy")
+    from influence.query import rank_training
+    ranking = rank_training(model, task, factors, queries, part, k=10, mesh=jax.local_devices(),
+                            scores_path=f"run/all-{i}.npy")
     inf.hosts.save_ranking_part("run/parts", ranking, offset, scores_file=f"run/all-{i}.npy")
     # after every host is done:
     indices, scores = inf.hosts.merge_rankings("run/parts", out="run/topk.npz", scores_path="run/all.npy")
