@@ -72,3 +72,14 @@ def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     assert (tmp_path / "demo" / "report.html").stat().st_size > 5000
     assert main(args) == 0
     assert "reusing ekfac factors" in capsys.readouterr().out
+
+
+def test_fit_options_blocks_and_devices(run_dir, capsys):
+    args = ["fit", "--run", str(run_dir), "--strategy", "kfac", "--blocks", "2", "--devices", "1", "--quiet"]
+    assert main(args) == 0
+    assert "fitted kfac" in capsys.readouterr().out
+    folder = run_dir / "factors" / "kfac-mlp"
+    assert sorted(p.name for p in folder.iterdir()) == ["factors.npz"]  # the resume checkpoint is cleaned up
+    code = main(["query", "--run", str(run_dir), "--strategy", "kfac", "--prompt", "MACBETH:\\n",
+                 "--completion", "So foul and fair", "-k", "2", "--devices", "1", "--quiet"])
+    assert code == 0 and "scored 1 queries" in capsys.readouterr().out

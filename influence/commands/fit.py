@@ -26,22 +26,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: 32)")
     parser.add_argument("--max-sequences", type=int, help="fit on the first N training sequences only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--devices", type=int, help="data-parallel over this many local devices (default: one)")
+    parser.add_argument("--blocks", type=int, help="split each layer's factors into this many blocks per side "
+                                                  "(bounds memory on wide layers; costs accuracy, see docs/scaling.md)")
+    parser.add_argument("--factor-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the stored factors (eigendecompositions always run in float64)")
     parser.add_argument("--force", action="store_true", help="refit even if factors exist")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def fit_run(run, run_dir, strategy: str, layers: str, *, fisher="sampled", batch_size=32, max_sequences=None,
-            seed=0, progress=True):
-    """Fit and save factors for a loaded run; returns ``(factors, path, seconds)``."""
+            seed=0, progress=True, devices=None, blocks=None, factor_dtype="float32"):
+    """Fit and save factors for a loaded run; returns ``(factors, path, seconds)``.
+
+    An interrupted fit resumes from its checkpoint in the factors folder (removed once
+    the factors are saved)."""
+    import shutil
+
     import influence as inf
 
     train = run.train if max_sequences is None else run.train.select(range(min(max_sequences, len(run.train))))
+    folder = factors_dir(run_dir, strategy, layers)
+    checkpoint = folder / "checkpoint"
     t0 = time.perf_counter()
     factors = inf.fit_factors(run.model, inf.tasks.CausalLM(), train, strategy=strategy, fisher=fisher,
                               layers=layer_filter(layers), key=jax.random.key(seed), batch_size=batch_size,
-                              progress=progress)
+                              progress=progress, mesh=devices, blocks=blocks, factor_dtype=factor_dtype,
+                              checkpoint_dir=checkpoint, resume=True)
     seconds = time.perf_counter() - t0
-    path = factors.save(factors_dir(run_dir, strategy, layers))
+    path = factors.save(folder)
+    shutil.rmtree(checkpoint, ignore_errors=True)
     return factors, path, seconds
 
 
@@ -59,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         factors, path, seconds = fit_run(loaded, args.run, args.strategy, args.layers, fisher=args.fisher,
                                          batch_size=args.batch_size, max_sequences=args.max_sequences,
-                                         seed=args.seed, progress=not args.quiet)
+                                         seed=args.seed, progress=not args.quiet, devices=args.devices,
+                                         blocks=args.blocks, factor_dtype=args.factor_dtype)
     except ValueError as e:
         return fail("fit", str(e))
     layers = ", ".join(factors.layer_names)

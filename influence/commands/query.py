@@ -36,6 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--scores", help="also write every score, float32 [queries, sequences], to this .npy file")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: 32)")
+    parser.add_argument("--devices", type=int, help="score the training set data-parallel over this many local devices")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     engine = QueryEngine(loaded.model, loaded.tokenizer, loaded.train, factors,
                          context_length=loaded.config.context_length, damping=args.damping,
                          query_rank=args.query_rank, bm25_candidates=args.bm25, batch_size=args.batch_size,
-                         progress=not args.quiet)
+                         progress=not args.quiet, mesh=args.devices)
     t0 = time.perf_counter()
     try:
         results = engine.run(queries, k=args.top, scores_path=args.scores)

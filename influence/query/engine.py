@@ -178,16 +178,18 @@ class QueryEngine:
       query_rank: rank-r query batching (Grosse et al. use 32); ``None`` = full rank.
       bm25_candidates: if set, score only each query's top-M training sequences by BM25
         (faster, but biased towards lexical overlap).
+      mesh: devices to shard the training set over (see :func:`influence.fit_factors`).
     """
 
     def __init__(self, model, tokenizer: TokenizerLike, train, factors: Factors, *, context_length: int,
                  damping: float | None = None, query_rank: int | None = None,
-                 bm25_candidates: int | None = None, batch_size: int = 32, progress: bool = True):
+                 bm25_candidates: int | None = None, batch_size: int = 32, progress: bool = True, mesh=None):
         self.model, self.tokenizer, self.train, self.factors = model, tokenizer, train, factors
         self.context_length = int(context_length)
         self.damping, self.query_rank, self.batch_size, self.progress = damping, query_rank, batch_size, progress
         self.task = CausalLM()
         self.bm25_candidates = bm25_candidates
+        self.mesh = mesh
         self._bm25: BM25 | None = None
 
     def _candidates(self, queries: Sequence[Query]) -> list[np.ndarray] | None:
@@ -204,7 +206,8 @@ class QueryEngine:
         batch = encode_queries(queries, self.tokenizer, self.context_length)
         ranking = rank_training(self.model, self.task, self.factors, batch, self.train, k=k, damping=self.damping,
                                 query_rank=self.query_rank, candidates=self._candidates(queries),
-                                scores_path=scores_path, batch_size=self.batch_size, progress=self.progress)
+                                scores_path=scores_path, batch_size=self.batch_size, progress=self.progress,
+                                mesh=self.mesh)
         return batch, ranking
 
     def run(self, queries: Sequence[Query], k: int = 10, scores_path: str | os.PathLike | None = None) -> list[QueryResult]:
