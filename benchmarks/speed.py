@@ -24,7 +24,7 @@ from influence.data import as_source
 from influence.examples import TinyLM, digits, lm_sequences
 
 
-def _timed(fn, repeats=3):
+def timed(fn, repeats=3):
     """Best wall time of ``fn()`` over ``repeats`` runs after one warm-up (compilation)."""
     fn()
     best = np.inf
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     model, task, train, queries, label = setup(args.model, n_train)
     bs = args.batch_size
     n_query = len(next(iter(queries.values())))
-    base = _timed(forward_backward(model, task, train, bs))
+    base = timed(forward_backward(model, task, train, bs))
     print(f"{label}; {n_train} training examples, {n_query} queries, batch {bs}; "
           f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
           f"{jax.device_count()} device(s))")
@@ -109,14 +109,14 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|")
     for strategy in args.strategies.split(","):
         fit = lambda: inf.fit_factors(model, task, train, strategy=strategy, batch_size=bs, progress=False)  # noqa: E731
-        t_fit = _timed(fit, repeats=2)
+        t_fit = timed(fit, repeats=2)
         factors = fit()
 
         def score():
             return inf.pairwise_scores(model, task, factors, queries, train, batch_size=bs, progress=False).values
 
-        t_score = _timed(score, repeats=2)
-        t_self = _timed(lambda: inf.self_scores(model, task, factors, train, batch_size=bs, progress=False), repeats=2)
+        t_score = timed(score, repeats=2)
+        t_self = timed(lambda: inf.self_scores(model, task, factors, train, batch_size=bs, progress=False), repeats=2)
         print(f"| {strategy} | {t_fit:.3f} | {t_fit / base:.1f}× | {t_score:.3f} | {t_score / base:.1f}× | {t_self:.3f} |")
 
 

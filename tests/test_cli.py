@@ -11,13 +11,14 @@ from influence.cli import build_parser, main
 
 def test_help_lists_commands():
     text = build_parser().format_help()
-    assert "demo" in text and "influence" in text
-    result = subprocess.run([sys.executable, "-m", "influence", "demo", "--help"], capture_output=True, text=True)
+    for command in ("demo", "train", "fit", "query", "digits"):
+        assert command in text
+    result = subprocess.run([sys.executable, "-m", "influence", "digits", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--strategy" in result.stdout and "digits" in result.stdout
 
 
-def test_demo_end_to_end(tmp_path, capsys):
-    code = main(["demo", "--out", str(tmp_path), "--n-train", "150", "--steps", "60", "--queries", "2", "--quiet"])
+def test_digits_demo_end_to_end(tmp_path, capsys):
+    code = main(["digits", "--out", str(tmp_path), "--n-train", "150", "--steps", "60", "--queries", "2", "--quiet"])
     assert code == 0
     out = capsys.readouterr().out
     assert "top helpful training images" in out and "figure:" in out

@@ -128,7 +128,7 @@ def _data_ticks(ax, values, axis="x") -> None:
     (ax.set_xticks if axis == "x" else ax.set_yticks)(values, [f"{v:g}" for v in values])
 
 
-def scaling_plot(res: dict, dst: Path) -> None:
+def growth_plot(res: dict, dst: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for key, label, style in (("fwd_bwd", "forward+backward", "k-"), ("fit", "fit EK-FAC", "C3-"),
                               ("scores", "pairwise scores (32 queries)", "C0-")):
@@ -153,7 +153,7 @@ def scaling_plot(res: dict, dst: Path) -> None:
     axes[1].set_xlabel("d_model")
     axes[1].set_title(f"n = {res['by_width'][0]['n']}" if res["by_width"] else "", fontsize=8)
     fig.tight_layout()
-    fig.savefig(dst / "scaling.png", dpi=130)
+    fig.savefig(dst / "growth.png", dpi=130)
     plt.close(fig)
 
 
@@ -183,7 +183,7 @@ def main(argv=None) -> None:
     if lds:
         lds_bars(lds, args.dst)
         lds_damping(lds, args.dst)
-    for name, draw in (("pbrf.json", pbrf_bars), ("ihvp.json", ihvp_bars), ("scaling.json", scaling_plot),
+    for name, draw in (("pbrf.json", pbrf_bars), ("ihvp.json", ihvp_bars), ("growth.json", growth_plot),
                        ("memory.json", memory_plot)):
         res = _load(args.src, name)
         if res:

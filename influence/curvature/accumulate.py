@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from influence.curvature.blocks import matmul_last
+
 # Per-example gradients are materialised a chunk of examples at a time: at most about
 # this many float32 numbers (256 MiB) live at once, whatever the batch size.
 MAX_PER_EXAMPLE_ELEMENTS = 2**26
@@ -64,14 +66,15 @@ def sum_over_example_chunks(fn, a: jax.Array, g: jax.Array, *extra: jax.Array) -
 
 
 def eigenvalue_sums(a, g, example_weights, q_a=None, q_s=None) -> jax.Array:
-    """``Σ_b w_b Σ_k (Q_Aᵀ DW_bk Q_S)²`` ``[d_a, d_out]`` (no rotation when ``q_a`` is None).
+    """``Σ_b w_b Σ_k (Q_Aᵀ DW_bk Q_S)²`` ``[d_a, d_out]`` (no rotation when ``q_a`` is None;
+    block-diagonal rotations are given as tuples of blocks).
 
     The rotation is applied to ``a`` and ``g`` before the per-example outer product,
     so each example costs T·d_a·d_out instead of a further d_a²·d_out.
     """
     if q_a is not None:
-        a = a @ q_a
-        g = g @ q_s
+        a = matmul_last(a, q_a)
+        g = matmul_last(g, q_s)
     if a.shape[1] == 1:
         # One token per example: DW_b = ā_b g_bᵀ, so Σ_b w_b DW_b² = (w·ā²)ᵀ g², one matmul.
         a2 = (a[:, 0] ** 2) * example_weights[:, None]

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from influence.curvature import blocks
+
 DEFAULT_DAMPING_FACTOR = 0.1
 
 
@@ -14,8 +16,11 @@ class LayerCurvature(NamedTuple):
     """Curvature of one dense layer with augmented weight ``[d_a, d_out]``.
 
     Attributes:
-      q_a: ``[d_a, d_a]`` eigenvectors (columns) of A = E[ā āᵀ], or ``None``.
-      q_s: ``[d_out, d_out]`` eigenvectors (columns) of S = E[g gᵀ], or ``None``.
+      q_a: ``[d_a, d_a]`` eigenvectors (columns) of A = E[ā āᵀ], or ``None``; for a layer
+        split into blocks (:mod:`influence.curvature.blocks`), a tuple of the diagonal
+        blocks ``[m_i, m_i]`` of the block-diagonal eigenvector matrix.
+      q_s: ``[d_out, d_out]`` eigenvectors (columns) of S = E[g gᵀ], or ``None``; a tuple
+        of blocks likewise.
       eigenvalues: ``[d_a, d_out]`` Λ, the curvature in the (rotated) basis, or
         ``None`` for the identity strategy.
       a_eigenvalues, s_eigenvalues: eigenvalues of A ``[d_a]`` and S ``[d_out]``
@@ -37,13 +42,37 @@ def default_damping(curvature: LayerCurvature, factor: float = DEFAULT_DAMPING_F
 
 
 def rotate(v, q_a, q_s):
-    """``Q_Aᵀ V Q_S`` for ``v [..., d_a, d_out]``."""
+    """``Q_Aᵀ V Q_S`` for ``v [..., d_a, d_out]`` (block by block for split factors)."""
+    if blocks.is_blocked(q_a) or blocks.is_blocked(q_s):
+        return blocks.rotate(v, q_a, q_s)
     return jnp.einsum("ia,...ij,jb->...ab", q_a, v, q_s)
 
 
 def unrotate(v, q_a, q_s):
-    """``Q_A V Q_Sᵀ`` for ``v [..., d_a, d_out]``."""
+    """``Q_A V Q_Sᵀ`` for ``v [..., d_a, d_out]`` (block by block for split factors)."""
+    if blocks.is_blocked(q_a) or blocks.is_blocked(q_s):
+        return blocks.unrotate(v, q_a, q_s)
     return jnp.einsum("ia,...ab,jb->...ij", q_a, v, q_s)
+
+
+def map_arrays(curvature: LayerCurvature, fn) -> LayerCurvature:
+    """Apply ``fn`` to every array of ``curvature`` (to each block of a split rotation)."""
+
+    def one(x):
+        if x is None:
+            return None
+        if blocks.is_blocked(x):
+            return tuple(fn(b) for b in x)
+        return fn(x)
+
+    return LayerCurvature(*(one(x) for x in curvature))
+
+
+def arrays_of(x) -> tuple:
+    """The arrays of one field: ``()`` for None, the blocks of a split rotation, or ``(x,)``."""
+    if x is None:
+        return ()
+    return tuple(x) if blocks.is_blocked(x) else (x,)
 
 
 def precondition(v, curvature: LayerCurvature, damping: float):
@@ -59,7 +88,7 @@ def precondition(v, curvature: LayerCurvature, damping: float):
     rotated = curvature.q_a is not None
     if rotated:
         v = rotate(v, curvature.q_a, curvature.q_s)
-    v = v / (curvature.eigenvalues + damping)
+    v = v / (curvature.eigenvalues.astype(v.dtype) + damping)  # bfloat16 factors: divide in v's precision
     if rotated:
         v = unrotate(v, curvature.q_a, curvature.q_s)
     return v

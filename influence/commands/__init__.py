@@ -1,0 +1,1 @@
+"""Sub-commands of the ``influence`` command line that work on trained runs."""
