@@ -63,8 +63,10 @@ def unflatten(tracked: TrackedModel, theta: jax.Array) -> dict[str, jax.Array]:
     return out
 
 
-def model_at(tracked: TrackedModel, theta: jax.Array) -> nnx.Module:
-    """The model with its tracked layers' weights set from the flat vector ``theta``."""
+def model_at(tracked: TrackedModel, theta: jax.Array, state=None) -> nnx.Module:
+    """The model with its tracked layers' weights set from the flat vector ``theta``
+    (other variables from ``state``, default the tracked model's own). Inside ``jit``,
+    pass ``state`` as an argument: closed-over weights become constants XLA folds slowly."""
     blocks = unflatten(tracked, theta)
     replace = {}
     for info in tracked.layers:
@@ -72,7 +74,8 @@ def model_at(tracked: TrackedModel, theta: jax.Array) -> nnx.Module:
         replace[_param(info.name, "kernel")] = w[: info.d_in]
         if info.has_bias:
             replace[_param(info.name, "bias")] = w[info.d_in]
-    state = jax.tree_util.tree_map_with_path(lambda p, x: replace.get(_dict_path(p), x), tracked.state)
+    state = tracked.state if state is None else state
+    state = jax.tree_util.tree_map_with_path(lambda p, x: replace.get(_dict_path(p), x), state)
     return nnx.merge(tracked.graphdef, state)
 
 
@@ -91,11 +94,12 @@ def per_example_gradients(model, task, data, *, layers: LayerFilter = None, meas
     theta = flatten(tracked, layer_weights(tracked))
     fn = task.measurement if measurement else task.loss
 
-    def grad_one(example):
+    def grad_one(state, theta, example):
         batch = {k: v[None] for k, v in example.items()}
-        return jax.grad(lambda th: fn(model_at(tracked, th), batch)[0])(theta)
+        return jax.grad(lambda th: fn(model_at(tracked, th, state), batch)[0])(theta)
 
-    return np.asarray(jax.jit(jax.vmap(grad_one))(_stack(_examples(data, task))), np.float64)
+    grads = jax.jit(jax.vmap(grad_one, in_axes=(None, None, 0)))
+    return np.asarray(grads(tracked.state, theta, _stack(_examples(data, task))), np.float64)
 
 
 def gauss_newton(model, task, data, *, layers: LayerFilter = None) -> np.ndarray:
@@ -108,9 +112,9 @@ def gauss_newton(model, task, data, *, layers: LayerFilter = None) -> np.ndarray
     tracked = track(model, layers)
     theta = flatten(tracked, layer_weights(tracked))
 
-    def gn_one(example):
+    def gn_one(state, theta, example):
         batch = {k: v[None] for k, v in example.items()}
-        outputs = lambda th: task.outputs(model_at(tracked, th), batch)  # noqa: E731
+        outputs = lambda th: task.outputs(model_at(tracked, th, state), batch)  # noqa: E731
         f = outputs(theta)
         jac = jax.jacfwd(outputs)(theta).reshape(f.size, -1)  # [T*K, P]
         mask = task.output_mask(batch, f)
@@ -119,10 +123,10 @@ def gauss_newton(model, task, data, *, layers: LayerFilter = None) -> np.ndarray
         return jac.T @ hess @ jac
 
     examples = _examples(data, task)
-    gn_batch = jax.jit(jax.vmap(gn_one))
+    gn_batch = jax.jit(jax.vmap(gn_one, in_axes=(None, None, 0)))
     total = np.zeros((theta.size, theta.size), np.float64)
     for lo in range(0, len(examples), 16):
-        total += np.asarray(gn_batch(_stack(examples[lo : lo + 16])), np.float64).sum(axis=0)
+        total += np.asarray(gn_batch(tracked.state, theta, _stack(examples[lo : lo + 16])), np.float64).sum(axis=0)
     return total / len(examples)
 
 

@@ -127,14 +127,21 @@ def _precondition_all(gradients, curvature, damping):
     return {name: precondition(v, curvature[name], damping[name]) for name, v in gradients.items()}
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("mesh",))
-def _score_step(preconditioned, state, batch, example_mask, *, graphdef, layers, task, kind, mesh):
-    """Per-layer scores ``[L, Q, B]`` of one training batch; each device scores its rows
-    (against its queries, with a query axis)."""
+def _stack_layers(per_layer_scores: list[jax.Array], keep_layers: bool) -> jax.Array:
+    """``[L, ...]`` per layer, or their sum as ``[1, ...]`` (so memory holds one score
+    matrix, not L, when the split is not asked for)."""
+    stacked = jnp.stack(per_layer_scores)
+    return stacked if keep_layers else stacked.sum(axis=0, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("mesh", "keep_layers"))
+def _score_step(preconditioned, state, batch, example_mask, *, graphdef, layers, task, kind, mesh, keep_layers):
+    """Scores ``[L, Q, B]`` per layer (or ``[1, Q, B]`` summed) of one training batch; each
+    device scores its rows (against its queries, with a query axis)."""
     _, a, g = layer_gradients(graphdef, state, layers, task, kind, batch, example_mask)
 
     def per_device(a, g, queries):
-        return jnp.stack([layer_scores(a[i.name], g[i.name], queries[i.name]) for i in layers])
+        return _stack_layers([layer_scores(a[i.name], g[i.name], queries[i.name]) for i in layers], keep_layers)
 
     q = query_axis(mesh)
     return local(per_device, mesh, (spec(DATA), spec(DATA), spec(q)), spec(None, q, DATA))(a, g, preconditioned)
@@ -157,12 +164,13 @@ def _self_layer_scores(a, g, curvature: LayerCurvature, damping) -> jax.Array:
     return jax.lax.map(one_example, (a, g), batch_size=chunk)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("mesh",))
-def _self_step(curvature, damping, state, batch, example_mask, *, graphdef, layers, task, kind, mesh):
+@functools.partial(jax.jit, static_argnames=_STATIC + ("mesh", "keep_layers"))
+def _self_step(curvature, damping, state, batch, example_mask, *, graphdef, layers, task, kind, mesh, keep_layers):
     _, a, g = layer_gradients(graphdef, state, layers, task, kind, batch, example_mask)
 
     def per_device(a, g, curvature, damping):
-        return jnp.stack([_self_layer_scores(a[i.name], g[i.name], curvature[i.name], damping[i.name]) for i in layers])
+        return _stack_layers([_self_layer_scores(a[i.name], g[i.name], curvature[i.name], damping[i.name])
+                              for i in layers], keep_layers)
 
     return local(per_device, mesh, (spec(DATA), spec(DATA), spec(), spec()), spec(None, DATA))(a, g, curvature, damping)
 
@@ -290,11 +298,11 @@ def pairwise_scores(
     source = as_source(train, batch_size, task)
     checkpoint = score_checkpoint("scores", checkpoint_dir, checkpoint_every, resume, tracked, lambda: {
         "factors": digest_arrays(curvature_arrays(factors.layers)), "damping": dampings,
-        "queries": digest_arrays(jax.device_get(preconditioned)), "batch_size": batch_size})
+        "queries": digest_arrays(jax.device_get(preconditioned)), "batch_size": batch_size, "per_layer": per_layer})
 
     def run(step):
         return _score_step(placed, tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
-                           layers=tracked.layers, task=task, kind="empirical", mesh=mesh)
+                           layers=tracked.layers, task=task, kind="empirical", mesh=mesh, keep_layers=per_layer)
 
     layer_scores = collect(run, source, mesh, checkpoint=checkpoint, desc="scores", progress=progress)[:, :n_queries]
     values = layer_scores.sum(axis=0)
@@ -339,11 +347,13 @@ def self_scores(
     tracked, curvature, dampings = _prepare(model, factors, damping, mesh)
     source = as_source(train, batch_size, task)
     checkpoint = score_checkpoint("self-scores", checkpoint_dir, checkpoint_every, resume, tracked, lambda: {
-        "factors": digest_arrays(curvature_arrays(factors.layers)), "damping": dampings, "batch_size": batch_size})
+        "factors": digest_arrays(curvature_arrays(factors.layers)), "damping": dampings, "batch_size": batch_size,
+        "per_layer": per_layer})
 
     def run(step):
         return _self_step(curvature, dampings, tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
-                          layers=tracked.layers, task=task, kind="empirical", mesh=mesh)
+                          layers=tracked.layers, task=task, kind="empirical", mesh=mesh,
+                          keep_layers=per_layer)
 
     layer_scores = collect(run, source, mesh, checkpoint=checkpoint, desc="self scores", progress=progress)
     total = layer_scores.sum(axis=0)
