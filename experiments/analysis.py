@@ -53,9 +53,12 @@ class TrainingTable:
 
     def rows_containing(self, needle: str) -> np.ndarray:
         """Rows whose text contains ``needle`` (white space folded). A line cut by a
-        window boundary is found by its first half when no window holds all of it."""
+        window boundary is found by its first half, else its second half, when no window
+        holds all of it."""
         texts = [_squash(t) for t in self.text]
-        for probe in (_squash(needle), _squash(needle)[: max(8, len(needle) // 2)]):
+        whole = _squash(needle)
+        half = max(8, len(whole) // 2)
+        for probe in (whole, whole[:half], whole[-half:]):
             rows = np.array([i for i, t in enumerate(texts) if probe in t], np.int64)
             if len(rows):
                 return rows
@@ -155,6 +158,7 @@ def query_records(specs: Sequence[QuerySpec], values: np.ndarray, per_layer: dic
                 rec["source_bm25_rank"] = int(M.ranks_of(bm, rows).min())
         totals = {name: float(v[i, top].sum()) for name, v in per_layer.items()}
         rec.update({f"layer_{t}": v for t, v in M.third_shares(totals, n_blocks).items()})
+        rec["block_shares"] = M.block_shares(totals, n_blocks)
         if spec.insertion:
             _insertion(rec, spec, s, k, ctx)
         records.append(rec)

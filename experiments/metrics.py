@@ -126,6 +126,18 @@ def third_shares(layer_totals: dict[str, float], n_blocks: int) -> dict[str, flo
     return {t: (s / total if total else float("nan")) for t, s in sums.items()}
 
 
+def block_shares(layer_totals: dict[str, float], n_blocks: int) -> list[float]:
+    """Share of the summed influence in each transformer block ``[n_blocks]`` (signed,
+    summing to 1 over the blocks when nothing lies outside them; NaN when the total is 0)."""
+    sums = np.zeros(n_blocks)
+    for name, v in layer_totals.items():
+        m = _BLOCK.search(name)
+        if m:
+            sums[int(m[1])] += float(v)
+    total = sum(layer_totals.values())
+    return (sums / total).tolist() if total else [float("nan")] * n_blocks
+
+
 # --------------------------------------------------------------------------- transfer
 
 

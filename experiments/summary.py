@@ -49,6 +49,8 @@ FAMILIES: dict[str, tuple[str, list[Stat]]] = {
         "top-1%", "top1_share", ("memorised", "paraphrase", "style", "fact_once", "fact_order", "canary",
                                  "crosslingual"))),
     "surface": ("2a. Surface overlap of the top-k with the query", [
+        Stat("BM25 score of the top-k (mean)", "bm25_top", TEXT_KINDS),
+        Stat("BM25 score, corpus mean (baseline)", "bm25_all", TEXT_KINDS),
         *_per_kind("BM25 percentile", "bm25_pct", TEXT_KINDS),
         *_per_kind("word-bigram Jaccard", "jaccard2_top", TEXT_KINDS),
         Stat("word-bigram Jaccard, corpus mean (baseline)", "jaccard2_all", TEXT_KINDS),

@@ -137,3 +137,9 @@ def test_exponential_tail_is_rejected():
 def test_power_law_needs_enough_positive_values():
     with pytest.raises(ValueError, match="at least 50"):
         fit_power_law(np.r_[np.ones(10), -np.ones(100)])
+
+
+def test_block_shares_hand_computed():
+    totals = {"blocks.0.mlp.fc_in": 2.0, "blocks.0.attn.qkv": 1.0, "blocks.1.mlp.fc_out": -1.0, "lm_head": 2.0}
+    assert M.block_shares(totals, 2) == pytest.approx([3 / 4, -1 / 4])  # the head's share is in the total only
+    assert all(math.isnan(v) for v in M.block_shares({"blocks.0.mlp.fc_in": 0.0}, 1))
