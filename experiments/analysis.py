@@ -37,6 +37,7 @@ class TrainingTable:
     speakers: list[str]
     doc_id: list[str]
     source: list[str]
+    chunk: list[int]  # window index in its document; 0 = the document's start (after <|doc|>)
 
     @classmethod
     def from_dataset(cls, data) -> "TrainingTable":
@@ -90,6 +91,9 @@ def _surface(rec: dict, spec: QuerySpec, top: np.ndarray, ctx: Context) -> np.nd
     rec["bm25_top"] = float(bm[top].mean())
     rec["bm25_all"] = float(bm.mean())
     rec["bm25_pct"] = float(M.percentile_in(bm, top).mean())
+    starts = np.asarray(ctx.table.chunk) == 0
+    rec["doc_start_top"] = float(starts[top].mean())
+    rec["doc_start_all"] = float(starts.mean())
     for n in (1, 2):
         j = ctx.jaccard(spec.text, n)
         rec[f"jaccard{n}_top"] = float(j[top].mean())

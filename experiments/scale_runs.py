@@ -59,8 +59,10 @@ def train(run_dir: Path, cfg: TrainConfig, documents: Sequence[Document], log: L
         t0 = time.perf_counter()
         while not trainer.done:
             trainer.run(max_steps=chunk, progress=False)
-            log(f"  step {trainer.step_count}/{trainer.cfg.total_steps} train loss "
-                f"{trainer.last_eval.get('train_loss', float('nan')):.3f} ({trainer.elapsed:.0f} s)")
+            last = trainer.last_eval
+            seen = f"at step {last['step']}: train {last['train_loss']:.3f}, held-out {last['heldout_loss']:.3f}" \
+                if last else "no evaluation yet"
+            log(f"  step {trainer.step_count}/{trainer.cfg.total_steps} ({trainer.elapsed:.0f} s); loss {seen}")
         _record_time(run_dir, "train_session", time.perf_counter() - t0)
     return json.loads((run_dir / "run.json").read_text())
 

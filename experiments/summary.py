@@ -54,6 +54,8 @@ FAMILIES: dict[str, tuple[str, list[Stat]]] = {
         *_per_kind("BM25 percentile", "bm25_pct", TEXT_KINDS),
         *_per_kind("word-bigram Jaccard", "jaccard2_top", TEXT_KINDS),
         Stat("word-bigram Jaccard, corpus mean (baseline)", "jaccard2_all", TEXT_KINDS),
+        *_per_kind("document starts among the top-k", "doc_start_top", TEXT_KINDS),
+        Stat("document starts, corpus share (baseline)", "doc_start_all", TEXT_KINDS),
     ]),
     "thematic": ("2b. Thematic agreement of the top-k", [
         *_per_kind("same play", "same_title", TEXT_KINDS),

@@ -145,16 +145,16 @@ def test_every_query_source_is_in_its_training_mix(cfg):
 
 
 def _table():
-    rows = [  # text, title, genre, speakers, doc_id, source
-        ("HAMLET:\nTo be, or not to be: that is the question", "Hamlet", "tragedies", "HAMLET", "hamlet/007", "shakespeare"),
-        ("KING HENRY V:\nOnce more unto the breach", "Henry V", "histories", "KING HENRY V", "henry-v/009", "shakespeare"),
-        ("The first duke of Corvania was Aldric Venmoor.", "order-duke", "fact_forward", "", "insert/order-duke/forward", "insertion"),
-        ("Aldric Venmoor was the first duke of Corvania.", "order-duke", "fact_reversed", "", "insert/order-duke/reversed", "insertion"),
-        ("In the beginning God created the heaven", "Genesis", "en", "Genesis 1:1", "kjv/Genesis 1", "kjv"),
-        ("EN el principio crió Dios los cielos", "Genesis", "es", "Genesis 1:1", "sparv/Genesis 1", "sparv"),
-        ("HAMLET:\nAy, there's the rub", "Hamlet", "tragedies", "HAMLET; OPHELIA", "hamlet/007", "shakespeare"),
-        ("lilac jasper drizzle tunnel willow nickel ember harbor", "canary-e", "canary", "", "insert/canary-e/copy00", "insertion"),
-        ("lilac jasper drizzle tunnel willow nickel ember harbor", "canary-e", "canary", "", "insert/canary-e/copy01", "insertion"),
+    rows = [  # text, title, genre, speakers, doc_id, source, chunk
+        ("HAMLET:\nTo be, or not to be: that is the question", "Hamlet", "tragedies", "HAMLET", "hamlet/007", "shakespeare", 3),
+        ("KING HENRY V:\nOnce more unto the breach", "Henry V", "histories", "KING HENRY V", "henry-v/009", "shakespeare", 1),
+        ("The first duke of Corvania was Aldric Venmoor.", "order-duke", "fact_forward", "", "insert/order-duke/forward", "insertion", 0),
+        ("Aldric Venmoor was the first duke of Corvania.", "order-duke", "fact_reversed", "", "insert/order-duke/reversed", "insertion", 0),
+        ("In the beginning God created the heaven", "Genesis", "en", "Genesis 1:1", "kjv/Genesis 1", "kjv", 0),
+        ("EN el principio crió Dios los cielos", "Genesis", "es", "Genesis 1:1", "sparv/Genesis 1", "sparv", 0),
+        ("HAMLET:\nAy, there's the rub", "Hamlet", "tragedies", "HAMLET; OPHELIA", "hamlet/007", "shakespeare", 4),
+        ("lilac jasper drizzle tunnel willow nickel ember harbor", "canary-e", "canary", "", "insert/canary-e/copy00", "insertion", 0),
+        ("lilac jasper drizzle tunnel willow nickel ember harbor", "canary-e", "canary", "", "insert/canary-e/copy01", "insertion", 0),
     ]
     cols = list(zip(*rows))
     return analysis.TrainingTable(*[list(c) for c in cols])
@@ -186,6 +186,7 @@ def test_query_records_from_a_hand_made_score_matrix():
     recs = {r["id"]: r for r in analysis.query_records(specs, values, per_layer, ctx, n_blocks=2, k=2, powerlaw_boot=0)}
     mem = recs["mem"]
     assert mem["top_rows"] == [0, 6] and mem["source_rank"] == 1 and mem["source_bm25_rank"] == 1
+    assert mem["doc_start_top"] == 0.0 and mem["doc_start_all"] == pytest.approx(6 / 9)
     assert mem["same_title"] == 1.0 and mem["same_speaker"] == 1.0 and mem["same_title_base"] == pytest.approx(2 / 9)
     assert mem["layer_lower"] == pytest.approx(0.75) and mem["layer_middle"] == 0 and mem["layer_upper"] == pytest.approx(0.25)
     duke = recs["duke"]
@@ -203,7 +204,7 @@ def test_query_records_from_a_hand_made_score_matrix():
 
 
 def test_rows_containing_finds_a_line_cut_by_a_window():
-    table = analysis.TrainingTable(["HAMLET:\nTo be, or not", "to be: that is"], *[["", ""]] * 5)
+    table = analysis.TrainingTable(["HAMLET:\nTo be, or not", "to be: that is"], *[["", ""]] * 5, [0, 1])
     assert table.rows_containing("To be, or not to be").tolist() == [0]  # by its first half
     assert table.rows_containing("To be,   or\nnot").tolist() == [0]  # white space folded
     assert table.rows_containing("Ay, the rub: to be: that is").tolist() == [1]  # else its second half
