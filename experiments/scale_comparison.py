@@ -22,12 +22,14 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import os
 import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from .analysis import Context, TrainingTable, query_records
@@ -167,55 +169,67 @@ def _records(cfg: ExperimentConfig, run_dir: Path, run, layer_set: str, scores, 
     return records
 
 
-def _gallery_tops(entries, specs, variant: str, per_cell: int = 3) -> dict:
+def _gallery_tops(entries, variant: str, per_cell: int = 3) -> dict:
+    """``{(entry index, query id): [(score, where, text), ...]}``: each query's top
+    sequences in each entry, for the gallery."""
     tops = {}
     for i, e in enumerate(entries):
         table = e["_ctx"].table
         for r in e["variants"].get(variant, []):
-            cells = []
-            for row in r["top_rows"][:per_cell]:
-                where = ", ".join(x for x in (table.title[row], table.genre[row], table.speakers[row]) if x)
-                cells.append((float(r["top_scores"][len(cells)]), where, table.text[row]))
-            tops[(i, r["id"])] = cells
+            tops[(i, r["id"])] = [
+                (float(score), ", ".join(x for x in (table.title[row], table.genre[row], table.speakers[row]) if x),
+                 table.text[row]) for row, score in zip(r["top_rows"][:per_cell], r["top_scores"])]
     return tops
 
 
-def write_outputs(cfg: ExperimentConfig, out: Path, entries: list[dict], specs, command: str) -> dict[str, Path]:
-    """results.json, tables.md, one PNG per metric family and gallery.html in ``out``."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {_cores()} cores, {platform.node()}"
-    import jax
+def _machine() -> str:
+    """``"x86_64, <CPU model>, <n> cores"`` of the machine running this."""
+    model = platform.processor() or "cpu"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        model = names[0] if names else model
+    return f"{platform.machine()}, {model}, {os.cpu_count()} cores"
 
+
+def write_outputs(cfg: ExperimentConfig, out: Path, entries: list[dict], specs, command: str) -> dict[str, Path]:
+    """results.json, tables.md, one PNG per metric family (``plots/``) and gallery.html in
+    ``out``; columns and series ordered by seed, then parameters."""
+    now = datetime.datetime.now(datetime.timezone.utc)
     header = (f"# Scale experiment: tables ({cfg.name} configuration)\n\n"
-              f"Produced by `{command}` on {now:%Y-%m-%d} ({machine}; jax {jax.__version__}; CPU shared with other "
-              f"jobs). Each cell: the statistic over queries [95% bootstrap interval over queries, "
+              f"Produced by `{command}` on {now:%Y-%m-%d} ({_machine()}; jax {jax.__version__}; CPU shared with "
+              f"other jobs). Each cell: the statistic over queries [95% bootstrap interval over queries, "
               f"{cfg.n_boot} resamples]; n = queries with that metric. Columns are runs: scale, seed "
               f"(non-embedding parameters). Query set: `experiments/queries/{DEFAULT_QUERIES.name}`.\n")
+    entries = sorted(entries, key=lambda e: (e["seed"], e["params"]["non_embedding"]))
     runs = [{k: v for k, v in e.items() if k != "_ctx"} for e in entries]
-    runs.sort(key=lambda r: (r["seed"], r["params"]["non_embedding"]))
-    order = sorted(range(len(entries)), key=lambda i: (entries[i]["seed"], entries[i]["params"]["non_embedding"]))
-    paths = {}
-    results = {"config": cfg.name, "command": command, "date": now.isoformat(timespec="seconds"), "machine": machine,
-               "jax": jax.__version__, "settings": _settings(cfg), "runs": runs}
-    paths["results"] = out / "results.json"
-    paths["results"].write_text(json.dumps(results, indent=1, default=float))
+    results = {"config": cfg.name, "command": command, "date": now.isoformat(timespec="seconds"),
+               "machine": _machine(), "jax": jax.__version__, "settings": _settings(cfg), "runs": runs}
+    paths = {"results": out / "results.json", "tables": out / "tables.md"}
+    paths["results"].write_text(json.dumps(_rounded(results), indent=1, default=float))
     variants = [v for v in cfg.layer_sets if all(v in r["variants"] for r in runs)]
-    paths["tables"] = out / "tables.md"
     paths["tables"].write_text(report(runs, variants, cfg.n_boot, header))
     for p in all_figures(runs, variants, out / "plots", cfg.n_boot):
         paths[p.name] = p
-    seed0 = [i for i in order if entries[i]["seed"] == min(e["seed"] for e in entries)]
-    shown = [s for s in specs if s.id in cfg.gallery_ids]
-    tops = _gallery_tops([entries[i] for i in seed0], specs, variants[0] if variants else "mlp")
-    paths["gallery"] = write_gallery(out / "gallery.html", shown, [runs[order.index(i)] for i in seed0], tops,
-                                     title=f"Top influential sequences by scale (EK-FAC, {variants[0] if variants else 'mlp'} layers)")
+    first_seed = [i for i, r in enumerate(runs) if r["seed"] == runs[0]["seed"]]
+    variant = variants[0] if variants else cfg.layer_sets[0]
+    tops = _gallery_tops([entries[i] for i in first_seed], variant)
+    paths["gallery"] = write_gallery(out / "gallery.html", [s for s in specs if s.id in cfg.gallery_ids],
+                                     [runs[i] for i in first_seed], tops,
+                                     title=f"Top influential sequences by scale (EK-FAC, {variant} layers)")
     return paths
 
 
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 1
+def _rounded(value, digits: int = 5):
+    """``value`` with every float rounded to ``digits`` significant digits (a smaller file;
+    the metrics are not more precise than that)."""
+    if isinstance(value, float) and np.isfinite(value) and value != 0:
+        return round(value, digits - 1 - int(np.floor(np.log10(abs(value)))))
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v, digits) for v in value]
+    return value
 
 
 def _settings(cfg: ExperimentConfig) -> dict:
