@@ -86,8 +86,9 @@ class Context:
         return np.array([M.jaccard(q, g) for g in self.grams[n]])
 
 
-def _surface(rec: dict, spec: QuerySpec, top: np.ndarray, ctx: Context) -> np.ndarray:
+def _surface(rec: dict, spec: QuerySpec, s: np.ndarray, top: np.ndarray, ctx: Context) -> np.ndarray:
     bm = ctx.bm25.scores(spec.text)
+    rec["bm25_spearman"] = M.spearman(s, bm)
     rec["bm25_top"] = float(bm[top].mean())
     rec["bm25_all"] = float(bm.mean())
     rec["bm25_pct"] = float(M.percentile_in(bm, top).mean())
@@ -151,7 +152,7 @@ def query_records(specs: Sequence[QuerySpec], values: np.ndarray, per_layer: dic
                        power_law_plausible=float(fit.p_value > 0.1))
         except ValueError:  # too few positive scores for a tail
             pass
-        bm = _surface(rec, spec, top, ctx)
+        bm = _surface(rec, spec, s, top, ctx)
         if spec.title:
             _thematic(rec, spec, top, ctx.table)
         if spec.source_text:

@@ -63,6 +63,17 @@ def percentile_in(values: np.ndarray, rows: Sequence[int]) -> np.ndarray:
 # --------------------------------------------------------------------------- surface overlap
 
 
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two ``[N]`` arrays (average ranks for ties; NaN if
+    either is constant)."""
+    from scipy.stats import rankdata
+
+    ra, rb = rankdata(a), rankdata(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     """Set of lower-cased word n-grams of ``text`` (the words of BM25)."""
     w = words(text)

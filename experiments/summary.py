@@ -49,6 +49,7 @@ FAMILIES: dict[str, tuple[str, list[Stat]]] = {
         "top-1%", "top1_share", ("memorised", "paraphrase", "style", "fact_once", "fact_order", "canary",
                                  "crosslingual"))),
     "surface": ("2a. Surface overlap of the top-k with the query", [
+        *_per_kind("Spearman(influence, BM25), all sequences", "bm25_spearman", TEXT_KINDS),
         Stat("BM25 score of the top-k (mean)", "bm25_top", TEXT_KINDS),
         Stat("BM25 score, corpus mean (baseline)", "bm25_all", TEXT_KINDS),
         *_per_kind("BM25 percentile", "bm25_pct", TEXT_KINDS),

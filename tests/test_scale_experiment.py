@@ -188,6 +188,7 @@ def test_query_records_from_a_hand_made_score_matrix():
     recs = {r["id"]: r for r in analysis.query_records(specs, values, per_layer, ctx, n_blocks=2, k=2, powerlaw_boot=0)}
     mem = recs["mem"]
     assert mem["top_rows"] == [0, 6] and mem["source_rank"] == 1 and mem["source_bm25_rank"] == 1
+    assert mem["bm25_spearman"] > 0.5  # the Hamlet rows score highest under both
     assert mem["doc_start_top"] == 0.0 and mem["doc_start_all"] == pytest.approx(6 / 9)
     assert mem["same_title"] == 1.0 and mem["same_speaker"] == 1.0 and mem["same_title_base"] == pytest.approx(2 / 9)
     assert mem["layer_lower"] == pytest.approx(0.75) and mem["layer_middle"] == 0 and mem["layer_upper"] == pytest.approx(0.25)

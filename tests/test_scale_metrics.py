@@ -143,3 +143,9 @@ def test_block_shares_hand_computed():
     totals = {"blocks.0.mlp.fc_in": 2.0, "blocks.0.attn.qkv": 1.0, "blocks.1.mlp.fc_out": -1.0, "lm_head": 2.0}
     assert M.block_shares(totals, 2) == pytest.approx([3 / 4, -1 / 4])  # the head's share is in the total only
     assert all(math.isnan(v) for v in M.block_shares({"blocks.0.mlp.fc_in": 0.0}, 1))
+
+
+def test_spearman_hand_computed():
+    assert M.spearman(np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0])) == pytest.approx(0.5)
+    assert M.spearman(np.array([1.0, 2.0, 3.0, 4.0]), np.array([4.0, 3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    assert math.isnan(M.spearman(np.ones(3), np.arange(3.0)))
