@@ -143,13 +143,23 @@ def run_one(cfg: ExperimentConfig, out: Path, scale: str, seed: int, specs, trai
     return entry
 
 
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for module in ("analysis", "metrics", "powerlaw", "summary"):
+        h.update((Path(__file__).parent / f"{module}.py").read_bytes())
+    return h.hexdigest()
+
+
+# Read when this module is imported, with the analysis modules it imports: the hash of the
+# code this process runs, even if the files change while it works.
+_ANALYSIS_SOURCE = _source_hash()
+
+
 def _analysis_key(cfg: ExperimentConfig, scores) -> str:
     """Hash of what the records depend on: the scores' queries, the analysis settings and
     the source of the analysis modules (so a code change recomputes them)."""
-    h = hashlib.sha256(json.dumps([scores.metadata.get("queries_fingerprint"), cfg.top_k, cfg.powerlaw_boot]).encode())
-    for module in ("analysis", "metrics", "powerlaw", "summary"):
-        h.update((Path(__file__).parent / f"{module}.py").read_bytes())
-    return h.hexdigest()[:16]
+    payload = [scores.metadata.get("queries_fingerprint"), cfg.top_k, cfg.powerlaw_boot, _ANALYSIS_SOURCE]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
 def _records(cfg: ExperimentConfig, run_dir: Path, run, layer_set: str, scores, specs, ctx, seed: int) -> list[dict]:
