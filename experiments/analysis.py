@@ -173,7 +173,9 @@ def query_records(specs: Sequence[QuerySpec], values: np.ndarray, per_layer: dic
 
 def _crosslingual(records: list[dict], specs: Sequence[QuerySpec], values: np.ndarray, ctx: Context, k: int) -> None:
     """Add to each English query of a pair the transfer of its top English sequences to
-    the Spanish query (and the reverse direction to the Spanish record)."""
+    the Spanish query (``transfer_ratio``, ``transfer_pct``), and to each Spanish query
+    that of its top Spanish sequences to the English one (``transfer_back_ratio``,
+    ``transfer_back_pct``)."""
     lang = ctx.table.language
     index = {(s.pair, s.lang): i for i, s in enumerate(specs) if s.kind == "crosslingual"}
     for (pair, lg), i in index.items():
@@ -181,7 +183,8 @@ def _crosslingual(records: list[dict], specs: Sequence[QuerySpec], values: np.nd
         if other is None:
             continue
         ratio, pct, _ = M.crosslingual_transfer(values[i], values[other], lang == lg, k)
-        records[i]["transfer_ratio"], records[i]["transfer_pct"] = ratio, pct
+        prefix = "transfer" if lg == "en" else "transfer_back"
+        records[i][f"{prefix}_ratio"], records[i][f"{prefix}_pct"] = ratio, pct
 
 
 # --------------------------------------------------------------------------- aggregation

@@ -82,9 +82,11 @@ FAMILIES: dict[str, tuple[str, list[Stat]]] = {
         Stat("forward statement: rank (median)", "forward_rank", ("fact_order",), "median"),
         Stat("reversed statement: rank (median)", "reversed_rank", ("fact_order",), "median"),
     ]),
-    "crosslingual": ("5. Cross-lingual transfer: top-10 English sequences of an English query, on its Spanish translation", [
+    "crosslingual": ("5. Cross-lingual transfer: the top-10 English sequences of an English verse query, on its Spanish translation", [
         Stat("Σ influence on Spanish ÷ on English", "transfer_ratio", ("crosslingual",)),
         Stat("their percentile among all sequences for the Spanish query", "transfer_pct", ("crosslingual",)),
+        Stat("reverse (top Spanish sequences on the English query): ratio", "transfer_back_ratio", ("crosslingual",)),
+        Stat("reverse: percentile for the English query", "transfer_back_pct", ("crosslingual",)),
     ]),
     "canaries": ("6. Rank of the inserted text for its own query (median; 1 = top)", [
         Stat("fact stated once", "insertion_rank", ("fact_once",), "median"),

@@ -197,7 +197,8 @@ def test_query_records_from_a_hand_made_score_matrix():
     en = recs["xl-en"]
     assert en["transfer_ratio"] == pytest.approx((3 + 1) / (8 + 2))  # rows 4 and 6 on the Spanish query
     assert en["transfer_pct"] == pytest.approx((7 / 9 + 6 / 9) / 2)
-    assert recs["xl-es"]["transfer_ratio"] == pytest.approx(6 / 9)  # es -> en: only row 5 is Spanish
+    assert recs["xl-es"]["transfer_back_ratio"] == pytest.approx(6 / 9)  # es -> en: only row 5 is Spanish
+    assert "transfer_ratio" not in recs["xl-es"]
     can = recs["can"]
     assert (can["copies"], can["insertion_rank"], can["canary_precision"]) == (2, 1, 1.0)
     assert "alpha" not in mem  # fewer than 50 positive scores: no tail to fit
