@@ -175,16 +175,26 @@ def _crosslingual(records: list[dict], specs: Sequence[QuerySpec], values: np.nd
     """Add to each English query of a pair the transfer of its top English sequences to
     the Spanish query (``transfer_ratio``, ``transfer_pct``), and to each Spanish query
     that of its top Spanish sequences to the English one (``transfer_back_ratio``,
-    ``transfer_back_pct``)."""
+    ``transfer_back_pct``).
+
+    The control ``..._pct_control`` is the same percentile on the *other* pairs' queries in
+    the target language (mean over them): Bible-like text in general, not this verse's
+    translation. Transfer specific to the verse shows as ``_pct`` above ``_pct_control``.
+    """
     lang = ctx.table.language
     index = {(s.pair, s.lang): i for i, s in enumerate(specs) if s.kind == "crosslingual"}
     for (pair, lg), i in index.items():
-        other = index.get((pair, "es" if lg == "en" else "en"))
+        target = "es" if lg == "en" else "en"
+        other = index.get((pair, target))
         if other is None:
             continue
         ratio, pct, _ = M.crosslingual_transfer(values[i], values[other], lang == lg, k)
         prefix = "transfer" if lg == "en" else "transfer_back"
         records[i][f"{prefix}_ratio"], records[i][f"{prefix}_pct"] = ratio, pct
+        controls = [M.crosslingual_transfer(values[i], values[j], lang == lg, k)[1]
+                    for (p, l), j in index.items() if l == target and p != pair]
+        if controls:
+            records[i][f"{prefix}_pct_control"] = float(np.mean(controls))
 
 
 # --------------------------------------------------------------------------- aggregation

@@ -85,6 +85,8 @@ FAMILIES: dict[str, tuple[str, list[Stat]]] = {
     "crosslingual": ("5. Cross-lingual transfer: the top-10 English sequences of an English verse query, on its Spanish translation", [
         Stat("Σ influence on Spanish ÷ on English", "transfer_ratio", ("crosslingual",)),
         Stat("their percentile among all sequences for the Spanish query", "transfer_pct", ("crosslingual",)),
+        Stat("control: their percentile for the other verses' Spanish queries", "transfer_pct_control",
+             ("crosslingual",)),
         Stat("reverse (top Spanish sequences on the English query): ratio", "transfer_back_ratio", ("crosslingual",)),
         Stat("reverse: percentile for the English query", "transfer_back_pct", ("crosslingual",)),
     ]),

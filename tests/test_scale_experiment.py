@@ -199,6 +199,7 @@ def test_query_records_from_a_hand_made_score_matrix():
     assert en["transfer_pct"] == pytest.approx((7 / 9 + 6 / 9) / 2)
     assert recs["xl-es"]["transfer_back_ratio"] == pytest.approx(6 / 9)  # es -> en: only row 5 is Spanish
     assert "transfer_ratio" not in recs["xl-es"]
+    assert "transfer_pct_control" not in en  # one pair: no other verse to compare with
     can = recs["can"]
     assert (can["copies"], can["insertion_rank"], can["canary_precision"]) == (2, 1, 1.0)
     assert "alpha" not in mem  # fewer than 50 positive scores: no tail to fit
