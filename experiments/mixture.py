@@ -106,8 +106,7 @@ def pin_heldout(train_docs: Sequence[Document], heldout_docs: Sequence[Document]
     seed ``seed``) holds out exactly ``heldout_docs`` and trains on every one of ``train_docs``.
 
     The Trainer picks the held-out documents itself, as those whose seeded id hash sorts
-    first; a fraction of 0 leaves an empty held-out split that ``load_run`` cannot read back.
-    So each held-out document's id gets the suffix ``#n`` with the smallest ``n`` whose hash
+    first, and reports held-out loss on them during training. So each held-out document's id gets the suffix ``#n`` with the smallest ``n`` whose hash
     sorts before every training document's, and the fraction asks for exactly that many.
 
     Raises:

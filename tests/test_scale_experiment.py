@@ -237,17 +237,3 @@ def test_gallery_is_self_contained_and_marks_shared_words(tmp_path):
     page = path.read_text()
     assert "q&lt;1&gt;" in page and "<b>our</b> &lt;<b>crown</b>&gt; &amp; realm" in page
     assert "<script" not in page and "http" not in page
-
-
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="influence.lm bug: with heldout_fraction=0 the empty held-out split is saved with no "
-                          "shards and load_splits (so load_run) cannot read it back; the experiment pins a "
-                          "held-out set instead (experiments.mixture.pin_heldout)")
-def test_library_run_without_heldout_split_can_be_reloaded(tmp_path):
-    from influence.lm import train_tokenizer
-    from influence.lm.sequences import build_splits, load_splits
-
-    docs = [Document(doc_id=f"d{i}", text="some words here " * 20) for i in range(4)]
-    tokenizer = train_tokenizer([d.text for d in docs], "char")
-    build_splits(docs, tokenizer, seq_len=16, heldout_fraction=0.0, cache_dir=tmp_path / "data")
-    assert len(load_splits(tmp_path / "data")["heldout"]) == 0
