@@ -94,3 +94,16 @@ def test_bad_split_settings():
         build_splits(docs()[:2], bpe(), seq_len=1)
     with pytest.raises(ValueError, match="ids must be unique; 'the-tempest/000'"):
         build_splits([docs()[0], docs()[0]], bpe())
+
+
+def test_empty_heldout_split_is_saved_and_reloaded(tmp_path):
+    # datasets saves an empty split with no data shards, which load_from_disk cannot read.
+    from influence.lm.sequences import load_splits
+
+    built = build_splits(docs(), bpe(), seq_len=T, heldout_fraction=0.0, cache_dir=tmp_path / "data")
+    loaded = load_splits(tmp_path / "data")
+    assert len(built["heldout"]) == len(loaded["heldout"]) == 0
+    assert loaded["heldout"].features == built["train"].features
+    assert loaded["train"]["input_ids"] == built["train"]["input_ids"]
+    again = build_splits(docs(), bpe(), seq_len=T, heldout_fraction=0.0, cache_dir=tmp_path / "data")  # cache hit
+    assert len(again["heldout"]) == 0 and len(again["train"]) == len(built["train"])

@@ -34,7 +34,7 @@ import tempfile
 from collections.abc import Sequence
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
+from datasets import Dataset, DatasetDict, DatasetInfo, Features, List, Value, load_from_disk
 
 from .corpus import Document
 from .tokenizer import Tokenizer
@@ -175,7 +175,7 @@ def build_splits(docs: Sequence[Document], tokenizer: Tokenizer, seq_len: int = 
 def _load_cached(cache_dir: pathlib.Path, fingerprint: str) -> DatasetDict | None:
     meta = cache_dir / "meta.json"
     if meta.exists() and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
-        return load_from_disk(str(cache_dir))
+        return load_splits(cache_dir)
     return None
 
 
@@ -190,8 +190,22 @@ def _save_cached(data: DatasetDict, cache_dir: pathlib.Path, meta: dict) -> None
 
 
 def load_splits(cache_dir: str | os.PathLike) -> DatasetDict:
-    """The ``DatasetDict`` saved by :func:`build_splits` in ``cache_dir``."""
-    return load_from_disk(str(cache_dir))
+    """The ``DatasetDict`` saved by :func:`build_splits` in ``cache_dir``.
+
+    An empty split (``heldout_fraction=0``) is saved by ``datasets`` with no data shards,
+    which ``load_from_disk`` cannot read back; it is rebuilt here, empty, from its saved
+    features.
+    """
+    cache_dir = pathlib.Path(cache_dir)
+    names = json.loads((cache_dir / "dataset_dict.json").read_text())["splits"]
+    return DatasetDict({name: _load_split(cache_dir / name) for name in names})
+
+
+def _load_split(path: pathlib.Path) -> Dataset:
+    if json.loads((path / "state.json").read_text()).get("_data_files"):
+        return load_from_disk(str(path))
+    features = DatasetInfo.from_directory(str(path)).features
+    return Dataset.from_dict({name: [] for name in features}, features=features)
 
 
 def as_arrays(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
