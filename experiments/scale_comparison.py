@@ -74,7 +74,7 @@ FULL = ExperimentConfig(
     runs=(("tiny", 0), ("mini", 0), ("small", 0), ("medium", 0), ("tiny", 1), ("mini", 1), ("small", 1), ("medium", 1),
           ("large", 0)),
     # ~8 passes over the 4,231 training sequences (1,049 steps of 32 x 128 tokens) at every
-    # scale: the most this shared 2-core CPU affords for the five scales and three extra seeds
+    # scale: the most this shared 2-core CPU affords for the five scales and four extra seeds
     # in about two hours. At 2.4M tokens (4.4 passes) no scale had memorised anything.
     tokens={"tiny": 4_300_000, "mini": 4_300_000, "small": 4_300_000, "medium": 4_300_000, "large": 4_300_000},
     vocab_size=2048,
