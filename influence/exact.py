@@ -88,18 +88,36 @@ def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def per_example_gradients(model, task, data, *, layers: LayerFilter = None, measurement: bool = False) -> np.ndarray:
-    """Exact gradients ``[N, P]`` of each example's loss (or measurement) by ``jax.grad``."""
+def per_example_gradient_batches(model, task, data, *, layers: LayerFilter = None, measurement: bool = False,
+                                 batch_size: int = 32):
+    """Exact gradients of each example's loss (or measurement) by ``jax.grad``, float64
+    ``[B, P]`` one batch at a time, so the ``[N, P]`` matrix is never held.
+
+    The tracked weights and the model state are arguments of the jitted function, not
+    constants closed over: XLA would otherwise spend minutes folding them for a model with
+    a large vocabulary.
+    """
     tracked = track(model, layers)
     theta = flatten(tracked, layer_weights(tracked))
     fn = task.measurement if measurement else task.loss
 
-    def grad_one(state, theta, example):
-        batch = {k: v[None] for k, v in example.items()}
-        return jax.grad(lambda th: fn(model_at(tracked, th, state), batch)[0])(theta)
+    @jax.jit
+    def grads(state, theta, batch):
+        def one(example):
+            single = {k: v[None] for k, v in example.items()}
+            return jax.grad(lambda th: fn(model_at(tracked, th, state), single)[0])(theta)
 
-    grads = jax.jit(jax.vmap(grad_one, in_axes=(None, None, 0)))
-    return np.asarray(grads(tracked.state, theta, _stack(_examples(data, task))), np.float64)
+        return jax.vmap(one)(batch)
+
+    for b in as_source(data, batch_size, task):
+        yield np.asarray(grads(tracked.state, theta, b.arrays), np.float64)[: b.n_valid]
+
+
+def per_example_gradients(model, task, data, *, layers: LayerFilter = None, measurement: bool = False,
+                          batch_size: int = 32) -> np.ndarray:
+    """Exact gradients ``[N, P]`` of each example's loss (or measurement) by ``jax.grad``."""
+    return np.concatenate(list(per_example_gradient_batches(model, task, data, layers=layers,
+                                                            measurement=measurement, batch_size=batch_size)))
 
 
 def gauss_newton(model, task, data, *, layers: LayerFilter = None) -> np.ndarray:

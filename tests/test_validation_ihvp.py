@@ -2,15 +2,16 @@
 
 import numpy as np
 import pytest
+from flax import nnx
 
 import influence as inf
 from influence import tasks
 from influence.capture import track
 from influence.examples import trained_lm, trained_mlp
-from influence.exact import flatten, gauss_newton
+from influence.exact import flatten, gauss_newton, per_example_gradient_batches
 from influence.scores import query_gradients
 from influence.validation.ihvp import (conjugate_gradient, cosine, curvature_preconditioner, damping_vector,
-                                       flat_gradients, gauss_newton_product)
+                                       gauss_newton_product)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,19 @@ def test_preconditioner_is_what_query_gradients_apply(lm):
     assert cosine(ours, ours) == pytest.approx(np.ones(len(ours)))
 
 
-def test_flat_gradients_are_the_exact_per_example_gradients(mlp):
-    model, task, data, queries = mlp
-    ours = np.concatenate(list(flat_gradients(model, task, queries, measurement=True, batch_size=5)))
-    np.testing.assert_allclose(ours, inf.exact.per_example_gradients(model, task, queries, measurement=True),
-                               rtol=1e-5, atol=1e-6)
+def test_streamed_per_example_gradients_equal_nnx_grad_in_the_flat_layout(mlp):
+    """Batches of 5 (the last one padded) of ``exact.per_example_gradient_batches`` against
+    ``nnx.grad`` of one example's measurement, laid out by hand: per tracked layer its
+    kernel rows, then its bias row, row-major."""
+    model, task, _, queries = mlp
+    n = len(queries["y"])
+    batches = list(per_example_gradient_batches(model, task, queries, measurement=True, batch_size=5))
+    assert [len(b) for b in batches] == [min(5, n - lo) for lo in range(0, n, 5)]
+    ours = np.concatenate(batches)
+    for i in (0, 6, n - 1):
+        example = {k: v[i:i + 1] for k, v in queries.items()}
+        grads = nnx.to_flat_state(nnx.grad(lambda m: task.measurement(m, example)[0])(model))
+        leaves = {".".join(map(str, path)): np.asarray(v[...]) for path, v in grads}
+        expected = np.concatenate([np.concatenate([leaves[f"{info.name}.kernel"], leaves[f"{info.name}.bias"][None]]).ravel()
+                                   for info in track(model).layers])
+        np.testing.assert_allclose(ours[i], expected, rtol=1e-5, atol=1e-6)

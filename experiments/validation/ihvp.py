@@ -33,9 +33,9 @@ from scipy.stats import pearsonr, spearmanr
 import influence as inf
 from experiments.validation import settings as settings_mod
 from influence.capture import track
-from influence.exact import layer_slices
+from influence.exact import layer_slices, per_example_gradient_batches, per_example_gradients
 from influence.validation.ihvp import (conjugate_gradient, cosine, curvature_preconditioner, damping_vector,
-                                       flat_gradients, gauss_newton_product)
+                                       gauss_newton_product)
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 
@@ -46,7 +46,7 @@ def _subset(data: dict, n: int) -> dict:
 
 def training_scores(model, task, train: dict, vectors: np.ndarray, layers) -> np.ndarray:
     """``vectors [R, P] @ ∇L_n`` for every training example: ``[R, N]``."""
-    grads = flat_gradients(model, task, train, layers=layers, batch_size=64)
+    grads = per_example_gradient_batches(model, task, train, layers=layers, batch_size=64)
     return np.concatenate([vectors @ g.T for g in grads], axis=1)
 
 
@@ -60,7 +60,7 @@ def run(setting, n_queries=8, fit_examples=64, damping_scale=1.0, layers="blocks
     ekfac = fits["ekfac"]
     dampings = {name: damping_scale * ekfac.damping(name) for name in ekfac.layer_names}
     d = damping_vector(model, dampings, layers)
-    raw = np.concatenate(list(flat_gradients(model, task, queries, layers=layers, measurement=True)))  # [Q, P]
+    raw = per_example_gradients(model, task, queries, layers=layers, measurement=True)  # [Q, P]
     product = gauss_newton_product(model, task, fit, layers=layers, batch_size=setting.batch_size)
     matvec = lambda v: product(v) + d * v  # noqa: E731
     t0 = time.perf_counter()

@@ -86,26 +86,6 @@ def gauss_newton_product(model: Any, task: Any, data: Any, *, layers: LayerFilte
     return product
 
 
-def flat_gradients(model: Any, task: Any, data: Any, *, layers: LayerFilter = None, measurement: bool = False,
-                   batch_size: int = 32):
-    """Per-example gradients ``[B, P]`` (flat layout of :mod:`influence.exact`) of the loss
-    (or the measurement), yielded one batch at a time by ``jax.grad`` per example, so the
-    ``[N, P]`` matrix is never held."""
-    tracked, theta, at = _functional(model, layers)
-    fn = task.measurement if measurement else task.loss
-
-    @jax.jit
-    def grads(theta, state, batch):
-        def one(example):
-            single = {k: v[None] for k, v in example.items()}
-            return jax.grad(lambda th: fn(at(th, state), single)[0])(theta)
-
-        return jax.vmap(one)(batch)
-
-    for b in as_source(data, batch_size, task):
-        yield np.asarray(grads(theta, tracked.state, b.arrays), np.float64)[: b.n_valid]
-
-
 class CGResult(NamedTuple):
     """``x [R, P]``; ``residual [R]``: ‖A x − b‖ / ‖b‖ recomputed at the end; ``iterations``."""
 
