@@ -17,13 +17,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import influence as inf
 from influence import io
-from influence.lm import Document, TrainConfig, Trainer, token_losses
+from influence.lm import Document, TrainConfig, Trainer, sequence_losses
 from influence.lm.sequences import as_arrays
 from influence.query.engine import encode_queries
 
@@ -67,24 +65,6 @@ def train(run_dir: Path, cfg: TrainConfig, documents: Sequence[Document], log: L
     return json.loads((run_dir / "run.json").read_text())
 
 
-@nnx.jit
-def _summed_losses(model, ids, mask):
-    return token_losses(model, ids, mask).sum(axis=1)
-
-
-def _sequence_losses(model, ids: np.ndarray, mask: np.ndarray, batch: int = 32) -> np.ndarray:
-    """Summed next-token loss (nats) of each sequence, float ``[N]``; batches are padded
-    to one shape so the function compiles once."""
-    out = []
-    for s in range(0, len(ids), batch):
-        i, k = ids[s:s + batch], mask[s:s + batch]
-        pad = batch - len(i)
-        if pad:
-            i, k = np.pad(i, ((0, pad), (0, 0))), np.pad(k, ((0, pad), (0, 0)))
-        out.append(np.asarray(_summed_losses(model, jnp.asarray(i), jnp.asarray(k)))[: batch - pad])
-    return np.concatenate(out) if out else np.zeros(0)
-
-
 def evaluate(run_dir: Path, run, specs: Sequence[QuerySpec], log: Log) -> dict:
     """Held-out loss (nats per target token) per source of the run's held-out split (plays
     and Bible chapters, by language, that the model never trained on) and each query's
@@ -97,7 +77,7 @@ def evaluate(run_dir: Path, run, specs: Sequence[QuerySpec], log: Log) -> dict:
             return cached
     t0 = time.perf_counter()
     ids, mask = as_arrays(run.heldout)
-    losses = _sequence_losses(run.model, ids, mask)
+    losses = sequence_losses(run.model, ids, mask)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     for src, genre, loss, m in zip(run.heldout["source"], run.heldout["genre"], losses, mask):
@@ -105,7 +85,7 @@ def evaluate(run_dir: Path, run, specs: Sequence[QuerySpec], log: Log) -> dict:
         sums[key] = sums.get(key, 0.0) + float(loss)
         counts[key] = counts.get(key, 0) + int(m.sum())
     batch = encode_queries([s.query for s in specs], run.tokenizer, run.config.context_length)
-    q_losses = _sequence_losses(run.model, batch["input_ids"], batch["loss_mask"])
+    q_losses = sequence_losses(run.model, batch["input_ids"], batch["loss_mask"])
     result = {"queries_fingerprint": fingerprint,
               "heldout_loss": {k: sums[k] / counts[k] for k in sums}, "heldout_tokens": counts,
               "query_loss": {s.id: float(v) for s, v in zip(specs, q_losses)},

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from influence.lm import LADDER, GPTConfig, get_scale, init_model, parameter_counts, token_losses
+from influence.lm import LADDER, GPTConfig, get_scale, init_model, parameter_counts, sequence_losses, token_losses
 
 CFG = GPTConfig(vocab_size=50, context_length=16, d_model=32, n_layers=2, n_heads=4)
 forward = nnx.jit(lambda model, ids: model(ids))  # one compiled call beats op-by-op dispatch
@@ -60,6 +60,18 @@ def test_token_losses_follow_the_mask():
     logp = jax.nn.log_softmax(model(ids)[0], -1)
     assert losses.shape == (1, 16) and losses[0, 0] == 0 and (losses[0, 12:] == 0).all()
     np.testing.assert_allclose(losses[0, 5], -logp[4, ids[0, 5]], rtol=1e-5)
+
+
+def test_sequence_losses_sum_each_sequence_across_padded_batches():
+    model = init_model(CFG)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 50, size=(7, 16)).astype(np.int32)
+    mask = (rng.random((7, 16)) < 0.7).astype(np.int32)
+    expected = np.asarray(token_losses(model, jnp.asarray(ids), jnp.asarray(mask))).sum(axis=1)
+    got = sequence_losses(model, ids, mask, batch_size=3)  # batches of 3, 3 and a padded 1
+    assert got.shape == (7,) and got.dtype == np.float64
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert sequence_losses(model, ids[:0], mask[:0]).shape == (0,)
 
 
 def test_ladder_spans_thirtyfold_in_non_embedding_parameters():

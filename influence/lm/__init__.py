@@ -13,14 +13,15 @@ Typical use::
 from .corpus import (Document, MissingCorpusError, bible_documents, dataset_documents, file_documents,
                      fortune_documents, load_corpus, shakespeare_documents)
 from .generate import generate
-from .model import GPT, LADDER, GPTConfig, Scale, get_scale, init_model, mean_loss, parameter_counts, token_losses
+from .model import (GPT, LADDER, GPTConfig, Scale, get_scale, init_model, mean_loss, parameter_counts,
+                    sequence_losses, token_losses)
 from .run import Run, load_run
 from .sequences import as_arrays, build_sequences, build_splits, describe, documents_dataset
 from .tokenizer import Tokenizer, token_display_spans, train_tokenizer
 from .train import TrainConfig, Trainer, train
 
 __all__ = [
-    "GPT", "GPTConfig", "LADDER", "Scale", "get_scale", "init_model", "parameter_counts", "token_losses",
+    "GPT", "GPTConfig", "LADDER", "Scale", "get_scale", "init_model", "parameter_counts", "sequence_losses", "token_losses",
     "mean_loss", "Document", "MissingCorpusError", "load_corpus", "shakespeare_documents", "file_documents",
     "dataset_documents", "fortune_documents", "bible_documents", "Tokenizer", "train_tokenizer",
     "token_display_spans", "documents_dataset", "describe", "build_sequences", "build_splits", "as_arrays",

@@ -17,6 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -205,3 +206,23 @@ def mean_loss(model: GPT, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Arr
     """Mean cross-entropy (nats per target token) over masked tokens; a scalar."""
     total = token_losses(model, input_ids, loss_mask).sum()
     return total / jnp.maximum(loss_mask[:, 1:].sum(), 1).astype(total.dtype)
+
+
+@nnx.jit
+def _summed_token_losses(model: GPT, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    return token_losses(model, input_ids, loss_mask).sum(axis=1)
+
+
+def sequence_losses(model: GPT, input_ids: np.ndarray, loss_mask: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Summed next-token loss (nats) of each sequence, float64 ``[N]``, for int
+    ``[N, T]`` inputs held on the host. The last batch is padded to ``batch_size`` so the
+    jitted function compiles once per shape."""
+    out = []
+    for lo in range(0, len(input_ids), batch_size):
+        ids, mask = input_ids[lo:lo + batch_size], loss_mask[lo:lo + batch_size]
+        n = len(ids)
+        if n < batch_size:
+            pad = ((0, batch_size - n), (0, 0))
+            ids, mask = np.pad(ids, pad), np.pad(mask, pad)
+        out.append(np.asarray(_summed_token_losses(model, jnp.asarray(ids), jnp.asarray(mask)), np.float64)[:n])
+    return np.concatenate(out) if out else np.zeros(0)

@@ -36,7 +36,7 @@ from flax import nnx
 
 from . import checkpoint as ckpt
 from .corpus import Document, load_corpus
-from .model import GPT, GPTConfig, get_scale, init_model, mean_loss, parameter_counts, token_losses
+from .model import GPT, GPTConfig, get_scale, init_model, mean_loss, parameter_counts, sequence_losses
 from .sequences import SPLIT_KEYS, as_arrays, build_splits, heldout_groups, load_splits
 from .tokenizer import Tokenizer, train_tokenizer
 
@@ -218,12 +218,6 @@ class Trainer:
         self._train_step = make_train_step(graphdef, self.tx)
         self._loss = jax.jit(lambda params, rest, ids, mask: mean_loss(nnx.merge(graphdef, params, rest), ids, mask))
 
-        @jax.jit
-        def eval_sums(params, rest, ids, mask):
-            return token_losses(nnx.merge(graphdef, params, rest), ids, mask).sum(), mask[:, 1:].sum()
-
-        self._eval_sums = eval_sums
-
     def _resume(self) -> None:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         if latest is None:
@@ -280,16 +274,8 @@ class Trainer:
 
     def evaluate(self, batch_size: int = 64) -> float:
         """Mean held-out loss in nats per target token (all held-out sequences)."""
-        total, count = 0.0, 0
-        n = len(self.held_ids)
-        for start in range(0, n, batch_size):
-            ids, mask = self.held_ids[start:start + batch_size], self.held_mask[start:start + batch_size]
-            if len(ids) < batch_size:  # pad to a fixed shape so the jitted function compiles once
-                pad = batch_size - len(ids)
-                ids, mask = np.pad(ids, ((0, pad), (0, 0))), np.pad(mask, ((0, pad), (0, 0)))
-            s, c = self._eval_sums(self.params, self.rest, ids, mask)
-            total, count = total + float(s), count + int(c)
-        return total / max(count, 1)
+        total = sequence_losses(self.model, self.held_ids, self.held_mask, batch_size).sum()
+        return float(total / max(int(self.held_mask[:, 1:].sum()), 1))
 
     def save(self) -> pathlib.Path:
         """Checkpoint the current step, then drop rolling checkpoints no longer needed."""
