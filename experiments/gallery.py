@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from influence import io
-from influence.query.bm25 import words
+from influence.query.bm25 import WORD_RE, words
 
 from .tables import run_label
 
@@ -28,20 +28,12 @@ th{background:#f5f5f5;font-size:.85rem} h2{font-size:1.05rem;margin:1.4rem 0 .3r
 
 
 def _marked(text: str, shared: set[str], limit: int) -> str:
-    """``text`` (cut to ``limit`` characters) escaped, with words in ``shared`` in bold."""
+    """``text`` (cut to ``limit`` characters) escaped, with words in ``shared`` in bold;
+    words are split as BM25 splits them, so the bold words are the ones it matched."""
     text = text[:limit] + ("…" if len(text) > limit else "")
-    out, word = [], ""
-    for ch in text + "\0":
-        if ch.isalnum() or ch == "_":
-            word += ch
-            continue
-        if word:
-            esc = html.escape(word)
-            out.append(f"<b>{esc}</b>" if word.lower() in shared else esc)
-            word = ""
-        if ch != "\0":
-            out.append(html.escape(ch))
-    return "".join(out)
+    pieces = WORD_RE.split(text)  # capturing split: odd entries are the words
+    return "".join(f"<b>{html.escape(p)}</b>" if i % 2 and p.lower() in shared else html.escape(p)
+                   for i, p in enumerate(pieces))
 
 
 def write_gallery(path: str | Path, queries: Sequence, runs: Sequence[dict], tops: dict, *, per_cell: int = 3,

@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-_WORD = re.compile(r"\w+", re.UNICODE)
+WORD_RE = re.compile(r"(\w+)", re.UNICODE)  # one group, so WORD_RE.split keeps the words
 
 
 def words(text: str) -> list[str]:
     """Lower-cased word tokens (letters, digits and underscore runs)."""
-    return _WORD.findall(text.lower())
+    return WORD_RE.findall(text.lower())
 
 
 class BM25:
