@@ -16,9 +16,9 @@ import numpy as np
 import influence as inf
 from benchmarks.exact_agreement import agreement
 from influence import tasks
-from influence.capture import track
-from influence.examples import trained_lm, trained_mlp
-from influence.exact import exact_scores, gauss_newton, layer_slices
+from influence.capture.tracking import track
+from influence.testing import trained_lm, trained_mlp
+from influence.reference.exact import exact_scores, gauss_newton, layer_slices
 
 
 def main() -> None:

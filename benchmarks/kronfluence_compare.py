@@ -31,7 +31,7 @@ from scipy.stats import pearsonr, spearmanr
 
 import influence as inf
 from benchmarks.speed import _timed, setup
-from influence.examples import train as train_model
+from influence.testing import train as train_model
 
 SIDE = Path(__file__).with_name("kronfluence_side.py")
 CONFIGS = (("ekfac", "empirical", None), ("ekfac", "empirical", 1e-3), ("kfac", "empirical", None),

@@ -33,7 +33,7 @@ def child(model_name: str, n: int, stage: str, batch_size: int) -> None:
     """Run one stage and print ``peak_rss_mb`` (and the tracked parameter count)."""
     import influence as inf
     from benchmarks.speed import forward_backward, setup
-    from influence.capture import track
+    from influence.capture.tracking import track
 
     model, task, train, queries, _ = setup(model_name, n)
     forward_backward(model, task, train, batch_size)()

@@ -24,8 +24,8 @@ from scipy.stats import pearsonr, spearmanr
 
 import influence as inf
 from benchmarks.speed import forward_backward, timed
-from influence.commands.common import factors_dir
-from influence.query import rank_training
+from influence.cli.common import factors_dir
+from influence.scoring.ranking import rank_training
 
 
 def held_out_queries(run, n: int, prompt: int, completion: int) -> dict[str, np.ndarray]:

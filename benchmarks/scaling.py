@@ -57,7 +57,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import influence as inf  # noqa: E402
-from influence.examples import TinyLM, lm_sequences  # noqa: E402
+from influence.testing import TinyLM, lm_sequences  # noqa: E402
 
 MIB = 2**20
 

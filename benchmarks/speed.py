@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 
 import influence as inf
-from influence.data import as_source
-from influence.examples import TinyLM, digits, lm_sequences
+from influence.runtime.data import as_source
+from influence.testing import TinyLM, digits, lm_sequences
 
 
 def timed(fn, repeats=3):

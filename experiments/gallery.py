@@ -9,7 +9,7 @@ import html
 from collections.abc import Sequence
 from pathlib import Path
 
-from influence import io
+from influence.runtime import io
 from influence.query.bm25 import WORD_RE, words
 
 from .tables import run_label

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 import influence as inf
-from influence import io
+from influence.runtime import io
 from influence.lm import Document, TrainConfig, Trainer, sequence_losses
 from influence.lm.sequences import as_arrays
 from influence.query.engine import encode_queries

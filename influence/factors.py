@@ -28,13 +28,13 @@ import scipy.linalg
 import threadpoolctl
 from flax import nnx
 
-from influence import io
-from influence.capture import LayerFilter, LayerInfo, TrackedModel, track
-from influence.checkpoint import Checkpoint, digest_arrays
+from influence.runtime import io
+from influence.capture.tracking import LayerFilter, LayerInfo, TrackedModel, track
+from influence.runtime.checkpoint import Checkpoint, digest_arrays
 from influence.curvature import STRATEGIES, LayerCurvature, default_damping
 from influence.curvature import blocks as blocks_
 from influence.curvature.layer import arrays_of
-from influence.data import DataError, as_source
+from influence.runtime.data import DataError, as_source
 from influence.fitting import (
     COVARIANCE_PASS,
     EIGENVALUE_PASS,
@@ -42,7 +42,7 @@ from influence.fitting import (
     eigenvalue_zeros,
     run_pass,
 )
-from influence.parallel import MeshLike, data_mesh, describe, local_batch_size, reduce_slots, replicate, to_host
+from influence.runtime.mesh import MeshLike, data_mesh, describe, local_batch_size, reduce_slots, replicate, to_host
 
 FISHER_KINDS = ("sampled", "empirical", "exact")
 _FILE_KIND = "influence-factors"
@@ -258,7 +258,7 @@ def fit_factors(
       task: an :class:`influence.Task` (e.g. ``tasks.Classification()``).
       data: training data: a dict of arrays, a ``datasets.Dataset``, a list of dict
         batches, or a callable returning an iterable of dict batches. With several
-        processes, each passes its own shard (see :mod:`influence.hosts`).
+        processes, each passes its own shard (see :mod:`influence.runtime.hosts`).
       strategy: ``"identity"``, ``"diagonal"``, ``"kfac"`` or ``"ekfac"``.
       fisher: ``"sampled"`` (targets drawn from the model: the true Fisher, which
         equals the Gauss-Newton matrix for the built-in losses), ``"empirical"`` (the
@@ -282,7 +282,7 @@ def fit_factors(
       checkpoint_dir: save the running sums there every ``checkpoint_every`` batches
         and on interruption, and resume from them (``resume=True``) when the same call
         is made again. Different data, model or settings are refused
-        (:class:`influence.checkpoint.CheckpointMismatch`); ``resume=False`` starts afresh.
+        (:class:`influence.runtime.checkpoint.CheckpointMismatch`); ``resume=False`` starts afresh.
 
     Returns:
       :class:`Factors`; ``Q_A [d_a, d_a]``, ``Q_S [d_out, d_out]`` (tuples of diagonal

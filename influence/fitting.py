@@ -3,8 +3,8 @@
 Each pass runs one jitted step per batch. The step captures the tracked layers' inputs
 and output gradients on the global batch (partitioned by ``jit`` over the mesh's data
 axis), then each device adds the sums over *its* rows to its own slot of a
-``[n_data, ...]`` accumulator (:func:`influence.parallel.local`). The slots are added
-once, when the pass ends (:func:`influence.parallel.reduce_slots`), before the
+``[n_data, ...]`` accumulator (:func:`influence.runtime.mesh.local`). The slots are added
+once, when the pass ends (:func:`influence.runtime.mesh.reduce_slots`), before the
 eigendecompositions. With a checkpoint, the slots, counts and data position are saved
 every few batches, and a pass restarts from its last snapshot.
 """
@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from influence.checkpoint import Checkpoint, CheckpointMismatch
+from influence.runtime.checkpoint import Checkpoint, CheckpointMismatch
 from influence.curvature.accumulate import covariance_sums, eigenvalue_sums
 from influence.curvature.blocks import LayerBlocks, covariance_block_sums
-from influence.data import DataSource
-from influence.gradients import layer_gradients, token_weights
-from influence.parallel import (
+from influence.runtime.data import DataSource
+from influence.capture.objectives import layer_gradients, token_weights
+from influence.runtime.mesh import (
     DATA,
     all_processes_sum,
     local,
@@ -38,7 +38,7 @@ from influence.parallel import (
     to_host,
     zeros_per_device,
 )
-from influence.stream import BatchStream, drive
+from influence.runtime.stream import BatchStream, drive
 
 _STATIC = ("graphdef", "layers", "task", "fisher", "mesh", "blocks")
 COVARIANCE_PASS, EIGENVALUE_PASS = 0, 1

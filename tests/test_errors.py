@@ -7,8 +7,8 @@ from flax import nnx
 
 import influence as inf
 from influence import tasks
-from influence.data import DataError
-from influence.examples import trained_lm, trained_mlp
+from influence.runtime.data import DataError
+from influence.testing import trained_lm, trained_mlp
 
 
 def test_unknown_strategy_and_fisher():

@@ -32,9 +32,9 @@ from scipy.stats import pearsonr, spearmanr
 
 import influence as inf
 from experiments.validation import settings as settings_mod
-from influence.capture import track
-from influence.exact import layer_slices, per_example_gradient_batches, per_example_gradients
-from influence.validation.ihvp import (conjugate_gradient, cosine, curvature_preconditioner, damping_vector,
+from influence.capture.tracking import track
+from influence.reference.exact import layer_slices, per_example_gradient_batches, per_example_gradients
+from influence.reference.ihvp import (conjugate_gradient, cosine, curvature_preconditioner, damping_vector,
                                        gauss_newton_product)
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")

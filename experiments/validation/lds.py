@@ -28,7 +28,7 @@ from scipy.stats import spearmanr
 
 import influence as inf
 from experiments.validation import settings as settings_mod
-from influence.validation.lds import MeasurementCache, lds, retrained_measurements, sample_subsets
+from influence.reference.lds import MeasurementCache, lds, retrained_measurements, sample_subsets
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 

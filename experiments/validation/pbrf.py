@@ -4,7 +4,7 @@ response, for a few hundred training examples of a small MLP.
   python -m experiments.validation.pbrf                       # 256 examples, 32 queries
 
 For each upweighted example m the PBRF is optimised from the final weights
-(:func:`influence.validation.pbrf.pbrf`, float64, converged to a relative gradient of
+(:func:`influence.reference.pbrf.pbrf`, float64, converged to a relative gradient of
 1e-6); its effect on a query is ``−Δm_q / ε``, which every strategy's score predicts at
 the same absolute damping λ. Reported per strategy: Pearson (and Spearman) over the
 examples, averaged over queries. "exact" is exact influence with the full damped
@@ -27,9 +27,9 @@ from scipy.stats import pearsonr, spearmanr
 import influence as inf
 from experiments.validation.settings import RUNS, mlp_setting
 from influence import tasks
-from influence.examples import digits
-from influence.exact import exact_scores
-from influence.validation.pbrf import measurement_changes, pbrf
+from influence.testing import digits
+from influence.reference.exact import exact_scores
+from influence.reference.pbrf import measurement_changes, pbrf
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 

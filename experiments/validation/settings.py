@@ -4,7 +4,7 @@ Each :class:`Setting` holds the model trained on the full training set (seed 0),
 whose loss it was trained on, the query measurements to validate against, and a
 ``retrain(masks, seeds)`` function that trains one model per (subset, seed) with *the same
 recipe* and returns every query measurement. ``key`` names everything that determines a
-retrained measurement (the cache key of :class:`influence.validation.MeasurementCache`).
+retrained measurement (the cache key of :class:`influence.reference.MeasurementCache`).
 
 Settings:
   * ``digits``: tanh MLP 64-64-64-10 on scikit-learn's bundled digits, full-batch Adam;
@@ -34,8 +34,8 @@ from flax import nnx
 from sklearn.datasets import load_diabetes
 
 from influence import tasks
-from influence.examples import digits
-from influence.validation.training import evaluate_many, fit_many, model_from, stack_models, weighted_mean_loss
+from influence.testing import digits
+from influence.reference.training import evaluate_many, fit_many, model_from, stack_models, weighted_mean_loss
 
 RUNS = Path("runs/validation")
 

@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
+from influence.errors import MissingCorpusError
 
 FORTUNES_DIR = pathlib.Path("/usr/share/games/fortunes")
 FORTUNES_APT = "apt-get install fortunes"
@@ -34,8 +35,6 @@ BIBLE_APT = "apt-get install diatheke sword-text-kjv sword-text-sparv"
 BIBLE_MODULES = {"en": ("kjv", "engKJV2006eb"), "es": ("sparv", "spaRV1909eb")}
 
 
-class MissingCorpusError(RuntimeError):
-    """An optional corpus whose Debian package is not installed."""
 
 
 @dataclasses.dataclass

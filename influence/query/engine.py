@@ -22,10 +22,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from influence import io
+from influence.runtime import io
 from influence.factors import Factors
 from influence.query.bm25 import BM25
-from influence.query.ranking import Ranking, attribute, rank_training
+from influence.scoring.ranking import Ranking, attribute, rank_training
 from influence.tasks import CausalLM
 
 CONCENTRATION_THRESHOLD = 2.0 / 3.0

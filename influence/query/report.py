@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from influence import io
+from influence.runtime import io
 from influence.query.engine import QueryResult, TrainingInfluence
 
 _OPEN_SECTIONS = 10  # later queries start collapsed, so long reports stay navigable

@@ -1,1 +1,0 @@
-"""Sub-commands of the ``influence`` command line that work on trained runs."""

@@ -1,0 +1,42 @@
+"""Every exception the library raises on purpose, in one place.
+
+Each is a ``ValueError`` (they all report input the library cannot use), and all share
+the base :class:`InfluenceError`, so ``except inf.InfluenceError`` catches any of them::
+
+    InfluenceError
+    ├── TrackingError       the model's layers cannot be tracked or captured
+    ├── DataError           data that cannot be batched (empty, ragged, wrong type)
+    ├── FileFormatError     a missing, truncated, corrupt or foreign file
+    ├── CheckpointMismatch  a checkpoint of another run (other data or settings)
+    └── MissingCorpusError  a text corpus whose package is not installed (influence.lm)
+
+Numerical failures (NaN/Inf in a loss or in factors) raise the built-in
+``FloatingPointError``.
+"""
+
+from __future__ import annotations
+
+
+class InfluenceError(ValueError):
+    """Base of the library's own errors."""
+
+
+class TrackingError(InfluenceError):
+    """The model's use of its tracked layers cannot be captured (e.g. a shared layer, or no
+    layer matches ``layers=``)."""
+
+
+class DataError(InfluenceError):
+    """The data cannot be batched: empty, ragged, or of a type the library cannot read."""
+
+
+class FileFormatError(InfluenceError):
+    """A file is missing, truncated, corrupt, or not the kind of file expected."""
+
+
+class CheckpointMismatch(InfluenceError):
+    """A checkpoint exists but belongs to another run (settings or data differ)."""
+
+
+class MissingCorpusError(InfluenceError, RuntimeError):
+    """A corpus needs a package that is not installed; the message gives the install line."""

@@ -1,0 +1,220 @@
+"""Batching of user data into fixed-size, padded batches of numeric arrays.
+
+Accepted inputs (see :func:`as_source`):
+  * a dict of arrays holding the whole set (leading axis = examples);
+  * a ``datasets.Dataset`` (numeric columns are used; strings such as metadata are
+    ignored);
+  * a list/tuple (or any re-iterable) of dict batches of any sizes, re-batched here;
+  * a zero-argument callable returning a fresh iterable of dict batches (for data
+    that is streamed from disk and must be read more than once);
+  * a one-shot iterator of dict batches, accepted where a single pass is enough.
+
+Every batch has exactly ``batch_size`` rows, so jitted functions compile once; the
+last batch is padded with zeros and :class:`Batch.n_valid` says how many rows are
+real. Memory never holds more than about two batches of the input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+from influence.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """A padded batch: ``arrays[k]`` has leading size ``batch_size``; rows at and after
+    ``n_valid`` are padding. ``start`` is the index of the first row in the data set."""
+
+    arrays: dict[str, np.ndarray]
+    n_valid: int
+    start: int
+
+    @property
+    def example_mask(self) -> np.ndarray:
+        size = len(next(iter(self.arrays.values())))
+        return (np.arange(size) < self.n_valid).astype(np.float32)
+
+
+
+
+def _numeric(value: Any) -> bool:
+    arr = np.asarray(value) if not isinstance(value, np.ndarray) else value
+    return arr.dtype.kind in "biuf"
+
+
+def _select(arrays: Mapping[str, Any], fields: tuple[str, ...], optional: tuple[str, ...], where: str) -> dict[str, np.ndarray]:
+    if fields:
+        missing = [f for f in fields if f not in arrays]
+        if missing:
+            raise DataError(f"{where}: missing field(s) {missing}; available: {sorted(arrays)}")
+        keys = list(fields) + [f for f in optional if f in arrays]
+    else:
+        keys = [k for k, v in arrays.items() if _numeric(v)]
+    out = {}
+    for k in keys:
+        arr = np.asarray(arrays[k])
+        if arr.dtype == object or not _numeric(arr):
+            raise DataError(f"{where}: field {k!r} is not a numeric array (dtype {arr.dtype}); pad ragged sequences first")
+        out[k] = arr
+    if not out:
+        raise DataError(f"{where}: no numeric field to use")
+    return out
+
+
+def _num_rows(arrays: dict[str, np.ndarray], where: str) -> int:
+    sizes = {k: (v.shape[0] if v.ndim else None) for k, v in arrays.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise DataError(f"{where}: fields have different numbers of rows: {sizes}")
+    return next(iter(sizes.values()))
+
+
+class DataSource:
+    """A re-iterable stream of fixed-size padded :class:`Batch` es over a data set."""
+
+    def __init__(self, data: Any, batch_size: int, fields: tuple[str, ...] = (), optional_fields: tuple[str, ...] = ()):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.fields = tuple(fields)
+        self.optional_fields = tuple(optional_fields)
+        self._data = data
+        self._consumed = False
+        self.num_examples: int | None = None
+        if isinstance(data, Mapping):
+            arrays = _select(data, self.fields, self.optional_fields, "data")
+            self.num_examples = _num_rows(arrays, "data")
+            self._kind, self._arrays = "dict", arrays
+        elif _is_hf_dataset(data):
+            self.num_examples = len(data)
+            self._kind = "dataset"
+        elif callable(data):
+            self._kind = "callable"
+        elif isinstance(data, Iterable):
+            self._kind = "iterator" if iter(data) is data else "iterable"
+            if isinstance(data, (list, tuple)) and all(isinstance(b, Mapping) for b in data):
+                self.num_examples = sum(_num_rows(_select(b, self.fields, self.optional_fields, f"batch {i}"), f"batch {i}") for i, b in enumerate(data))
+        else:
+            raise DataError(
+                f"cannot read data of type {type(data).__name__}: pass a dict of arrays, a datasets.Dataset, "
+                "a list of dict batches, or a callable returning an iterable of dict batches"
+            )
+        if self.num_examples == 0:
+            raise DataError("the data set is empty")
+
+    @property
+    def num_batches(self) -> int | None:
+        return None if self.num_examples is None else math.ceil(self.num_examples / self.batch_size)
+
+    @property
+    def single_pass(self) -> bool:
+        return self._kind == "iterator"
+
+    def _raw_chunks(self) -> Iterator[dict[str, np.ndarray]]:
+        bs = self.batch_size
+        if self._kind == "dict":
+            for lo in range(0, self.num_examples, bs):
+                yield {k: v[lo : lo + bs] for k, v in self._arrays.items()}
+            return
+        if self._kind == "dataset":
+            ds = self._data
+            columns = list(self.fields) + [c for c in self.optional_fields if c in ds.column_names]
+            if not self.fields:
+                columns = list(ds.column_names)
+            missing = [c for c in columns if c not in ds.column_names]
+            if missing:
+                raise DataError(f"dataset: missing column(s) {missing}; available: {ds.column_names}")
+            ds = ds.select_columns(columns).with_format("numpy")
+            for lo in range(0, len(ds), bs):
+                yield _select(ds[lo : lo + bs], self.fields, self.optional_fields, f"dataset rows {lo}:{lo + bs}")
+            return
+        if self._kind == "iterator":
+            if self._consumed:
+                raise DataError(
+                    "this data is a one-shot iterator and was already consumed; this operation reads the data "
+                    "more than once: pass a list, a datasets.Dataset, or a callable returning a fresh iterator"
+                )
+            self._consumed = True
+            source = self._data
+        else:
+            source = self._data() if self._kind == "callable" else self._data
+        for i, chunk in enumerate(source):
+            if not isinstance(chunk, Mapping):
+                raise DataError(f"batch {i} is a {type(chunk).__name__}, expected a dict of arrays")
+            yield _select(chunk, self.fields, self.optional_fields, f"batch {i}")
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Yield batches of exactly ``batch_size`` rows (the last one zero-padded)."""
+        bs = self.batch_size
+        pending: list[dict[str, np.ndarray]] = []
+        pending_rows = 0
+        start = 0
+        signature = None
+        for i, chunk in enumerate(self._raw_chunks()):
+            rows = _num_rows(chunk, f"batch {i}")
+            sig = {k: (v.shape[1:], v.dtype.kind) for k, v in chunk.items()}
+            if signature is None:
+                signature = sig
+            elif sig != signature:
+                raise DataError(
+                    f"batch {i} does not match earlier batches: fields/shapes {_describe(sig)} vs {_describe(signature)}"
+                )
+            if rows == 0:
+                continue
+            pending.append(chunk)
+            pending_rows += rows
+            while pending_rows >= bs:
+                merged = _concat(pending)
+                yield Batch({k: v[:bs] for k, v in merged.items()}, bs, start)
+                start += bs
+                rest = {k: v[bs:] for k, v in merged.items()}
+                pending_rows -= bs
+                pending = [rest] if pending_rows else []
+        if pending_rows:
+            merged = _concat(pending)
+            yield Batch(_pad(merged, bs), pending_rows, start)
+            start += pending_rows
+        if start == 0:
+            raise DataError("the data set is empty")
+        if self.num_examples is None:
+            self.num_examples = start
+
+
+def _describe(sig) -> str:
+    return "{" + ", ".join(f"{k}: trailing shape {s}" for k, (s, _) in sorted(sig.items())) + "}"
+
+
+def _concat(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(chunks) == 1:
+        return chunks[0]
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def _pad(arrays: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in arrays.items():
+        pad = np.zeros((size - v.shape[0],) + v.shape[1:], v.dtype)
+        out[k] = np.concatenate([v, pad])
+    return out
+
+
+def _is_hf_dataset(data: Any) -> bool:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return False
+    return isinstance(data, datasets.Dataset)
+
+
+def as_source(data: Any, batch_size: int, task: Any = None) -> DataSource:
+    """Wrap user data in a :class:`DataSource`, keeping the fields ``task`` reads."""
+    if isinstance(data, DataSource):
+        return data
+    fields = tuple(getattr(task, "fields", ()) or ())
+    optional = tuple(getattr(task, "optional_fields", ()) or ())
+    return DataSource(data, batch_size, fields, optional)
+

@@ -1,0 +1,149 @@
+"""Text queries end to end on a tiny transformer: encoding, ranking, attribution, reports."""
+
+import html.parser
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import influence as inf
+from influence import tasks
+from influence.testing import TinyLM, lm_sequences, train
+from influence.query.engine import Query, QueryEngine, concentration, encode_queries, read_queries, write_json
+from influence.query.report import render_html, write_html
+
+ALPHABET = "abcdefghijklmnop"
+
+
+class LetterTokenizer:
+    """One token per letter a-p (ids 0-15); id 0 doubles as padding and 1 as document start."""
+
+    pad_id, bos_id = 0, 1
+
+    def encode(self, text):
+        return [ALPHABET.index(c) for c in text]
+
+    def token_strings(self, ids):
+        return [ALPHABET[int(i)] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(3)
+    data = lm_sequences(40)
+    # four random sequences: each is the only source of its exact continuation
+    data["input_ids"][:4] = rng.integers(2, 16, size=(4, 8))
+    data["loss_mask"][:4] = 1
+    data["loss_mask"][:4, 0] = 0
+    data["text"] = np.array(["".join(ALPHABET[i] for i in row) for row in data["input_ids"]])
+    model = TinyLM(rngs=nnx.Rngs(0))
+
+    def loss(m, d):
+        ce = optax.softmax_cross_entropy_with_integer_labels(m(d["input_ids"])[:, :-1], d["input_ids"][:, 1:])
+        return jnp.sum(ce * d["loss_mask"][:, 1:]) / d["loss_mask"][:, 1:].sum()
+
+    train(model, loss, {k: v for k, v in data.items() if k != "text"}, 300)
+    factors = inf.fit_factors(model, tasks.CausalLM(), data, strategy="ekfac", progress=False)
+    return model, data, factors
+
+
+def test_encoding_masks_the_prompt_and_refuses_bad_queries():
+    tok = LetterTokenizer()
+    batch = encode_queries([Query("abc", "de"), Query("", "f")], tok, context_length=8)
+    np.testing.assert_array_equal(batch["input_ids"], [[0, 1, 2, 3, 4], [1, 5, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 0, 1, 1], [0, 1, 0, 0, 0]])
+    with pytest.raises(ValueError, match="completion is empty"):
+        encode_queries([Query("abc", "")], tok, 8)
+    with pytest.raises(ValueError, match="6 prompt \\+ 3 completion tokens exceed the model's context of 8"):
+        encode_queries([Query("abcdef", "ghi", id="long")], tok, 8)
+    with pytest.raises(ValueError, match="no queries"):
+        encode_queries([], tok, 8)
+
+
+def test_verbatim_training_sequence_ranks_first(setup):
+    model, data, factors = setup
+    engine = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, progress=False)
+    queries = [Query(data["text"][i][:3], data["text"][i][3:], id=f"copy of {i}") for i in range(4)]
+    results = engine.run(queries, k=5)
+    assert [r.influences[0].row for r in results] == [0, 1, 2, 3]
+    for r in results:
+        top = r.influences[0]
+        assert top.score > 0 and top.text == data["text"][top.row]
+        assert top.metadata == {}  # a dict data set with only token columns has no metadata
+        np.testing.assert_allclose(sum(top.token_scores), top.score, rtol=1e-4)
+        np.testing.assert_allclose(sum(top.layer_scores.values()), top.score, rtol=1e-4)
+        assert top.token_scores[0] == 0.0  # the first token is never predicted
+        assert r.loss > 0 and r.completion_tokens == 5
+
+
+def test_low_rank_and_bm25_options(setup):
+    model, data, factors = setup
+    query = [Query(data["text"][2][:3], data["text"][2][3:])]
+    full = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, progress=False).run(query, k=3)
+    low = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, query_rank=2, progress=False).run(query, k=3)
+    assert low[0].influences[0].row == full[0].influences[0].row == 2
+    # BM25 on whole words: only the sequence with the exact same text shares the query's single "word"
+    bm25 = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, bm25_candidates=1, progress=False)
+    result = bm25.run(query, k=3)
+    assert [i.row for i in result[0].influences] == [2]
+
+
+def test_json_and_html_reports(setup, tmp_path):
+    model, data, factors = setup
+    engine = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, progress=False)
+    queries = [Query(data["text"][i][:4], data["text"][i][4:]) for i in range(6)]
+    results = engine.run(queries, k=4)
+    path = write_json(results, tmp_path / "results.json", info={"strategy": "ekfac"})
+    loaded = json.loads(path.read_text())
+    assert len(loaded["results"]) == 6 and all(len(r["influences"]) == 4 for r in loaded["results"])
+    assert loaded["results"][0]["influences"][0]["rank"] == 1
+
+    page = write_html(results, tmp_path / "report.html", info={"run": "tiny"}).read_text()
+    checker = _TagChecker()
+    checker.feed(page)
+    checker.close()
+    assert checker.stack == [] and checker.errors == []
+    assert page.count('<details class="query"') == 6 and page.count('<div class="seq">') == 24
+    assert page.count("<svg") == 24
+    for r in results:  # every sequence's tokens are in the page with their scores on hover
+        top = r.influences[0]
+        assert f'title="{top.token_scores[-1]:+.3g}"' in page
+
+
+def test_concentration_and_query_files(tmp_path):
+    assert concentration(np.array([0, 0, 3.0])) == 1.0
+    assert concentration(np.ones(4)) == pytest.approx(0.5)
+    assert concentration(np.zeros(3)) == 0.0
+    (tmp_path / "q.jsonl").write_text('{"prompt": "ab", "completion": "cd", "id": "x"}\n\n{"prompt": "a", "completion": "b"}\n')
+    assert read_queries(tmp_path / "q.jsonl") == [Query("ab", "cd", "x"), Query("a", "b")]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ab"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: .*missing \\['completion'\\]"):
+        read_queries(tmp_path / "bad.jsonl")
+
+
+class _TagChecker(html.parser.HTMLParser):
+    """Checks that every opened element is closed in order (void elements excepted)."""
+
+    VOID = {"meta", "br", "img", "input", "link", "hr"}
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        pass
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"unexpected </{tag}>, open: {self.stack[-3:]}")
+        else:
+            self.stack.pop()
