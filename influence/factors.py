@@ -30,7 +30,8 @@ from flax import nnx
 
 from influence.runtime import io
 from influence.capture.tracking import LayerFilter, LayerInfo, TrackedModel, track
-from influence.runtime.checkpoint import Checkpoint, digest_arrays
+from influence.runtime.checkpoint import Checkpoint
+from influence.runtime.io import digest_arrays
 from influence.curvature import STRATEGIES, LayerCurvature, default_damping
 from influence.curvature import blocks as blocks_
 from influence.curvature.layer import arrays_of

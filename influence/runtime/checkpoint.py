@@ -20,7 +20,6 @@ resume from the newest position that every process has.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -40,22 +39,6 @@ _KIND = "influence-checkpoint"
 
 
 
-def digest_arrays(tree: Any) -> str:
-    """SHA-256 (first 16 hex digits) of every array in a pytree: values, shapes, dtypes."""
-    h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        arr = np.ascontiguousarray(np.asarray(leaf))
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(str((arr.dtype.str, arr.shape)).encode())
-        h.update(arr.tobytes())
-    return h.hexdigest()[:16]
-
-
-def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings as they read back from JSON (tuples become lists, and so on)."""
-    return json.loads(json.dumps(settings, sort_keys=True, default=str))
-
-
 class DataChain:
     """A running hash of the batches of a pass: ``h_i = sha256(h_{i-1} ‖ batch_i)``.
 
@@ -68,11 +51,7 @@ class DataChain:
     def update(self, arrays: dict[str, np.ndarray], n_valid: int) -> str:
         h = hashlib.sha256(self.value.encode())
         h.update(str(n_valid).encode())
-        for name in sorted(arrays):
-            arr = np.ascontiguousarray(arrays[name][:n_valid])
-            h.update(name.encode())
-            h.update(str((arr.dtype.str, arr.shape)).encode())
-            h.update(arr.tobytes())
+        io.hash_arrays(h, ((name, arrays[name][:n_valid]) for name in sorted(arrays)))
         self.value = h.hexdigest()
         return self.value
 
@@ -96,7 +75,7 @@ class Checkpoint:
             raise ValueError(f"checkpoint_every must be a positive number of batches, got {every}")
         self.directory = Path(directory)
         self.kind = kind
-        self.settings = _canonical(settings)
+        self.settings = io.canonical_json(settings)
         self.every = int(every)
         self.resume = resume
         self.process = jax.process_index()

@@ -8,12 +8,15 @@ arrays; reading a truncated, corrupt or foreign file raises :class:`FileFormatEr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io as _io
 import json
 import os
+import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +28,77 @@ _HEADER = "__header__"
 
 
 
-def _digest(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        arr = np.ascontiguousarray(arrays[name])
+def hash_arrays(h, items: Iterable[tuple[str, Any]]) -> None:
+    """Feed named arrays into the hash ``h``: each array's name, dtype, shape and bytes.
+    The one array digest of the library (file checksums, settings digests, data chains)."""
+    for name, value in items:
+        arr = np.ascontiguousarray(np.asarray(value))
         h.update(name.encode())
         h.update(str((arr.dtype.str, arr.shape)).encode())
         h.update(arr.tobytes())
+
+
+def _digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    hash_arrays(h, ((name, arrays[name]) for name in sorted(arrays)))
     return h.hexdigest()
+
+
+def digest_arrays(tree: Any) -> str:
+    """SHA-256 (first 16 hex digits) of every array in a pytree: paths, values, shapes, dtypes."""
+    import jax
+
+    h = hashlib.sha256()
+    hash_arrays(h, ((jax.tree_util.keystr(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)))
+    return h.hexdigest()[:16]
+
+
+def canonical_json(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists, keys sorted, other objects
+    their ``str``): what settings are compared as."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (a file, or an empty folder with
+    ``directory=True``); when the block ends without an exception it is renamed over
+    ``path`` (an existing folder is replaced), otherwise removed. The one way the library
+    writes anything that must never be seen half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory:
+            if path.exists():
+                shutil.rmtree(path)
+        else:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1) -> None:
+    """Write ``obj`` as JSON (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, json.dumps(obj, indent=indent, ensure_ascii=False).encode())
 
 
 def save_arrays(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from influence.runtime import io
 from influence.capture.tracking import track
-from influence.runtime.checkpoint import Checkpoint, digest_arrays
+from influence.runtime.checkpoint import Checkpoint
+from influence.runtime.io import digest_arrays
 from influence.scoring.contractions import LayerQueries, layer_scores, low_rank
 from influence.curvature import LayerCurvature, precondition
 from influence.curvature.accumulate import example_chunk, per_example_gradients

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from influence.capture.tracking import track
-from influence.runtime.checkpoint import digest_arrays
+from influence.runtime.io import digest_arrays
 from influence.scoring.contractions import LayerQueries, layer_scores, token_scores
 from influence.runtime.data import DataError, as_source
 from influence.factors import Factors, curvature_arrays
