@@ -6,8 +6,9 @@ Public API::
     task = inf.tasks.Classification()            # also Regression(), CausalLM()
     factors = inf.fit_factors(model, task, train, strategy="ekfac", key=key)
     scores = inf.pairwise_scores(model, task, factors, queries, train)
-    self_inf = inf.self_scores(model, task, factors, train)
+    self_inf = inf.self_scores(model, task, factors, train)   # .values [n_train]
     ranking = inf.rank_training(model, task, factors, queries, train, k=10)
+    run = inf.Execution(batch_size=128, checkpoint_dir="ckpt")  # run settings of any of them
 
 Sub-packages loaded on first use: ``inf.lm`` (language models to study), ``inf.query``
 (text queries over an LM run), ``inf.reference`` (exact influence and validation),
@@ -21,9 +22,16 @@ import importlib
 from influence import tasks
 from influence.errors import (CheckpointMismatch, DataError, FileFormatError, InfluenceError, MissingCorpusError,
                               TrackingError)
-from influence.factors import Factors, fit_factors
-from influence.scoring.pairwise import Scores, pairwise_scores, self_scores
-from influence.scoring.ranking import Attribution, Ranking, attribute, rank_training
+from influence.capture.tracking import LayerInfo, track
+from influence.curvature import STRATEGIES
+from influence.factors import Factors
+from influence.fit import fit_factors
+from influence.runtime.execution import Execution
+from influence.scoring.attribution import Attribution, attribute
+from influence.scoring.pairwise import pairwise_scores
+from influence.scoring.ranking import Ranking, rank_training
+from influence.scoring.results import Scores, SelfScores
+from influence.scoring.self_influence import self_scores
 from influence.tasks import Task
 
 _LAZY = {"lm": "influence.lm", "query": "influence.query", "reference": "influence.reference",
@@ -38,7 +46,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'influence' has no attribute {name!r}")
 
 
-__all__ = ["Attribution", "CheckpointMismatch", "DataError", "Factors", "FileFormatError", "InfluenceError",
-           "MissingCorpusError", "Ranking", "Scores", "Task", "TrackingError", "__version__", "attribute",
-           "fit_factors", "hosts", "lm", "pairwise_scores", "query", "rank_training", "reference", "self_scores",
-           "tasks", "testing"]
+__all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "Execution", "Factors", "FileFormatError",
+           "InfluenceError", "LayerInfo", "MissingCorpusError", "Ranking", "Scores", "SelfScores", "Task",
+           "TrackingError", "__version__", "attribute", "fit_factors", "hosts", "lm", "pairwise_scores", "query",
+           "rank_training", "reference", "self_scores", "tasks", "testing", "track"]

@@ -18,7 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from influence.capture.tracking import LayerInfo, TrackingError, capture
+from influence.capture.activations import capture
+from influence.capture.tracking import LayerInfo
+from influence.errors import TrackingError
 
 KINDS = ("sampled", "empirical", "exact", "measurement")
 

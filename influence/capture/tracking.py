@@ -1,17 +1,13 @@
-"""Tracked layers and the pure capture of their inputs ``a`` and output gradients ``g``.
+"""Which layers are tracked, and the hooks that let :mod:`.activations` capture them.
 
 How it works: :func:`track` clones the model and gives every tracked ``nnx.Linear``
 a subclass whose ``__call__`` reports its input to the active :class:`_Tap` and adds a
 zero *perturbation* to its output. The gradient of the objective with respect to that
 perturbation is the gradient with respect to the layer's pre-activation output, ``g``
-(the zero-perturbation VJP trick). Everything runs inside pure functions of
-``(params, batch)``, so it jits; the tap is a trace-time context only, holding tracers
-that are returned from the function, and the user's model is never modified.
-
-Shapes: for a layer with kernel ``[d_in, d_out]``, ``a`` is ``[B, T, d_in (+1)]``
-(a trailing 1 is appended when the layer has a bias, so the bias is the last row of
-the augmented weight ``[d_in + 1, d_out]``) and ``g`` is ``[B, T, d_out]``. Inputs of
-rank 2 ``[B, d]`` get ``T = 1``; higher ranks are flattened into ``T``.
+(the zero-perturbation VJP trick, run by :func:`influence.capture.activations.capture`).
+Everything runs inside pure functions of ``(params, batch)``, so it jits; the tap is a
+trace-time context only, holding tracers that are returned from the function, and the
+user's model is never modified.
 """
 
 from __future__ import annotations
@@ -25,8 +21,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
+
 from influence.errors import TrackingError
 
 
@@ -75,7 +71,7 @@ class _Tap:
 
 
 @contextlib.contextmanager
-def _tapping(perturbations):
+def tapping(perturbations):
     previous = getattr(_ACTIVE, "tap", None)
     tap = _ACTIVE.tap = _Tap(perturbations)
     try:
@@ -193,69 +189,3 @@ def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
     infos.sort(key=lambda info: info.name)
     graphdef, state = nnx.split(clone)
     return TrackedModel(graphdef, state, tuple(infos), model_fingerprint(model))
-
-
-# --- capture ------------------------------------------------------------------------
-
-
-def _augment(x: jax.Array, has_bias: bool) -> jax.Array:
-    if not has_bias:
-        return x
-    return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
-
-
-def _as_tokens(x: jax.Array, batch: int, name: str) -> jax.Array:
-    """``[B, ..., d] -> [B, T, d]`` (``T = 1`` for rank-2 inputs)."""
-    if x.ndim < 2 or x.shape[0] != batch:
-        raise TrackingError(
-            f"layer {name!r} received input of shape {x.shape}; its leading axis must be the batch axis (size {batch})"
-        )
-    return x.reshape(batch, -1, x.shape[-1])
-
-
-def capture(
-    graphdef: Any,
-    state: Any,
-    layers: tuple[LayerInfo, ...],
-    objective: Callable[[nnx.Module], jax.Array],
-    batch_size: int,
-) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
-    """Run ``objective(model)`` and return ``(value, a, g)`` for every tracked layer.
-
-    Pure and jittable (``graphdef`` and ``layers`` static). ``objective`` returns either
-    a scalar, or a vector ``[K]`` of K objectives (then ``g[name]`` has a leading axis
-    ``K``: one backward pass per objective, sharing the forward pass). ``a[name]`` is
-    ``[B, T, d_a]`` float32 with the bias column appended; ``g[name]`` is
-    ``[(K,) B, T, d_out]`` float32.
-    """
-    names = tuple(info.name for info in layers)
-
-    def run(perturbations):
-        model = nnx.merge(graphdef, state)
-        with _tapping(perturbations) as tap:
-            value = objective(model)
-        missing = set(names) - set(tap.inputs)
-        if missing:
-            raise TrackingError(f"tracked layers {sorted(missing)} were not called by the task's forward pass")
-        return value, {n: tap.inputs[n] for n in names}, {n: tap.output_shapes[n] for n in names}
-
-    # Trace once without perturbations to learn the output shapes (no FLOPs are spent).
-    _, _, shapes = jax.eval_shape(lambda: run(None))
-    zeros = {name: jnp.zeros(s.shape, s.dtype) for name, s in shapes.items()}
-
-    def forward(perturbations):
-        value, inputs, _ = run(perturbations)
-        return value, inputs
-
-    value, vjp_fn, inputs = jax.vjp(forward, zeros, has_aux=True)
-    if value.ndim == 0:
-        (grads,) = vjp_fn(jnp.ones_like(value))
-    else:
-        (grads,) = jax.vmap(vjp_fn)(jnp.eye(value.shape[0], dtype=value.dtype))
-    a, g = {}, {}
-    for info in layers:
-        x = _as_tokens(inputs[info.name], batch_size, info.name)
-        a[info.name] = _augment(x.astype(jnp.float32), info.has_bias)
-        lead = grads[info.name].shape[:1] if value.ndim else ()
-        g[info.name] = grads[info.name].reshape(lead + (batch_size, -1, info.d_out)).astype(jnp.float32)
-    return value, a, g

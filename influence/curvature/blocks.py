@@ -139,14 +139,6 @@ def unrotate(v: jax.Array, q_a: Rotation, q_s: Rotation) -> jax.Array:
     return jnp.swapaxes(matmul_last(jnp.swapaxes(v, -1, -2), q_a, transpose=True), -1, -2)
 
 
-def covariance_block_sums(a: jax.Array, g: jax.Array, weights: jax.Array, layer_blocks: LayerBlocks):
-    """Diagonal blocks of the token covariance sums: ``(tuple of Σ w ā_i ā_iᵀ [m_i, m_i],
-    tuple of Σ w g_j g_jᵀ)``; ``a [B, T, d_a]``, ``g [(K,) B, T, d_out]``, ``weights [B, T]``."""
-    aw = a * weights[..., None]
-    gw = g * weights[..., None]
-    a_sums = tuple(jnp.einsum("bti,btj->ij", aw[..., s], a[..., s]) for s in slices(layer_blocks.a))
-    s_sums = tuple(jnp.einsum("...bti,...btj->ij", gw[..., s], g[..., s]) for s in slices(layer_blocks.s))
-    return a_sums, s_sums
 
 
 def as_metadata(blocks: Mapping[str, LayerBlocks]) -> dict[str, dict[str, list[int]]]:

@@ -36,7 +36,7 @@ from flax import nnx
 
 from . import checkpoint as ckpt
 from .corpus import Document, load_corpus
-from .model import GPT, GPTConfig, get_scale, init_model, mean_loss, parameter_counts, sequence_losses
+from .model import GPT, get_scale, init_model, mean_loss, parameter_counts, sequence_losses
 from .sequences import SPLIT_KEYS, as_arrays, build_splits, heldout_groups, load_splits
 from .tokenizer import Tokenizer, train_tokenizer
 

@@ -25,7 +25,8 @@ import numpy as np
 from influence.runtime import io
 from influence.factors import Factors
 from influence.query.bm25 import BM25
-from influence.scoring.ranking import Ranking, attribute, rank_training
+from influence.scoring.attribution import attribute
+from influence.scoring.ranking import Ranking, rank_training
 from influence.tasks import CausalLM
 
 CONCENTRATION_THRESHOLD = 2.0 / 3.0

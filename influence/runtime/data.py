@@ -218,3 +218,20 @@ def as_source(data: Any, batch_size: int, task: Any = None) -> DataSource:
     optional = tuple(getattr(task, "optional_fields", ()) or ())
     return DataSource(data, batch_size, fields, optional)
 
+
+
+def num_rows(data: Any) -> int:
+    """Rows of a dict of arrays or a sized data set (``datasets.Dataset``, list)."""
+    if isinstance(data, Mapping):
+        return len(next(iter(data.values())))
+    return len(data)
+
+
+def select_rows(data: Any, rows: np.ndarray) -> Any:
+    """The rows ``rows`` (in that order) of a dict of arrays or a ``datasets.Dataset``."""
+    if isinstance(data, Mapping):
+        return {k: np.asarray(v)[rows] for k, v in data.items()}
+    if hasattr(data, "select"):
+        return data.select(np.asarray(rows).tolist())
+    raise DataError("selecting rows (a prefilter, attribution) needs data that can be indexed: a dict of arrays or "
+                    "a datasets.Dataset")

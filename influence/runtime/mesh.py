@@ -226,7 +226,7 @@ def local(fn, mesh: Mesh, in_specs, out_specs):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
 
 
-def describe(mesh: Mesh) -> dict[str, Any]:
+def describe_mesh(mesh: Mesh) -> dict[str, Any]:
     """JSON-friendly facts about a mesh, for metadata and checkpoints."""
     return {
         "axes": {name: int(size) for name, size in mesh.shape.items()},

@@ -13,53 +13,14 @@ the representation it is given; they differ in cost only.
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import threadpoolctl
 
-from influence.curvature.accumulate import example_chunk
-
-
-class LayerQueries(NamedTuple):
-    """One layer's preconditioned query gradients: ``full`` or (``left``, ``right``)."""
-
-    full: jax.Array | None = None  # [Q, d_a, d_out]
-    left: jax.Array | None = None  # [Q, d_a, r], singular values folded in
-    right: jax.Array | None = None  # [Q, d_out, r]
-
-    @property
-    def num_queries(self) -> int:
-        return (self.full if self.full is not None else self.left).shape[0]
-
-    @property
-    def rank(self) -> int | None:
-        return None if self.left is None else self.left.shape[-1]
-
-    def dense(self) -> jax.Array:
-        """``[Q, d_a, d_out]`` (reconstructed from the factors when low-rank)."""
-        if self.full is not None:
-            return self.full
-        return jnp.einsum("qik,qjk->qij", self.left, self.right)
-
-    def take(self, index: jax.Array) -> LayerQueries:
-        """The queries at ``index`` (e.g. one per training row for attribution)."""
-        return LayerQueries(*(None if x is None else x[index] for x in self))
+from influence.capture.per_example import example_chunk
+from influence.scoring.queries import LayerQueries
 
 
-def low_rank(full: jax.Array, rank: int) -> LayerQueries:
-    """Best rank-``rank`` approximation (truncated SVD) of each ``[d_a, d_out]`` matrix.
-
-    The SVD runs once per query on the host (LAPACK, one BLAS thread: XLA's CPU SVD was
-    ~10× slower on 32 queries of 65×256)."""
-    with threadpoolctl.threadpool_limits(1):
-        u, s, vt = np.linalg.svd(np.asarray(full, np.float32), full_matrices=False)
-    r = min(rank, s.shape[-1])
-    left = u[..., :r] * s[..., None, :r]
-    right = np.swapaxes(vt[..., :r, :], -1, -2)
-    return LayerQueries(left=jnp.asarray(left), right=jnp.asarray(right))
 
 
 def _dense_scores(a: jax.Array, g: jax.Array, p: jax.Array) -> jax.Array:
@@ -104,3 +65,10 @@ def token_scores(a: jax.Array, g: jax.Array, queries: LayerQueries) -> jax.Array
     if queries.rank is not None:
         return jnp.einsum("bti,bik,btj,bjk->bt", a, queries.left, g, queries.right)
     return jnp.einsum("bti,bij,btj->bt", a, queries.full, g)
+
+
+def stack_layers(per_layer_scores: list[jax.Array], keep_layers: bool) -> jax.Array:
+    """``[L, ...]`` per layer, or their sum as ``[1, ...]`` (so memory holds one score
+    matrix, not L, when the split is not asked for)."""
+    stacked = jnp.stack(per_layer_scores)
+    return stacked if keep_layers else stacked.sum(axis=0, keepdims=True)

@@ -8,7 +8,7 @@ from flax import nnx
 
 from influence import tasks
 from influence.capture.tracking import track
-from influence.curvature.accumulate import per_example_gradients
+from influence.capture.per_example import weight_gradients
 from influence.reference.exact import per_example_gradients as grad_reference
 from influence.reference.exact import unflatten
 from influence.capture.objectives import layer_gradients
@@ -19,7 +19,7 @@ def _factored(model, task, data, kind="empirical", layers=None):
     tracked = track(model, layers)
     mask = jnp.ones(len(next(iter(data.values()))))
     _, a, g = layer_gradients(tracked.graphdef, tracked.state, tracked.layers, task, kind, data, mask)
-    return tracked, {name: per_example_gradients(a[name], g[name]) for name in a}
+    return tracked, {name: weight_gradients(a[name], g[name]) for name in a}
 
 
 @pytest.mark.parametrize("use_bias", [True, False])

@@ -138,7 +138,7 @@ def test_split_factors_score_save_and_load(lm, tmp_path):
     subset = {k: v[:10] for k, v in data.items()}
     scores = inf.pairwise_scores(model, task, factors, subset, subset, progress=False, batch_size=5)
     self_inf = inf.self_scores(model, task, factors, subset, progress=False, batch_size=5)
-    np.testing.assert_allclose(self_inf, np.diag(scores.values), rtol=2e-4)
+    np.testing.assert_allclose(self_inf.values, np.diag(scores.values), rtol=2e-4)
     loaded = inf.Factors.load(factors.save(tmp_path), model=model)
     assert loaded.metadata["blocks"] == factors.metadata["blocks"]
     for name in factors.layers:

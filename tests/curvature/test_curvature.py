@@ -9,7 +9,7 @@ import influence as inf
 from influence import tasks
 from influence.capture.tracking import track
 from influence.curvature import LayerCurvature, precondition
-from influence.curvature import accumulate
+from influence.capture import per_example
 from influence.reference.exact import gauss_newton, layer_slices, unflatten
 from influence.reference.exact import per_example_gradients as grad_reference
 from influence.capture.objectives import layer_gradients, token_weights
@@ -136,7 +136,7 @@ def test_chunked_per_example_sums_equal_unchunked(monkeypatch):
     task = tasks.CausalLM()
     full = inf.fit_factors(model, task, data, strategy="ekfac", progress=False, batch_size=8)
     full_scores = inf.pairwise_scores(model, task, full, queries, data, progress=False, batch_size=8).values
-    monkeypatch.setattr(accumulate, "MAX_PER_EXAMPLE_ELEMENTS", 600)  # forces 1-2 example chunks
+    monkeypatch.setattr(per_example, "MAX_PER_EXAMPLE_ELEMENTS", 600)  # forces 1-2 example chunks
     chunked = inf.fit_factors(model, task, data, strategy="ekfac", progress=False, batch_size=8)
     chunked_scores = inf.pairwise_scores(model, task, chunked, queries, data, progress=False, batch_size=8).values
     for name in full.layers:

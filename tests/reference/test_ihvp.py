@@ -9,7 +9,7 @@ from influence import tasks
 from influence.capture.tracking import track
 from influence.testing import trained_lm, trained_mlp
 from influence.reference.exact import flatten, gauss_newton, per_example_gradient_batches
-from influence.scoring.pairwise import query_gradients
+from influence.scoring.queries import query_gradients
 from influence.reference.ihvp import (conjugate_gradient, cosine, curvature_preconditioner, damping_vector,
                                        gauss_newton_product)
 
@@ -70,7 +70,7 @@ def test_conjugate_gradient_solves_the_damped_system(mlp):
 def test_preconditioner_is_what_query_gradients_apply(lm):
     model, task, data, queries = lm
     factors = inf.fit_factors(model, task, data, strategy="kfac", progress=False)
-    pre, dampings = query_gradients(model, task, factors, queries, progress=False)
+    pre, dampings = query_gradients(model, task, factors, queries, execution=inf.Execution(progress=False))
     tracked = track(model)
     ours = np.asarray(flatten(tracked, {name: q.full for name, q in pre.items()}))
     raw = inf.reference.exact.per_example_gradients(model, task, queries, measurement=True)

@@ -11,7 +11,8 @@ import influence as inf
 from influence import tasks
 from influence.reference.exact import exact_scores, per_example_gradients
 from influence.testing import digits, trained_lm, trained_mlp
-from influence.scoring.contractions import LayerQueries, _lowrank_scores, layer_scores, low_rank
+from influence.scoring.contractions import _lowrank_scores, layer_scores
+from influence.scoring.queries import LayerQueries, low_rank
 
 
 def _mean_spearman(a, b):
@@ -43,7 +44,8 @@ def test_per_layer_scores_sum_to_total_and_self_scores_match_pairwise(strategy, 
     assert set(scores.per_layer) == set(factors.layer_names)
     np.testing.assert_allclose(sum(scores.per_layer.values()), scores.values, rtol=1e-5, atol=1e-5 * np.abs(scores.values).max())
     # measurement = training loss here, so the diagonal of pairwise scores is self-influence
-    total, per_layer = inf.self_scores(model, task, factors, subset, per_layer=True, progress=False, batch_size=3)
+    self_inf = inf.self_scores(model, task, factors, subset, per_layer=True, progress=False, batch_size=3)
+    total, per_layer = self_inf.values, self_inf.per_layer
     np.testing.assert_allclose(total, np.diag(scores.values), rtol=2e-4)
     for name in factors.layer_names:
         np.testing.assert_allclose(per_layer[name], np.diag(scores.per_layer[name]), rtol=2e-4, atol=1e-6 * total.max())

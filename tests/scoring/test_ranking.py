@@ -7,7 +7,8 @@ from scipy.stats import pearsonr
 import influence as inf
 from influence import tasks
 from influence.testing import trained_lm
-from influence.scoring.ranking import attribute, rank_training
+from influence.scoring.attribution import attribute
+from influence.scoring.ranking import rank_training
 
 
 @pytest.fixture(scope="module")

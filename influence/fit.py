@@ -1,0 +1,244 @@
+"""``fit_factors``: the curvature of the damped Gauss-Newton matrix, fitted on the data.
+
+The strategy (:mod:`influence.curvature.strategies`) names the passes over the training
+set; each runs through the one pass driver (:func:`influence.runtime.driver.run_pass`),
+data-parallel over a device mesh: the jitted step captures the tracked layers' inputs and
+output gradients on the global batch (partitioned by ``jit`` over the mesh's data axis)
+and each device adds the sums over *its* rows to its own slot of a ``[n_data, ...]``
+accumulator. The slots are added once, when the pass ends, before the pass's finish
+(e.g. the eigendecompositions). With a checkpoint, the slots, token counts and data
+position are saved every few batches; an interrupted fit resumes in the pass it was in,
+with the results of the earlier passes kept in the snapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from influence.capture.tracking import LayerFilter, track
+from influence.curvature import LayerCurvature, get_strategy
+from influence.curvature import blocks as blocks_
+from influence.curvature.passes import CurvaturePass
+from influence.errors import CheckpointMismatch, DataError
+from influence.factors import Factors, as_factor_dtype, curvature_arrays, curvature_from_arrays
+from influence.runtime.data import as_source
+from influence.runtime.driver import Accumulator, run_pass
+from influence.runtime.execution import Execution
+from influence.runtime.io import digest_arrays
+from influence.runtime.mesh import (
+    all_processes_sum,
+    data_mesh,
+    describe_mesh,
+    local_batch_size,
+    local_slots,
+    per_device_to_host,
+    put_per_device,
+    reduce_slots,
+    replicate,
+    spans_processes,
+    to_host,
+)
+
+FISHER_KINDS = ("sampled", "empirical", "exact")
+
+
+class _Sums(NamedTuple):
+    """State of a curvature pass: per-device sums (on the mesh), the weighted token
+    counts folded in so far (float64 per layer, or None), and the objective values and
+    counts of the batches not yet checked (device scalars: checking them per batch would
+    sync the host every step)."""
+
+    sums: Any
+    n_tokens: dict[str, float] | None
+    pending: tuple
+
+
+def _restore_slots(template: Any, arrays: dict[str, np.ndarray], mesh: Mesh) -> Any:
+    """Per-device sums from a snapshot. Saved with another number of devices (one
+    process), the slots are added and the total goes to the first slot: equal sums, to
+    rounding."""
+    leaves, treedef = jax.tree.flatten(template)
+    slots = local_slots(mesh)
+    restored = []
+    for i, leaf in enumerate(leaves):
+        saved = arrays[f"sums/{i}"]
+        if saved.shape[1:] != leaf.shape[1:]:
+            raise CheckpointMismatch(f"checkpoint sums {i} have shape {saved.shape[1:]}, expected {leaf.shape[1:]}")
+        if saved.shape[0] != slots:
+            if spans_processes(mesh):
+                raise CheckpointMismatch(
+                    f"the checkpoint was taken with {saved.shape[0]} devices on this process, now {slots}; "
+                    "resume several processes with the same devices")
+            folded = np.zeros((slots, *saved.shape[1:]), saved.dtype)
+            folded[0] = saved.sum(axis=0, dtype=np.float64)
+            saved = folded
+        restored.append(put_per_device(saved, mesh))
+    return jax.tree.unflatten(treedef, restored)
+
+
+def _pass_accumulator(curvature_pass: CurvaturePass, zeros, step_args: tuple, tracked, task, fisher: str, mesh: Mesh,
+                      key, layer_blocks: tuple, batch_size: int) -> Accumulator:
+    """The driver's view of one curvature pass: sums over the batches, NaN-checked."""
+    pass_key = replicate(jax.random.fold_in(key, curvature_pass.index), mesh)
+    statics = dict(graphdef=tracked.graphdef, layers=tracked.layers, task=task, fisher=fisher, mesh=mesh,
+                   blocks=layer_blocks)
+
+    def update(state, step):
+        sums, counts, value = curvature_pass.step(state.sums, *step_args, tracked.state, step.arrays,
+                                                  step.example_mask, pass_key, replicate(np.int32(step.index), mesh),
+                                                  **statics)
+        return _Sums(sums, state.n_tokens, state.pending + ((step.index, value, counts),))
+
+    def settle(state):
+        """Check the objective of the pending batches and fold their token counts in."""
+        totals = state.n_tokens
+        for index, value, counts in state.pending:
+            if not np.isfinite(to_host(value)):
+                lo = index * batch_size
+                raise FloatingPointError(
+                    f"the {'objective' if fisher != 'exact' else 'Fisher directions'} is NaN/Inf on batch {index} "
+                    f"(examples {lo}..{lo + batch_size - 1}); check the inputs and the model's weights"
+                )
+            if counts is not None:
+                totals = totals or {name: 0.0 for name in counts}
+                totals = {name: totals[name] + float(to_host(c)) for name, c in counts.items()}
+        return _Sums(state.sums, totals, ())
+
+    def save(state, checkpoint):
+        state = settle(state)
+        arrays = {f"sums/{i}": per_device_to_host(leaf) for i, leaf in enumerate(jax.tree.leaves(state.sums))}
+        return state, {"n_tokens": state.n_tokens}, arrays
+
+    def restore(facts, arrays, checkpoint):
+        return _Sums(_restore_slots(zeros, arrays, mesh), facts["n_tokens"], ())
+
+    return Accumulator(lambda: _Sums(zeros, None, ()), update, settle, save, restore)
+
+
+def _earlier_results(curvature, n_tokens) -> dict[str, np.ndarray]:
+    """What a snapshot of a later pass keeps of the earlier ones."""
+    kept = curvature_arrays(curvature, prefix="curvature/")
+    kept.update({f"n_tokens/{name}": np.float64(v) for name, v in (n_tokens or {}).items()})
+    return kept
+
+
+def _key_settings(key: jax.Array) -> list[int]:
+    data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return np.asarray(data).ravel().tolist()
+
+
+def fit_factors(
+    model: nnx.Module,
+    task: Any,
+    data: Any,
+    *,
+    strategy: str = "ekfac",
+    fisher: str = "sampled",
+    key: jax.Array | None = None,
+    layers: LayerFilter = None,
+    blocks: Any = None,
+    max_block_size: int | None = None,
+    factor_dtype: Any = "float32",
+    execution: Execution | None = None,
+    **options: Any,
+) -> Factors:
+    """Fit the curvature approximation ``strategy`` on ``data``.
+
+    Args:
+      model: a ``flax.nnx.Module`` at its final weights (put it in eval mode).
+      task: an :class:`influence.Task` (e.g. ``tasks.Classification()``).
+      data: training data: a dict of arrays, a ``datasets.Dataset``, a list of dict
+        batches, or a callable returning an iterable of dict batches. With several
+        processes, each passes its own shard (see :mod:`influence.runtime.hosts`).
+      strategy: ``"identity"``, ``"diagonal"``, ``"kfac"`` or ``"ekfac"``
+        (:mod:`influence.curvature.strategies`).
+      fisher: ``"sampled"`` (targets drawn from the model: the true Fisher, which
+        equals the Gauss-Newton matrix for the built-in losses), ``"empirical"`` (the
+        data's labels) or ``"exact"`` (the exact expectation, when the task provides
+        ``fisher_directions``; costs one backward pass per output).
+      key: PRNG key for sampled targets (default ``jax.random.key(0)``).
+      layers: which ``nnx.Linear`` layers to track (see :func:`influence.capture.track`).
+      blocks: split layers' factors into diagonal blocks to bound their memory: an int,
+        a pair ``(n_a, n_s)``, or ``{layer name or pattern: int or pair}``
+        (see :func:`influence.curvature.blocks.resolve`).
+      max_block_size: split every factor larger than this into blocks no larger.
+      factor_dtype: ``"float32"`` or ``"bfloat16"``: the dtype the eigenbases and
+        eigenvalues are kept in, on device and in the result (sums are accumulated in
+        float32 and eigendecompositions run in float64 on the host either way).
+      execution, **options: run settings (:class:`influence.Execution`: ``batch_size``,
+        ``mesh``, ``progress``, ``checkpoint_dir``, ``checkpoint_every``, ``resume``), as an
+        object or by name. A mesh may span hosts; the factors equal the one-device factors
+        to rounding.
+
+    Returns:
+      :class:`Factors`; ``Q_A [d_a, d_a]``, ``Q_S [d_out, d_out]`` (tuples of diagonal
+      blocks for a split layer), ``Λ [d_a, d_out]`` per layer as the strategy requires.
+    """
+    run = Execution.of(execution, options)
+    chosen = get_strategy(strategy)
+    if fisher not in FISHER_KINDS:
+        raise ValueError(f"unknown fisher {fisher!r}; expected one of {FISHER_KINDS}")
+    dtype = as_factor_dtype(factor_dtype)
+    mesh = data_mesh(run.mesh)
+    tracked = track(model, layers)
+    key = jax.random.key(0) if key is None else key
+    source = as_source(data, local_batch_size(run.batch_size, mesh), task)
+    if len(chosen.passes) > 1 and source.single_pass:
+        raise DataError(f"{strategy} reads the data {len(chosen.passes)} times; pass a list, a datasets.Dataset or a "
+                        "callable, not a one-shot iterator")
+    layer_blocks = blocks_.resolve(tracked.layers, blocks, max_block_size)
+    metadata: dict[str, Any] = {
+        "layers": [info._asdict() for info in tracked.layers],
+        "fisher": fisher,
+        "fingerprint": tracked.fingerprint,
+        "dtype": dtype.name,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if blocks_.as_metadata(layer_blocks):
+        metadata["blocks"] = blocks_.as_metadata(layer_blocks)
+    curvature = {info.name: LayerCurvature() for info in tracked.layers}
+    if not chosen.passes:
+        return Factors(strategy, curvature, {**metadata, "n_examples": source.num_examples, "n_tokens": None})
+
+    checkpoint = run.checkpoint("factors", {
+        "strategy": strategy, "fisher": fisher, "batch_size": run.batch_size, "key": _key_settings(key),
+        "layers": metadata["layers"], "blocks": metadata.get("blocks"), "dtype": dtype.name,
+        "model": tracked.fingerprint, "weights": digest_arrays(tracked.state), "processes": jax.process_count(),
+    }) if run.checkpoint_dir is not None else None
+    resumed = checkpoint.load() if checkpoint is not None else None
+    resumed_pass = resumed[0]["pass"] if resumed is not None else None
+    n_tokens = None
+    if resumed_pass is not None and resumed_pass != chosen.passes[0].index:  # earlier passes finished before
+        arrays = resumed[1]
+        curvature = curvature_from_arrays(arrays, tracked.layer_names, dtype, prefix="curvature/")
+        n_tokens = {name: float(arrays[f"n_tokens/{name}"]) for name in tracked.layer_names if f"n_tokens/{name}" in arrays}
+        n_tokens = n_tokens or None
+    on_mesh = dataclasses.replace(tracked, state=replicate(tracked.state, mesh))
+    ordered_blocks = tuple(layer_blocks[i.name] for i in tracked.layers)
+    for position, curvature_pass in enumerate(chosen.passes):
+        if resumed_pass is not None and curvature_pass.index < resumed_pass:
+            continue
+        zeros = curvature_pass.zeros(tracked.layers, layer_blocks, mesh)
+        accumulator = _pass_accumulator(curvature_pass, zeros, curvature_pass.step_args(curvature, mesh), on_mesh, task,
+                                        fisher, mesh, key, ordered_blocks, source.batch_size)
+        result = run_pass(accumulator, source, mesh, checkpoint=checkpoint,
+                          resumed=resumed if curvature_pass.index == resumed_pass else None,
+                          pass_index=curvature_pass.index, keep=_earlier_results(curvature, n_tokens) if position else None,
+                          save_at_start=position > 0, desc=f"{strategy}: {curvature_pass.name}", progress=run.progress)
+        state = result.value
+        n_tokens = state.n_tokens if state.n_tokens is not None else n_tokens
+        n_examples = int(all_processes_sum(np.array(result.n_examples, np.int64)))
+        totals = reduce_slots(state.sums, mesh)
+        del result, state
+        curvature = curvature_pass.finish(curvature, totals, n_tokens, n_examples, layer_blocks, dtype)
+        del totals
+    metadata.update(n_examples=int(n_examples), n_tokens=n_tokens, mesh=describe_mesh(mesh))
+    return Factors(strategy, curvature, metadata)

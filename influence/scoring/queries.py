@@ -1,0 +1,171 @@
+"""Preconditioned query gradients: what every scoring pass dots training gradients with.
+
+For each query the measurement's gradient with respect to every tracked layer's
+augmented weight, ``[Q, d_a, d_out]``, is preconditioned by the layer's damped inverse
+curvature and kept in full or, with query batching (Grosse et al. §3.2), as its best
+rank-r approximation ``L Rᵀ`` (``L [Q, d_a, r]``, ``R [Q, d_out, r]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import threadpoolctl
+
+from influence.capture.objectives import layer_gradients
+from influence.capture.per_example import weight_gradients
+from influence.capture.tracking import track
+from influence.curvature import precondition
+from influence.curvature.layer import map_arrays
+from influence.factors import Factors, curvature_arrays
+from influence.runtime.data import as_source
+from influence.runtime.driver import Accumulator, run_pass
+from influence.runtime.execution import Execution
+from influence.runtime.io import digest_arrays
+from influence.runtime.mesh import (
+    MeshLike,
+    check_batch_size,
+    n_query,
+    query_axis,
+    replicate,
+    resolve_mesh,
+    spans_processes,
+    spec,
+)
+
+STEP_STATICS = ("graphdef", "layers", "task", "kind")
+
+
+class LayerQueries(NamedTuple):
+    """One layer's preconditioned query gradients: ``full`` or (``left``, ``right``)."""
+
+    full: jax.Array | None = None  # [Q, d_a, d_out]
+    left: jax.Array | None = None  # [Q, d_a, r], singular values folded in
+    right: jax.Array | None = None  # [Q, d_out, r]
+
+    @property
+    def num_queries(self) -> int:
+        return (self.full if self.full is not None else self.left).shape[0]
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.left is None else self.left.shape[-1]
+
+    def dense(self) -> jax.Array:
+        """``[Q, d_a, d_out]`` (reconstructed from the factors when low-rank)."""
+        if self.full is not None:
+            return self.full
+        return jnp.einsum("qik,qjk->qij", self.left, self.right)
+
+    def take(self, index: jax.Array) -> LayerQueries:
+        """The queries at ``index`` (e.g. one per training row for attribution)."""
+        return LayerQueries(*(None if x is None else x[index] for x in self))
+
+
+def low_rank(full: jax.Array, rank: int) -> LayerQueries:
+    """Best rank-``rank`` approximation (truncated SVD) of each ``[d_a, d_out]`` matrix.
+
+    The SVD runs once per query on the host (LAPACK, one BLAS thread: XLA's CPU SVD was
+    ~10× slower on 32 queries of 65×256)."""
+    with threadpoolctl.threadpool_limits(1):
+        u, s, vt = np.linalg.svd(np.asarray(full, np.float32), full_matrices=False)
+    r = min(rank, s.shape[-1])
+    left = u[..., :r] * s[..., None, :r]
+    right = np.swapaxes(vt[..., :r, :], -1, -2)
+    return LayerQueries(left=jnp.asarray(left), right=jnp.asarray(right))
+
+
+@functools.partial(jax.jit, static_argnames=STEP_STATICS)
+def _gradient_step(state, batch, example_mask, *, graphdef, layers, task, kind):
+    """Per-example gradients ``{name: [B, d_a, d_out]}`` of one batch (partitioned over
+    the batch's devices by ``jit``)."""
+    _, a, g = layer_gradients(graphdef, state, layers, task, kind, batch, example_mask)
+    return {info.name: weight_gradients(a[info.name], g[info.name]) for info in layers}
+
+
+@jax.jit
+def _precondition_all(gradients, curvature, damping):
+    return {name: precondition(v, curvature[name], damping[name]) for name, v in gradients.items()}
+
+
+def scoring_mesh(mesh: MeshLike, batch_size: int):
+    """The mesh of a scoring pass: devices of this process only (hosts score their own
+    shards independently and merge, see :mod:`influence.runtime.hosts`)."""
+    mesh = resolve_mesh(mesh)
+    if spans_processes(mesh):
+        raise ValueError(
+            "scoring runs on the devices of one process: give each process a mesh of its local devices "
+            "(jax.local_devices()) and its own shard of the training data, then merge the parts "
+            "(influence.runtime.hosts.merge_rankings / merge_scores)"
+        )
+    check_batch_size(batch_size, mesh)
+    return mesh
+
+
+def prepare(model, factors: Factors, damping, mesh):
+    """The tracked model and the factors, replicated on the mesh, and the damping per layer."""
+    tracked = track(model, list(factors.layer_names))
+    factors.check_compatible(tracked)
+    curvature = {name: map_arrays(curv, jnp.asarray) for name, curv in factors.layers.items()}
+    dampings = {name: factors.damping(name, damping) for name in factors.layer_names}
+    on_mesh = dataclasses.replace(tracked, state=replicate(tracked.state, mesh))
+    return on_mesh, replicate(curvature, mesh), dampings
+
+
+def place_queries(prepared: dict[str, LayerQueries], mesh) -> dict[str, LayerQueries]:
+    """Preconditioned queries on the mesh: replicated, or split over its query axis (padded
+    with zero queries, which score 0, to a multiple of its size)."""
+    q = query_axis(mesh)
+    if q is None:
+        return replicate(prepared, mesh)
+    n = next(iter(prepared.values())).num_queries
+    padded = -n % n_query(mesh)
+    pad = lambda x: jnp.pad(x, [(0, padded)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
+    prepared = {name: LayerQueries(*(None if x is None else pad(x) for x in lq)) for name, lq in prepared.items()}
+    return jax.device_put(prepared, jax.sharding.NamedSharding(mesh, spec(q)))
+
+
+def score_checkpoint(kind: str, run: Execution, tracked, factors: Factors, dampings: dict, settings):
+    """The checkpoint of a scoring pass, keyed by the model (structure and weights), the
+    factors and damping, and whatever else decides its scores (``settings()``, only
+    computed when checkpointing)."""
+    if run.checkpoint_dir is None:
+        return None
+    return run.checkpoint(kind, {"model": tracked.fingerprint, "weights": digest_arrays(tracked.state),
+                                 "factors": digest_arrays(curvature_arrays(factors.layers)), "damping": dampings,
+                                 "batch_size": run.batch_size, **settings()})
+
+
+def query_gradients(model, task, factors: Factors, queries, *, damping=None, rank=None,
+                    execution: Execution | None = None):
+    """Preconditioned query gradients per layer, ``{name: LayerQueries}``, and the
+    damping used per layer. ``rank=r`` keeps each ``[d_a, d_out]`` matrix as its best
+    rank-r approximation (query batching); ``None`` keeps it in full. The query batches
+    are split over the mesh's data axis (``execution``'s batch size and mesh; no
+    checkpoint: a query pass is short)."""
+    run = Execution() if execution is None else execution
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    mesh = scoring_mesh(run.mesh, run.batch_size)
+    tracked, curvature, dampings = prepare(model, factors, damping, mesh)
+    source = as_source(queries, run.batch_size, task)
+
+    def update(grads, step):
+        out = _gradient_step(tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
+                             layers=tracked.layers, task=task, kind="measurement")
+        return {name: grads[name] + (v[: step.batch.n_valid],) for name, v in out.items()}
+
+    def finalize(grads):
+        return {name: jnp.concatenate(vs) for name, vs in grads.items()}
+
+    accumulator = Accumulator(lambda: {name: () for name in tracked.layer_names}, update, finalize)
+    stacked = run_pass(accumulator, source, mesh, desc="query gradients", progress=run.progress).value
+    preconditioned = _precondition_all(stacked, curvature, dampings)
+    if rank is not None:
+        return {name: low_rank(p, rank) for name, p in preconditioned.items()}, dampings
+    return {name: LayerQueries(full=p) for name, p in preconditioned.items()}, dampings

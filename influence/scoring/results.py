@@ -1,0 +1,98 @@
+"""Result types of the scoring passes, with ``.values``, ``.per_layer``, ``.top_k`` and
+atomic, checksummed save/load (:mod:`influence.runtime.io`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from influence.runtime import io
+
+
+class _LayerSplit:
+    """``values`` with an optional per-layer split that sums to it, and metadata."""
+
+    _KIND = ""
+    _FILE = ""
+
+    def __init__(self, values: np.ndarray, per_layer: dict[str, np.ndarray] | None, metadata: dict[str, Any]):
+        self.values = np.asarray(values)
+        self.per_layer = per_layer
+        self.metadata = dict(metadata)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(shape={self.values.shape}, strategy={self.metadata.get('strategy')!r}, "
+                f"per_layer={self.per_layer is not None})")
+
+    @classmethod
+    def _file(cls, path) -> Path:
+        path = Path(path)
+        return path if path.suffix == ".npz" else path / cls._FILE
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically to ``path/<name>.npz`` (or to ``path`` if it ends in .npz)."""
+        arrays = {"values": self.values}
+        for name, arr in (self.per_layer or {}).items():
+            arrays[f"per_layer/{name}"] = arr
+        file = self._file(path)
+        io.save_arrays(file, self._KIND, arrays, self.metadata)
+        return file
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        """Read a file written by :meth:`save` (``FileFormatError`` if it is not one)."""
+        arrays, metadata = io.load_arrays(cls._file(path), cls._KIND)
+        per_layer = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("per_layer/")}
+        return cls(arrays["values"], per_layer or None, metadata)
+
+
+def _check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+
+
+class Scores(_LayerSplit):
+    """Pairwise influence scores.
+
+    Attributes:
+      values: float32 ``[n_query, n_train]``; positive = upweighting the training
+        example lowers the query's measurement.
+      per_layer: ``None``, or layer name -> ``[n_query, n_train]``; they sum to
+        ``values`` (up to float32 rounding).
+      metadata: strategy, damping per layer, counts, model fingerprint.
+    """
+
+    _KIND = "influence-scores"
+    _FILE = "scores.npz"
+
+    def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and scores of the ``k`` most positively influential training
+        examples per query, each ``[n_query, min(k, n_train)]``, best first."""
+        _check_k(k)
+        k = min(k, self.values.shape[1])
+        idx = np.argsort(-self.values, axis=1, kind="stable")[:, :k]
+        return idx, np.take_along_axis(self.values, idx, axis=1)
+
+
+class SelfScores(_LayerSplit):
+    """Self-influence ∇L_nᵀ (G + λI)⁻¹ ∇L_n of every training example.
+
+    Attributes:
+      values: float32 ``[n_train]`` (≥ 0 up to rounding: the curvature is positive
+        definite); large values mark examples the model finds surprising or mislabelled.
+      per_layer: ``None``, or layer name -> ``[n_train]``, summing to ``values``.
+      metadata: strategy, damping per layer, counts, model fingerprint.
+    """
+
+    _KIND = "influence-self-scores"
+    _FILE = "self_scores.npz"
+
+    def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices and values of the ``k`` training examples of highest self-influence,
+        each ``[min(k, n_train)]``, highest first."""
+        _check_k(k)
+        idx = np.argsort(-self.values, kind="stable")[: min(k, self.values.shape[0])]
+        return idx, self.values[idx]
