@@ -20,10 +20,16 @@ __version__ = "0.1.0"
 import importlib
 
 from influence import tasks
-from influence.errors import (CheckpointMismatch, DataError, FileFormatError, InfluenceError, MissingCorpusError,
-                              TrackingError)
 from influence.capture.tracking import LayerInfo, track
 from influence.curvature import STRATEGIES
+from influence.errors import (
+    CheckpointMismatch,
+    DataError,
+    FileFormatError,
+    InfluenceError,
+    MissingCorpusError,
+    TrackingError,
+)
 from influence.factors import Factors
 from influence.fit import fit_factors
 from influence.runtime.execution import Execution

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from influence.runtime import io
 from influence.capture.tracking import LayerInfo, TrackedModel, track
 from influence.curvature import LayerCurvature, default_damping, get_strategy
 from influence.curvature import blocks as blocks_
 from influence.curvature.layer import arrays_of
+from influence.runtime import io
 
 FISHER_KINDS = ("sampled", "empirical", "exact")
 _FILE_KIND = "influence-factors"

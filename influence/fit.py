@@ -28,7 +28,12 @@ from influence.curvature import LayerCurvature, get_strategy
 from influence.curvature import blocks as blocks_
 from influence.curvature.passes import CurvaturePass
 from influence.errors import CheckpointMismatch, DataError
-from influence.factors import Factors, as_factor_dtype, curvature_arrays, curvature_from_arrays
+from influence.factors import (
+    Factors,
+    as_factor_dtype,
+    curvature_arrays,
+    curvature_from_arrays,
+)
 from influence.runtime.data import as_source
 from influence.runtime.driver import Accumulator, run_pass
 from influence.runtime.execution import Execution

@@ -10,7 +10,13 @@
 
 from influence.capture.activations import capture
 from influence.capture.objectives import layer_gradients, token_weights
-from influence.capture.tracking import LayerFilter, LayerInfo, TrackedModel, model_fingerprint, track
+from influence.capture.tracking import (
+           LayerFilter,
+           LayerInfo,
+           TrackedModel,
+           model_fingerprint,
+           track,
+)
 
 __all__ = ["LayerFilter", "LayerInfo", "TrackedModel", "capture", "layer_gradients", "model_fingerprint",
            "token_weights", "track"]

@@ -19,7 +19,14 @@ from influence.capture.objectives import layer_gradients
 from influence.capture.per_example import sum_over_example_chunks, weight_gradients
 from influence.curvature.blocks import matmul_last
 from influence.curvature.passes import STEP_STATICS, CurvaturePass, g_spec
-from influence.runtime.mesh import DATA, local, replicate, spec, to_host, zeros_per_device
+from influence.runtime.mesh import (
+    DATA,
+    local,
+    replicate,
+    spec,
+    to_host,
+    zeros_per_device,
+)
 
 
 def eigenvalue_sums(a, g, example_weights, q_a=None, q_s=None) -> jax.Array:

@@ -28,9 +28,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from influence.errors import CheckpointMismatch
 from influence.runtime import io
 from influence.runtime.mesh import all_processes_gather
-from influence.errors import CheckpointMismatch
 
 log = logging.getLogger(__name__)
 

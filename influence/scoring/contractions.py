@@ -13,14 +13,11 @@ the representation it is given; they differ in cost only.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
 from influence.capture.per_example import example_chunk
 from influence.scoring.queries import LayerQueries
-
-
 
 
 def _dense_scores(a: jax.Array, g: jax.Array, p: jax.Array) -> jax.Array:

@@ -30,10 +30,9 @@ from influence.factors import Factors
 from influence.runtime.data import as_source
 from influence.runtime.driver import concatenate, run_pass
 from influence.runtime.execution import Execution
-from influence.runtime.io import digest_arrays
 from influence.runtime.mesh import DATA, describe_mesh, local, query_axis, spec
 from influence.scoring.contractions import layer_scores, stack_layers
-from influence.scoring.queries import STEP_STATICS, place_queries, prepare, query_gradients, score_checkpoint, scoring_mesh
+from influence.scoring.queries import STEP_STATICS, prepare_queries, score_checkpoint
 from influence.scoring.results import Scores
 
 
@@ -84,23 +83,19 @@ def pairwise_scores(
       :class:`~influence.Scores` with ``values [n_query, n_train]``.
     """
     run = Execution.of(execution, options)
-    mesh = scoring_mesh(run.mesh, run.batch_size)
-    tracked, _, _ = prepare(model, factors, damping, mesh)
-    preconditioned, dampings = query_gradients(model, task, factors, queries, damping=damping, rank=query_rank,
-                                               execution=run)
-    n_queries = next(iter(preconditioned.values())).num_queries
-    placed = place_queries(preconditioned, mesh)
+    side = prepare_queries(model, task, factors, queries, damping=damping, rank=query_rank, execution=run)
+    mesh, tracked, dampings = side.mesh, side.tracked, side.damping
     source = as_source(train, run.batch_size, task)
-    checkpoint = score_checkpoint("scores", run, tracked, factors, dampings, lambda: {
-        "queries": digest_arrays(jax.device_get(preconditioned)), "per_layer": per_layer})
+    checkpoint = score_checkpoint("scores", run, tracked, factors, dampings, lambda: {"per_layer": per_layer},
+                                  queries=side.queries)
 
     def score(step):
-        return _score_step(placed, tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
+        return _score_step(side.placed, tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
                            layers=tracked.layers, task=task, kind="empirical", mesh=mesh, keep_layers=per_layer)
 
     resumed = checkpoint.load() if checkpoint is not None else None
     collected = run_pass(concatenate(score), source, mesh, checkpoint=checkpoint, resumed=resumed, desc="scores",
-                         progress=run.progress).value[:, :n_queries]
+                         progress=run.progress).value[:, :side.n_query]
     values = collected.sum(axis=0)
     metadata = {
         "strategy": factors.strategy,

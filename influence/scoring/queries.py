@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import threadpoolctl
+from jax.sharding import Mesh
 
 from influence.capture.objectives import layer_gradients
 from influence.capture.per_example import weight_gradients
-from influence.capture.tracking import track
+from influence.capture.tracking import TrackedModel, track
 from influence.curvature import precondition
 from influence.curvature.layer import map_arrays
 from influence.factors import Factors, curvature_arrays
@@ -130,17 +131,6 @@ def place_queries(prepared: dict[str, LayerQueries], mesh) -> dict[str, LayerQue
     return jax.device_put(prepared, jax.sharding.NamedSharding(mesh, spec(q)))
 
 
-def score_checkpoint(kind: str, run: Execution, tracked, factors: Factors, dampings: dict, settings):
-    """The checkpoint of a scoring pass, keyed by the model (structure and weights), the
-    factors and damping, and whatever else decides its scores (``settings()``, only
-    computed when checkpointing)."""
-    if run.checkpoint_dir is None:
-        return None
-    return run.checkpoint(kind, {"model": tracked.fingerprint, "weights": digest_arrays(tracked.state),
-                                 "factors": digest_arrays(curvature_arrays(factors.layers)), "damping": dampings,
-                                 "batch_size": run.batch_size, **settings()})
-
-
 def query_gradients(model, task, factors: Factors, queries, *, damping=None, rank=None,
                     execution: Execution | None = None):
     """Preconditioned query gradients per layer, ``{name: LayerQueries}``, and the
@@ -169,3 +159,52 @@ def query_gradients(model, task, factors: Factors, queries, *, damping=None, ran
     if rank is not None:
         return {name: low_rank(p, rank) for name, p in preconditioned.items()}, dampings
     return {name: LayerQueries(full=p) for name, p in preconditioned.items()}, dampings
+
+
+class QuerySide(NamedTuple):
+    """What a scoring pass over the training set needs of its queries.
+
+    ``tracked``: the model, replicated on ``mesh``; ``queries``: the preconditioned query
+    gradients per layer (as computed); ``placed``: the same on the mesh (padded with
+    zero queries to split over a query axis); ``damping``: λ per layer."""
+
+    run: Execution
+    mesh: Mesh
+    tracked: TrackedModel
+    queries: dict[str, LayerQueries]
+    placed: dict[str, LayerQueries]
+    damping: dict[str, float]
+
+    @property
+    def n_query(self) -> int:
+        return next(iter(self.queries.values())).num_queries
+
+    @property
+    def n_placed(self) -> int:
+        """Queries on the mesh, padding included."""
+        return next(iter(self.placed.values())).num_queries
+
+
+def prepare_queries(model, task, factors: Factors, queries, *, damping=None, rank=None,
+                    execution: Execution) -> QuerySide:
+    """Preconditioned query gradients, placed for a scoring pass (see :func:`query_gradients`)."""
+    mesh = scoring_mesh(execution.mesh, execution.batch_size)
+    tracked, _, _ = prepare(model, factors, damping, mesh)
+    preconditioned, dampings = query_gradients(model, task, factors, queries, damping=damping, rank=rank,
+                                               execution=execution)
+    return QuerySide(execution, mesh, tracked, preconditioned, place_queries(preconditioned, mesh), dampings)
+
+
+def score_checkpoint(kind: str, run: Execution, tracked, factors: Factors, dampings: dict, settings,
+                     queries: dict[str, LayerQueries] | None = None):
+    """The checkpoint of a scoring pass, keyed by the model (structure and weights), the
+    factors and damping, the preconditioned queries if any, and whatever else decides its
+    scores (``settings()``, only computed when checkpointing)."""
+    if run.checkpoint_dir is None:
+        return None
+    keys = {"model": tracked.fingerprint, "weights": digest_arrays(tracked.state),
+            "factors": digest_arrays(curvature_arrays(factors.layers)), "damping": dampings,
+            "batch_size": run.batch_size, **settings()}
+    if queries is not None:
+        keys["queries"] = digest_arrays(jax.device_get(queries))
+    return run.checkpoint(kind, keys)

@@ -27,7 +27,8 @@ from influence.runtime.execution import Execution
 from influence.runtime.io import digest_arrays
 from influence.runtime.mesh import DATA, local, n_data, query_axis, shard_batch, spec
 from influence.scoring.contractions import layer_scores
-from influence.scoring.queries import LayerQueries, place_queries, prepare, query_gradients, score_checkpoint, scoring_mesh
+from influence.scoring.queries import LayerQueries, prepare_queries, score_checkpoint
+from influence.scoring.results import check_k
 from influence.scoring.topk import merge_slots
 
 
@@ -57,8 +58,7 @@ class Ranking(NamedTuple):
 
     def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The best ``min(k, kept)`` of each query: ``(indices, values)``, each ``[Q, k']``."""
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        check_k(k)
         return self.indices[:, :k], self.values[:, :k]
 
 
@@ -132,14 +132,11 @@ def rank_training(
         ``"query"`` axis splits the queries. A checkpoint keeps the running top-k and the
         rows of ``scores_path`` written so far.
     """
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    check_k(k)
     run = Execution.of(execution, options)
-    mesh = scoring_mesh(run.mesh, run.batch_size)
-    tracked, _, _ = prepare(model, factors, damping, mesh)
-    prepared, dampings = query_gradients(model, task, factors, queries, damping=damping, rank=query_rank,
-                                         execution=run)
-    n_query = next(iter(prepared.values())).num_queries
+    side = prepare_queries(model, task, factors, queries, damping=damping, rank=query_rank, execution=run)
+    mesh, tracked, dampings, placed, n_query, q_pad = (side.mesh, side.tracked, side.damping, side.placed,
+                                                       side.n_query, side.n_placed)
     row_map = None
     if candidates is not None:
         if len(candidates) != n_query:
@@ -151,12 +148,9 @@ def rank_training(
     source = as_source(train, run.batch_size, task)
     n_rows = source.num_examples if row_map is None else n_total
     k_eff = min(k, n_rows) if n_rows else k
-    placed = place_queries(prepared, mesh)
-    q_pad = next(iter(placed.values())).num_queries
     checkpoint = score_checkpoint("ranking", run, tracked, factors, dampings, lambda: {
-        "queries": digest_arrays(jax.device_get(prepared)), "k": k,
-        "candidates": None if candidates is None else digest_arrays(candidates),
-        "scores_path": None if scores_path is None else str(scores_path)})
+        "k": k, "candidates": None if candidates is None else digest_arrays(candidates),
+        "scores_path": None if scores_path is None else str(scores_path)}, queries=side.queries)
     resumed = checkpoint.load() if checkpoint is not None else None
     best_sharding = NamedSharding(mesh, spec(DATA, query_axis(mesh)))
     allowed_sharding = NamedSharding(mesh, spec(query_axis(mesh), DATA))
@@ -205,7 +199,7 @@ def rank_training(
                       progress=run.progress)
     idx, top = result.value
     n_train = n_total if row_map is not None else (n_rows if n_rows is not None else result.n_examples)
-    return Ranking(idx[:n_query], top[:n_query], prepared, dampings, int(n_train))
+    return Ranking(idx[:n_query], top[:n_query], side.queries, dampings, int(n_train))
 
 
 def _restore_best(scores: np.ndarray, indices: np.ndarray, slots: int, n_query: int, q_pad: int):

@@ -49,7 +49,8 @@ class _LayerSplit:
         return cls(arrays["values"], per_layer or None, metadata)
 
 
-def _check_k(k: int) -> None:
+def check_k(k: int) -> None:
+    """``ValueError`` unless ``k`` is a positive integer (how many to keep)."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
 
@@ -71,7 +72,7 @@ class Scores(_LayerSplit):
     def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices and scores of the ``k`` most positively influential training
         examples per query, each ``[n_query, min(k, n_train)]``, best first."""
-        _check_k(k)
+        check_k(k)
         k = min(k, self.values.shape[1])
         idx = np.argsort(-self.values, axis=1, kind="stable")[:, :k]
         return idx, np.take_along_axis(self.values, idx, axis=1)
@@ -93,6 +94,6 @@ class SelfScores(_LayerSplit):
     def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices and values of the ``k`` training examples of highest self-influence,
         each ``[min(k, n_train)]``, highest first."""
-        _check_k(k)
+        check_k(k)
         idx = np.argsort(-self.values, kind="stable")[: min(k, self.values.shape[0])]
         return idx, self.values[idx]

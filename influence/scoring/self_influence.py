@@ -24,7 +24,12 @@ from influence.runtime.driver import concatenate, run_pass
 from influence.runtime.execution import Execution
 from influence.runtime.mesh import DATA, describe_mesh, local, spec
 from influence.scoring.contractions import stack_layers
-from influence.scoring.queries import STEP_STATICS, prepare, score_checkpoint, scoring_mesh
+from influence.scoring.queries import (
+    STEP_STATICS,
+    prepare,
+    score_checkpoint,
+    scoring_mesh,
+)
 from influence.scoring.results import SelfScores
 
 
