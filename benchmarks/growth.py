@@ -30,7 +30,8 @@ from benchmarks.speed import _timed, forward_backward, setup
 def measure(model_name: str, n: int, width: int | None, batch_size: int, strategy: str = "ekfac") -> dict:
     model, task, train, queries, label = setup(model_name, n, width)
     base = _timed(forward_backward(model, task, train, batch_size), repeats=2)
-    fit = lambda: inf.fit_factors(model, task, train, strategy=strategy, batch_size=batch_size, progress=False)  # noqa: E731
+    def fit():
+        return inf.fit_factors(model, task, train, strategy=strategy, batch_size=batch_size, progress=False)
     t_fit = _timed(fit, repeats=2)
     factors = fit()
     t_score = _timed(lambda: inf.pairwise_scores(model, task, factors, queries, train, batch_size=batch_size,

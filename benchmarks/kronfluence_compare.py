@@ -40,7 +40,8 @@ CONFIGS = (("ekfac", "empirical", None), ("ekfac", "empirical", 1e-3), ("kfac", 
 
 def trained_model(n_train: int = 1536):
     model, task, train, queries, label = setup("mlp", n_train)
-    ce = lambda m, d: optax.softmax_cross_entropy_with_integer_labels(m(d["x"]), d["y"]).mean()  # noqa: E731
+    def ce(m, d):
+        return optax.softmax_cross_entropy_with_integer_labels(m(d["x"]), d["y"]).mean()
     train_model(model, ce, {k: np.asarray(v) for k, v in train.items()}, steps=300, lr=1e-3, weight_decay=1e-4)
     return model, task, train, queries, label
 

@@ -108,7 +108,8 @@ def main(argv=None) -> None:
     print("| strategy | fit (s) | fit ÷ fwd+bwd | pairwise scores (s) | scores ÷ fwd+bwd | self scores (s) |")
     print("|---|---|---|---|---|---|")
     for strategy in args.strategies.split(","):
-        fit = lambda: inf.fit_factors(model, task, train, strategy=strategy, batch_size=bs, progress=False)  # noqa: E731
+        def fit():
+            return inf.fit_factors(model, task, train, strategy=strategy, batch_size=bs, progress=False)
         t_fit = timed(fit, repeats=2)
         factors = fit()
 

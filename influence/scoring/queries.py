@@ -126,7 +126,8 @@ def place_queries(prepared: dict[str, LayerQueries], mesh) -> dict[str, LayerQue
         return replicate(prepared, mesh)
     n = next(iter(prepared.values())).num_queries
     padded = -n % n_query(mesh)
-    pad = lambda x: jnp.pad(x, [(0, padded)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
+    def pad(x):
+        return jnp.pad(x, [(0, padded)] + [(0, 0)] * (x.ndim - 1))
     prepared = {name: LayerQueries(*(None if x is None else pad(x) for x in lq)) for name, lq in prepared.items()}
     return jax.device_put(prepared, jax.sharding.NamedSharding(mesh, spec(q)))
 

@@ -31,5 +31,6 @@ def merge_top_k(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarra
 def merge_slots(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-slot lists ``[S, Q, k]`` (one per device or host) into ``[Q, k]``."""
     q = scores.shape[1]
-    flat = lambda x: np.moveaxis(x, 0, 1).reshape(q, -1)  # noqa: E731 - [Q, S·k]
+    def flat(x):  # [Q, S·k]
+        return np.moveaxis(x, 0, 1).reshape(q, -1)
     return merge_top_k(flat(scores), flat(rows), k)

@@ -117,8 +117,9 @@ def test_sampled_fisher_estimates_the_exact_fisher():
     sampling noise, while the empirical Fisher (data labels) is a different matrix."""
     model, data, _ = trained_mlp()
     task = tasks.Classification()
-    fit = lambda fisher, key=0: inf.fit_factors(model, task, data, strategy="diagonal", fisher=fisher,  # noqa: E731
-                                                key=jax.random.key(key), progress=False)
+    def fit(fisher, key=0):
+        return inf.fit_factors(model, task, data, strategy="diagonal", fisher=fisher,
+                               key=jax.random.key(key), progress=False)
     exact, empirical = fit("exact"), fit("empirical")
     # A confident model makes the one-sample estimator heavy-tailed: averaging 16 fits
     # brings the relative error to ~0.15-0.25 (it falls like 1/sqrt(fits)).

@@ -128,7 +128,8 @@ def test_every_query_source_is_in_its_training_mix(cfg):
     from experiments.mixture import heldout_documents, training_documents
 
     docs = training_documents(cfg.mixture)
-    squash = lambda t: re.sub(r"\s+", " ", t)  # noqa: E731
+    def squash(t):
+        return re.sub(r"\s+", " ", t)
     texts = [squash(d.text) for d in docs]
     for s in load_queries(ids=cfg.query_ids):
         if s.source_text:

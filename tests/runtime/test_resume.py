@@ -74,8 +74,9 @@ def test_fit_interrupted_in_both_passes_resumes_to_identical_factors(lm, tmp_pat
     # calls: 1 = covariance pass (fails before batch 5), 2 = its resumption, 3 = eigenvalue
     # pass (fails before batch 2), 4 = its resumption
     source = interrupting(data, {1: 5, 3: 2})
-    fit = lambda: inf.fit_factors(model, task, source, strategy="ekfac", batch_size=BATCH,  # noqa: E731
-                                  progress=False, checkpoint_dir=tmp_path, checkpoint_every=3)
+    def fit():
+        return inf.fit_factors(model, task, source, strategy="ekfac", batch_size=BATCH,
+                               progress=False, checkpoint_dir=tmp_path, checkpoint_every=3)
     with pytest.raises(Interrupted):
         fit()
     assert steps["steps"] == 5
@@ -94,8 +95,9 @@ def test_a_lost_snapshot_falls_back_to_the_previous_one(lm, tmp_path, steps):
     resumes from the older generation and still gets the same factors."""
     model, task, data, _, reference = lm
     source = interrupting(data, {1: 7})
-    fit = lambda: inf.fit_factors(model, task, source, strategy="ekfac", batch_size=BATCH,  # noqa: E731
-                                  progress=False, checkpoint_dir=tmp_path, checkpoint_every=2)
+    def fit():
+        return inf.fit_factors(model, task, source, strategy="ekfac", batch_size=BATCH,
+                               progress=False, checkpoint_dir=tmp_path, checkpoint_every=2)
     with pytest.raises(Interrupted):
         fit()
     newest = max(tmp_path.glob("factors-p0-*.npz"), key=lambda p: p.stat().st_mtime_ns)
@@ -106,8 +108,9 @@ def test_a_lost_snapshot_falls_back_to_the_previous_one(lm, tmp_path, steps):
 
 def test_resuming_with_other_data_or_settings_is_refused(lm, tmp_path):
     model, task, data, _, reference = lm
-    fit = lambda source, **kw: inf.fit_factors(model, task, source, strategy="ekfac", progress=False,  # noqa: E731
-                                               checkpoint_dir=tmp_path, checkpoint_every=2, **{"batch_size": BATCH, **kw})
+    def fit(source, **kw):
+        return inf.fit_factors(model, task, source, strategy="ekfac", progress=False,
+                               checkpoint_dir=tmp_path, checkpoint_every=2, **{"batch_size": BATCH, **kw})
     with pytest.raises(Interrupted):
         fit(interrupting(data, {1: 5}))
     changed = {k: v.copy() for k, v in data.items()}
@@ -130,8 +133,9 @@ def test_scoring_passes_resume_to_identical_scores(lm, tmp_path):
     model, task, data, queries, factors = lm
     full = inf.pairwise_scores(model, task, factors, queries, data, batch_size=BATCH, progress=False, per_layer=True)
     source = interrupting(data, {1: 5})
-    score = lambda: inf.pairwise_scores(model, task, factors, queries, source, batch_size=BATCH,  # noqa: E731
-                                        progress=False, per_layer=True, checkpoint_dir=tmp_path, checkpoint_every=2)
+    def score():
+        return inf.pairwise_scores(model, task, factors, queries, source, batch_size=BATCH,
+                                   progress=False, per_layer=True, checkpoint_dir=tmp_path, checkpoint_every=2)
     with pytest.raises(Interrupted):
         score()
     resumed = score()
@@ -141,8 +145,9 @@ def test_scoring_passes_resume_to_identical_scores(lm, tmp_path):
 
     self_full = inf.self_scores(model, task, factors, data, batch_size=BATCH, progress=False)
     source = interrupting(data, {1: 3})
-    self_score = lambda: inf.self_scores(model, task, factors, source, batch_size=BATCH,  # noqa: E731
-                                         progress=False, checkpoint_dir=tmp_path, checkpoint_every=2)
+    def self_score():
+        return inf.self_scores(model, task, factors, source, batch_size=BATCH,
+                               progress=False, checkpoint_dir=tmp_path, checkpoint_every=2)
     with pytest.raises(Interrupted):
         self_score()
     np.testing.assert_array_equal(self_score().values, self_full.values)
@@ -152,9 +157,10 @@ def test_ranking_resumes_with_its_top_k_and_score_file(lm, tmp_path, monkeypatch
     model, task, data, queries, factors = lm
     full = rank_training(model, task, factors, queries, data, k=4, batch_size=BATCH, progress=False,
                          scores_path=tmp_path / "full.npy")
-    rank = lambda: rank_training(model, task, factors, queries, data, k=4, batch_size=BATCH,  # noqa: E731
-                                 progress=False, scores_path=tmp_path / "all.npy", checkpoint_dir=tmp_path / "ckpt",
-                                 checkpoint_every=2)
+    def rank():
+        return rank_training(model, task, factors, queries, data, k=4, batch_size=BATCH,
+                             progress=False, scores_path=tmp_path / "all.npy", checkpoint_dir=tmp_path / "ckpt",
+                             checkpoint_every=2)
     # The score file needs a training set of known size (a dict here), so the failure is
     # injected inside the loop instead of in the data: at the sixth batch, before scoring it.
     calls = []
