@@ -15,9 +15,9 @@ Sub-packages loaded on first use: ``inf.lm`` (language models to study), ``inf.q
 ``inf.hosts`` (several hosts), ``inf.testing`` (small fixtures).
 """
 
-__version__ = "0.1.0"
-
 import importlib
+
+from influence._version import __version__
 
 from influence import tasks
 from influence.capture.tracking import LayerInfo, track
@@ -28,6 +28,7 @@ from influence.errors import (
     FileFormatError,
     InfluenceError,
     MissingCorpusError,
+    ModelMismatch,
     TrackingError,
 )
 from influence.factors import Factors
@@ -53,6 +54,6 @@ def __getattr__(name):
 
 
 __all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "Execution", "Factors", "FileFormatError",
-           "InfluenceError", "LayerInfo", "MissingCorpusError", "Ranking", "Scores", "SelfScores", "Task",
+           "InfluenceError", "LayerInfo", "MissingCorpusError", "ModelMismatch", "Ranking", "Scores", "SelfScores", "Task",
            "TrackingError", "__version__", "attribute", "fit_factors", "hosts", "lm", "pairwise_scores", "query",
            "rank_training", "reference", "self_scores", "tasks", "testing", "track"]

@@ -7,6 +7,7 @@ the base :class:`InfluenceError`, so ``except inf.InfluenceError`` catches any o
     ├── TrackingError       the model's layers cannot be tracked or captured
     ├── DataError           data that cannot be batched (empty, ragged, wrong type)
     ├── FileFormatError     a missing, truncated, corrupt or foreign file
+    ├── ModelMismatch       factors (or a checkpoint) of a model of another structure
     ├── CheckpointMismatch  a checkpoint of another run (other data or settings)
     └── MissingCorpusError  a text corpus whose package is not installed (influence.lm)
 
@@ -32,6 +33,10 @@ class DataError(InfluenceError):
 
 class FileFormatError(InfluenceError):
     """A file is missing, truncated, corrupt, or not the kind of file expected."""
+
+
+class ModelMismatch(InfluenceError):
+    """Factors were fitted on a model of another structure (other layers or shapes)."""
 
 
 class CheckpointMismatch(InfluenceError):

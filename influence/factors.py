@@ -20,6 +20,7 @@ from influence.capture.tracking import LayerInfo, TrackedModel, track
 from influence.curvature import LayerCurvature, default_damping, get_strategy
 from influence.curvature import blocks as blocks_
 from influence.curvature.layer import arrays_of
+from influence.errors import ModelMismatch
 from influence.runtime import io
 
 FISHER_KINDS = ("sampled", "empirical", "exact")
@@ -125,13 +126,14 @@ class Factors:
                     )
 
     def check_compatible(self, tracked: TrackedModel) -> None:
-        """Raise ``ValueError`` unless the factors were fitted on a model of this structure."""
+        """Raise :class:`~influence.errors.ModelMismatch` unless the factors were fitted on a
+        model of this structure."""
         ours = {i.name: (i.d_in, i.d_out, i.has_bias) for i in self.layer_infos}
         theirs = {i.name: (i.d_in, i.d_out, i.has_bias) for i in tracked.layers}
         if ours != theirs or self.metadata.get("fingerprint") != tracked.fingerprint:
             diff = sorted(set(ours.items()) ^ set(theirs.items()))
             detail = f"; differing layers (name, (d_in, d_out, bias)): {diff[:6]}" if diff else ""
-            raise ValueError(
+            raise ModelMismatch(
                 f"these factors were fitted on a model of another structure (fingerprint "
                 f"{self.metadata.get('fingerprint')} vs {tracked.fingerprint}){detail}"
             )

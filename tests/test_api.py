@@ -23,7 +23,7 @@ def test_every_public_name_resolves_including_the_lazy_subpackages():
 
 def test_every_library_error_is_an_influence_error():
     for error in (inf.TrackingError, inf.DataError, inf.FileFormatError, inf.CheckpointMismatch,
-                  inf.MissingCorpusError):
+                  inf.MissingCorpusError, inf.ModelMismatch):
         assert issubclass(error, inf.InfluenceError) and issubclass(error, ValueError)
 
 

@@ -178,14 +178,14 @@ def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
             continue
         kernel = module.kernel[...]
         if kernel.ndim != 2:
-            raise ValueError(f"layer {name!r} has a {kernel.ndim}-D kernel; only 2-D kernels are supported")
+            raise TrackingError(f"layer {name!r} has a {kernel.ndim}-D kernel; only 2-D kernels are supported")
         has_bias = getattr(module, "bias", None) is not None
         module.__class__ = _tracked_class(type(module))
         module.influence_layer_name = name
         infos.append(LayerInfo(name, int(kernel.shape[0]), int(kernel.shape[1]), has_bias))
     if not infos:
         found = f"its nnx.Linear layers are {all_linear}" if all_linear else "it has no nnx.Linear layer"
-        raise ValueError(f"no layer of the model is tracked by layers={layers!r}: {found}")
+        raise TrackingError(f"no layer of the model is tracked by layers={layers!r}: {found}")
     infos.sort(key=lambda info: info.name)
     graphdef, state = nnx.split(clone)
     return TrackedModel(graphdef, state, tuple(infos), model_fingerprint(model))

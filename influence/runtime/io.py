@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from influence._version import __version__
 from influence.errors import FileFormatError
 
 _HEADER = "__header__"
@@ -103,8 +104,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
 
 def save_arrays(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> None:
     """Atomically write ``arrays`` and JSON-serialisable ``metadata`` as a tagged ``.npz``."""
-    from influence import __version__
-
     header = {"kind": kind, "version": __version__, "sha256": _digest(arrays), "metadata": metadata}
     buf = _io.BytesIO()
     payload = {name: np.asarray(arr) for name, arr in arrays.items()}

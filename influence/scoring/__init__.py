@@ -1,7 +1,11 @@
 """Scoring: preconditioned query gradients dotted with training gradients.
 
+* :mod:`.queries`: preconditioned query gradients (full or rank-r) and their placement;
 * :mod:`.contractions`: exact contractions of preconditioned queries with (a, g);
-* :mod:`.pairwise`: query gradients, :func:`pairwise_scores`, :func:`self_scores`;
-* :mod:`.ranking`: streaming top-k (:func:`rank_training`) and token/layer attribution;
+* :mod:`.pairwise`: :func:`pairwise_scores`;
+* :mod:`.self_influence`: :func:`self_scores`;
+* :mod:`.ranking`: streaming top-k (:func:`rank_training`);
+* :mod:`.attribution`: token- and layer-wise split of chosen scores (:func:`attribute`);
+* :mod:`.results`: :class:`Scores`, :class:`SelfScores`;
 * :mod:`.topk`: exact merges of partial top-k lists.
 """
