@@ -197,8 +197,9 @@ def fit_factors(
     key = jax.random.key(0) if key is None else key
     source = as_source(data, local_batch_size(run.batch_size, mesh), task)
     if len(chosen.passes) > 1 and source.single_pass:
-        raise DataError(f"{strategy} reads the data {len(chosen.passes)} times; pass a list, a datasets.Dataset or a "
-                        "callable, not a one-shot iterator")
+        times = "twice" if len(chosen.passes) == 2 else f"{len(chosen.passes)} times"
+        raise DataError(f"{strategy} reads the data {times}; pass a list, a datasets.Dataset or a callable, not a "
+                        "one-shot iterator")
     layer_blocks = blocks_.resolve(tracked.layers, blocks, max_block_size)
     metadata: dict[str, Any] = {
         "layers": [info._asdict() for info in tracked.layers],
