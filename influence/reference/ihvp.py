@@ -6,9 +6,9 @@ examples,
 
     (G + D) v = (1/N) Σ_n J_nᵀ H_n (J_n v) + D v,
 
-with ``J_n v`` a ``jax.jvp`` of the model outputs, ``H_n`` the Hessian of the loss in the
-outputs (applied by a ``jax.jvp`` of its gradient, so any :class:`influence.tasks.OutputTask` works) and ``Jᵀ``
-a ``jax.vjp``. Nothing of size P² is formed, so this scales to models far larger than
+with ``J_n v`` a ``jax.jvp`` of the model outputs, ``H_n`` the Hessian of the task's
+``family.loss`` in the outputs (applied by a ``jax.jvp`` of its gradient, so any
+:class:`influence.tasks.OutputTask` works) and ``Jᵀ`` a ``jax.vjp``. Nothing of size P² is formed, so this scales to models far larger than
 :func:`influence.reference.exact.gauss_newton` allows. ``D`` is diagonal: each layer's damping λ_ℓ.
 """
 
