@@ -74,8 +74,8 @@ class LossFamily(abc.ABC):
 
     The loss must be a negative log-likelihood in the outputs' natural parameters (a
     matching loss), so that the Fisher of the predictive distribution equals the
-    Gauss-Newton matrix. Families are static arguments of jitted functions: implement
-    them as frozen dataclasses.
+    Gauss-Newton matrix. A family is part of its task, a static argument of jitted
+    functions: implement it as a frozen dataclass, so that it is hashable.
     """
 
     @abc.abstractmethod

@@ -107,6 +107,7 @@ def test_vmapped_training_matches_the_reference_trainer(small_problem):
     params = fit_many(graphdef, params, rest, optax.adam(1e-2), weighted_mean_loss(tasks.Classification()), data,
                       lambda _: jnp.ones((2, 64)), steps=25, weight_decay=1e-3)
     reference = _small_mlp(1)  # the second stacked model: stacking kept each seed's own weights
+
     def ce(m, d):
         return optax.softmax_cross_entropy_with_integer_labels(m(d["x"]), d["y"]).mean()
 
