@@ -6,10 +6,14 @@ for training gradients) and per-example measurements (for queries). Losses are
 negative log-likelihood are then matching losses, and the true Fisher equals the
 Gauss-Newton matrix the curvature approximates.
 
-Write your own by subclassing :class:`Task`; only :meth:`Task.loss` is required.
+Write your own by subclassing :class:`Task`; only :meth:`Task.loss` is required. When
+the loss is a likelihood over model outputs, subclass :class:`OutputTask` instead: give
+a :class:`LossFamily` (:class:`Categorical`, :class:`Gaussian` or your own), the outputs
+and the targets, and the exact Fisher and the exact references of
+:mod:`influence.reference` (Gauss-Newton, PBRF, exact influence) work for it.
 Tasks are used as static arguments of jitted functions, so they must be hashable:
-the built-ins are frozen dataclasses, and a subclass instance hashes by identity
-(reuse the same instance to reuse compiled code).
+the built-ins are frozen dataclasses, and a subclass instance that is not a dataclass
+hashes by identity (reuse the same instance to reuse compiled code).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-Batch = dict[str, jax.Array]
+Arrays = dict[str, jax.Array]  # a batch's named arrays (not runtime.data.Batch, the padded batch)
 
 
 class Task(abc.ABC):
@@ -38,7 +42,7 @@ class Task(abc.ABC):
     optional_fields: tuple[str, ...] = ()
 
     @abc.abstractmethod
-    def loss(self, model: Any, batch: Batch, sample_key: jax.Array | None = None) -> jax.Array:
+    def loss(self, model: Any, batch: Arrays, sample_key: jax.Array | None = None) -> jax.Array:
         """Per-example losses, float32 ``[B]``, summed over tokens/outputs.
 
         With ``sample_key``, targets are drawn from the model's own predictive
@@ -46,18 +50,18 @@ class Task(abc.ABC):
         used (training gradients and the empirical Fisher).
         """
 
-    def measurement(self, model: Any, batch: Batch) -> jax.Array:
+    def measurement(self, model: Any, batch: Arrays) -> jax.Array:
         """Per-query measurement ``[B]`` whose gradient is preconditioned. Loss-like:
         a positive influence score means upweighting the training example *lowers* it.
         Defaults to the loss on the batch's labels."""
         return self.loss(model, batch)
 
-    def token_mask(self, batch: Batch) -> jax.Array | None:
+    def token_mask(self, batch: Arrays) -> jax.Array | None:
         """Which token positions count when averaging the factors A and S, ``[B, T]``
         in {0, 1}; ``None`` means every position of every example counts."""
         return None
 
-    def fisher_directions(self, model: Any, batch: Batch) -> jax.Array:
+    def fisher_directions(self, model: Any, batch: Arrays) -> jax.Array:
         """Pseudo-losses ``[K, B]`` whose per-example gradients g_k satisfy
         Σ_k g_k g_kᵀ = the exact per-example Fisher (used by ``fisher="exact"``)."""
         raise NotImplementedError(
@@ -65,73 +69,121 @@ class Task(abc.ABC):
         )
 
 
-def _softmax_sqrt_fisher_pseudo_losses(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Pseudo-losses for the exact Fisher of softmax cross-entropy.
+class LossFamily(abc.ABC):
+    """A likelihood over model outputs: its loss, its samples and its exact Fisher.
 
-    logits ``[B, T, K]``, mask ``[B, T]``; returns ``[T*K, B]``. For direction (t, k)
-    the gradient with respect to logits[:, t] is √p_k (e_k − p), and
-    Σ_k √p_k (e_k − p) (√p_k (e_k − p))ᵀ = diag(p) − ppᵀ, the Hessian of the loss.
-    Each token gets its own directions, so no cross-token terms appear.
+    The loss must be a negative log-likelihood in the outputs' natural parameters (a
+    matching loss), so that the Fisher of the predictive distribution equals the
+    Gauss-Newton matrix. A family is part of its task, a static argument of jitted
+    functions: implement it as a frozen dataclass, so that it is hashable.
     """
-    p = jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1))
-    mean_logit = jnp.sum(p * logits, axis=-1, keepdims=True)
-    psi = jnp.sqrt(p) * (logits - mean_logit) * mask[..., None]  # [B, T, K]
-    b = logits.shape[0]
-    return psi.reshape(b, -1).T
+
+    @abc.abstractmethod
+    def loss(self, outputs: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+        """Per-example losses ``[B]``: the per-token loss of ``outputs [B, T, K]`` against
+        ``targets`` weighted by ``mask [B, T]`` and summed over tokens."""
+
+    def sample(self, outputs: jax.Array, key: jax.Array) -> jax.Array:
+        """Targets drawn from the predictive distribution at ``outputs [B, T, K]``, no
+        gradient through them (the sampled, true Fisher)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot sample targets; use fisher='empirical' or 'exact'")
+
+    def fisher_directions(self, outputs: jax.Array, mask: jax.Array) -> jax.Array:
+        """Pseudo-losses ``[K', B]`` whose gradients g_k with respect to ``outputs [B, T, K]``
+        satisfy Σ_k g_k g_kᵀ = mask-weighted output Hessian of :meth:`loss`, per token."""
+        raise NotImplementedError(f"{type(self).__name__} has no exact Fisher; use fisher='sampled' or 'empirical'")
 
 
 @dataclasses.dataclass(frozen=True)
-class _OutputTask(Task):
-    """Shared machinery of tasks whose loss is a likelihood over model outputs.
+class Categorical(LossFamily):
+    """Softmax cross-entropy: outputs are logits ``[B, T, K]``, targets labels ``[B, T]``."""
 
-    Subclasses give ``outputs(model, batch) -> [B, T, K]``, ``targets(batch)`` and
-    ``output_mask(batch) -> [B, T]``; loss, sampled loss and exact Fisher follow.
+    def loss(self, outputs, targets, mask):
+        logp = jax.nn.log_softmax(outputs, axis=-1)
+        per_token = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        return jnp.sum(per_token * mask, axis=1)
+
+    def sample(self, outputs, key):
+        return jax.random.categorical(key, jax.lax.stop_gradient(outputs), axis=-1)
+
+    def fisher_directions(self, outputs, mask):
+        """``[T*K, B]``. For direction (t, k) the gradient with respect to outputs[:, t] is
+        √p_k (e_k − p), and Σ_k √p_k (e_k − p) (√p_k (e_k − p))ᵀ = diag(p) − ppᵀ, the
+        Hessian of the loss. Each token gets its own directions, so no cross-token terms
+        appear."""
+        p = jax.lax.stop_gradient(jax.nn.softmax(outputs, axis=-1))
+        mean_logit = jnp.sum(p * outputs, axis=-1, keepdims=True)
+        psi = jnp.sqrt(p) * (outputs - mean_logit) * mask[..., None]  # [B, T, K]
+        return psi.reshape(outputs.shape[0], -1).T
+
+
+@dataclasses.dataclass(frozen=True)
+class Gaussian(LossFamily):
+    """Unit-variance Gaussian, 0.5‖f − y‖²: outputs and targets ``[B, T, K]``.
+
+    The factor 0.5 makes the Gauss-Newton matrix JᵀJ equal the Fisher of y ~ N(f, I).
     """
 
-    family: str = dataclasses.field(default="categorical", init=False)
+    def loss(self, outputs, targets, mask):
+        per_token = 0.5 * jnp.sum((outputs - targets) ** 2, axis=-1)
+        return jnp.sum(per_token * mask, axis=1)
+
+    def sample(self, outputs, key):
+        outputs = jax.lax.stop_gradient(outputs)
+        return outputs + jax.random.normal(key, outputs.shape, outputs.dtype)
+
+    def fisher_directions(self, outputs, mask):
+        """``[T*K, B]``: the output Hessian is I, so the directions are the outputs themselves."""
+        return (outputs * mask[..., None]).reshape(outputs.shape[0], -1).T
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OutputTask(Task):
+    """A task whose loss is a likelihood (:class:`LossFamily`) over model outputs.
+
+    Subclasses give ``family``, ``outputs(model, batch) -> [B, T, K]`` and
+    ``targets(batch)`` (and ``output_mask`` when not every token counts); loss, sampled
+    loss and exact Fisher follow, and :mod:`influence.reference` can compute exact
+    influence for them. Subclass as a frozen dataclass, e.g.::
+
+        @dataclasses.dataclass(frozen=True)
+        class MyTask(OutputTask):
+            family = Gaussian()
+            ...
+
+    (an undecorated subclass hashes and compares by identity, as any :class:`Task`).
+    """
+
+    @property
+    @abc.abstractmethod
+    def family(self) -> LossFamily:
+        """The likelihood of the targets given the outputs."""
 
     @abc.abstractmethod
-    def outputs(self, model: Any, batch: Batch) -> jax.Array:
+    def outputs(self, model: Any, batch: Arrays) -> jax.Array:
         """Model outputs ``[B, T, K]`` (logits, or regression predictions)."""
 
     @abc.abstractmethod
-    def targets(self, batch: Batch) -> jax.Array:
-        """Labels ``[B, T]`` (categorical) or targets ``[B, T, K]`` (Gaussian)."""
+    def targets(self, batch: Arrays) -> jax.Array:
+        """Targets in the family's format: labels ``[B, T]`` (Categorical), ``[B, T, K]`` (Gaussian)."""
 
-    def output_mask(self, batch: Batch, outputs: jax.Array) -> jax.Array:
+    def output_mask(self, batch: Arrays, outputs: jax.Array) -> jax.Array:
+        """Which tokens of ``outputs [B, T, K]`` count in the loss, ``[B, T]``; default all."""
         return jnp.ones(outputs.shape[:2], outputs.dtype)
-
-    def _loss_from_outputs(self, out: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-        if self.family == "categorical":
-            logp = jax.nn.log_softmax(out, axis=-1)
-            per_token = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-        else:  # gaussian with unit variance: 0.5‖f − y‖²
-            per_token = 0.5 * jnp.sum((out - targets) ** 2, axis=-1)
-        return jnp.sum(per_token * mask, axis=1)
-
-    def _sample_targets(self, out: jax.Array, key: jax.Array) -> jax.Array:
-        out = jax.lax.stop_gradient(out)
-        if self.family == "categorical":
-            return jax.random.categorical(key, out, axis=-1)
-        return out + jax.random.normal(key, out.shape, out.dtype)
 
     def loss(self, model, batch, sample_key=None):
         out = self.outputs(model, batch)
         mask = self.output_mask(batch, out)
-        targets = self.targets(batch) if sample_key is None else self._sample_targets(out, sample_key)
-        return self._loss_from_outputs(out, targets, mask)
+        targets = self.targets(batch) if sample_key is None else self.family.sample(out, sample_key)
+        return self.family.loss(out, targets, mask)
 
     def fisher_directions(self, model, batch):
         out = self.outputs(model, batch)
-        mask = self.output_mask(batch, out)
-        if self.family == "categorical":
-            return _softmax_sqrt_fisher_pseudo_losses(out, mask)
-        # Gaussian: the output Hessian is I, so the directions are the outputs themselves.
-        return (out * mask[..., None]).reshape(out.shape[0], -1).T
+        return self.family.fisher_directions(out, self.output_mask(batch, out))
 
 
 @dataclasses.dataclass(frozen=True)
-class Classification(_OutputTask):
+class Classification(OutputTask):
     """Softmax cross-entropy on ``model(batch[x_key]) -> logits [B, C]``.
 
     Args:
@@ -141,6 +193,7 @@ class Classification(_OutputTask):
         positive influence still means "upweighting raises the correct-class margin".
     """
 
+    family: LossFamily = dataclasses.field(default=Categorical(), init=False)
     x_key: str = "x"
     y_key: str = "y"
     measurement_kind: Literal["loss", "margin"] = "loss"
@@ -173,7 +226,7 @@ class Classification(_OutputTask):
 
 
 @dataclasses.dataclass(frozen=True)
-class Regression(_OutputTask):
+class Regression(OutputTask):
     """Squared error 0.5‖f(x) − y‖² (Gaussian likelihood with unit variance).
 
     ``model(batch[x_key])`` returns ``[B]`` or ``[B, K]``; targets have the same shape.
@@ -181,9 +234,9 @@ class Regression(_OutputTask):
     targets y ~ N(f, I).
     """
 
+    family: LossFamily = dataclasses.field(default=Gaussian(), init=False)
     x_key: str = "x"
     y_key: str = "y"
-    family: str = dataclasses.field(default="gaussian", init=False)
 
     @property
     def fields(self):  # type: ignore[override]
@@ -203,7 +256,7 @@ class Regression(_OutputTask):
 
 
 @dataclasses.dataclass(frozen=True)
-class CausalLM(_OutputTask):
+class CausalLM(OutputTask):
     """Next-token cross-entropy for ``model(input_ids [B, T]) -> logits [B, T, V]``.
 
     Position t predicts token t+1. ``loss_mask[b, t] = 1`` marks token t as a target
@@ -217,6 +270,7 @@ class CausalLM(_OutputTask):
     docs/method.md).
     """
 
+    family: LossFamily = dataclasses.field(default=Categorical(), init=False)
     input_key: str = "input_ids"
     mask_key: str = "loss_mask"
 

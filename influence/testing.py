@@ -1,6 +1,9 @@
 """Small models and data for the demo, the tests and the benchmarks (offline; seconds to train).
 
-The digits come from scikit-learn's bundled copy; the sequences are generated here."""
+The digits come from scikit-learn's bundled copy (imported on first use: scikit-learn is
+an optional extra); the sequences are generated here. Training is cached, but every call
+returns its own model and arrays, so a caller that mutates them (``model.train()``, an
+edited kernel, an in-place write to a batch) cannot leak into the next."""
 
 from __future__ import annotations
 
@@ -11,14 +14,30 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from sklearn.datasets import load_digits
 
 
 @functools.cache
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled 8×8 digits: x float32 [1797, 64] in [0, 1], y int32."""
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
     x, y = load_digits(return_X_y=True)
     return (x / 16.0).astype(np.float32), y.astype(np.int32)
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8×8 digits: x float32 [1797, 64] in [0, 1], y int32 (fresh copies)."""
+    x, y = _digits()
+    return x.copy(), y.copy()
+
+
+def _copied(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.array(v, copy=True) for k, v in arrays.items()}
+
+
+def _fresh_model(graphdef, state) -> nnx.Module:
+    """A new model with new Variables holding copies of ``state``'s arrays (``nnx.merge``
+    alone would share the Variables, so an edit to one model would show in the next)."""
+    return nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
 
 
 class MLP(nnx.Module):
@@ -52,7 +71,10 @@ class TinyLM(nnx.Module):
         b, t = ids.shape
         x = self.embed(ids) + self.pos[...][:t]
         q, k, v = jnp.split(self.attn_qkv(self.ln1(x)), 3, axis=-1)
-        split = lambda z: z.reshape(b, t, self.heads, -1)  # noqa: E731
+
+        def split(z):
+            return z.reshape(b, t, self.heads, -1)
+
         logits = jnp.einsum("bqhd,bkhd->bhqk", split(q), split(k)) / np.sqrt(q.shape[-1] // self.heads)
         logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -1e9)
         att = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), split(v)).reshape(b, t, -1)
@@ -80,16 +102,25 @@ def train(model, loss_fn, data: dict, steps: int, lr: float = 1e-2, weight_decay
     return float(loss)
 
 
+def _mean_cross_entropy(model, data):
+    return optax.softmax_cross_entropy_with_integer_labels(model(data["x"]), data["y"]).mean()
+
+
 @functools.cache
-def trained_mlp(hidden=16, n_train=256, steps=300):
-    """An MLP trained on the first ``n_train`` digits, with train and query splits."""
+def _trained_mlp(hidden: int, n_train: int, steps: int):
     x, y = digits()
     model = MLP(hidden=hidden, rngs=nnx.Rngs(0))
     data = {"x": x[:n_train], "y": y[:n_train]}
-    ce = lambda m, d: optax.softmax_cross_entropy_with_integer_labels(m(d["x"]), d["y"]).mean()  # noqa: E731
-    train(model, ce, data, steps)
+    train(model, _mean_cross_entropy, data, steps)
     queries = {"x": x[1500:1516], "y": y[1500:1516]}
-    return model, data, queries
+    return (*nnx.split(model), data, queries)
+
+
+def trained_mlp(hidden=16, n_train=256, steps=300):
+    """``(model, train data, queries)``: an MLP trained on the first ``n_train`` digits
+    (trained once per setting; each call gets its own copies)."""
+    graphdef, state, data, queries = _trained_mlp(hidden, n_train, steps)
+    return _fresh_model(graphdef, state), _copied(data), _copied(queries)
 
 
 def lm_sequences(n: int, length: int = 8, vocab: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
@@ -108,8 +139,16 @@ def lm_sequences(n: int, length: int = 8, vocab: int = 16, seed: int = 0) -> dic
     return {"input_ids": ids.astype(np.int32), "loss_mask": mask}
 
 
-@functools.cache
 def trained_lm(n_train=32, steps=150):
+    """``(model, train sequences, queries)``: a :class:`TinyLM` trained on
+    :func:`lm_sequences`; the queries measure the completion after a 4-token prompt
+    (trained once per setting; each call gets its own copies)."""
+    graphdef, state, data, queries = _trained_lm(n_train, steps)
+    return _fresh_model(graphdef, state), _copied(data), _copied(queries)
+
+
+@functools.cache
+def _trained_lm(n_train: int, steps: int):
     model = TinyLM(rngs=nnx.Rngs(1))
     data = lm_sequences(n_train)
 
@@ -122,4 +161,4 @@ def trained_lm(n_train=32, steps=150):
     train(model, lm_loss, data, steps)
     queries = lm_sequences(6, seed=1)
     queries["loss_mask"][:, :4] = 0  # measure only the completion after a 4-token prompt
-    return model, data, queries
+    return (*nnx.split(model), data, queries)

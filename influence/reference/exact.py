@@ -26,6 +26,7 @@ from flax import nnx
 
 from influence.capture.tracking import LayerFilter, TrackedModel, track
 from influence.runtime.data import as_source
+from influence.tasks import LossFamily
 
 
 def _dict_path(path) -> str:
@@ -120,23 +121,41 @@ def per_example_gradients(model, task, data, *, layers: LayerFilter = None, meas
                                                             measurement=measurement, batch_size=batch_size)))
 
 
+def require_output_task(task: Any, what: str) -> None:
+    """Raise ``TypeError`` unless ``task`` exposes its likelihood over model outputs:
+    ``outputs``, ``targets``, ``output_mask`` and a ``family`` (:class:`LossFamily`), as
+    every :class:`influence.tasks.OutputTask` does. ``what`` names the caller."""
+    missing = [name for name in ("outputs", "targets", "output_mask") if not callable(getattr(task, name, None))]
+    if not isinstance(getattr(task, "family", None), LossFamily):
+        missing.append("family (a LossFamily)")
+    if missing:
+        raise TypeError(f"{what} differentiates the task's loss in the model outputs; {type(task).__name__} lacks "
+                        f"{', '.join(missing)}: subclass influence.tasks.OutputTask")
+
+
 def gauss_newton(model, task, data, *, layers: LayerFilter = None) -> np.ndarray:
     """Exact Gauss-Newton matrix ``[P, P]`` (mean over examples) of a likelihood task.
 
-    Needs a task with ``outputs`` / ``targets`` / ``output_mask`` (the built-ins).
+    Needs an :class:`influence.tasks.OutputTask` (``outputs``, ``targets``,
+    ``output_mask``, ``family``): H_n is the Hessian of ``task.family.loss`` in the outputs.
     """
-    if not hasattr(task, "outputs"):
-        raise TypeError(f"{type(task).__name__} exposes no model outputs; the exact Gauss-Newton needs a built-in task")
+    require_output_task(task, "the exact Gauss-Newton matrix")
     tracked = track(model, layers)
     theta = flatten(tracked, layer_weights(tracked))
 
     def gn_one(state, theta, example):
         batch = {k: v[None] for k, v in example.items()}
-        outputs = lambda th: task.outputs(model_at(tracked, th, state), batch)  # noqa: E731
+
+        def outputs(th):
+            return task.outputs(model_at(tracked, th, state), batch)
+
         f = outputs(theta)
         jac = jax.jacfwd(outputs)(theta).reshape(f.size, -1)  # [T*K, P]
         mask = task.output_mask(batch, f)
-        loss_of_outputs = lambda out: task._loss_from_outputs(out, task.targets(batch), mask)[0]  # noqa: E731
+
+        def loss_of_outputs(out):
+            return task.family.loss(out, task.targets(batch), mask)[0]
+
         hess = jax.hessian(loss_of_outputs)(f).reshape(f.size, f.size)
         return jac.T @ hess @ jac
 

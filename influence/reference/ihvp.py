@@ -6,9 +6,9 @@ examples,
 
     (G + D) v = (1/N) Σ_n J_nᵀ H_n (J_n v) + D v,
 
-with ``J_n v`` a ``jax.jvp`` of the model outputs, ``H_n`` the Hessian of the loss in the
-outputs (applied by a ``jax.jvp`` of its gradient, so any built-in task works) and ``Jᵀ``
-a ``jax.vjp``. Nothing of size P² is formed, so this scales to models far larger than
+with ``J_n v`` a ``jax.jvp`` of the model outputs, ``H_n`` the Hessian of the task's
+``family.loss`` in the outputs (applied by a ``jax.jvp`` of its gradient, so any
+:class:`influence.tasks.OutputTask` works) and ``Jᵀ`` a ``jax.vjp``. Nothing of size P² is formed, so this scales to models far larger than
 :func:`influence.reference.exact.gauss_newton` allows. ``D`` is diagonal: each layer's damping λ_ℓ.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 from influence.capture.tracking import LayerFilter, track
 from influence.curvature import LayerCurvature, precondition
 from influence.runtime.data import as_source
-from influence.reference.exact import flatten, layer_slices, layer_weights, model_at, unflatten
+from influence.reference.exact import flatten, layer_slices, layer_weights, model_at, require_output_task, unflatten
 
 
 def damping_vector(model: Any, dampings: dict[str, float], layers: LayerFilter = None) -> np.ndarray:
@@ -45,7 +45,10 @@ def _functional(model: Any, layers: LayerFilter):
     spend minutes folding for a model with a large vocabulary."""
     tracked = track(model, layers)
     theta = flatten(tracked, layer_weights(tracked))
-    at = lambda th, state: model_at(dataclasses.replace(tracked, state=state), th)  # noqa: E731
+
+    def at(th, state):
+        return model_at(dataclasses.replace(tracked, state=state), th)
+
     return tracked, theta, at
 
 
@@ -54,20 +57,28 @@ def gauss_newton_product(model: Any, task: Any, data: Any, *, layers: LayerFilte
     """``v [R, P] -> G v [R, P]`` (float32 arithmetic, float64 result) for the mean
     Gauss-Newton matrix of ``task`` on ``data``; ``R`` vectors go through each batch at once.
 
-    ``task`` must be a built-in task (``outputs``, ``targets``, ``output_mask``).
+    ``task`` must be an :class:`influence.tasks.OutputTask` (``outputs``, ``targets``,
+    ``output_mask``, ``family``).
     """
+    require_output_task(task, "the Gauss-Newton-vector product")
     tracked, theta, at = _functional(model, layers)
     batches = [(b.arrays, b.example_mask) for b in as_source(data, batch_size, task)]
     n = sum(float(m.sum()) for _, m in batches)
 
     @jax.jit
     def batch_product(theta, state, vs, batch, example_mask):
-        outputs = lambda th: task.outputs(at(th, state), batch)  # noqa: E731
+        def outputs(th):
+            return task.outputs(at(th, state), batch)
+
         f, jvp = jax.linearize(outputs, theta)
         _, vjp = jax.vjp(outputs, theta)
         mask = task.output_mask(batch, f) * example_mask[:, None]
         targets = task.targets(batch)
-        grad_f = jax.grad(lambda out: jnp.sum(task._loss_from_outputs(out, targets, mask)))
+
+        def total_loss(out):
+            return jnp.sum(task.family.loss(out, targets, mask))
+
+        grad_f = jax.grad(total_loss)
 
         def one(v):
             jv = jvp(v)

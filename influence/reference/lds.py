@@ -89,8 +89,9 @@ def lds(scores: np.ndarray, masks: np.ndarray, measurements: np.ndarray) -> LDSR
 
 
 def settings_key(settings: dict[str, Any]) -> str:
-    """A short hash of JSON-serialisable ``settings`` (sorted keys)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A short hash of ``settings`` as canonical JSON (:func:`influence.runtime.io.canonical_json`),
+    so settings that read back the same from JSON share a key."""
+    return hashlib.sha256(json.dumps(io.canonical_json(settings), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class MeasurementCache:
@@ -102,7 +103,7 @@ class MeasurementCache:
     """
 
     def __init__(self, root: str | os.PathLike, settings: dict[str, Any]):
-        self.settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        self.settings = io.canonical_json(settings)
         self.path = Path(root) / f"{settings_key(self.settings)}.npz"
         self._rows: dict[tuple[int, int], np.ndarray] = {}
         if self.path.exists():

@@ -29,7 +29,7 @@ import numpy as np
 import scipy.linalg
 
 from influence.capture.tracking import LayerFilter, track
-from influence.reference.exact import flatten, gauss_newton, layer_weights, model_at
+from influence.reference.exact import flatten, gauss_newton, layer_weights, model_at, require_output_task
 
 
 class PBRFResult(NamedTuple):
@@ -71,8 +71,8 @@ def pbrf(
     """Optimise the PBRF for upweighting each training example in ``points`` by ``epsilon``.
 
     Args:
-      model, task: a model at its final weights and a built-in task (needs ``outputs``,
-        ``targets`` and ``output_mask``).
+      model, task: a model at its final weights and an :class:`influence.tasks.OutputTask`
+        (the Bregman divergence is that of ``task.family.loss`` in the outputs).
       train: the whole training set (a dict of arrays ``[N, ...]``).
       points: indices ``[K]`` of the examples to upweight (one PBRF each).
       epsilon: upweighting (negative to downweight; ``-1/N`` is removal), one for all
@@ -88,6 +88,7 @@ def pbrf(
       objective is far from quadratic or has no minimiser near θ_s, and the iteration
       stops at ``max_iterations`` without reaching ``tol``.
     """
+    require_output_task(task, "the PBRF")
     tracked = track(model, layers)
     n = len(next(iter(train.values())))
     gn = gauss_newton(model, task, train, layers=layers) if gauss_newton_matrix is None else gauss_newton_matrix
@@ -103,7 +104,10 @@ def pbrf(
         f_s = outputs(theta_s)
         mask = task.output_mask(data, f_s)
         targets = task.targets(data)
-        loss_of = lambda f: jnp.sum(task._loss_from_outputs(f, targets, mask))  # noqa: E731
+
+        def loss_of(f):
+            return jnp.sum(task.family.loss(f, targets, mask))
+
         g_s = jax.grad(loss_of)(f_s)
 
         def objective(theta, point, eps):
@@ -117,7 +121,10 @@ def pbrf(
 
         grad = jax.jit(jax.vmap(jax.grad(objective)))
         value = jax.jit(jax.vmap(objective))
-        solve = lambda g: scipy.linalg.cho_solve(factor, np.asarray(g).T).T  # noqa: E731
+
+        def solve(g):
+            return scipy.linalg.cho_solve(factor, np.asarray(g).T).T
+
         deltas, linears, residuals, iterations = [], [], [], 0
         for lo in range(0, len(points), chunk):
             args = (jnp.asarray(points[lo : lo + chunk]), jnp.asarray(epsilons[lo : lo + chunk]))

@@ -1,5 +1,7 @@
 """LDS machinery: subset sampling, the score itself, the retraining cache, vmapped training."""
 
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -8,7 +10,8 @@ from flax import nnx
 
 from influence import tasks
 from influence.testing import MLP, digits, train
-from influence.reference.lds import MeasurementCache, lds, predicted_measurements, retrained_measurements, sample_subsets
+from influence.reference.lds import (MeasurementCache, lds, predicted_measurements, retrained_measurements, sample_subsets,
+                                     settings_key)
 from influence.reference.training import evaluate_many, fit_many, model_from, stack_models, weighted_mean_loss
 
 
@@ -74,21 +77,40 @@ def test_cache_retrains_only_what_is_missing(tmp_path):
     assert len(list(tmp_path.glob("*.npz"))) == 2
 
 
+def test_cache_keys_are_those_of_existing_caches(tmp_path):
+    """Settings are compared and hashed as canonical JSON; the key of these settings was
+    computed by the cache before it used influence.runtime.io.canonical_json, so caches
+    already on disk keep their names."""
+    settings = {"model": {"hidden": (16, 8), "act": "tanh"}, "lr": 0.1, "data": Path("/data/digits"), "steps": 300,
+                "fraction": 0.5}
+    cache = MeasurementCache(tmp_path, settings)
+    assert cache.path.name == "d1500745473b04fc.npz"
+    assert cache.settings == {"data": "/data/digits", "fraction": 0.5, "lr": 0.1,
+                              "model": {"act": "tanh", "hidden": [16, 8]}, "steps": 300}
+    assert settings_key(settings) == settings_key(cache.settings) == "d1500745473b04fc"
+
+
 @pytest.fixture(scope="module")
 def small_problem():
     x, y = digits()
     return {"x": jnp.asarray(x[:64]), "y": jnp.asarray(y[:64])}
 
 
+def _small_mlp(seed):
+    return MLP(hidden=8, rngs=nnx.Rngs(seed))
+
+
 def test_vmapped_training_matches_the_reference_trainer(small_problem):
     """fit_many with all-ones weights is influence.testing.train (Adam, mean CE + wd‖θ‖²)."""
     data = small_problem
-    make = lambda seed: MLP(hidden=8, rngs=nnx.Rngs(seed))  # noqa: E731
-    graphdef, params, rest = stack_models(make, [0, 1])
+    graphdef, params, rest = stack_models(_small_mlp, [0, 1])
     params = fit_many(graphdef, params, rest, optax.adam(1e-2), weighted_mean_loss(tasks.Classification()), data,
                       lambda _: jnp.ones((2, 64)), steps=25, weight_decay=1e-3)
-    reference = make(1)  # the second stacked model: stacking kept each seed's own weights
-    ce = lambda m, d: optax.softmax_cross_entropy_with_integer_labels(m(d["x"]), d["y"]).mean()  # noqa: E731
+    reference = _small_mlp(1)  # the second stacked model: stacking kept each seed's own weights
+
+    def ce(m, d):
+        return optax.softmax_cross_entropy_with_integer_labels(m(d["x"]), d["y"]).mean()
+
     train(reference, ce, data, steps=25, lr=1e-2, weight_decay=1e-3)
     np.testing.assert_allclose(model_from(graphdef, params, rest, 1)(data["x"]), reference(data["x"]), rtol=1e-4, atol=1e-4)
     assert not np.allclose(model_from(graphdef, params, rest, 0)(data["x"]), reference(data["x"]), atol=1e-2)
@@ -98,12 +120,11 @@ def test_zero_weights_train_on_the_subset_only(small_problem):
     data = small_problem
     keep = np.arange(64) % 3 != 0
     subset = {k: v[keep] for k, v in data.items()}
-    make = lambda seed: MLP(hidden=8, rngs=nnx.Rngs(seed))  # noqa: E731
     loss = weighted_mean_loss(tasks.Classification())
-    graphdef, params, rest = stack_models(make, [5])
+    graphdef, params, rest = stack_models(_small_mlp, [5])
     weights = jnp.asarray(keep[None], jnp.float32)
     weighted = fit_many(graphdef, params, rest, optax.adam(1e-2), loss, data, lambda _: weights, 20)
-    graphdef, params, rest = stack_models(make, [5])
+    graphdef, params, rest = stack_models(_small_mlp, [5])
     direct = fit_many(graphdef, params, rest, optax.adam(1e-2), loss, subset, lambda _: jnp.ones((1, keep.sum())), 20)
     task = tasks.Classification()
     a = evaluate_many(graphdef, weighted, rest, task.measurement, data)

@@ -1,0 +1,173 @@
+"""The loss families' contracts against closed forms, and the tasks built on them."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from influence import tasks
+
+B, T, K = 3, 4, 5
+
+
+def _outputs_and_mask():
+    rng = np.random.default_rng(0)
+    outputs = (2.0 * rng.normal(size=(B, T, K))).astype(np.float32)
+    mask = np.ones((B, T), np.float32)
+    mask[1, 2:] = 0.0
+    mask[2, 0] = 0.0
+    return outputs, mask
+
+
+def _direction_fisher(family, outputs, mask):
+    """Σ_k g_k g_kᵀ ``[B, T*K, T*K]`` with g_k the gradient of pseudo-loss k in the outputs."""
+    jac = jax.jacrev(family.fisher_directions)(jnp.asarray(outputs), jnp.asarray(mask))  # [D, B, B, T, K]
+    jac = np.asarray(jac, np.float64)
+    per_example = np.stack([jac[:, b, b].reshape(jac.shape[0], -1) for b in range(B)])  # [B, D, T*K]
+    # An example's pseudo-losses depend on its own outputs only.
+    for b in range(B):
+        others = np.delete(jac[:, b], b, axis=1)
+        assert np.all(others == 0)
+    return np.einsum("bdi,bdj->bij", per_example, per_example)
+
+
+def _block_diagonal(blocks):
+    """``[B, T, K, K]`` -> ``[B, T*K, T*K]`` with the token blocks on the diagonal."""
+    out = np.zeros((B, T * K, T * K))
+    for t in range(T):
+        out[:, t * K : (t + 1) * K, t * K : (t + 1) * K] = blocks[:, t]
+    return out
+
+
+def test_categorical_directions_give_the_softmax_hessian_per_token():
+    outputs, mask = _outputs_and_mask()
+    z = outputs.astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    hessian = (p[..., :, None] * np.eye(K) - p[..., :, None] * p[..., None, :]) * mask[..., None, None]
+    got = _direction_fisher(tasks.Categorical(), outputs, mask)
+    np.testing.assert_allclose(got, _block_diagonal(hessian), rtol=1e-5, atol=1e-6)
+
+
+def test_gaussian_directions_give_the_identity_per_counted_token():
+    outputs, mask = _outputs_and_mask()
+    got = _direction_fisher(tasks.Gaussian(), outputs, mask)
+    np.testing.assert_array_equal(got, _block_diagonal(np.eye(K) * mask[..., None, None]))
+
+
+def test_categorical_loss_is_the_masked_cross_entropy_sum():
+    outputs, mask = _outputs_and_mask()
+    labels = np.random.default_rng(1).integers(0, K, (B, T)).astype(np.int32)
+    z = outputs.astype(np.float64)
+    log_z = np.log(np.exp(z).sum(-1))
+    expected = np.array([sum(mask[b, t] * (log_z[b, t] - z[b, t, labels[b, t]]) for t in range(T)) for b in range(B)])
+    got = tasks.Categorical().loss(jnp.asarray(outputs), jnp.asarray(labels), jnp.asarray(mask))
+    assert got.shape == (B,)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_gaussian_loss_is_half_the_masked_squared_error_sum():
+    outputs, mask = _outputs_and_mask()
+    targets = np.random.default_rng(1).normal(size=(B, T, K)).astype(np.float32)
+    diff = outputs.astype(np.float64) - targets
+    expected = np.array([sum(0.5 * mask[b, t] * diff[b, t] @ diff[b, t] for t in range(T)) for b in range(B)])
+    got = tasks.Gaussian().loss(jnp.asarray(outputs), jnp.asarray(targets), jnp.asarray(mask))
+    assert got.shape == (B,)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_categorical_samples_follow_the_softmax():
+    logits = jnp.asarray([[0.0, 1.0, -1.0, 2.0], [3.0, 0.0, 0.0, -2.0]])
+    n = 20_000  # frequency std ≤ 0.0036: a 0.015 margin is over 4 std
+    outputs = jnp.broadcast_to(logits[:, None], (2, n, 4))
+    labels = np.asarray(tasks.Categorical().sample(outputs, jax.random.key(0)))
+    assert labels.shape == (2, n)
+    freq = np.stack([np.bincount(labels[b], minlength=4) / n for b in range(2)])
+    np.testing.assert_allclose(freq, jax.nn.softmax(logits, -1), atol=0.015)
+
+
+def test_gaussian_samples_are_unit_normal_around_the_outputs():
+    n = 20_000
+    f = jnp.asarray(np.random.default_rng(2).normal(size=(2, n, 3)).astype(np.float32)) * 3.0
+    y = np.asarray(tasks.Gaussian().sample(f, jax.random.key(0)))
+    noise = (y - np.asarray(f)).reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(noise.mean(0), 0.0, atol=0.02)  # std of the mean ≈ 0.005
+    np.testing.assert_allclose(np.cov(noise.T), np.eye(3), atol=0.04)
+
+
+def test_gaussian_sampled_targets_carry_no_gradient():
+    """The sampled Fisher differentiates the loss at fixed sampled targets:
+    d/df 0.5‖f − y‖² = f − y, not 0, which a gradient through y = f + noise would give.
+    (Categorical samples are integers, which carry no gradient anyway.)"""
+    family = tasks.Gaussian()
+    outputs, mask = _outputs_and_mask()
+    key = jax.random.key(3)
+
+    def sampled_loss(out):
+        return jnp.sum(family.loss(out, family.sample(out, key), jnp.asarray(mask)))
+
+    grad = np.asarray(jax.grad(sampled_loss)(jnp.asarray(outputs)))
+    targets = family.sample(jnp.asarray(outputs), key)
+    fixed = np.asarray(jax.grad(lambda out: jnp.sum(family.loss(out, targets, jnp.asarray(mask))))(jnp.asarray(outputs)))
+    np.testing.assert_array_equal(grad, fixed)
+    assert np.abs(grad).max() > 0.1
+
+
+def test_built_in_tasks_use_the_public_families():
+    assert tasks.Classification().family == tasks.Categorical()
+    assert tasks.CausalLM().family == tasks.Categorical()
+    assert tasks.Regression().family == tasks.Gaussian()
+    # family is not an init argument: positional arguments still name the keys
+    assert tasks.Classification("a", "b").x_key == "a" and tasks.Regression("a", "b").y_key == "b"
+    assert hash(tasks.CausalLM()) == hash(tasks.CausalLM()) and tasks.Regression() != tasks.Classification()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tasks.Classification().family = tasks.Gaussian()
+
+
+def test_an_output_task_loss_and_fisher_come_from_its_family():
+    @dataclasses.dataclass(frozen=True)
+    class Scaled(tasks.OutputTask):
+        family = tasks.Gaussian()
+
+        def outputs(self, model, batch):
+            return model(batch["x"])
+
+        def targets(self, batch):
+            return batch["y"]
+
+    outputs, _ = _outputs_and_mask()
+    targets = np.zeros_like(outputs)
+    task = Scaled()
+    batch = {"x": jnp.asarray(outputs), "y": jnp.asarray(targets)}
+    np.testing.assert_array_equal(task.loss(lambda x: 2 * x, batch), tasks.Gaussian().loss(2 * outputs, targets, np.ones((B, T))))
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(task.loss(lambda x: x, batch, sample_key=key),
+                                  tasks.Gaussian().loss(outputs, tasks.Gaussian().sample(outputs, key), np.ones((B, T))))
+    np.testing.assert_array_equal(task.fisher_directions(lambda x: x, batch), outputs.reshape(B, -1).T)
+
+
+def test_an_output_task_without_a_family_cannot_be_made():
+    class NoFamily(tasks.OutputTask):
+        def outputs(self, model, batch):
+            return model(batch["x"])
+
+        def targets(self, batch):
+            return batch["y"]
+
+    with pytest.raises(TypeError, match="family"):
+        NoFamily()
+
+
+def test_a_family_without_sampling_or_exact_fisher_says_which_fisher_to_use():
+    @dataclasses.dataclass(frozen=True)
+    class Absolute(tasks.LossFamily):
+        def loss(self, outputs, targets, mask):
+            return jnp.sum(jnp.sum(jnp.abs(outputs - targets), -1) * mask, axis=1)
+
+    outputs, mask = _outputs_and_mask()
+    with pytest.raises(NotImplementedError, match="fisher='empirical'"):
+        Absolute().sample(outputs, jax.random.key(0))
+    with pytest.raises(NotImplementedError, match="fisher='sampled' or 'empirical'"):
+        Absolute().fisher_directions(outputs, mask)
