@@ -18,8 +18,12 @@ import pathlib
 import shutil
 import time
 
+import jax
 from datasets import Dataset
 from flax import nnx
+
+from influence.factors import fit_factors
+from influence.tasks import CausalLM
 
 from . import checkpoint as ckpt
 from .generate import generate
@@ -100,13 +104,8 @@ def fit_run_factors(run: Run, strategy: str = "ekfac", layers: str = "mlp", *, f
 
     An interrupted fit resumes from its checkpoint in that folder (removed once the
     factors are saved). Other arguments are :func:`influence.fit_factors`' (``devices``
-    is its ``mesh``; ``seed`` its ``key``). Returns ``(factors, path, seconds)``.
+    is its ``mesh``, ``seed`` seeds its ``key``). Returns ``(factors, path, seconds)``.
     """
-    import jax
-
-    from influence.factors import fit_factors
-    from influence.tasks import CausalLM
-
     train = run.train if max_sequences is None else run.train.select(range(min(max_sequences, len(run.train))))
     folder = run.factors_dir(strategy, layers)
     checkpoint = folder / FIT_CHECKPOINT
