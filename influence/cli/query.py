@@ -17,7 +17,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from influence.cli.common import add_factor_arguments, factors_dir, fail, fit_command
+from influence.cli.common import add_factor_arguments, fail, fit_command
+
+# Loading a run reads its tokenizer (the lm extra).
+REQUIRES = ("lm", ("tokenizers",))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +49,7 @@ def _unescape(text: str) -> str:
 
 
 def print_results(results, max_chars: int = 110) -> None:
+    """A table per query: rank, score, source and the start of each top sequence's text."""
     for r in results:
         q = r.query
         print(f"\n== {q.id or 'query'}: {q.prompt!r} -> {q.completion!r}  (loss {r.loss:.2f} nats, "
@@ -60,9 +64,9 @@ def print_results(results, max_chars: int = 110) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from influence.errors import FileFormatError
     from influence.factors import Factors
-    from influence.runtime.io import FileFormatError
-    from influence.lm import load_run
+    from influence.lm.run import load_run
     from influence.query.engine import Query, QueryEngine, read_queries, write_json
     from influence.query.report import write_html
 
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_run(args.run)
     except (FileNotFoundError, ValueError) as e:
         return fail("query", str(e))
-    path = factors_dir(args.run, args.strategy, args.layers)
+    path = loaded.factors_dir(args.strategy, args.layers)
     try:
         factors = Factors.load(path, model=loaded.model)
     except FileFormatError as e:

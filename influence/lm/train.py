@@ -34,6 +34,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from influence.runtime import io
+
 from . import checkpoint as ckpt
 from .corpus import Document, load_corpus
 from .model import GPT, get_scale, init_model, mean_loss, parameter_counts, sequence_losses
@@ -99,7 +101,10 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
         decay_steps=max(total, warmup + 1), end_value=cfg.learning_rate * cfg.final_lr_fraction)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+
+    def decay_mask(params):
+        return jax.tree.map(lambda p: p.ndim >= 2, params)
+
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask))
 
@@ -211,7 +216,7 @@ class Trainer:
                                      self.tokenizer.vocab_size)},
             "tokenizer": {"kind": self.tokenizer.kind, "vocab_size": self.tokenizer.vocab_size},
         }
-        ckpt.write_json(run_file, self.run_info)
+        io.atomic_write_json(run_file, self.run_info)
 
     def _compile(self) -> None:
         graphdef = self.graphdef
@@ -222,8 +227,8 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.ckpt_root)
         if latest is None:
             return
-        self.params = ckpt.load_tree(latest / "params.npz", self.params)
-        self.opt_state = ckpt.load_tree(latest / "opt_state.npz", self.opt_state)
+        self.params = ckpt.load_tree(latest / "params.npz", self.params, ckpt.PARAMS_KIND)
+        self.opt_state = ckpt.load_tree(latest / "opt_state.npz", self.opt_state, ckpt.OPT_STATE_KIND)
         state = ckpt.read_state(latest)
         self.step_count, self.elapsed = state["step"], state["elapsed_s"]
         self.last_eval = state.get("last_eval", {})
@@ -338,7 +343,7 @@ class Trainer:
                    "final_checkpoint": f"checkpoints/{ckpt.step_name(self.step_count)}",
                    "device": str(jax.devices()[0]), **self.last_eval}
         self.run_info["summary"] = summary
-        ckpt.write_json(self.out / "run.json", self.run_info)
+        io.atomic_write_json(self.out / "run.json", self.run_info)
         return summary
 
 

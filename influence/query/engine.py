@@ -22,15 +22,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from influence.runtime import io
 from influence.factors import Factors
 from influence.query.bm25 import BM25
+from influence.runtime import io
 from influence.scoring.attribution import attribute
 from influence.scoring.ranking import Ranking, rank_training
-from influence.tasks import CausalLM
+from influence.tasks import CausalLM, Task
 
 CONCENTRATION_THRESHOLD = 2.0 / 3.0
-_ARRAY_COLUMNS = ("input_ids", "loss_mask", "token_starts", "token_ends", "text")
+# Each token's (start, end) character range in the text column, as influence.lm writes them.
+OFFSET_COLUMNS = ("token_starts", "token_ends")
 
 
 class TokenizerLike(Protocol):
@@ -113,10 +114,11 @@ def concentration(v: np.ndarray) -> float:
     return float(np.linalg.norm(v) / l1) if l1 > 0 else 0.0
 
 
-def encode_queries(queries: Sequence[Query], tokenizer: TokenizerLike, context_length: int) -> dict[str, np.ndarray]:
-    """``input_ids`` and ``loss_mask`` int32 ``[Q, T]`` (T = the longest query), prompt
-    tokens masked out. An empty prompt becomes the document-start token, so the first
-    completion token is predicted too.
+def encode_queries(queries: Sequence[Query], tokenizer: TokenizerLike, context_length: int, *,
+                   input_key: str = "input_ids", mask_key: str = "loss_mask") -> dict[str, np.ndarray]:
+    """Token ids (``input_key``) and loss mask (``mask_key``), int32 ``[Q, T]`` (T = the
+    longest query), prompt tokens masked out. An empty prompt becomes the document-start
+    token, so the first completion token is predicted too.
 
     Raises:
       ValueError: an empty completion, or a query longer than ``context_length``.
@@ -142,17 +144,19 @@ def encode_queries(queries: Sequence[Query], tokenizer: TokenizerLike, context_l
     for i, (row_ids, row_mask) in enumerate(rows):
         ids[i, : len(row_ids)] = row_ids
         mask[i, : len(row_mask)] = row_mask
-    return {"input_ids": ids, "loss_mask": mask}
+    return {input_key: ids, mask_key: mask}
 
 
-def _display_tokens(row: dict, tokenizer: TokenizerLike) -> list[str]:
-    """Each position's text: spans of ``row['text']`` when the data set has token offsets
-    (exact text, multi-byte characters kept whole), else the tokenizer's strings."""
-    ids = np.asarray(row["input_ids"])
-    if all(k in row for k in ("text", "token_starts", "token_ends")):
+def _display_tokens(row: dict, tokenizer: TokenizerLike, input_column: str, text_column: str,
+                    offset_columns: tuple[str, str]) -> list[str]:
+    """Each position's text: spans of ``row[text_column]`` when the data set has token
+    offsets (exact text, multi-byte characters kept whole), else the tokenizer's strings."""
+    ids = np.asarray(row[input_column])
+    if all(k in row for k in (text_column, *offset_columns)):
         from influence.lm.tokenizer import token_display_spans  # offsets convention of influence.lm
 
-        spans = token_display_spans(list(zip(row["token_starts"], row["token_ends"])))
+        starts, ends = offset_columns
+        spans = token_display_spans(list(zip(row[starts], row[ends])))
         specials = tokenizer.token_strings(ids)
         out = []
         for t, (a, b) in enumerate(spans):
@@ -161,7 +165,7 @@ def _display_tokens(row: dict, tokenizer: TokenizerLike) -> list[str]:
             elif ids[t] == tokenizer.bos_id:
                 out.append(specials[t])
             else:
-                out.append(row["text"][a:b])
+                out.append(row[text_column][a:b])
         return out
     return [s if i != tokenizer.pad_id else "" for s, i in zip(tokenizer.token_strings(ids), ids)]
 
@@ -172,23 +176,42 @@ class QueryEngine:
     Args:
       model: the causal LM (``model(input_ids [B, T]) -> logits [B, T, V]``).
       tokenizer: with ``encode``, ``token_strings``, ``pad_id``, ``bos_id``.
-      train: the training sequences (a ``datasets.Dataset`` or dict with ``input_ids`` and
-        ``loss_mask``; other columns are shown as metadata).
+      train: the training sequences (a ``datasets.Dataset`` or dict with the task's
+        token-id and loss-mask columns; columns other than those below are shown as
+        metadata).
       factors: fitted on ``model`` and ``train``.
       context_length: the model's maximum sequence length.
+      task: what is differentiated; default :class:`influence.tasks.CausalLM`. Queries
+        are encoded into its ``input_key`` and ``mask_key`` entries (``"input_ids"`` and
+        ``"loss_mask"`` for a task without them).
+      text_column: each training sequence's exact text: searched by the BM25 prefilter
+        and, with ``offset_columns``, cut into the displayed tokens.
+      offset_columns: ``(starts, ends)`` columns, int ``[T]``: each token's character
+        range in ``text_column``. Without them tokens are shown as the tokenizer's strings.
       query_rank: rank-r query batching (Grosse et al. use 32); ``None`` = full rank.
       bm25_candidates: if set, score only each query's top-M training sequences by BM25
         (faster, but biased towards lexical overlap).
       mesh: devices to shard the training set over (see :func:`influence.fit_factors`).
+
+    Not shown as metadata (:attr:`array_columns`): the task's fields and optional fields,
+    ``offset_columns`` and ``text_column``.
     """
 
     def __init__(self, model, tokenizer: TokenizerLike, train, factors: Factors, *, context_length: int,
-                 damping: float | None = None, query_rank: int | None = None,
-                 bm25_candidates: int | None = None, batch_size: int = 32, progress: bool = True, mesh=None):
+                 task: Task | None = None, text_column: str = "text",
+                 offset_columns: tuple[str, str] = OFFSET_COLUMNS, damping: float | None = None,
+                 query_rank: int | None = None, bm25_candidates: int | None = None, batch_size: int = 32,
+                 progress: bool = True, mesh=None):
         self.model, self.tokenizer, self.train, self.factors = model, tokenizer, train, factors
         self.context_length = int(context_length)
         self.damping, self.query_rank, self.batch_size, self.progress = damping, query_rank, batch_size, progress
-        self.task = CausalLM()
+        self.task = CausalLM() if task is None else task
+        self.input_key = getattr(self.task, "input_key", "input_ids")
+        self.mask_key = getattr(self.task, "mask_key", "loss_mask")
+        self.text_column = text_column
+        self.offset_columns = tuple(offset_columns)
+        self.array_columns = frozenset((*self.task.fields, *self.task.optional_fields, self.input_key, self.mask_key,
+                                        *self.offset_columns, text_column))
         self.bm25_candidates = bm25_candidates
         self.mesh = mesh
         self._bm25: BM25 | None = None
@@ -197,14 +220,15 @@ class QueryEngine:
         if self.bm25_candidates is None:
             return None
         if self._bm25 is None:
-            if "text" not in getattr(self.train, "column_names", self.train):
-                raise ValueError("the BM25 prefilter needs a 'text' column in the training data")
-            self._bm25 = BM25(self.train["text"])
+            if self.text_column not in getattr(self.train, "column_names", self.train):
+                raise ValueError(f"the BM25 prefilter needs a {self.text_column!r} column in the training data")
+            self._bm25 = BM25(self.train[self.text_column])
         return self._bm25.candidates([q.prompt + q.completion for q in queries], self.bm25_candidates)
 
     def rank(self, queries: Sequence[Query], k: int = 10, scores_path: str | os.PathLike | None = None) -> tuple[dict, Ranking]:
         """Encoded queries and their top-k ranking (no attribution)."""
-        batch = encode_queries(queries, self.tokenizer, self.context_length)
+        batch = encode_queries(queries, self.tokenizer, self.context_length, input_key=self.input_key,
+                               mask_key=self.mask_key)
         ranking = rank_training(self.model, self.task, self.factors, batch, self.train, k=k, damping=self.damping,
                                 query_rank=self.query_rank, candidates=self._candidates(queries),
                                 scores_path=scores_path, batch_size=self.batch_size, progress=self.progress,
@@ -233,13 +257,14 @@ class QueryEngine:
                 tokens = np.concatenate([[0.0], position_terms[:-1]])  # shown on the predicted token
                 influences.append(TrainingInfluence(
                     rank=rank, row=int(row), score=float(score),
-                    tokens=_display_tokens(record, self.tokenizer),
+                    tokens=_display_tokens(record, self.tokenizer, self.input_key, self.text_column,
+                                           self.offset_columns),
                     token_scores=[float(x) for x in tokens],
                     layer_scores={name: float(v) for name, v in zip(attribution.layer_names, per_layer_token.sum(axis=1))},
-                    metadata={k: _plain(v) for k, v in record.items() if k not in _ARRAY_COLUMNS},
+                    metadata={k: _plain(v) for k, v in record.items() if k not in self.array_columns},
                     concentration=concentration(position_terms),
                 ))
-            results.append(QueryResult(query, float(losses[qi]), int(batch["loss_mask"][qi].sum()), influences))
+            results.append(QueryResult(query, float(losses[qi]), int(batch[self.mask_key][qi].sum()), influences))
         return results
 
 

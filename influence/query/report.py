@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from influence.runtime import io
 from influence.query.engine import QueryResult, TrainingInfluence
+from influence.runtime import io
 
 _OPEN_SECTIONS = 10  # later queries start collapsed, so long reports stay navigable
 _CSS = """
@@ -136,7 +136,10 @@ def _query_html(i: int, result: QueryResult) -> str:
 
 def _toc_row(i: int, result: QueryResult) -> str:
     q = result.query
-    flat = lambda t: " ".join(t.split())  # noqa: E731
+
+    def flat(t: str) -> str:
+        return " ".join(t.split())
+
     text = (f'{html.escape(q.id)}: ' if q.id else "") + (
         f'<span class="prompt">…{html.escape(flat(q.prompt)[-40:])}</span> '
         f'<span class="completion">{html.escape(flat(q.completion)[:50])}</span>')

@@ -29,8 +29,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from influence.errors import DataError
 from influence.runtime import io
-from influence.runtime.data import DataError
 from influence.scoring.pairwise import Scores
 from influence.scoring.topk import merge_slots
 
@@ -126,21 +126,19 @@ def merge_rankings(directory: str | os.PathLike, *, k: int | None = None, out: s
 
 
 def _assemble_score_files(files, path, n_query: int, n_train: int) -> None:
-    """One ``[Q, n_train]`` ``.npy`` from the hosts' files, written beside ``path`` and
-    renamed into place."""
+    """One ``[Q, n_train]`` float32 ``.npy`` from the hosts' files, written atomically
+    (:func:`influence.runtime.io.atomic_path`)."""
     if any(f is None for f, _, _ in files):
         raise DataError("a part has no score file: pass scores_path to rank_training and scores_file to save_ranking_part")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_query, n_train))
-    for file, offset, rows in files:
-        part = np.load(file, mmap_mode="r")
-        if part.shape != (n_query, rows):
-            raise DataError(f"{file} holds scores of shape {part.shape}, expected {(n_query, rows)}")
-        merged[:, offset:offset + rows] = part
-    merged.flush()
-    del merged
-    os.replace(tmp, path)
+    with io.atomic_path(path) as tmp:
+        merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_query, n_train))
+        for file, offset, rows in files:
+            part = np.load(file, mmap_mode="r")
+            if part.shape != (n_query, rows):
+                raise DataError(f"{file} holds scores of shape {part.shape}, expected {(n_query, rows)}")
+            merged[:, offset:offset + rows] = part
+        merged.flush()
+        del merged  # unmap before atomic_path syncs and renames the file
 
 
 def save_scores_part(directory: str | os.PathLike, scores: Scores, row_offset: int, *, process_index: int | None = None) -> Path:

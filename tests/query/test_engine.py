@@ -11,9 +11,9 @@ from flax import nnx
 
 import influence as inf
 from influence import tasks
-from influence.testing import TinyLM, lm_sequences, train
 from influence.query.engine import Query, QueryEngine, concentration, encode_queries, read_queries, write_json
-from influence.query.report import render_html, write_html
+from influence.query.report import write_html
+from influence.testing import TinyLM, lm_sequences, train
 
 ALPHABET = "abcdefghijklmnop"
 
@@ -89,6 +89,27 @@ def test_low_rank_and_bm25_options(setup):
     bm25 = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, bm25_candidates=1, progress=False)
     result = bm25.run(query, k=3)
     assert [i.row for i in result[0].influences] == [2]
+
+
+def test_task_and_columns_are_parameters(setup):
+    model, data, factors = setup
+    renamed = {"ids": data["input_ids"], "mask": data["loss_mask"], "body": data["text"],
+               "source": np.array([f"s{i}" for i in range(len(data["text"]))])}
+    task = tasks.CausalLM(input_key="ids", mask_key="mask")
+    query = [Query(data["text"][1][:3], data["text"][1][3:])]
+    default = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, progress=False).run(query, k=3)
+    engine = QueryEngine(model, LetterTokenizer(), renamed, factors, context_length=8, task=task,
+                         text_column="body", progress=False)
+    assert engine.array_columns == {"ids", "mask", "body", "token_starts", "token_ends"}
+    result = engine.run(query, k=3)
+    assert [i.row for i in result[0].influences] == [i.row for i in default[0].influences]
+    np.testing.assert_allclose([i.score for i in result[0].influences], [i.score for i in default[0].influences],
+                               rtol=1e-6)
+    top = result[0].influences[0]
+    assert top.metadata == {"source": "s1"} and top.text == data["text"][1]
+    bm25 = QueryEngine(model, LetterTokenizer(), renamed, factors, context_length=8, task=task, text_column="body",
+                       bm25_candidates=1, progress=False)
+    assert [i.row for i in bm25.run(query, k=3)[0].influences] == [1]
 
 
 def test_json_and_html_reports(setup, tmp_path):

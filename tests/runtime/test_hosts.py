@@ -60,6 +60,12 @@ def test_merged_host_parts_equal_one_run_on_all_the_data(tmp_path):
     few, _ = inf.hosts.merge_rankings(tmp_path / "parts", k=3)
     np.testing.assert_array_equal(few, full.indices[:, :3])
 
+    # A host's score file of the wrong shape: no merged file appears, not even half-written.
+    np.save(tmp_path / "all-1.npy", np.zeros((1, 1), np.float32))
+    with pytest.raises(DataError, match="holds scores of shape"):
+        inf.hosts.merge_rankings(tmp_path / "parts", scores_path=tmp_path / "again.npy")
+    assert not list(tmp_path.glob("*again.npy*"))
+
     (tmp_path / "parts" / "part-00001.npz").unlink()
     with pytest.raises(DataError, match="do not tile"):
         inf.hosts.merge_rankings(tmp_path / "parts")
