@@ -42,7 +42,7 @@ from influence.scoring.self_influence import self_scores
 from influence.tasks import Task
 
 _LAZY = {"lm": "influence.lm", "query": "influence.query", "reference": "influence.reference",
-         "hosts": "influence.runtime.hosts", "testing": "influence.testing"}
+         "hosts": "influence.scoring.hosts", "testing": "influence.testing"}
 
 
 def __getattr__(name):

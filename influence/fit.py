@@ -162,7 +162,7 @@ def fit_factors(
       task: an :class:`influence.Task` (e.g. ``tasks.Classification()``).
       data: training data: a dict of arrays, a ``datasets.Dataset``, a list of dict
         batches, or a callable returning an iterable of dict batches. With several
-        processes, each passes its own shard (see :mod:`influence.runtime.hosts`).
+        processes, each passes its own shard (see :mod:`influence.scoring.hosts`).
       strategy: ``"identity"``, ``"diagonal"``, ``"kfac"`` or ``"ekfac"``
         (:mod:`influence.curvature.strategies`).
       fisher: ``"sampled"`` (targets drawn from the model: the true Fisher, which

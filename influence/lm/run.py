@@ -22,7 +22,7 @@ import jax
 from datasets import Dataset
 from flax import nnx
 
-from influence.factors import fit_factors
+from influence.fit import fit_factors
 from influence.tasks import CausalLM
 
 from . import checkpoint as ckpt

@@ -25,6 +25,7 @@ import numpy as np
 from influence.factors import Factors
 from influence.query.bm25 import BM25
 from influence.runtime import io
+from influence.runtime.execution import Execution
 from influence.scoring.attribution import attribute
 from influence.scoring.ranking import Ranking, rank_training
 from influence.tasks import CausalLM, Task
@@ -191,7 +192,8 @@ class QueryEngine:
       query_rank: rank-r query batching (Grosse et al. use 32); ``None`` = full rank.
       bm25_candidates: if set, score only each query's top-M training sequences by BM25
         (faster, but biased towards lexical overlap).
-      mesh: devices to shard the training set over (see :func:`influence.fit_factors`).
+      execution, **options: run settings of the ranking and attribution passes
+        (:class:`influence.Execution`: ``batch_size``, ``mesh``, ``progress``, checkpointing).
 
     Not shown as metadata (:attr:`array_columns`): the task's fields and optional fields,
     ``offset_columns`` and ``text_column``.
@@ -200,11 +202,12 @@ class QueryEngine:
     def __init__(self, model, tokenizer: TokenizerLike, train, factors: Factors, *, context_length: int,
                  task: Task | None = None, text_column: str = "text",
                  offset_columns: tuple[str, str] = OFFSET_COLUMNS, damping: float | None = None,
-                 query_rank: int | None = None, bm25_candidates: int | None = None, batch_size: int = 32,
-                 progress: bool = True, mesh=None):
+                 query_rank: int | None = None, bm25_candidates: int | None = None,
+                 execution: Execution | None = None, **options: Any):
         self.model, self.tokenizer, self.train, self.factors = model, tokenizer, train, factors
         self.context_length = int(context_length)
-        self.damping, self.query_rank, self.batch_size, self.progress = damping, query_rank, batch_size, progress
+        self.damping, self.query_rank = damping, query_rank
+        self.execution = Execution.of(execution, options)
         self.task = CausalLM() if task is None else task
         self.input_key = getattr(self.task, "input_key", "input_ids")
         self.mask_key = getattr(self.task, "mask_key", "loss_mask")
@@ -213,7 +216,6 @@ class QueryEngine:
         self.array_columns = frozenset((*self.task.fields, *self.task.optional_fields, self.input_key, self.mask_key,
                                         *self.offset_columns, text_column))
         self.bm25_candidates = bm25_candidates
-        self.mesh = mesh
         self._bm25: BM25 | None = None
 
     def _candidates(self, queries: Sequence[Query]) -> list[np.ndarray] | None:
@@ -231,8 +233,7 @@ class QueryEngine:
                                mask_key=self.mask_key)
         ranking = rank_training(self.model, self.task, self.factors, batch, self.train, k=k, damping=self.damping,
                                 query_rank=self.query_rank, candidates=self._candidates(queries),
-                                scores_path=scores_path, batch_size=self.batch_size, progress=self.progress,
-                                mesh=self.mesh)
+                                scores_path=scores_path, execution=self.execution)
         return batch, ranking
 
     def run(self, queries: Sequence[Query], k: int = 10, scores_path: str | os.PathLike | None = None) -> list[QueryResult]:
@@ -242,7 +243,7 @@ class QueryEngine:
         losses = np.asarray(self.task.measurement(self.model, batch))
         pairs = np.array([(q, int(r)) for q in range(len(queries)) for r in ranking.indices[q] if r >= 0], np.int64)
         attribution = attribute(self.model, self.task, self.factors, ranking, self.train, pairs,
-                                batch_size=self.batch_size) if len(pairs) else None
+                                execution=self.execution) if len(pairs) else None
         results = []
         p = 0
         for qi, query in enumerate(queries):

@@ -1,7 +1,7 @@
 """How a streamed pass runs: one validated settings object for every entry point.
 
-``fit_factors``, ``pairwise_scores``, ``self_scores`` and ``rank_training`` (and the CLI and
-the query engine through them) take the same six run settings. They live here, once,
+``fit_factors``, ``pairwise_scores``, ``self_scores``, ``rank_training``, ``attribute`` and
+the query engine (and the CLI through them) take the same six run settings. They live here, once,
 with their documentation; each entry point accepts ``execution=Execution(...)`` or the
 same names as keyword arguments (which build one)::
 
@@ -34,7 +34,7 @@ class Execution:
       mesh: devices, data-parallel: ``None`` (one device), an int (the first n local
         devices), a list of devices, or a ``jax.sharding.Mesh`` with axis ``"data"``
         (scoring also accepts ``("data", "query")``, which splits the queries). Fitting
-        may span hosts; scoring uses one process's devices (see :mod:`influence.runtime.hosts`).
+        may span hosts; scoring uses one process's devices (see :mod:`influence.scoring.hosts`).
       progress: show progress bars.
       checkpoint_dir: save the pass's running state there every ``checkpoint_every``
         batches and on interruption, and resume from it when the same call is made

@@ -19,7 +19,10 @@ from influence.capture.objectives import layer_gradients
 from influence.capture.tracking import track
 from influence.factors import Factors
 from influence.runtime.data import as_source, select_rows
+from influence.runtime.driver import concatenate, run_pass
+from influence.runtime.execution import Execution
 from influence.scoring.contractions import token_scores
+from influence.scoring.queries import scoring_mesh
 from influence.scoring.ranking import Ranking
 
 
@@ -54,19 +57,24 @@ class Attribution(NamedTuple):
         return self.per_layer_token.sum(axis=(1, 2))
 
 
-def attribute(model, task, factors: Factors, ranking: Ranking, train: Any, pairs: np.ndarray, *, batch_size: int = 32) -> Attribution:
+def attribute(model, task, factors: Factors, ranking: Ranking, train: Any, pairs: np.ndarray, *,
+              execution: Execution | None = None, **options: Any) -> Attribution:
     """Token-wise and layer-wise split of the scores of ``pairs`` ``[P, 2]`` of (query index,
-    training row), using the query gradients kept in ``ranking``."""
+    training row), using the query gradients kept in ``ranking``. Only those rows are read
+    and recomputed (one pass over them; ``execution``: :class:`influence.Execution`)."""
+    run = Execution.of(execution, options)
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    mesh = scoring_mesh(run.mesh, run.batch_size)
     tracked = track(model, list(factors.layer_names))
-    rows = select_rows(train, pairs[:, 1])
-    source = as_source(rows, batch_size, task)
-    parts = []
-    for batch in source:
-        q = pairs[batch.start : batch.start + batch.n_valid, 0]
+    source = as_source(select_rows(train, pairs[:, 1]), run.batch_size, task)
+
+    def terms(step):
+        q = pairs[step.batch.start : step.batch.start + step.batch.n_valid, 0]
         q = np.concatenate([q, np.zeros(source.batch_size - len(q), np.int64)])
         per_query = {name: lq.take(jnp.asarray(q)) for name, lq in ranking.queries.items()}
-        out = _attribution_step(per_query, tracked.state, batch.arrays, batch.example_mask,
+        out = _attribution_step(per_query, tracked.state, step.arrays, step.example_mask,
                                 graphdef=tracked.graphdef, layers=tracked.layers, task=task)
-        parts.append(np.asarray(out)[: batch.n_valid])
-    return Attribution(np.concatenate(parts), tracked.layer_names)
+        return jnp.moveaxis(out, 0, -1)  # [L, T, B]: rows last, as the accumulator concatenates
+
+    collected = run_pass(concatenate(terms), source, mesh, desc="attribution", progress=run.progress).value
+    return Attribution(np.moveaxis(collected, -1, 0), tracked.layer_names)

@@ -96,13 +96,13 @@ def _precondition_all(gradients, curvature, damping):
 
 def scoring_mesh(mesh: MeshLike, batch_size: int):
     """The mesh of a scoring pass: devices of this process only (hosts score their own
-    shards independently and merge, see :mod:`influence.runtime.hosts`)."""
+    shards independently and merge, see :mod:`influence.scoring.hosts`)."""
     mesh = resolve_mesh(mesh)
     if spans_processes(mesh):
         raise ValueError(
             "scoring runs on the devices of one process: give each process a mesh of its local devices "
             "(jax.local_devices()) and its own shard of the training data, then merge the parts "
-            "(influence.runtime.hosts.merge_rankings / merge_scores)"
+            "(influence.scoring.hosts.merge_rankings / merge_scores)"
         )
     check_batch_size(batch_size, mesh)
     return mesh

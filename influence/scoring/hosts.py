@@ -12,9 +12,8 @@ all devices before the eigendecompositions, so every host ends with the same fac
 Scoring needs no communication: each host scores its rows on its own devices and writes
 its part; any one host (or a later job) merges the parts::
 
-    from influence.scoring.ranking import rank_training
-    ranking = rank_training(model, task, factors, queries, part, k=10, mesh=jax.local_devices(),
-                            scores_path=f"run/all-{i}.npy")
+    ranking = inf.rank_training(model, task, factors, queries, part, k=10, mesh=jax.local_devices(),
+                                scores_path=f"run/all-{i}.npy")
     inf.hosts.save_ranking_part("run/parts", ranking, offset, scores_file=f"run/all-{i}.npy")
     # after every host is done:
     indices, scores = inf.hosts.merge_rankings("run/parts", out="run/topk.npz", scores_path="run/all.npy")
@@ -31,7 +30,7 @@ import numpy as np
 
 from influence.errors import DataError
 from influence.runtime import io
-from influence.scoring.pairwise import Scores
+from influence.scoring.results import Scores
 from influence.scoring.topk import merge_slots
 
 _RANKING_PART = "influence-ranking-part"
@@ -74,7 +73,7 @@ def _part_file(directory, process_index: int | None) -> Path:
 
 def save_ranking_part(directory: str | os.PathLike, ranking, row_offset: int, *, scores_file: str | os.PathLike | None = None,
                       process_index: int | None = None) -> Path:
-    """Write this host's top-k (``influence.query.Ranking`` on its shard), its row indices
+    """Write this host's top-k (:class:`influence.Ranking` on its shard), its row indices
     made global by ``row_offset``; ``scores_file``: the ``.npy`` of all its scores, if
     ``rank_training`` wrote one."""
     indices = np.where(ranking.indices >= 0, ranking.indices + row_offset, -1)
