@@ -17,8 +17,8 @@ import influence as inf
 from benchmarks.exact_agreement import agreement
 from influence import tasks
 from influence.capture.tracking import track
-from influence.testing import trained_lm, trained_mlp
 from influence.reference.exact import exact_scores, gauss_newton, layer_slices
+from influence.testing import trained_lm, trained_mlp
 
 
 def main() -> None:

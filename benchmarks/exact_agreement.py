@@ -19,8 +19,8 @@ from scipy.stats import pearsonr, spearmanr
 
 import influence as inf
 from influence import tasks
-from influence.testing import trained_lm, trained_mlp
 from influence.reference.exact import exact_scores
+from influence.testing import trained_lm, trained_mlp
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 

@@ -27,14 +27,14 @@ import tempfile
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-import influence as inf  # noqa: E402
+import influence as inf
 
 try:
-    from influence import testing as fixtures  # noqa: E402
+    from influence import testing as fixtures
 except ImportError:  # the layout before the architecture change
-    from influence import examples as fixtures  # noqa: E402
+    from influence import examples as fixtures
 
 try:
     rank_training, attribute = inf.rank_training, inf.attribute

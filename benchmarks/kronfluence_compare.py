@@ -26,7 +26,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
-from flax import nnx
 from scipy.stats import pearsonr, spearmanr
 
 import influence as inf

@@ -40,7 +40,7 @@ class TrainingTable:
     chunk: list[int]  # window index in its document; 0 = the document's start (after <|doc|>)
 
     @classmethod
-    def from_dataset(cls, data) -> "TrainingTable":
+    def from_dataset(cls, data) -> TrainingTable:
         cols = {f.name: list(data[f.name]) for f in dataclasses.fields(cls)}
         return cls(**cols)
 
@@ -77,7 +77,7 @@ class Context:
     insertions: dict[tuple[str, str], list[int]]
 
     @classmethod
-    def build(cls, table: TrainingTable) -> "Context":
+    def build(cls, table: TrainingTable) -> Context:
         return cls(table, BM25(table.text), {n: [M.ngrams(t, n) for t in table.text] for n in (1, 2)},
                    insertion_rows(table.doc_id))
 

@@ -9,8 +9,8 @@ import html
 from collections.abc import Sequence
 from pathlib import Path
 
-from influence.runtime import io
 from influence.query.bm25 import WORD_RE, words
+from influence.runtime import io
 
 from .tables import run_label
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import NullFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import NullFormatter
 
-from .summary import FAMILIES, summarise  # noqa: E402
+from .summary import FAMILIES, summarise
 
 _STYLE = {"mlp": dict(color="#1f77b4", marker="o"), "blocks": dict(color="#d62728", marker="s")}
 _LOG_Y = {"largest influence (median)", "fact stated once", "memorised: influence rank", "paraphrase: influence rank",

@@ -206,7 +206,7 @@ def _machine() -> str:
 def write_outputs(cfg: ExperimentConfig, out: Path, entries: list[dict], specs, command: str) -> dict[str, Path]:
     """results.json, tables.md, one PNG per metric family (``plots/``) and gallery.html in
     ``out``; columns and series ordered by seed, then parameters."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     header = (f"# Scale experiment: tables ({cfg.name} configuration)\n\n"
               f"Produced by `{command}` on {now:%Y-%m-%d} ({_machine()}; jax {jax.__version__}; CPU shared with "
               f"other jobs). Each cell: the statistic over queries [95% bootstrap interval over queries, "

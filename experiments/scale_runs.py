@@ -17,13 +17,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
-import numpy as np
 
 import influence as inf
-from influence.runtime import io
 from influence.lm import Document, TrainConfig, Trainer, sequence_losses
 from influence.lm.sequences import as_arrays
 from influence.query.engine import encode_queries
+from influence.runtime import io
 
 from .query_set import QuerySpec
 

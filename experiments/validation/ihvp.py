@@ -34,8 +34,13 @@ import influence as inf
 from experiments.validation import settings as settings_mod
 from influence.capture.tracking import track
 from influence.reference.exact import layer_slices, per_example_gradient_batches, per_example_gradients
-from influence.reference.ihvp import (conjugate_gradient, cosine, curvature_preconditioner, damping_vector,
-                                       gauss_newton_product)
+from influence.reference.ihvp import (
+    conjugate_gradient,
+    cosine,
+    curvature_preconditioner,
+    damping_vector,
+    gauss_newton_product,
+)
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 

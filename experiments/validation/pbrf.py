@@ -27,9 +27,9 @@ from scipy.stats import pearsonr, spearmanr
 import influence as inf
 from experiments.validation.settings import RUNS, mlp_setting
 from influence import tasks
-from influence.testing import digits
 from influence.reference.exact import exact_scores
 from influence.reference.pbrf import measurement_changes, pbrf
+from influence.testing import digits
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 

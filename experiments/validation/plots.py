@@ -15,8 +15,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 COLOURS = {"identity": "#999999", "diagonal": "#6baed6", "kfac": "#fd8d3c", "ekfac": "#d62728", "exact": "#333333"}

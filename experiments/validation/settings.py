@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -34,8 +33,8 @@ from flax import nnx
 from sklearn.datasets import load_diabetes
 
 from influence import tasks
-from influence.testing import digits
 from influence.reference.training import evaluate_many, fit_many, model_from, stack_models, weighted_mean_loss
+from influence.testing import digits
 
 RUNS = Path("runs/validation")
 

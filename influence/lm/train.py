@@ -72,7 +72,7 @@ class TrainConfig:
     heldout_fraction: float = 0.05
     split_by: str = "doc"
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with every ``None`` filled from the scale (unknown scales raise)."""
         s = get_scale(self.scale)
         r = dataclasses.replace(

@@ -24,8 +24,8 @@ import numpy as np
 
 from influence.capture.tracking import LayerFilter, track
 from influence.curvature import LayerCurvature, precondition
-from influence.runtime.data import as_source
 from influence.reference.exact import flatten, layer_slices, layer_weights, model_at, require_output_task, unflatten
+from influence.runtime.data import as_source
 
 
 def damping_vector(model: Any, dampings: dict[str, float], layers: LayerFilter = None) -> np.ndarray:

@@ -177,5 +177,5 @@ class _MemoryCache(MeasurementCache):
     def __init__(self):
         self.settings, self._rows = {}, {}
 
-    def save(self) -> Path:  # noqa: D102 - nothing to write
+    def save(self) -> Path:
         return Path(os.devnull)

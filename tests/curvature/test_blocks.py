@@ -8,11 +8,11 @@ import scipy.linalg
 
 import influence as inf
 from influence import tasks
+from influence.capture.objectives import layer_gradients, token_weights
 from influence.capture.tracking import track
 from influence.curvature import blocks, precondition
 from influence.reference.exact import gauss_newton, layer_slices
 from influence.testing import trained_lm, trained_mlp
-from influence.capture.objectives import layer_gradients, token_weights
 
 
 def _block_diagonal(q) -> np.ndarray:

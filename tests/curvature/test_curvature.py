@@ -7,12 +7,12 @@ import pytest
 
 import influence as inf
 from influence import tasks
+from influence.capture import per_example
+from influence.capture.objectives import layer_gradients, token_weights
 from influence.capture.tracking import track
 from influence.curvature import LayerCurvature, precondition
-from influence.capture import per_example
 from influence.reference.exact import gauss_newton, layer_slices, unflatten
 from influence.reference.exact import per_example_gradients as grad_reference
-from influence.capture.objectives import layer_gradients, token_weights
 from influence.testing import trained_lm, trained_mlp
 
 

@@ -11,7 +11,7 @@ import pytest
 from experiments import analysis
 from experiments.gallery import write_gallery
 from experiments.insertions import insertion_documents, insertion_rows, load_insertions
-from experiments.mixture import Mixture, chapter_names, language_of, pin_heldout
+from experiments.mixture import chapter_names, language_of, pin_heldout
 from experiments.query_set import KINDS, load_queries, parse_query
 from experiments.scale_comparison import CONFIGS, FAST, FULL
 from experiments.summary import FAMILIES, derived_fields, summarise

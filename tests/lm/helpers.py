@@ -9,13 +9,13 @@ from influence.lm import TrainConfig, shakespeare_documents, train_tokenizer
 PLAYS = ("macbeth", "the-tempest")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def docs():
     """Scenes of two plays (~190k characters)."""
     return tuple(shakespeare_documents(plays=PLAYS))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bpe():
     return train_tokenizer((d.text for d in docs()), "bpe", vocab_size=512)
 

@@ -7,8 +7,16 @@ import pytest
 from datasets import Dataset
 
 from influence.lm import corpus
-from influence.lm.corpus import (MissingCorpusError, bible_documents, dataset_documents, file_documents,
-                                 fortune_documents, load_corpus, parse_play, shakespeare_documents)
+from influence.lm.corpus import (
+    MissingCorpusError,
+    bible_documents,
+    dataset_documents,
+    file_documents,
+    fortune_documents,
+    load_corpus,
+    parse_play,
+    shakespeare_documents,
+)
 from tests.lm.helpers import docs
 
 PLAY = """# A Test Play

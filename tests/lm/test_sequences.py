@@ -12,7 +12,7 @@ from tests.lm.helpers import bpe, docs
 T = 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def splits(split_by="doc"):
     return build_splits(docs(), bpe(), seq_len=T, heldout_fraction=0.2, split_by=split_by)
 

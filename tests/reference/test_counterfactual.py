@@ -14,8 +14,8 @@ from scipy.stats import pearsonr
 
 import influence as inf
 from influence import tasks
-from influence.testing import digits
 from influence.reference.exact import exact_scores
+from influence.testing import digits
 
 ALPHA = 1e-2
 

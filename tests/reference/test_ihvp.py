@@ -7,11 +7,16 @@ from flax import nnx
 import influence as inf
 from influence import tasks
 from influence.capture.tracking import track
-from influence.testing import trained_lm, trained_mlp
 from influence.reference.exact import flatten, gauss_newton, per_example_gradient_batches
+from influence.reference.ihvp import (
+    conjugate_gradient,
+    cosine,
+    curvature_preconditioner,
+    damping_vector,
+    gauss_newton_product,
+)
 from influence.scoring.queries import query_gradients
-from influence.reference.ihvp import (conjugate_gradient, cosine, curvature_preconditioner, damping_vector,
-                                       gauss_newton_product)
+from influence.testing import trained_lm, trained_mlp
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,16 @@ import pytest
 from flax import nnx
 
 from influence import tasks
-from influence.testing import MLP, digits, train
-from influence.reference.lds import (MeasurementCache, lds, predicted_measurements, retrained_measurements, sample_subsets,
-                                     settings_key)
+from influence.reference.lds import (
+    MeasurementCache,
+    lds,
+    predicted_measurements,
+    retrained_measurements,
+    sample_subsets,
+    settings_key,
+)
 from influence.reference.training import evaluate_many, fit_many, model_from, stack_models, weighted_mean_loss
+from influence.testing import MLP, digits, train
 
 
 def test_subsets_have_the_fraction_and_are_stable_as_m_grows():

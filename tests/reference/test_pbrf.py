@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from influence import tasks
-from influence.testing import trained_mlp
 from influence.reference.exact import gauss_newton, per_example_gradients
 from influence.reference.pbrf import measurement_changes, pbrf
+from influence.testing import trained_mlp
 
 POINTS = np.array([0, 7, 31, 64, 100, 255])
 

@@ -20,8 +20,8 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
 
 import influence as inf  # noqa: E402
 from influence import tasks  # noqa: E402
-from influence.testing import trained_mlp  # noqa: E402
 from influence.scoring.ranking import rank_training  # noqa: E402
+from influence.testing import trained_mlp  # noqa: E402
 
 GLOBAL_BATCH = 16
 INTERRUPT_AT = 5  # local batches read before the first attempt of the resumed fit fails

@@ -9,8 +9,8 @@ import influence as inf
 from influence import tasks
 from influence.runtime import io
 from influence.runtime.data import DataError
-from influence.testing import trained_mlp
 from influence.scoring.ranking import rank_training
+from influence.testing import trained_mlp
 
 
 def test_host_rows_tile_the_data():

@@ -14,8 +14,8 @@ import pytest
 
 import influence as inf
 from influence import tasks
-from influence.testing import trained_mlp
 from influence.scoring.ranking import rank_training
+from influence.testing import trained_mlp
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,12 +7,12 @@ import pytest
 from flax import nnx
 
 import influence as inf
+import influence.scoring.ranking as ranking_module
 from influence import tasks
 from influence.curvature import strategies
 from influence.runtime.checkpoint import CheckpointMismatch
-from influence.testing import trained_lm
-import influence.scoring.ranking as ranking_module
 from influence.scoring.ranking import rank_training
+from influence.testing import trained_lm
 
 BATCH = 4  # 32 training sequences: 8 batches per pass
 

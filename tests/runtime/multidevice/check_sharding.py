@@ -16,8 +16,8 @@ from flax import nnx
 
 import influence as inf
 from influence import tasks
-from influence.testing import MLP, TinyLM, digits, lm_sequences
 from influence.scoring.ranking import rank_training
+from influence.testing import MLP, TinyLM, digits, lm_sequences
 
 if jax.device_count() < 4:
     pytest.skip("needs 4 devices: XLA_FLAGS=--xla_force_host_platform_device_count=4", allow_module_level=True)
