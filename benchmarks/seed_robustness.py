@@ -49,8 +49,9 @@ def run_seed(seed: int, paths: list[str]) -> dict[str, dict]:
             outcome, message = "passed", ""
             for child in case:
                 if child.tag in ("failure", "error"):
-                    outcome, message = "failed", (child.get("message") or "").strip().splitlines()[-1:]
-                    message = message[0][:300] if message else ""
+                    # the assertion pytest reports ("E   ..." lines), else the element's message
+                    lines = [ln[1:].strip() for ln in (child.text or "").splitlines() if ln.startswith("E ")]
+                    outcome, message = "failed", (lines[0] if lines else (child.get("message") or "").strip())[:300]
                 elif child.tag == "skipped":
                     outcome = "skipped"
             outcomes[test] = {"outcome": outcome, "message": message}
