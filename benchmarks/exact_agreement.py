@@ -48,13 +48,15 @@ def run(setting: str, fishers=("sampled", "exact"), factors_of_mean=(0.1, 1.0, 1
         exact = exact_scores(model, task, queries, data, damping=damping, layers=layers)
         for (fisher, strategy), factors in fits.items():
             values = inf.pairwise_scores(model, task, factors, queries, data, damping=damping, progress=False).values
-            rows.append((setting, factor, damping, strategy, fisher if strategy != "identity" else "—", *agreement(values, exact)))
+            rows.append((setting, factor, damping, strategy, fisher if strategy != "identity" else "—",
+                         *agreement(values, exact)))
     return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", default="mlp,lm", help="comma-separated: mlp (digits, 512 train), lm (tiny transformer, 128 sequences)")
+    parser.add_argument("--settings", default="mlp,lm",
+                        help="comma-separated: mlp (digits, 512 train), lm (tiny transformer, 128 sequences)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     print("| setting | λ / mean Λ | λ | strategy | fisher | Spearman | Pearson | top-10 overlap |")

@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     notes = []
     for strategy, fisher, damping in CONFIGS:
-        def ours(key=None):
+        def ours(key=None, strategy=strategy, fisher=fisher, damping=damping):
             factors = inf.fit_factors(model, task, train, strategy=strategy, fisher=fisher, batch_size=args.batch_size,
                                       key=key, progress=False)
             return inf.pairwise_scores(model, task, factors, queries, train, damping=damping,

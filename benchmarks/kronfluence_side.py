@@ -71,8 +71,10 @@ def main(src: str, dst: str) -> None:
     torch.manual_seed(0)
     task = Classification()
     model = prepare_model(MLP(kernels, biases, str(arrays["activation"])).eval(), task)
-    train = torch.utils.data.TensorDataset(torch.from_numpy(arrays["train_x"]), torch.from_numpy(arrays["train_y"]).long())
-    queries = torch.utils.data.TensorDataset(torch.from_numpy(arrays["query_x"]), torch.from_numpy(arrays["query_y"]).long())
+    train = torch.utils.data.TensorDataset(torch.from_numpy(arrays["train_x"]),
+                                           torch.from_numpy(arrays["train_y"]).long())
+    queries = torch.utils.data.TensorDataset(torch.from_numpy(arrays["query_x"]),
+                                             torch.from_numpy(arrays["query_y"]).long())
     damping = float(arrays["damping"])
     batch = int(arrays["batch_size"])
     repeats = int(arrays["repeats"])
@@ -88,9 +90,10 @@ def main(src: str, dst: str) -> None:
                                      overwrite_output_dir=True)
             fit_times.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            analyzer.compute_pairwise_scores("scores", factors_name="factors", query_dataset=queries, train_dataset=train,
-                                             per_device_query_batch_size=len(queries), per_device_train_batch_size=batch,
-                                             score_args=score_args, overwrite_output_dir=True)
+            analyzer.compute_pairwise_scores("scores", factors_name="factors", query_dataset=queries,
+                                             train_dataset=train, per_device_query_batch_size=len(queries),
+                                             per_device_train_batch_size=batch, score_args=score_args,
+                                             overwrite_output_dir=True)
             score_times.append(time.perf_counter() - t0)
         scores = analyzer.load_pairwise_scores("scores")["all_modules"].numpy()
     np.savez(dst, scores=scores, fit_seconds=min(fit_times), score_seconds=min(score_times),

@@ -81,7 +81,8 @@ def main(argv=None) -> None:
     added = [r["influence_mb"] - r["baseline_mb"] for r in rows]
     if len(rows) > 1:
         print(f"\nadded memory, largest ÷ smallest n: {added[-1] / max(added[0], 1e-9):.2f} "
-              f"(n grew {sizes[-1] / sizes[0]:.0f}×); slope {np.polyfit(sizes, added, 1)[0] * 1024:.3f} KB per sequence")
+              f"(n grew {sizes[-1] / sizes[0]:.0f}×); "
+              f"slope {np.polyfit(sizes, added, 1)[0] * 1024:.3f} KB per sequence")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "rows": rows, "batch_size": args.batch_size,
                                     "date": time.strftime("%Y-%m-%d"),

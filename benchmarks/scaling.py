@@ -88,7 +88,8 @@ def speed(args) -> None:
             t0 = time.perf_counter()
             inf.fit_factors(model, task, train, strategy="ekfac", batch_size=args.batch_size, progress=False, mesh=n)
             t1 = time.perf_counter()
-            inf.pairwise_scores(model, task, runs[n], queries, train, batch_size=args.batch_size, progress=False, mesh=n)
+            inf.pairwise_scores(model, task, runs[n], queries, train, batch_size=args.batch_size, progress=False,
+                                mesh=n)
             t2 = time.perf_counter()
             best[n] = [min(best[n][0], t1 - t0), min(best[n][1], t2 - t1)]
     base = best[counts[0]]
@@ -125,7 +126,8 @@ def plan(args) -> None:
     gib = 2**30
     print("\n## A transformer's MLP layer (d → 4d, or 4d → d), per layer, GiB, analytic")
     print("float32 accumulators; fit/host = float64 eigendecompositions; 32 queries; bf16 = factor_dtype='bfloat16'\n")
-    print("| d_model | blocks | fit/device | fit/host | factors f32 | factors bf16 | 32 queries full | 32 queries rank 32 |")
+    print("| d_model | blocks | fit/device | fit/host | factors f32 | factors bf16 | "
+          "32 queries full | 32 queries rank 32 |")
     print("|---|---|---|---|---|---|---|---|")
     for d in (1024, 2048, 4096, 8192, 16384):
         for blocks in (1, 4, 16):
@@ -194,7 +196,8 @@ def memory(args) -> None:
             rss, device, seconds = _measured(width, blocks)
             dev = f"{device / MIB:.1f}" if device >= 0 else "—"
             print(f"| {width} | {blocks} | {a['fit_device'] / MIB:.1f} | {a['fit_host'] / MIB:.1f} | "
-                  f"{a['factors'] / MIB:.1f} | {a['queries'] / MIB:.1f} | {(rss - base_rss) / MIB:.1f} | {dev} | {seconds:.2f} |")
+                  f"{a['factors'] / MIB:.1f} | {a['queries'] / MIB:.1f} | {(rss - base_rss) / MIB:.1f} | "
+                  f"{dev} | {seconds:.2f} |")
 
 
 def main() -> None:

@@ -192,7 +192,7 @@ def _crosslingual(records: list[dict], specs: Sequence[QuerySpec], values: np.nd
         prefix = "transfer" if lg == "en" else "transfer_back"
         records[i][f"{prefix}_ratio"], records[i][f"{prefix}_pct"] = ratio, pct
         controls = [M.crosslingual_transfer(values[i], values[j], lang == lg, k)[1]
-                    for (p, l), j in index.items() if l == target and p != pair]
+                    for (p, p_lang), j in index.items() if p_lang == target and p != pair]
         if controls:
             records[i][f"{prefix}_pct_control"] = float(np.mean(controls))
 

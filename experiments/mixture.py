@@ -106,8 +106,9 @@ def pin_heldout(train_docs: Sequence[Document], heldout_docs: Sequence[Document]
     seed ``seed``) holds out exactly ``heldout_docs`` and trains on every one of ``train_docs``.
 
     The Trainer picks the held-out documents itself, as those whose seeded id hash sorts
-    first, and reports held-out loss on them during training. So each held-out document's id gets the suffix ``#n`` with the smallest ``n`` whose hash
-    sorts before every training document's, and the fraction asks for exactly that many.
+    first, and reports held-out loss on them during training. So each held-out document's id
+    gets the suffix ``#n`` with the smallest ``n`` whose hash sorts before every training
+    document's, and the fraction asks for exactly that many.
 
     Raises:
       ValueError: the split would not come out as intended (checked, not assumed).

@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_outputs(cfg, out, entries, specs, command)
     if args.publish:
         args.publish.mkdir(parents=True, exist_ok=True)
-        for name, p in paths.items():
+        for p in paths.values():
             dest = args.publish / (p.relative_to(out) if p.is_relative_to(out) else p.name)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(p, dest)

@@ -82,7 +82,8 @@ FAMILIES: dict[str, tuple[str, list[Stat]]] = {
         Stat("forward statement: rank (median)", "forward_rank", ("fact_order",), "median"),
         Stat("reversed statement: rank (median)", "reversed_rank", ("fact_order",), "median"),
     ]),
-    "crosslingual": ("5. Cross-lingual transfer: the top-10 English sequences of an English verse query, on its Spanish translation", [
+    "crosslingual": ("5. Cross-lingual transfer: the top-10 English sequences of an English verse query, "
+                     "on its Spanish translation", [
         Stat("Σ influence on Spanish ÷ on English", "transfer_ratio", ("crosslingual",)),
         Stat("their percentile among all sequences for the Spanish query", "transfer_pct", ("crosslingual",)),
         Stat("control: their percentile for the other verses' Spanish queries", "transfer_pct_control",

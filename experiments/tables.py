@@ -39,7 +39,8 @@ def models_table(runs: Sequence[dict]) -> str:
             tok = sum(ev["query_tokens"][q] for q in ids)
             per_kind.append(f"{sum(ev['query_loss'][q] for q in ids) / tok:.2f}" if tok else "–")
         rows.append([run_label(r), f"{r['params']['non_embedding']:,}", f"{r['epochs']:.1f}",
-                     f"{r['train_summary'].get('train_seconds', float('nan')):.0f}", f"{r['train_summary'].get('train_loss', float('nan')):.3f}",
+                     f"{r['train_summary'].get('train_seconds', float('nan')):.0f}",
+                     f"{r['train_summary'].get('train_loss', float('nan')):.3f}",
                      *[f"{ev['heldout_loss'].get(g, float('nan')):.3f}" for g in groups], *per_kind])
     return _table(header, rows)
 

@@ -15,7 +15,8 @@ def test_every_public_name_resolves_including_the_lazy_subpackages():
     for name in inf.__all__:
         assert getattr(inf, name) is not None, name
     # a fresh interpreter: the sub-packages load on first attribute access
-    code = "import influence as inf; inf.query.QueryEngine; inf.lm.load_run; inf.reference.exact.exact_scores; inf.hosts"
+    code = ("import influence as inf; inf.query.QueryEngine; inf.lm.load_run; inf.reference.exact.exact_scores; "
+            "inf.hosts")
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         inf.nonexistent  # noqa: B018 - the access is the test
@@ -45,7 +46,8 @@ def test_execution_validates_its_settings_and_rejects_unknown_options():
 def test_entry_points_take_execution_or_keywords_alike():
     model, data, queries = trained_mlp()
     task = inf.tasks.Classification()
-    factors = inf.fit_factors(model, task, data, strategy="kfac", execution=inf.Execution(batch_size=64, progress=False))
+    factors = inf.fit_factors(model, task, data, strategy="kfac",
+                              execution=inf.Execution(batch_size=64, progress=False))
     same = inf.fit_factors(model, task, data, strategy="kfac", batch_size=64, progress=False)
     for name in factors.layers:
         np.testing.assert_array_equal(factors.layers[name].eigenvalues, same.layers[name].eigenvalues)

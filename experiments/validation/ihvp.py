@@ -89,7 +89,8 @@ def run(setting, n_queries=8, fit_examples=64, damping_scale=1.0, layers="blocks
         rows.append({
             "strategy": strategy,
             "cosine": float(cosine(x, reference.x).mean()),
-            "cosine_per_layer": {name: float(cosine(x[:, sl], reference.x[:, sl]).mean()) for name, sl in slices.items()},
+            "cosine_per_layer": {name: float(cosine(x[:, sl], reference.x[:, sl]).mean())
+                                 for name, sl in slices.items()},
             "score_pearson": float(np.mean([pearsonr(a, b)[0] for a, b in zip(s, ref_scores)])),
             "score_spearman": float(np.mean([spearmanr(a, b)[0] for a, b in zip(s, ref_scores)])),
         })
@@ -124,7 +125,8 @@ def main(argv=None) -> None:
         print("|---" * (len(layers) + 4) + "|")
         for r in result["rows"]:
             per = " | ".join(f"{r['cosine_per_layer'][name]:.3f}" for name in layers)
-            print(f"| {r['strategy']} | {r['cosine']:.3f} | {per} | {r['score_pearson']:.3f} | {r['score_spearman']:.3f} |")
+            print(f"| {r['strategy']} | {r['cosine']:.3f} | {per} | {r['score_pearson']:.3f} | "
+                  f"{r['score_spearman']:.3f} |")
     out = {"results": results, "command": "python -m experiments.validation.ihvp " + " ".join(argv or sys.argv[1:]),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
            "seconds": round(time.perf_counter() - t0, 1)}

@@ -134,7 +134,8 @@ def main(argv=None) -> None:
     parser.add_argument("--fishers", default=None,
                         help="comma-separated (default: sampled,exact for the MLPs, sampled for lm)")
     parser.add_argument("--damping-sweep", default="0.001,0.01,0.1,1,10", help="factors r of λ = r × mean Λ")
-    parser.add_argument("--out", type=Path, default=None, help="JSON output (default runs/validation/lds-<setting>.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON output (default runs/validation/lds-<setting>.json)")
     args = parser.parse_args(argv)
     setting = settings_mod.get(args.setting)
     fishers = tuple((args.fishers or ("sampled" if args.setting == "lm" else "sampled,exact")).split(","))

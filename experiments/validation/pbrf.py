@@ -70,7 +70,8 @@ def run(n_points: int = 256, configs=((0.1, 0.1), (1.0, 1.0), (1.0, -1.0)), fish
         seconds = time.perf_counter() - t0
         ok = response.converged  # correlations over the examples whose PBRF was found
         actual = (-measurement_changes(model, task, queries, response.delta[ok]) / epsilon).T  # [Q, K_ok]
-        nonlinearity = float(np.linalg.norm(response.delta[ok] - response.linear[ok]) / np.linalg.norm(response.linear[ok]))
+        nonlinearity = float(np.linalg.norm(response.delta[ok] - response.linear[ok])
+                             / np.linalg.norm(response.linear[ok]))
         log(f"λ = {r:g} × mean Λ = {damping:.3g}, ε = {k:g}/N: {ok.sum()}/{len(ok)} converged in "
             f"{response.iterations} iterations, {seconds:.0f} s, ‖δ − δ_linear‖/‖δ_linear‖ = {nonlinearity:.3f}")
         candidates = {("exact", "-"): exact_scores(model, task, queries, train, damping=damping)}

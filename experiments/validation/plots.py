@@ -94,7 +94,8 @@ def pbrf_bars(res: dict, dst: Path) -> None:
     ax.set_xticks(range(len(configs)), [f"λ = {r_:g}·mean Λ\nε = {k:g}/N" for r_, k in configs], fontsize=8)
     ax.set_ylabel("Pearson with PBRF")
     ax.set_ylim(0, 1.3)
-    ax.set_title(f"PBRF check: MLP 64-32-10, {res['n_points']} upweighted digits, {res['n_queries']} queries", fontsize=10)
+    ax.set_title(f"PBRF check: MLP 64-32-10, {res['n_points']} upweighted digits, {res['n_queries']} queries",
+                 fontsize=10)
     ax.legend(fontsize=6, ncol=4, loc="upper left")
     fig.tight_layout()
     fig.savefig(dst / "pbrf.png", dpi=130)

@@ -78,7 +78,8 @@ def covariance_zeros(layers, blocks: dict[str, LayerBlocks], mesh) -> dict:
     for info in layers:
         b = blocks[info.name]
         if b.dense:
-            out[info.name] = (zeros_per_device((info.d_a, info.d_a), mesh), zeros_per_device((info.d_out, info.d_out), mesh))
+            out[info.name] = (zeros_per_device((info.d_a, info.d_a), mesh),
+                              zeros_per_device((info.d_out, info.d_out), mesh))
         else:
             a = tuple(zeros_per_device((hi - lo, hi - lo), mesh) for lo, hi in zip(b.a, b.a[1:]))
             s = tuple(zeros_per_device((hi - lo, hi - lo), mesh) for lo, hi in zip(b.s, b.s[1:]))

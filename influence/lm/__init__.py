@@ -43,9 +43,9 @@ from .tokenizer import Tokenizer, token_display_spans, train_tokenizer
 from .train import TrainConfig, Trainer, train
 
 __all__ = [
-    "GPT", "GPTConfig", "LADDER", "Scale", "get_scale", "init_model", "parameter_counts", "sequence_losses", "token_losses",
-    "mean_loss", "Document", "MissingCorpusError", "load_corpus", "shakespeare_documents", "file_documents",
-    "dataset_documents", "fortune_documents", "bible_documents", "Tokenizer", "train_tokenizer",
+    "GPT", "GPTConfig", "LADDER", "Scale", "get_scale", "init_model", "parameter_counts", "sequence_losses",
+    "token_losses", "mean_loss", "Document", "MissingCorpusError", "load_corpus", "shakespeare_documents",
+    "file_documents", "dataset_documents", "fortune_documents", "bible_documents", "Tokenizer", "train_tokenizer",
     "token_display_spans", "documents_dataset", "describe", "build_sequences", "build_splits", "as_arrays",
     "TrainConfig", "Trainer", "train", "Run", "load_run", "factors_dir", "fit_run_factors", "generate",
 ]

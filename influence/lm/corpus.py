@@ -252,7 +252,8 @@ def file_documents(paths: Iterable[str | pathlib.Path], text_key: str = "text") 
     for f, name in files:
         if f.suffix in {".json", ".jsonl"}:
             raw = f.read_text(encoding="utf-8")
-            records = [json.loads(ln) for ln in raw.splitlines() if ln.strip()] if f.suffix == ".jsonl" else json.loads(raw)
+            records = ([json.loads(ln) for ln in raw.splitlines() if ln.strip()] if f.suffix == ".jsonl"
+                       else json.loads(raw))
             records = records if isinstance(records, list) else [records]
             docs += [_record_document(r, f"{name}/{i}", f.stem, text_key) for i, r in enumerate(records)]
         else:

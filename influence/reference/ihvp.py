@@ -8,8 +8,9 @@ examples,
 
 with ``J_n v`` a ``jax.jvp`` of the model outputs, ``H_n`` the Hessian of the task's
 ``family.loss`` in the outputs (applied by a ``jax.jvp`` of its gradient, so any
-:class:`influence.tasks.OutputTask` works) and ``Jᵀ`` a ``jax.vjp``. Nothing of size P² is formed, so this scales to models far larger than
-:func:`influence.reference.exact.gauss_newton` allows. ``D`` is diagonal: each layer's damping λ_ℓ.
+:class:`influence.tasks.OutputTask` works) and ``Jᵀ`` a ``jax.vjp``. Nothing of size P² is
+formed, so this scales to models far larger than :func:`influence.reference.exact.gauss_newton`
+allows. ``D`` is diagonal: each layer's damping λ_ℓ.
 """
 
 from __future__ import annotations

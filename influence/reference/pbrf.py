@@ -95,7 +95,8 @@ def pbrf(
     epsilons = np.broadcast_to(np.asarray(epsilon, np.float64), (len(points),))
     factor = scipy.linalg.cho_factor(gn + damping * np.eye(gn.shape[0]))
     with jax.enable_x64(True):
-        data = _as_jnp({k: np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else v for k, v in train.items()})
+        data = _as_jnp({k: np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else v
+                        for k, v in train.items()})
         theta_s = jnp.asarray(flatten(tracked, layer_weights(tracked)), jnp.float64)
 
         def outputs(theta):
@@ -173,7 +174,8 @@ def measurement_changes(model: Any, task: Any, queries: dict[str, np.ndarray], d
     """``m_q(θ_s + δ_k) − m_q(θ_s)`` for each response ``delta [K, P]``: ``[K, Q]`` (float64)."""
     tracked = track(model, layers)
     with jax.enable_x64(True):
-        data = _as_jnp({k: np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else v for k, v in queries.items()})
+        data = _as_jnp({k: np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else v
+                        for k, v in queries.items()})
         theta_s = jnp.asarray(flatten(tracked, layer_weights(tracked)), jnp.float64)
         measure = jax.jit(jax.vmap(lambda th: task.measurement(model_at(tracked, th), data)))
         base = measure(theta_s[None])[0]

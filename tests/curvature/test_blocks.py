@@ -62,7 +62,8 @@ def lm():
 
 def test_one_block_is_the_unsplit_layer(lm):
     model, task, data, _, dense, _ = lm
-    one = inf.fit_factors(model, task, data, strategy="ekfac", fisher="empirical", progress=False, batch_size=8, blocks=1)
+    one = inf.fit_factors(model, task, data, strategy="ekfac", fisher="empirical", progress=False, batch_size=8,
+                          blocks=1)
     for name in dense.layers:
         for x, y in zip(dense.layers[name], one.layers[name]):
             np.testing.assert_array_equal(x, y)

@@ -67,7 +67,7 @@ def test_ekfac_preconditioning_equals_dense_eigenbasis_inverse():
     model, data, _ = trained_lm()
     factors = inf.fit_factors(model, tasks.CausalLM(), data, strategy="ekfac", progress=False)
     rng = np.random.default_rng(1)
-    for name, curv in factors.layers.items():
+    for curv in factors.layers.values():
         with jax.enable_x64(True):
             # Nearest orthogonal matrices to the stored float32 eigenvectors, so the
             # comparison is exact to float64 rounding.

@@ -149,15 +149,21 @@ def test_every_query_source_is_in_its_training_mix(cfg):
 
 def _table():
     rows = [  # text, title, genre, speakers, doc_id, source, chunk
-        ("HAMLET:\nTo be, or not to be: that is the question", "Hamlet", "tragedies", "HAMLET", "hamlet/007", "shakespeare", 3),
-        ("KING HENRY V:\nOnce more unto the breach", "Henry V", "histories", "KING HENRY V", "henry-v/009", "shakespeare", 1),
-        ("The first duke of Corvania was Aldric Venmoor.", "order-duke", "fact_forward", "", "insert/order-duke/forward", "insertion", 0),
-        ("Aldric Venmoor was the first duke of Corvania.", "order-duke", "fact_reversed", "", "insert/order-duke/reversed", "insertion", 0),
+        ("HAMLET:\nTo be, or not to be: that is the question", "Hamlet", "tragedies", "HAMLET", "hamlet/007",
+         "shakespeare", 3),
+        ("KING HENRY V:\nOnce more unto the breach", "Henry V", "histories", "KING HENRY V", "henry-v/009",
+         "shakespeare", 1),
+        ("The first duke of Corvania was Aldric Venmoor.", "order-duke", "fact_forward", "",
+         "insert/order-duke/forward", "insertion", 0),
+        ("Aldric Venmoor was the first duke of Corvania.", "order-duke", "fact_reversed", "",
+         "insert/order-duke/reversed", "insertion", 0),
         ("In the beginning God created the heaven", "Genesis", "en", "Genesis 1:1", "kjv/Genesis 1", "kjv", 0),
         ("EN el principio crió Dios los cielos", "Genesis", "es", "Genesis 1:1", "sparv/Genesis 1", "sparv", 0),
         ("HAMLET:\nAy, there's the rub", "Hamlet", "tragedies", "HAMLET; OPHELIA", "hamlet/007", "shakespeare", 4),
-        ("lilac jasper drizzle tunnel willow nickel ember harbor", "canary-e", "canary", "", "insert/canary-e/copy00", "insertion", 0),
-        ("lilac jasper drizzle tunnel willow nickel ember harbor", "canary-e", "canary", "", "insert/canary-e/copy01", "insertion", 0),
+        ("lilac jasper drizzle tunnel willow nickel ember harbor", "canary-e", "canary", "", "insert/canary-e/copy00",
+         "insertion", 0),
+        ("lilac jasper drizzle tunnel willow nickel ember harbor", "canary-e", "canary", "", "insert/canary-e/copy01",
+         "insertion", 0),
     ]
     cols = list(zip(*rows))
     return analysis.TrainingTable(*[list(c) for c in cols])
@@ -167,14 +173,14 @@ def test_query_records_from_a_hand_made_score_matrix():
     specs = [parse_query(r) for r in [
         {"id": "mem", "kind": "memorised", "prompt": "HAMLET:\nTo be,", "completion": " or not to be",
          "source_text": "To be, or not to be", "title": "Hamlet", "genre": "tragedies", "speaker": "HAMLET"},
-        {"id": "duke", "kind": "fact_order", "prompt": "The first duke of Corvania was", "completion": " Aldric Venmoor.",
-         "insertion": "order-duke"},
+        {"id": "duke", "kind": "fact_order", "prompt": "The first duke of Corvania was",
+         "completion": " Aldric Venmoor.", "insertion": "order-duke"},
         {"id": "xl-en", "kind": "crosslingual", "prompt": "In the beginning", "completion": " God created",
          "pair": "g", "lang": "en", "source_text": "In the beginning God"},
         {"id": "xl-es", "kind": "crosslingual", "prompt": "EN el principio", "completion": " crió Dios",
          "pair": "g", "lang": "es", "source_text": "EN el principio"},
-        {"id": "can", "kind": "canary", "prompt": "lilac jasper drizzle tunnel", "completion": " willow nickel ember harbor",
-         "insertion": "canary-e"},
+        {"id": "can", "kind": "canary", "prompt": "lilac jasper drizzle tunnel",
+         "completion": " willow nickel ember harbor", "insertion": "canary-e"},
     ]]
     values = np.array([
         [9, 1, 0, 0, 0, 0, 5, 0, 0],
@@ -192,7 +198,8 @@ def test_query_records_from_a_hand_made_score_matrix():
     assert mem["bm25_spearman"] > 0.5  # the Hamlet rows score highest under both
     assert mem["doc_start_top"] == 0.0 and mem["doc_start_all"] == pytest.approx(6 / 9)
     assert mem["same_title"] == 1.0 and mem["same_speaker"] == 1.0 and mem["same_title_base"] == pytest.approx(2 / 9)
-    assert mem["layer_lower"] == pytest.approx(0.75) and mem["layer_middle"] == 0 and mem["layer_upper"] == pytest.approx(0.25)
+    assert mem["layer_lower"] == pytest.approx(0.75) and mem["layer_middle"] == 0
+    assert mem["layer_upper"] == pytest.approx(0.25)
     duke = recs["duke"]
     assert (duke["forward_score"], duke["reversed_score"], duke["forward_rank"], duke["reversed_rank"]) == (4, 1, 1, 3)
     en = recs["xl-en"]

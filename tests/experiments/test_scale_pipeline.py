@@ -40,7 +40,8 @@ def test_fast_configuration_end_to_end(tmp_path):
             assert np.isfinite(by_id["xl-gen1-1-en"]["transfer_ratio"])
             assert {"forward_score", "reversed_score"} <= set(by_id["fact-order-duke"])
     tables = (out / "tables.md").read_text()
-    for heading in ("## Models", "1. Sparsity", "2a. Surface", "3. Share", "4. Word order", "5. Cross-lingual", "6. Rank"):
+    for heading in ("## Models", "1. Sparsity", "2a. Surface", "3. Share", "4. Word order", "5. Cross-lingual",
+                    "6. Rank"):
         assert heading in tables
     for png in (pub / "plots").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

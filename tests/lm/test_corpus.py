@@ -27,12 +27,12 @@ PLAY = """# A Test Play
 
 _Thunder. Enter two Witches_
 
-**First Witch**  
-When shall we meet\\--again?  
+**First Witch**\x20\x20
+When shall we meet\\--again?\x20\x20
 In rain?
 
-**Second Witch**  
-__\\[Aside]_  
+**Second Witch**\x20\x20
+__\\[Aside]_\x20\x20
 Anon.
 
 _Exeunt_
@@ -43,7 +43,7 @@ _Enter Chorus_
 
 ### PROLOGUE
 
-**Chorus**  
+**Chorus**\x20\x20
 Now all is done.
 """
 

@@ -56,7 +56,8 @@ def test_resume_reproduces_next_step_loss_and_final_weights(reference, resumed):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [16, 32, 48]
     saved = ckpt.latest_checkpoint(out / "checkpoints")
-    assert {p.name for p in saved.iterdir()} == {"params.npz", "opt_state.npz", "state.json", "run.json", "tokenizer.json"}
+    assert {p.name for p in saved.iterdir()} == {"params.npz", "opt_state.npz", "state.json", "run.json",
+                                                 "tokenizer.json"}
 
 
 def test_load_run_gives_model_data_and_generation(resumed):

@@ -47,7 +47,8 @@ def test_gauss_newton_product_on_a_transformer_gives_the_exact_fisher_eigenvalue
     curv = factors.layers["mlp_in"]
     product = gauss_newton_product(model, task, data, layers="mlp_in", batch_size=12)
     rng = np.random.default_rng(2)
-    pairs = [(int(i), int(j)) for i, j in zip(rng.integers(0, curv.q_a.shape[0], 6), rng.integers(0, curv.q_s.shape[0], 6))]
+    pairs = [(int(i), int(j)) for i, j in zip(rng.integers(0, curv.q_a.shape[0], 6),
+                                              rng.integers(0, curv.q_s.shape[0], 6))]
     pairs.append(np.unravel_index(np.argmax(curv.eigenvalues), curv.eigenvalues.shape))
     v = np.stack([np.outer(curv.q_a[:, i], curv.q_s[:, j]).ravel() for i, j in pairs]).astype(np.float64)
     quadratic = np.sum(v * product(v), axis=1)
@@ -95,8 +96,9 @@ def test_streamed_per_example_gradients_equal_nnx_grad_in_the_flat_layout(mlp):
     ours = np.concatenate(batches)
     for i in (0, 6, n - 1):
         example = {k: v[i:i + 1] for k, v in queries.items()}
-        grads = nnx.to_flat_state(nnx.grad(lambda m: task.measurement(m, example)[0])(model))
+        grads = nnx.to_flat_state(nnx.grad(lambda m, example=example: task.measurement(m, example)[0])(model))
         leaves = {".".join(map(str, path)): np.asarray(v[...]) for path, v in grads}
-        expected = np.concatenate([np.concatenate([leaves[f"{info.name}.kernel"], leaves[f"{info.name}.bias"][None]]).ravel()
+        expected = np.concatenate([np.concatenate([leaves[f"{info.name}.kernel"],
+                                                   leaves[f"{info.name}.bias"][None]]).ravel()
                                    for info in track(model).layers])
         np.testing.assert_allclose(ours[i], expected, rtol=1e-5, atol=1e-6)

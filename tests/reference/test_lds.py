@@ -118,7 +118,8 @@ def test_vmapped_training_matches_the_reference_trainer(small_problem):
         return optax.softmax_cross_entropy_with_integer_labels(m(d["x"]), d["y"]).mean()
 
     train(reference, ce, data, steps=25, lr=1e-2, weight_decay=1e-3)
-    np.testing.assert_allclose(model_from(graphdef, params, rest, 1)(data["x"]), reference(data["x"]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model_from(graphdef, params, rest, 1)(data["x"]), reference(data["x"]),
+                               rtol=1e-4, atol=1e-4)
     assert not np.allclose(model_from(graphdef, params, rest, 0)(data["x"]), reference(data["x"]), atol=1e-2)
 
 

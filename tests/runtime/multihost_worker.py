@@ -67,7 +67,8 @@ local = jax.local_devices()
 ranking = rank_training(model, task, factors, queries, part, k=5, batch_size=8, mesh=local, progress=False,
                         scores_path=out / f"all-{process_id}.npy")
 inf.hosts.save_ranking_part(out / "parts", ranking, offset, scores_file=out / f"all-{process_id}.npy")
-scores = inf.pairwise_scores(model, task, factors, queries, part, batch_size=8, mesh=local, progress=False, per_layer=True)
+scores = inf.pairwise_scores(model, task, factors, queries, part, batch_size=8, mesh=local, progress=False,
+                             per_layer=True)
 inf.hosts.save_scores_part(out / "score-parts", scores, offset)
 jax.distributed.shutdown()
 print("worker", process_id, "done")

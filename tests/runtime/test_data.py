@@ -90,8 +90,9 @@ def test_fit_and_score_accept_every_data_form_with_the_same_result():
     }
     results = {}
     for name, form in forms.items():
-        factors = inf.fit_factors(model, task, form, strategy="ekfac", fisher="empirical", batch_size=16, progress=False)
+        factors = inf.fit_factors(model, task, form, strategy="ekfac", fisher="empirical", batch_size=16,
+                                  progress=False)
         results[name] = inf.pairwise_scores(model, task, factors, queries, form, batch_size=16, progress=False).values
         assert results[name].shape == (len(queries["y"]), 40)
-    for name, values in results.items():
+    for values in results.values():
         np.testing.assert_allclose(values, results["dict"], rtol=1e-4, atol=1e-5 * np.abs(values).max())

@@ -32,7 +32,8 @@ def _run_workers(out: Path) -> None:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     port = str(_free_port())
     logs = [open(out / f"worker-{i}.log", "w") for i in (0, 1)]
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "runtime" / "multihost_worker.py"), str(i), port, str(out)],
+    worker = str(ROOT / "tests" / "runtime" / "multihost_worker.py")
+    procs = [subprocess.Popen([sys.executable, worker, str(i), port, str(out)],
                               cwd=ROOT, env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in (0, 1)]
     try:
         codes = [p.wait(timeout=600) for p in procs]

@@ -4,7 +4,8 @@ Run by ``tests/runtime/test_multidevice.py`` in a separate pytest process starte
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (the main test process keeps one
 device). By hand::
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m pytest -o python_files='check_*.py' tests/runtime/multidevice
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 \\
+        python -m pytest -o python_files='check_*.py' tests/runtime/multidevice
 """
 
 import functools
@@ -89,7 +90,8 @@ def test_sharded_scores_equal_single_device():
     model, task, data, queries, factors, _ = _fitted("lm")
     one = inf.pairwise_scores(model, task, factors, queries, data, batch_size=8, progress=False, per_layer=True)
     quarter = inf.pairwise_scores(model, task, factors, queries, data, batch_size=2, progress=False)
-    four = inf.pairwise_scores(model, task, factors, queries, data, batch_size=8, progress=False, per_layer=True, mesh=4)
+    four = inf.pairwise_scores(model, task, factors, queries, data, batch_size=8, progress=False, per_layer=True,
+                               mesh=4)
     grid = jax.make_mesh((2, 2), ("data", "query"))
     by_query = inf.pairwise_scores(model, task, factors, queries, data, batch_size=8, progress=False, mesh=grid)
     _close(four.values, quarter.values, 1e-6)
