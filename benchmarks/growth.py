@@ -24,17 +24,17 @@ import jax
 import numpy as np
 
 import influence as inf
-from benchmarks.speed import _timed, forward_backward, setup
+from benchmarks.speed import timed, forward_backward, setup
 
 
 def measure(model_name: str, n: int, width: int | None, batch_size: int, strategy: str = "ekfac") -> dict:
     model, task, train, queries, label = setup(model_name, n, width)
-    base = _timed(forward_backward(model, task, train, batch_size), repeats=2)
+    base = timed(forward_backward(model, task, train, batch_size), repeats=2)
     def fit():
         return inf.fit_factors(model, task, train, strategy=strategy, batch_size=batch_size, progress=False)
-    t_fit = _timed(fit, repeats=2)
+    t_fit = timed(fit, repeats=2)
     factors = fit()
-    t_score = _timed(lambda: inf.pairwise_scores(model, task, factors, queries, train, batch_size=batch_size,
+    t_score = timed(lambda: inf.pairwise_scores(model, task, factors, queries, train, batch_size=batch_size,
                                                  progress=False).values, repeats=2)
     return {"label": label, "n": n, "width": width, "fwd_bwd": base, "fit": t_fit, "scores": t_score}
 

@@ -29,7 +29,7 @@ import optax
 from scipy.stats import pearsonr, spearmanr
 
 import influence as inf
-from benchmarks.speed import _timed, setup
+from benchmarks.speed import timed, setup
 from influence.testing import train as train_model
 
 SIDE = Path(__file__).with_name("kronfluence_side.py")
@@ -95,7 +95,7 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         values = ours()
         first = time.perf_counter() - t0
-        best = _timed(ours, repeats=args.repeats)
+        best = timed(ours, repeats=args.repeats)
         kron = kronfluence_scores(args.kron_python, model, train, queries, strategy, fisher, damping, args.batch_size,
                                   args.repeats)
         theirs = kron["scores"]
