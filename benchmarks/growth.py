@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 import influence as inf
-from benchmarks.speed import timed, forward_backward, setup
+from benchmarks.speed import forward_backward, setup, timed
 
 
 def measure(model_name: str, n: int, width: int | None, batch_size: int, strategy: str = "ekfac") -> dict:

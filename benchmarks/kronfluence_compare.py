@@ -29,7 +29,7 @@ import optax
 from scipy.stats import pearsonr, spearmanr
 
 import influence as inf
-from benchmarks.speed import timed, setup
+from benchmarks.speed import setup, timed
 from influence.testing import train as train_model
 
 SIDE = Path(__file__).with_name("kronfluence_side.py")
