@@ -60,7 +60,8 @@ def run_seed(seed: int, paths: list[str]) -> dict[str, dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seed offsets to run (0 is the suite's own)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                        help="seed offsets to run (0 is the suite's own)")
     parser.add_argument("--paths", nargs="+", default=TRAINED, help="test files or folders (default: the trained ones)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
