@@ -100,9 +100,9 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
             raise FileNotFoundError(f"--factors {chosen}: no factors.npz there (fitted sets are in {run / FACTORS})")
         settings = read_settings(folder)
         if settings is not None and settings.get("step") != loaded.step:
+            line = fit_command(run, settings["strategy"], settings["layers"], settings)
             raise ValueError(f"--factors {folder} were fitted on the weights of step {settings.get('step')}, the run "
-                             f"is at step {loaded.step}; refit with:
-  {fit_command(run, settings['strategy'], settings['layers'], settings)} --force")
+                             f"is at step {loaded.step}; refit with:\n  {line} --force")
         return folder, f"using the factors in {folder}" + (f" ({describe_settings(settings)})" if settings else "")
     own = loaded.factors_dir(strategy, layers)
     expected = factor_settings(run, strategy, layers, step=loaded.step)
