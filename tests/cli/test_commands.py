@@ -94,31 +94,37 @@ def _query(run_dir, *extra):
 
 
 def test_factors_are_keyed_by_every_setting(run_dir, capsys):
-    fit = ["fit", "--run", str(run_dir), "--quiet", "--max-sequences", "16"]
+    # kfac on 8 sequences: one cheap pass per fit; the folder key does not depend on the strategy.
+    fit = ["fit", "--run", str(run_dir), "--quiet", "--strategy", "kfac", "--max-sequences", "8"]
     assert main([*fit, "--layers", "mlp.fc_in"]) == 0
     capsys.readouterr()
-    # Another selection that sanitises to the same characters, another Fisher, another seed: new fits.
+    # Another selection that sanitises to the same characters, another Fisher, seed or data: new fits.
     for other in (["--layers", "mlp|fc_in"], ["--layers", "mlp.fc_in", "--fisher", "empirical"],
-                  ["--layers", "mlp.fc_in", "--seed", "1"], ["--layers", "mlp.fc_in", "--max-sequences", "8"]):
+                  ["--layers", "mlp.fc_in", "--seed", "1"], ["--layers", "mlp.fc_in", "--max-sequences", "4"]):
         assert main([*fit, *other]) == 0
-        assert "fitted ekfac" in capsys.readouterr().out, other
+        assert "fitted kfac" in capsys.readouterr().out, other
     assert main([*fit, "--layers", "mlp.fc_in"]) == 0
     assert "already fitted" in capsys.readouterr().out
-    folder = factors_dir(run_dir, "ekfac", "mlp.fc_in", max_sequences=16)
+    folder = factors_dir(run_dir, "kfac", "mlp.fc_in", max_sequences=8)
     settings = json.loads((folder / "settings.json").read_text())
-    assert settings == {"strategy": "ekfac", "layers": "mlp.fc_in", "fisher": "sampled", "seed": 0, "sequences": 16,
+    assert settings == {"strategy": "kfac", "layers": "mlp.fc_in", "fisher": "sampled", "seed": 0, "sequences": 8,
                         "blocks": None, "factor_dtype": "float32", "step": settings["step"]}
-    assert folder != factors_dir(run_dir, "ekfac", "mlp|fc_in", max_sequences=16)
+    assert folder.name.startswith("kfac-mlp_fc_in-") and folder != factors_dir(run_dir, "kfac", "mlp|fc_in",
+                                                                               max_sequences=8)
     # Several sets for these layers, none with the default settings: query lists them, uses none.
-    assert _query(run_dir, "--layers", "mlp.fc_in") == 2
+    assert _query(run_dir, "--strategy", "kfac", "--layers", "mlp.fc_in") == 2
     err = capsys.readouterr().err
-    assert "4 sets of ekfac factors for layers 'mlp.fc_in'" in err and f"--factors {folder.name}" in err
-    assert "influence fit --run" in err and "--layers mlp.fc_in" in err
-    assert _query(run_dir, "--layers", "mlp.fc_in", "--factors", folder.name) == 0
+    assert "4 sets of kfac factors for layers 'mlp.fc_in'" in err and f"--factors {folder.name}" in err
+    assert f"influence fit --run {run_dir} --strategy kfac --layers mlp.fc_in" in err
+    assert _query(run_dir, "--strategy", "kfac", "--layers", "mlp.fc_in", "--factors", folder.name) == 0
     assert f"using the factors in {folder}" in capsys.readouterr().out
     # One set only: used, and named.
-    assert _query(run_dir, "--layers", "mlp|fc_in") == 0
-    assert "using the only ekfac factors fitted for layers 'mlp|fc_in': fisher=sampled" in capsys.readouterr().out
+    assert _query(run_dir, "--strategy", "kfac", "--layers", "mlp|fc_in") == 0
+    assert "using the only kfac factors fitted for layers 'mlp|fc_in': fisher=sampled" in capsys.readouterr().out
+    # A folder whose settings.json says something else is refused, not reused.
+    (folder / "settings.json").write_text(json.dumps({**settings, "fisher": "empirical"}))
+    assert main([*fit, "--layers", "mlp.fc_in"]) == 2
+    assert "is not the settings asked for" in capsys.readouterr().err
 
 
 def test_old_style_factors_folder_is_not_reused(run_dir, tmp_path, capsys):
@@ -157,6 +163,9 @@ def test_interrupted_fit_can_be_restarted(run_dir, monkeypatch, capsys):
     assert "holds a factors checkpoint of another run" in err and "add --restart" in err
     assert "resume=False" not in err
     assert main([*fit, "--restart"]) == 0
+    assert "fitted kfac" in capsys.readouterr().out and not checkpoint.exists()
+    Checkpoint(checkpoint, "factors", {"batch_size": 4}).save((0, 1), {}, {})
+    assert main([*fit, "--force"]) == 0  # --force refits, and so discards the checkpoint too
     assert "fitted kfac" in capsys.readouterr().out and not checkpoint.exists()
 
 
