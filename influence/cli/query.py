@@ -20,6 +20,7 @@ settings, it is used and named; --factors picks a folder of RUN/factors explicit
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -120,11 +121,12 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
         raise FileNotFoundError(f"{len(current)} sets of {strategy} factors for layers '{layers}' are fitted in {run} "
                                 f"with other settings than the defaults; choose one:\n{options}\nor fit the "
                                 f"default ones with:\n  {line}")
-    old = [d for d, s in found if s is None]
-    if old:
-        raise FileNotFoundError(f"{', '.join(map(str, old))}: factors fitted by an older version, without the "
-                                f"settings.json that says what they were fitted with, so they are not used; fit "
-                                f"them again with:\n  {line}\n(and remove the old folder)")
+    # Earlier versions named the folder <strategy>-<layers, sanitised> and kept no settings.
+    old = run / FACTORS / f"{strategy}-{re.sub(r'[^A-Za-z0-9_-]', '_', layers)}"
+    if (old / "factors.npz").is_file() and read_settings(old) is None:
+        raise FileNotFoundError(f"{old}: factors fitted by an older version, without the settings.json that says "
+                                f"what they were fitted with, so they are not used; fit them again with:\n  {line}\n"
+                                f"(and remove the old folder)")
     if same:
         steps = sorted({s.get("step") for _, s in same})
         raise FileNotFoundError(f"the {strategy} factors for layers '{layers}' in {run} were fitted on the weights "
