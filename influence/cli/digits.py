@@ -49,12 +49,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from influence.cli.common import check_output_dir, fail
     from influence.testing import MLP, digits, train  # imports scikit-learn
 
+    if args.n_train < 10 or args.queries < 1:
+        return fail("digits", f"--n-train must be at least 10 and --queries at least 1, got {args.n_train} and "
+                              f"{args.queries}")
+    check_output_dir(args.out, "--out")
     x, y = digits()
     n_train = min(args.n_train, 1497)
-    if n_train < 10 or args.queries < 1:
-        raise SystemExit("--n-train must be at least 10 and --queries at least 1")
     train_set = {"x": x[:n_train], "y": y[:n_train]}
     rng = np.random.default_rng(args.seed)
     query_idx = rng.choice(np.arange(1500, len(y)), size=min(args.queries, len(y) - 1500), replace=False)

@@ -8,16 +8,30 @@ examples:
   influence query --run runs/small --prompt "ROMEO:\n" --completion "But soft, what light" -k 10 --html report.html
   influence query --run runs/small --queries queries.jsonl --json results.json --query-rank 32
 
-A queries file has one JSON object per line: {"prompt": "...", "completion": "...", "id": "..."}.
+A queries file has one JSON object per line: {"prompt": "...", "completion": "...", "id": "..."}
+(prompt and completion strings, id a string or integer and optional; other keys are refused).
 Escapes like \n in --prompt/--completion are read as newlines.
+
+The factors are those `influence fit` fitted with --strategy and --layers (and its other
+settings at their defaults); when only one set of those two was fitted, with other
+settings, it is used and named; --factors picks a folder of RUN/factors explicitly.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
+from pathlib import Path
 
-from influence.cli.common import add_factor_arguments, fail, fit_command
+from influence.cli.common import (
+    add_factor_arguments,
+    check_layers,
+    check_output_file,
+    fail,
+    fit_command,
+    terminal_text,
+)
 
 # Loading a run reads its tokenizer (the lm extra).
 REQUIRES = ("lm", ("tokenizers",))
@@ -31,6 +45,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--completion", help="the completion whose probability is explained")
     parser.add_argument("-k", "--top", type=int, default=10, help="training sequences per query (default: 10)")
     add_factor_arguments(parser)
+    parser.add_argument("--factors", metavar="FOLDER",
+                        help="a folder of RUN/factors to use (default: the one of --strategy and --layers)")
     parser.add_argument("--damping", type=float, help="absolute damping for every layer (default: 0.1 × mean eigenvalue per layer)")
     parser.add_argument("--query-rank", type=int, help="rank-r query batching (e.g. 32; default: full rank)")
     parser.add_argument("--bm25", type=int, metavar="M",
@@ -49,58 +65,112 @@ def _unescape(text: str) -> str:
 
 
 def print_results(results, max_chars: int = 110) -> None:
-    """A table per query: rank, score, source and the start of each top sequence's text."""
+    """A table per query: rank, score, source and the start of each top sequence's text.
+    Text from the data (ids, metadata, training text) is printed with its control
+    characters escaped, so it cannot rewrite the terminal."""
     for r in results:
         q = r.query
-        print(f"\n== {q.id or 'query'}: {q.prompt!r} -> {q.completion!r}  (loss {r.loss:.2f} nats, "
-              f"{r.completion_tokens} tokens)")
+        print(f"\n== {terminal_text(q.id or 'query')}: {terminal_text(repr(q.prompt))} -> "
+              f"{terminal_text(repr(q.completion))}  (loss {r.loss:.2f} nats, {r.completion_tokens} tokens)")
         print(f"{'rank':>4} {'score':>10}  source | text")
         for inf in r.influences:
             meta = inf.metadata
             where = ", ".join(str(meta[k]) for k in ("title", "section") if meta.get(k)) or f"row {inf.row}"
             flag = " [concentrated]" if inf.concentrated else ""
             text = inf.text.replace("\n", " / ").strip()
-            print(f"{inf.rank:>4} {inf.score:>+10.3g}  {where[:50]}{flag} | {text[:max_chars]}")
+            print(f"{inf.rank:>4} {inf.score:>+10.3g}  {terminal_text(where[:50])}{flag} | "
+                  f"{terminal_text(text[:max_chars])}")
+
+
+def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) -> tuple[Path, str | None]:
+    """The factors folder a query on ``loaded`` uses, and a note to print when it is not
+    the one of the default settings.
+
+    Raises:
+      FileNotFoundError: none fits (or several do); the message says which ``influence fit``
+        line to run, or which folders to choose from with ``--factors``.
+    """
+    from influence.lm.run import FACTORS, describe_settings, factor_settings, fitted_factors, read_settings
+
+    run = loaded.path
+    if chosen is not None:
+        folder = Path(chosen)
+        if not (folder / "factors.npz").is_file() and (run / FACTORS / chosen / "factors.npz").is_file():
+            folder = run / FACTORS / chosen
+        if not (folder / "factors.npz").is_file():
+            raise FileNotFoundError(f"--factors {chosen}: no factors.npz there (fitted sets are in {run / FACTORS})")
+        settings = read_settings(folder)
+        if settings is not None and settings.get("step") != loaded.step:
+            line = fit_command(run, settings["strategy"], settings["layers"], settings)
+            raise ValueError(f"--factors {folder} were fitted on the weights of step {settings.get('step')}, the run "
+                             f"is at step {loaded.step}; refit with:\n  {line} --force")
+        return folder, f"using the factors in {folder}" + (f" ({describe_settings(settings)})" if settings else "")
+    own = loaded.factors_dir(strategy, layers)
+    expected = factor_settings(run, strategy, layers, step=loaded.step)
+    if (own / "factors.npz").is_file() and read_settings(own) == expected:
+        return own, None
+    found = fitted_factors(run)
+    same = [(d, s) for d, s in found if s is not None and s["strategy"] == strategy and s["layers"] == layers]
+    current = [(d, s) for d, s in same if s.get("step") == loaded.step]
+    if len(current) == 1:
+        folder, settings = current[0]
+        return folder, f"using the only {strategy} factors fitted for layers '{layers}': {describe_settings(settings)} ({folder})"
+    line = fit_command(run, strategy, layers)
+    if len(current) > 1:
+        options = "\n".join(f"  --factors {d.name}   ({describe_settings(s)})" for d, s in current)
+        raise FileNotFoundError(f"{len(current)} sets of {strategy} factors for layers '{layers}' are fitted in {run} "
+                                f"with other settings than the defaults; choose one:\n{options}\nor fit the "
+                                f"default ones with:\n  {line}")
+    # Earlier versions named the folder <strategy>-<layers, sanitised> and kept no settings.
+    old = run / FACTORS / f"{strategy}-{re.sub(r'[^A-Za-z0-9_-]', '_', layers)}"
+    if (old / "factors.npz").is_file() and read_settings(old) is None:
+        raise FileNotFoundError(f"{old}: factors fitted by an older version, without the settings.json that says "
+                                f"what they were fitted with, so they are not used; fit them again with:\n  {line}\n"
+                                f"(and remove the old folder)")
+    if same:
+        steps = sorted({s.get("step") for _, s in same})
+        raise FileNotFoundError(f"the {strategy} factors for layers '{layers}' in {run} were fitted on the weights "
+                                f"of step {steps}, the run is at step {loaded.step}; fit them again with:\n  {line}")
+    raise FileNotFoundError(f"no {strategy} factors for layers '{layers}' in {run}; fit them first with:\n  {line}")
 
 
 def run(args: argparse.Namespace) -> int:
-    from influence.errors import FileFormatError
+    from influence.errors import FileFormatError, ModelMismatch
     from influence.factors import Factors
-    from influence.lm.run import load_run
+    from influence.lm.run import load_run, read_settings
     from influence.query.engine import Query, QueryEngine, read_queries, write_json
     from influence.query.report import write_html
 
     if args.prompt is not None and args.completion is None:
         return fail("query", "--prompt needs --completion")
+    check_layers(args.layers)
+    for option, path in (("--html", args.html), ("--json", args.json), ("--scores", args.scores)):
+        check_output_file(path, option)
+    queries = (read_queries(args.queries) if args.queries
+               else [Query(_unescape(args.prompt), _unescape(args.completion))])
+    loaded = load_run(args.run)
     try:
-        queries = (read_queries(args.queries) if args.queries
-                   else [Query(_unescape(args.prompt), _unescape(args.completion))])
-        loaded = load_run(args.run)
-    except (FileNotFoundError, ValueError) as e:
+        path, note = find_factors(loaded, args.strategy, args.layers, args.factors)
+    except FileNotFoundError as e:
         return fail("query", str(e))
-    path = loaded.factors_dir(args.strategy, args.layers)
+    if note:
+        print(note)
+    settings = read_settings(path) or {"strategy": args.strategy, "layers": args.layers}
     try:
         factors = Factors.load(path, model=loaded.model)
-    except FileFormatError as e:
-        if not (path / "factors.npz").exists():
-            return fail("query", f"no {args.strategy} factors for layers '{args.layers}' in {args.run}; fit them "
-                                 f"first with:\n  {fit_command(args.run, args.strategy, args.layers)}")
-        return fail("query", str(e))
-    except ValueError as e:
-        return fail("query", f"{e}; refit with:\n  {fit_command(args.run, args.strategy, args.layers)} --force")
+    except (FileFormatError, ModelMismatch) as e:
+        line = fit_command(args.run, settings["strategy"], settings["layers"], settings)
+        return fail("query", f"{e}; refit with:\n  {line} --force")
     engine = QueryEngine(loaded.model, loaded.tokenizer, loaded.train, factors,
                          context_length=loaded.config.context_length, damping=args.damping,
                          query_rank=args.query_rank, bm25_candidates=args.bm25, batch_size=args.batch_size,
                          progress=not args.quiet, mesh=args.devices)
     t0 = time.perf_counter()
-    try:
-        results = engine.run(queries, k=args.top, scores_path=args.scores)
-    except ValueError as e:
-        return fail("query", str(e))
+    results = engine.run(queries, k=args.top, scores_path=args.scores)
     seconds = time.perf_counter() - t0
     print_results(results)
     info = {"run": str(args.run), "step": loaded.step, "strategy": factors.strategy,
-            "layers": ", ".join(factors.layer_names), "query rank": args.query_rank or "full",
+            "layers": ", ".join(factors.layer_names), "factors": str(path), "query rank": args.query_rank or "full",
             "BM25 prefilter": args.bm25 or "off", "training sequences": len(loaded.train),
             "seconds": round(seconds, 1)}
     print(f"\nscored {len(queries)} queries against {len(loaded.train)} sequences in {seconds:.1f} s")

@@ -67,10 +67,12 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Train (or resume) the run; print its summary as JSON. Returns the exit status."""
+    from influence.cli.common import check_output_dir, terminal_text
     from influence.lm.corpus import MissingCorpusError
     from influence.lm.train import Trainer
 
     try:
+        check_output_dir(args.out, "--out")
         cfg = config_from_args(args)
         trainer = Trainer(cfg, args.out)
     except (ValueError, FileNotFoundError, MissingCorpusError) as e:
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         from influence.lm.generate import generate
 
-        print(args.prompt + generate(trainer.model, trainer.tokenizer, args.prompt, max_new_tokens=80))
+        text = args.prompt + generate(trainer.model, trainer.tokenizer, args.prompt, max_new_tokens=80)
+        print(terminal_text(text, keep_newlines=True))  # generated from training text: no terminal controls
     return 0
 
 

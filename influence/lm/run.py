@@ -7,14 +7,17 @@ Layout of a run folder (written by :class:`influence.lm.Trainer`, see
     run.json  tokenizer.json  metrics.jsonl
     data/                          train / heldout / documents datasets
     checkpoints/step_NNNNNNN/      kept checkpoints; checkpoints/latest.json names the newest
-    factors/<strategy>-<layers>/   fitted factors (factors.npz), see factors_dir
+    factors/<strategy>-<layers>-<digest>/   fitted factors (factors.npz) and the settings
+                                   they were fitted with (settings.json), see factors_dir
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
+import re
 import shutil
 import time
 
@@ -23,6 +26,7 @@ from datasets import Dataset
 from flax import nnx
 
 from influence.fit import fit_factors
+from influence.runtime import io
 from influence.tasks import CausalLM
 
 from . import checkpoint as ckpt
@@ -36,15 +40,75 @@ FACTORS = "factors"
 FIT_CHECKPOINT = "checkpoint"
 
 
-def factors_dir(run_dir: str | pathlib.Path, strategy: str, layers: str) -> pathlib.Path:
-    """``<run>/factors/<strategy>-<layers>``: the folder of one fitted configuration.
+# Beside factors.npz: every setting the factors depend on (see factor_settings).
+SETTINGS = "settings.json"
+# The readable part of a folder name is cut here; the digest keeps long selections apart.
+_READABLE = 24
 
-    ``layers`` is the layer selection as given (a regular expression, ``"mlp"`` or
-    ``"all"``); characters other than letters, digits, ``-`` and ``_`` become ``_``. The
-    one place that names this folder, so every command finds the same factors.
+
+def factor_settings(run_dir: str | pathlib.Path, strategy: str = "ekfac", layers: str = "mlp", *,
+                    fisher: str = "sampled", seed: int = 0, max_sequences: int | None = None,
+                    blocks: int | None = None, factor_dtype: str = "float32", step: int | None = None) -> dict:
+    """Every setting that changes a run's fitted factors, as stored in ``settings.json``.
+
+    ``layers`` is kept as given (``"mlp|fc_in"`` and ``"mlp.fc_in"`` are different
+    selections); ``max_sequences`` becomes the number of training sequences actually
+    fitted on (so a cap above the data set's size is the whole set); ``step`` is the
+    checkpoint whose weights are fitted (default: the run's newest).
     """
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in layers)
-    return pathlib.Path(run_dir) / FACTORS / f"{strategy}-{safe}"
+    run_dir = pathlib.Path(run_dir)
+    info = _read_info(run_dir)
+    n_train = int(info["data"]["train_sequences"])
+    if max_sequences is not None and max_sequences < 1:
+        raise ValueError(f"max_sequences must be a positive number of sequences, got {max_sequences}")
+    if step is None:
+        step = _latest_step(run_dir)
+    return {"strategy": strategy, "layers": layers, "fisher": fisher, "seed": int(seed),
+            "sequences": n_train if max_sequences is None else min(int(max_sequences), n_train),
+            "blocks": None if blocks is None else int(blocks), "factor_dtype": str(factor_dtype), "step": int(step)}
+
+
+def factors_dir(run_dir: str | pathlib.Path, strategy: str = "ekfac", layers: str = "mlp", **settings) -> pathlib.Path:
+    """``<run>/factors/<strategy>-<layers>-<digest>``: the folder of one fitted configuration.
+
+    The digest (8 hex digits) covers every setting of :func:`factor_settings` (keyword
+    arguments are its), so factors fitted with another Fisher, seed, data, block count,
+    dtype or checkpoint never share a folder; ``<layers>`` is a readable prefix of the
+    selection (characters other than letters, digits, ``-`` and ``_`` become ``_``). The one
+    place that names this folder, so every command finds the same factors.
+    """
+    chosen = factor_settings(run_dir, strategy, layers, **settings)
+    return pathlib.Path(run_dir) / FACTORS / folder_name(chosen)
+
+
+def folder_name(settings: dict) -> str:
+    """The folder name of factors fitted with ``settings`` (see :func:`factors_dir`)."""
+    digest = hashlib.sha256(json.dumps(io.canonical_json(settings), sort_keys=True).encode()).hexdigest()[:8]
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", settings["layers"])[:_READABLE]
+    return f"{settings['strategy']}-{readable}-{digest}"
+
+
+def read_settings(folder: str | pathlib.Path) -> dict | None:
+    """The settings a factors folder was fitted with, or ``None`` for a folder without
+    them (written by a version that did not key folders by their settings)."""
+    file = pathlib.Path(folder) / SETTINGS
+    if not file.exists():
+        return None
+    return json.loads(file.read_text())
+
+
+def fitted_factors(run_dir: str | pathlib.Path) -> list[tuple[pathlib.Path, dict | None]]:
+    """Every folder of ``run_dir`` holding fitted factors (``factors.npz``) with its
+    settings (``None`` for an old-style folder without ``settings.json``), sorted by name."""
+    root = pathlib.Path(run_dir) / FACTORS
+    if not root.is_dir():
+        return []
+    return [(d, read_settings(d)) for d in sorted(root.iterdir()) if (d / "factors.npz").is_file()]
+
+
+def describe_settings(settings: dict) -> str:
+    """``fisher=sampled, seed=0, ...``: the settings beyond strategy and layers, for messages."""
+    return ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("strategy", "layers"))
 
 
 def layer_pattern(layers: str) -> str | None:
@@ -91,24 +155,33 @@ class Run:
         """Continuation of ``prompt``; see :func:`influence.lm.generate`."""
         return generate(self.model, self.tokenizer, prompt, **kwargs)
 
-    def factors_dir(self, strategy: str, layers: str) -> pathlib.Path:
-        """Folder of this run's factors for ``strategy`` and ``layers`` (see :func:`factors_dir`)."""
-        return factors_dir(self.path, strategy, layers)
+    def factors_dir(self, strategy: str = "ekfac", layers: str = "mlp", **settings) -> pathlib.Path:
+        """Folder of this run's factors for ``strategy``, ``layers`` and the other settings of
+        :func:`factor_settings`, fitted on the weights of :attr:`step` (see :func:`factors_dir`)."""
+        return factors_dir(self.path, strategy, layers, **{"step": self.step, **settings})
 
 
 def fit_run_factors(run: Run, strategy: str = "ekfac", layers: str = "mlp", *, fisher: str = "sampled",
                     batch_size: int = 32, max_sequences: int | None = None, seed: int = 0, progress: bool = True,
-                    devices=None, blocks: int | None = None, factor_dtype: str = "float32"):
+                    devices=None, blocks: int | None = None, factor_dtype: str = "float32", restart: bool = False):
     """Fit factors of ``run``'s model on its training sequences (the first
-    ``max_sequences`` only, if given) and save them in :meth:`Run.factors_dir`.
+    ``max_sequences`` only, if given) and save them, with their ``settings.json``, in
+    :meth:`Run.factors_dir` of these settings.
 
     An interrupted fit resumes from its checkpoint in that folder (removed once the
-    factors are saved). Other arguments are :func:`influence.fit_factors`' (``devices``
-    is its ``mesh``, ``seed`` seeds its ``key``). Returns ``(factors, path, seconds)``.
+    factors are saved); ``restart=True`` discards that checkpoint first. Other arguments
+    are :func:`influence.fit_factors`' (``devices`` is its ``mesh``, ``seed`` seeds its
+    ``key``). Returns ``(factors, path, seconds)``.
     """
-    train = run.train if max_sequences is None else run.train.select(range(min(max_sequences, len(run.train))))
-    folder = run.factors_dir(strategy, layers)
+    settings = factor_settings(run.path, strategy, layers, fisher=fisher, seed=seed, max_sequences=max_sequences,
+                               blocks=blocks, factor_dtype=factor_dtype, step=run.step)
+    train = run.train.select(range(settings["sequences"])) if settings["sequences"] < len(run.train) else run.train
+    folder = run.path / FACTORS / folder_name(settings)
     checkpoint = folder / FIT_CHECKPOINT
+    if restart:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    # The settings go first: a folder whose factors.npz is there always says what it holds.
+    io.atomic_write_json(folder / SETTINGS, settings)
     t0 = time.perf_counter()
     factors = fit_factors(run.model, CausalLM(), train, strategy=strategy, fisher=fisher,
                           layers=layer_pattern(layers), key=jax.random.key(seed), batch_size=batch_size,
@@ -118,6 +191,20 @@ def fit_run_factors(run: Run, strategy: str = "ekfac", layers: str = "mlp", *, f
     path = factors.save(folder)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return factors, path, seconds
+
+
+def _read_info(path: pathlib.Path) -> dict:
+    if not (path / "run.json").is_file():
+        raise FileNotFoundError(f"{path} is not a training run (no run.json); train one with "
+                                f"`influence train --scale tiny --out {path}`")
+    return json.loads((path / "run.json").read_text())
+
+
+def _latest_step(path: pathlib.Path) -> int:
+    latest = ckpt.latest_checkpoint(path / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(f"{path} has no checkpoint yet")
+    return int(ckpt.read_state(latest)["step"])
 
 
 def _load_model(path: pathlib.Path, config: GPTConfig, step: int) -> GPT:
@@ -134,16 +221,10 @@ def load_run(path: str | pathlib.Path, step: int | None = None) -> Run:
     """Load the run in folder ``path`` at checkpoint ``step`` (default: the newest, which
     is the final weights once training has finished)."""
     path = pathlib.Path(path)
-    if not (path / "run.json").exists():
-        raise FileNotFoundError(f"{path} is not a training run (no run.json); train one with "
-                                f"`influence train --scale tiny --out {path}`")
-    info = json.loads((path / "run.json").read_text())
+    info = _read_info(path)
     config = GPTConfig.from_dict(info["model_config"])
     if step is None:
-        latest = ckpt.latest_checkpoint(path / "checkpoints")
-        if latest is None:
-            raise FileNotFoundError(f"{path} has no checkpoint yet")
-        step = ckpt.read_state(latest)["step"]
+        step = _latest_step(path)
     found = ckpt.list_checkpoints(path / "checkpoints")
     data = load_splits(path / "data")
     return Run(path=path, model=_load_model(path, config, step), tokenizer=Tokenizer.load(path), config=config,

@@ -52,12 +52,39 @@ class Query:
     completion: str
     id: str | None = None
 
+    KEYS = ("prompt", "completion", "id")
+
     @classmethod
     def from_dict(cls, d: dict) -> Query:
-        missing = {"prompt", "completion"} - set(d)
+        """A query from ``{"prompt": str, "completion": str, "id": str | int (optional)}``.
+
+        Strict, so that a typo or a wrong type is an error rather than a query about
+        other text: other keys are refused, and nothing is converted but an int ``id``.
+
+        Raises:
+          ValueError: not an object, a missing or unknown key, or a value of another type.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a query is a JSON object {{\"prompt\": ..., \"completion\": ...}}, "
+                             f"got {type(d).__name__} {_short(d)}")
+        missing = [k for k in ("prompt", "completion") if k not in d]
         if missing:
-            raise ValueError(f"a query needs 'prompt' and 'completion'; missing {sorted(missing)} in {d}")
-        return cls(str(d["prompt"]), str(d["completion"]), None if d.get("id") is None else str(d["id"]))
+            raise ValueError(f"a query needs 'prompt' and 'completion'; missing {missing} in {_short(d)}")
+        unknown = sorted(set(d) - set(cls.KEYS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in a query; the keys are {list(cls.KEYS)}")
+        for key in ("prompt", "completion"):
+            if not isinstance(d[key], str):
+                raise ValueError(f"{key!r} must be a string, got {type(d[key]).__name__} {_short(d[key])}")
+        qid = d.get("id")
+        if qid is not None and (isinstance(qid, bool) or not isinstance(qid, (str, int))):
+            raise ValueError(f"'id' must be a string or an integer, got {type(qid).__name__} {_short(qid)}")
+        return cls(d["prompt"], d["completion"], None if qid is None else str(qid))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=True, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclasses.dataclass
@@ -229,18 +256,36 @@ class QueryEngine:
 
     def rank(self, queries: Sequence[Query], k: int = 10, scores_path: str | os.PathLike | None = None) -> tuple[dict, Ranking]:
         """Encoded queries and their top-k ranking (no attribution)."""
-        batch = encode_queries(queries, self.tokenizer, self.context_length, input_key=self.input_key,
-                               mask_key=self.mask_key)
-        ranking = rank_training(self.model, self.task, self.factors, batch, self.train, k=k, damping=self.damping,
-                                query_rank=self.query_rank, candidates=self._candidates(queries),
-                                scores_path=scores_path, execution=self.execution)
-        return batch, ranking
+        batch = self._encode(queries)
+        return batch, self._rank(queries, batch, k, scores_path)
+
+    def _encode(self, queries: Sequence[Query]) -> dict[str, np.ndarray]:
+        return encode_queries(queries, self.tokenizer, self.context_length, input_key=self.input_key,
+                              mask_key=self.mask_key)
+
+    def _rank(self, queries, batch, k, scores_path) -> Ranking:
+        return rank_training(self.model, self.task, self.factors, batch, self.train, k=k, damping=self.damping,
+                             query_rank=self.query_rank, candidates=self._candidates(queries),
+                             scores_path=scores_path, execution=self.execution)
 
     def run(self, queries: Sequence[Query], k: int = 10, scores_path: str | os.PathLike | None = None) -> list[QueryResult]:
-        """Rank and attribute: the top-``k`` training sequences of every query."""
+        """Rank and attribute: the top-``k`` training sequences of every query.
+
+        Raises:
+          FloatingPointError: a query's loss is NaN or infinite (checked before any
+            scoring): the model's weights or outputs are not finite.
+        """
         queries = [q if isinstance(q, Query) else Query.from_dict(q) for q in queries]
-        batch, ranking = self.rank(queries, k, scores_path)
+        batch = self._encode(queries)
         losses = np.asarray(self.task.measurement(self.model, batch))
+        bad = [i for i in range(len(queries)) if not np.isfinite(losses[i])]
+        if bad:
+            label = queries[bad[0]].id or f"query {bad[0]}"
+            raise FloatingPointError(
+                f"{label}: the completion's loss is {losses[bad[0]]} ({len(bad)} of {len(queries)} queries): the "
+                "model's outputs are not finite (NaN/Inf weights?); influence is undefined, so nothing was scored. "
+                "Check the run's training metrics and retrain from a finite checkpoint")
+        ranking = self._rank(queries, batch, k, scores_path)
         pairs = np.array([(q, int(r)) for q in range(len(queries)) for r in ranking.indices[q] if r >= 0], np.int64)
         attribution = attribute(self.model, self.task, self.factors, ranking, self.train, pairs,
                                 execution=self.execution) if len(pairs) else None
@@ -293,14 +338,27 @@ def write_json(results: Sequence[QueryResult], path: str | os.PathLike, info: di
 
 
 def read_queries(path: str | os.PathLike) -> list[Query]:
-    """Queries from a JSON-lines file: one ``{"prompt": ..., "completion": ..., "id": ...}`` per line."""
+    """Queries from a JSON-lines file: one ``{"prompt": ..., "completion": ..., "id": ...}``
+    per line (see :meth:`Query.from_dict`); blank lines are skipped.
+
+    Raises:
+      ValueError: ``PATH:LINE: what is wrong`` for the first bad line (or a file that
+        is not UTF-8 or holds no query).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a queries file is JSON lines") from e
     queries = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             queries.append(Query.from_dict(json.loads(line)))
-        except (json.JSONDecodeError, ValueError, TypeError) as e:
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno}); each line is one query object "
+                             f'like {{"prompt": "...", "completion": "..."}}') from e
+        except ValueError as e:
             raise ValueError(f"{path}:{n}: {e}") from e
     if not queries:
         raise ValueError(f"{path}: no queries")

@@ -1,5 +1,9 @@
 """A self-contained HTML report of query results: no scripts, no external files.
 
+Every string that reaches the page (query text and ids, tokens, metadata keys and values,
+layer names, run information) goes through :func:`_esc`, so text from the data can never
+become markup: a column named ``<img onerror=...>`` shows as that text.
+
 Each query gets a collapsible section with its prompt and completion, and its top
 training sequences: tokens shaded by their share of the influence (green helps the
 completion, red hurts it; stronger colour = larger share, relative to the largest token
@@ -43,6 +47,11 @@ svg text{font:10px system-ui,sans-serif}
 """
 
 
+def _esc(value) -> str:
+    """``value`` as HTML text, safe in element content and in quoted attributes."""
+    return html.escape(str(value), quote=True)
+
+
 def _shade(value: float, scale: float) -> str:
     """Background colour: green for positive, red for negative, alpha by |value|/scale."""
     if scale <= 0 or value == 0:
@@ -63,7 +72,7 @@ def _tokens_html(inf: TrainingInfluence) -> str:
     for tok, s in zip(inf.tokens, scores):
         if not tok:
             continue
-        text = html.escape(tok)
+        text = _esc(tok)
         cls = ' class="special"' if tok.startswith("<|") and tok.endswith("|>") else ""
         style = _shade(float(s), scale)
         parts.append(f'<span{cls} style="{style}" title="{_fmt(float(s))}">{text}</span>' if style or cls
@@ -94,9 +103,9 @@ def _layer_chart(layer_scores: dict[str, float], width: int = 220, label_width: 
         w = abs(v) / scale * half
         x = mid if v >= 0 else mid - w
         colour = "#16a34a" if v >= 0 else "#dc2626"
-        items.append(f'<text x="0" y="{y + 10}">{html.escape(short[:14])}</text>'
+        items.append(f'<text x="0" y="{y + 10}">{_esc(short[:14])}</text>'
                      f'<rect x="{x:.1f}" y="{y + 2}" width="{max(w, 0.5):.1f}" height="{row - 4}" fill="{colour}">'
-                     f'<title>{html.escape(name)}: {_fmt(float(v))}</title></rect>')
+                     f'<title>{_esc(name)}: {_fmt(float(v))}</title></rect>')
     height = len(names) * row
     return (f'<svg width="{width}" height="{height + 14}" role="img" aria-label="influence per layer">'
             f'<line x1="{mid}" y1="0" x2="{mid}" y2="{height}" stroke="#999"/>{"".join(items)}'
@@ -108,28 +117,27 @@ def _source(meta: dict, short: bool = False) -> str:
     keys = [k for k in fields if meta.get(k) not in (None, "")]
     if not keys:
         keys = [k for k in meta][:4]
-    return " · ".join(f"{html.escape(str(meta[k]))}" if k in ("title", "section") else f"{k}: {html.escape(str(meta[k]))}"
-                      for k in keys)
+    return " · ".join(_esc(meta[k]) if k in ("title", "section") else f"{_esc(k)}: {_esc(meta[k])}" for k in keys)
 
 
 def _query_html(i: int, result: QueryResult) -> str:
     q = result.query
-    title = html.escape(q.id or f"Query {i + 1}")
+    title = _esc(q.id or f"Query {i + 1}")
     rows = []
     for inf in result.influences:
         flag = (f'<span class="flag" title="‖v‖₂/‖v‖₁ = {inf.concentration:.2f} &gt; 2/3">concentrated on few tokens</span>'
                 if inf.concentrated else "")
         rows.append(
-            f'<div class="seq"><div><div class="seqhead"><span class="rank">#{inf.rank}</span>'
+            f'<div class="seq"><div><div class="seqhead"><span class="rank">#{_esc(inf.rank)}</span>'
             f'<span class="score">{_fmt(inf.score)}</span> <span class="src">{_source(inf.metadata)}</span>{flag}</div>'
             f'<div class="tokens">{_tokens_html(inf)}</div></div>'
             f'<div>{_layer_chart(inf.layer_scores)}</div></div>'
         )
     return (
         f'<details class="query" id="q{i + 1}"{" open" if i < _OPEN_SECTIONS else ""}><summary><h2>{title}</h2> '
-        f'<span class="meta">loss {result.loss:.3f} nats over {result.completion_tokens} completion tokens</span></summary>'
-        f'<div class="qtext"><span class="prompt">{html.escape(q.prompt)}</span>'
-        f'<span class="completion">{html.escape(q.completion)}</span></div>'
+        f'<span class="meta">loss {result.loss:.3f} nats over {_esc(result.completion_tokens)} completion tokens</span></summary>'
+        f'<div class="qtext"><span class="prompt">{_esc(q.prompt)}</span>'
+        f'<span class="completion">{_esc(q.completion)}</span></div>'
         f'{"".join(rows) or "<p>No training sequence was scored for this query.</p>"}</details>'
     )
 
@@ -140,9 +148,9 @@ def _toc_row(i: int, result: QueryResult) -> str:
     def flat(t: str) -> str:
         return " ".join(t.split())
 
-    text = (f'{html.escape(q.id)}: ' if q.id else "") + (
-        f'<span class="prompt">…{html.escape(flat(q.prompt)[-40:])}</span> '
-        f'<span class="completion">{html.escape(flat(q.completion)[:50])}</span>')
+    text = (f'{_esc(q.id)}: ' if q.id else "") + (
+        f'<span class="prompt">…{_esc(flat(q.prompt)[-40:])}</span> '
+        f'<span class="completion">{_esc(flat(q.completion)[:50])}</span>')
     top = result.influences[0] if result.influences else None
     best = f"{_fmt(top.score)} · {_source(top.metadata, short=True)}" if top else "—"
     return (f'<tr><td><a href="#q{i + 1}">{i + 1}</a></td><td><a href="#q{i + 1}">{text}</a></td>'
@@ -153,7 +161,7 @@ def render_html(results: Sequence[QueryResult], info: dict | None = None, title:
     """The report as one HTML string."""
     info = dict(info or {})
     info.setdefault("generated", datetime.datetime.now().isoformat(timespec="seconds"))
-    meta_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in info.items())
+    meta_rows = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in info.items())
     toc = "".join(_toc_row(i, r) for i, r in enumerate(results))
     legend = ('<p class="legend meta"><span style="background:rgba(22,163,74,.6)">helps</span>'
               '<span style="background:rgba(220,38,38,.6)">hurts</span> the completion; shading is relative to the '
@@ -161,8 +169,8 @@ def render_html(results: Sequence[QueryResult], info: dict | None = None, title:
               'the sequence makes the completion more likely.</p>')
     body = "".join(_query_html(i, r) for i, r in enumerate(results))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width, initial-scale=1"><title>{html.escape(title)}</title><style>{_CSS}</style></head>'
-            f'<body><h1>{html.escape(title)}</h1><table class="meta">{meta_rows}</table>{legend}'
+            f'content="width=device-width, initial-scale=1"><title>{_esc(title)}</title><style>{_CSS}</style></head>'
+            f'<body><h1>{_esc(title)}</h1><table class="meta">{meta_rows}</table>{legend}'
             f'<nav><table class="toc"><tr><th>#</th><th>query</th><th>loss</th><th>top training sequence</th></tr>'
             f'{toc}</table></nav>{body}</body></html>')
 

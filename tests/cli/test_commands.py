@@ -6,6 +6,7 @@ import pytest
 
 from influence.cli import main
 from influence.lm import Trainer
+from influence.lm.run import factors_dir
 from tests.lm.helpers import tiny_config
 
 
@@ -78,8 +79,164 @@ def test_fit_options_blocks_and_devices(run_dir, capsys):
     args = ["fit", "--run", str(run_dir), "--strategy", "kfac", "--blocks", "2", "--devices", "1", "--quiet"]
     assert main(args) == 0
     assert "fitted kfac" in capsys.readouterr().out
-    folder = run_dir / "factors" / "kfac-mlp"
-    assert sorted(p.name for p in folder.iterdir()) == ["factors.npz"]  # the resume checkpoint is cleaned up
+    folder = factors_dir(run_dir, "kfac", "mlp", blocks=2)
+    assert folder.name.startswith("kfac-mlp-")
+    # the resume checkpoint is cleaned up; the settings stay beside the factors
+    assert sorted(p.name for p in folder.iterdir()) == ["factors.npz", "settings.json"]
     code = main(["query", "--run", str(run_dir), "--strategy", "kfac", "--prompt", "MACBETH:\\n",
                  "--completion", "So foul and fair", "-k", "2", "--devices", "1", "--quiet"])
     assert code == 0 and "scored 1 queries" in capsys.readouterr().out
+
+
+def _query(run_dir, *extra):
+    return main(["query", "--run", str(run_dir), "--prompt", "MACBETH:\\n", "--completion", "So foul", "-k", "2",
+                 "--quiet", *extra])
+
+
+def test_factors_are_keyed_by_every_setting(run_dir, capsys):
+    # kfac on 8 sequences: one cheap pass per fit; the folder key does not depend on the strategy.
+    fit = ["fit", "--run", str(run_dir), "--quiet", "--strategy", "kfac", "--max-sequences", "8"]
+    assert main([*fit, "--layers", "mlp.fc_in"]) == 0
+    capsys.readouterr()
+    # Another selection that sanitises to the same characters, another Fisher, seed or data: new fits.
+    for other in (["--layers", "mlp|fc_in"], ["--layers", "mlp.fc_in", "--fisher", "empirical"],
+                  ["--layers", "mlp.fc_in", "--seed", "1"], ["--layers", "mlp.fc_in", "--max-sequences", "4"]):
+        assert main([*fit, *other]) == 0
+        assert "fitted kfac" in capsys.readouterr().out, other
+    assert main([*fit, "--layers", "mlp.fc_in"]) == 0
+    assert "already fitted" in capsys.readouterr().out
+    folder = factors_dir(run_dir, "kfac", "mlp.fc_in", max_sequences=8)
+    settings = json.loads((folder / "settings.json").read_text())
+    assert settings == {"strategy": "kfac", "layers": "mlp.fc_in", "fisher": "sampled", "seed": 0, "sequences": 8,
+                        "blocks": None, "factor_dtype": "float32", "step": settings["step"]}
+    assert folder.name.startswith("kfac-mlp_fc_in-") and folder != factors_dir(run_dir, "kfac", "mlp|fc_in",
+                                                                               max_sequences=8)
+    # Several sets for these layers, none with the default settings: query lists them, uses none.
+    assert _query(run_dir, "--strategy", "kfac", "--layers", "mlp.fc_in") == 2
+    err = capsys.readouterr().err
+    assert "4 sets of kfac factors for layers 'mlp.fc_in'" in err and f"--factors {folder.name}" in err
+    assert f"influence fit --run {run_dir} --strategy kfac --layers mlp.fc_in" in err
+    assert _query(run_dir, "--strategy", "kfac", "--layers", "mlp.fc_in", "--factors", folder.name) == 0
+    assert f"using the factors in {folder}" in capsys.readouterr().out
+    # One set only: used, and named.
+    assert _query(run_dir, "--strategy", "kfac", "--layers", "mlp|fc_in") == 0
+    assert "using the only kfac factors fitted for layers 'mlp|fc_in': fisher=sampled" in capsys.readouterr().out
+    # A folder whose settings.json says something else is refused, not reused.
+    (folder / "settings.json").write_text(json.dumps({**settings, "fisher": "empirical"}))
+    assert main([*fit, "--layers", "mlp.fc_in"]) == 2
+    assert "is not the settings asked for" in capsys.readouterr().err
+
+
+def test_old_style_factors_folder_is_not_reused(run_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("factors"))
+    assert main(["fit", "--run", str(run), "--quiet", "--strategy", "kfac", "--max-sequences", "8"]) == 0
+    new = factors_dir(run, "kfac", "mlp", max_sequences=8)
+    (new / "settings.json").unlink()
+    new.rename(run / "factors" / "kfac-mlp")  # the layout of earlier versions
+    capsys.readouterr()
+    assert _query(run, "--strategy", "kfac") == 2
+    err = capsys.readouterr().err
+    assert "kfac-mlp: factors fitted by an older version" in err
+    assert f"fit them again with:\n  influence fit --run {run} --strategy kfac --layers mlp" in err
+
+
+def test_interrupted_fit_can_be_restarted(run_dir, monkeypatch, capsys):
+    import influence.lm.run as lm_run
+    from influence.runtime.checkpoint import Checkpoint
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    fit = ["fit", "--run", str(run_dir), "--quiet", "--max-sequences", "8", "--strategy", "kfac"]
+    with monkeypatch.context() as m:
+        m.setattr(lm_run, "fit_factors", interrupted)
+        assert main(fit) == 130
+    assert capsys.readouterr().err.strip() == "influence fit: error: interrupted"
+    # A snapshot left by a fit of these settings with another batch size blocks a resume, not a restart.
+    checkpoint = factors_dir(run_dir, "kfac", "mlp", max_sequences=8) / "checkpoint"
+    Checkpoint(checkpoint, "factors", {"batch_size": 4}).save((0, 1), {}, {})
+    assert main(fit) == 2
+    err = capsys.readouterr().err
+    assert "holds a factors checkpoint of another run" in err and "add --restart" in err
+    assert "resume=False" not in err
+    assert main([*fit, "--restart"]) == 0
+    assert "fitted kfac" in capsys.readouterr().out and not checkpoint.exists()
+    Checkpoint(checkpoint, "factors", {"batch_size": 4}).save((0, 1), {}, {})
+    assert main([*fit, "--force"]) == 0  # --force refits, and so discards the checkpoint too
+    assert "fitted kfac" in capsys.readouterr().out and not checkpoint.exists()
+
+
+def test_wrongly_typed_queries_are_refused(run_dir, tmp_path, capsys):
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"prompt": 123, "completion": null}\n')
+    assert main(["query", "--run", str(run_dir), "--queries", str(queries), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (f"influence query: error: {queries}:1: 'prompt' must be a string, "
+                                               "got int 123")
+
+
+def test_outputs_are_checked_before_any_work(run_dir, tmp_path, capsys):
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    missing_run = str(tmp_path / "no-run")  # would fail later: the output is checked first
+    cases = [
+        (["query", "--run", missing_run, "--prompt", "A", "--completion", "b", "--html", str(folder)],
+         f"--html {folder} is a folder; give a file name"),
+        (["query", "--run", missing_run, "--prompt", "A", "--completion", "b", "--json", str(a_file / "r.json")],
+         f"--json {a_file / 'r.json'}: {a_file} is a file, not a folder"),
+        (["query", "--run", missing_run, "--prompt", "A", "--completion", "b", "--scores", str(folder)],
+         f"--scores {folder} is a folder"),
+        (["digits", "--out", str(a_file), "--quiet"], f"--out {a_file} is a file; give a folder"),
+        (["train", "--scale", "tiny", "--out", str(a_file / "run")], f"{a_file} is a file, not a folder"),
+        (["demo", "--out", str(a_file), "--quiet"], f"--out {a_file} is a file; give a folder"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"influence {argv[0]}: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_library_errors_are_one_line_and_tracebacks_need_debug(run_dir, tmp_path, capsys):
+    assert main(["fit", "--run", str(run_dir), "--layers", "mlp(", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        "influence fit: error: --layers 'mlp(' is not a valid regular expression: missing ), unterminated")
+    assert main(["query", "--run", str(run_dir), "--queries", str(tmp_path), "--quiet"]) == 2  # IsADirectoryError
+    err = capsys.readouterr().err
+    assert err.startswith("influence query: error: [Errno 21] Is a directory") and err.count("\n") == 1
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    assert main(["query", "--run", str(a_file / "run"), "--queries", str(a_file / "q"), "--quiet"]) == 2
+    assert "Not a directory" in capsys.readouterr().err  # NotADirectoryError
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        main(["fit", "--run", str(run_dir), "--layers", "mlp(", "--debug"])
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        main(["--debug", "fit", "--run", str(run_dir), "--layers", "mlp("])
+
+
+def test_query_on_a_model_with_nan_weights_fails(run_dir, monkeypatch, capsys):
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import influence.lm.run as lm_run
+
+    main(["fit", "--run", str(run_dir), "--quiet"])
+    capsys.readouterr()
+    real = lm_run.load_run
+
+    def nan_weights(path, step=None):
+        run = real(path, step)
+        graphdef, params, rest = nnx.split(run.model, nnx.Param, ...)
+        return dataclasses.replace(run, model=nnx.merge(graphdef, jax.tree.map(lambda p: p * jnp.nan, params), rest))
+
+    monkeypatch.setattr(lm_run, "load_run", nan_weights)
+    assert _query(run_dir, "--html", str(run_dir / "nan.html")) == 3
+    captured = capsys.readouterr()
+    assert "influence query: error: query 0: the completion's loss is nan" in captured.err
+    assert "rank" not in captured.out and not (run_dir / "nan.html").exists()

@@ -3,6 +3,7 @@
 import html.parser
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -168,3 +169,37 @@ class _TagChecker(html.parser.HTMLParser):
             self.errors.append(f"unexpected </{tag}>, open: {self.stack[-3:]}")
         else:
             self.stack.pop()
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": 123, "completion": "b"}', "'prompt' must be a string, got int 123"),
+    ('{"prompt": "a", "completion": null}', "'completion' must be a string, got NoneType null"),
+    ('{"prompt": "a", "completion": "b", "id": [1]}', "'id' must be a string or an integer, got list"),
+    ('{"prompt": "a", "completion": "b", "id": true}', "'id' must be a string or an integer, got bool"),
+    ('{"prompt": "a", "completion": "b", "completon": "c"}', "unknown key\\(s\\) \\['completon'\\]"),
+    ('["a", "b"]', "a query is a JSON object .*got list"),
+    ('{"prompt": "a", ', "not JSON"),
+])
+def test_query_files_are_read_strictly(tmp_path, line, message):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b", "id": 7}\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"q.jsonl:2: {message}"):
+        read_queries(path)
+    path.write_text('{"prompt": "a", "completion": "b", "id": 7}\n')
+    assert read_queries(path) == [Query("a", "b", "7")]  # an integer id is the one conversion
+
+
+def test_non_finite_model_is_refused_before_scoring(setup, monkeypatch):
+    model, data, factors = setup
+    broken = nnx.clone(model)
+    graphdef, params, rest = nnx.split(broken, nnx.Param, ...)
+    broken = nnx.merge(graphdef, jax.tree.map(lambda p: p * jnp.nan, params), rest)
+    engine = QueryEngine(broken, LetterTokenizer(), data, factors, context_length=8, progress=False)
+    import influence.query.engine as engine_module
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored a model whose loss is not finite")
+
+    monkeypatch.setattr(engine_module, "rank_training", no_scoring)
+    with pytest.raises(FloatingPointError, match="copy: the completion's loss is nan .*nothing was scored"):
+        engine.run([Query(data["text"][0][:3], data["text"][0][3:], id="copy")], k=2)
