@@ -34,7 +34,7 @@ from flax import nnx
 from influence.capture.kinds import LayerInfo, LayerKind, describe_kinds, kind_class
 from influence.errors import TrackingError, UntrackedParametersWarning
 
-__all__ = ["LayerFilter", "LayerInfo", "TrackedModel", "Untracked", "model_fingerprint", "track", "trackable_layers",
+__all__ = ["LayerFilter", "LayerInfo", "TrackedModel", "Untracked", "model_fingerprint", "track", "trackable_infos", "trackable_layers",
            "warn_untracked"]
 
 LayerFilter = str | Iterable[str] | Callable[[str], bool] | None
@@ -201,6 +201,18 @@ def trackable_layers(model: nnx.Module) -> dict[str, str]:
     """``{path: kind}`` of every layer :func:`track` could track (sorted by path), without
     checking their configuration."""
     return {name: kind.kind for name, _, kind in sorted(_trackable(model), key=lambda t: t[0])}
+
+
+def trackable_infos(model: nnx.Module) -> dict[str, LayerInfo]:
+    """``{path: LayerInfo}`` of every layer :func:`track` would track with ``layers=None``
+    (layers whose configuration cannot be tracked are left out), without cloning."""
+    infos = {}
+    for name, module, kind in sorted(_trackable(model), key=lambda t: t[0]):
+        try:
+            infos[name] = kind.of(name, module).info
+        except TrackingError:
+            continue
+    return infos
 
 
 def _describe(trackable: dict[str, str]) -> str:
