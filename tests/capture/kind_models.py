@@ -69,12 +69,12 @@ class Einsums(nnx.Module):
     """Gemma-style ``nnx.Einsum`` projections, one with its output axes permuted."""
 
     def __init__(self, *, rngs):
-        self.qkv = nnx.Einsum("BTD,DNH->BTNH", (5, 2, 3), (2, 3), rngs=rngs)
-        self.out = nnx.Einsum("BTNH,HND->BDT", (3, 2, 4), (4,), rngs=rngs)
+        self.qkv = nnx.Einsum("BTD,DNH->BTHN", (5, 2, 3), (3, 2), rngs=rngs)  # columns in output order H, N
+        self.out = nnx.Einsum("BTHN,HND->BDT", (3, 2, 4), (4,), rngs=rngs)
         self.head = nnx.Linear(4, 3, rngs=rngs)
 
     def __call__(self, x):  # x [B, 4, 5]
-        h = jnp.tanh(self.qkv(x))  # [B, 4, 2, 3]
+        h = jnp.tanh(self.qkv(x))  # [B, 4, 3, 2]
         h = jnp.tanh(self.out(h))  # [B, 4 (D), 4 (T)]
         return self.head(h.mean(axis=-1))
 

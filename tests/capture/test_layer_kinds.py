@@ -81,6 +81,7 @@ MAPS = {
     "einsum_qkv": (lambda: nnx.Einsum("BTD,DNH->BTNH", (5, 2, 3), (2, 3), rngs=_rngs()), X3),
     "einsum_out": (lambda: nnx.Einsum("BTNH,NHD->BTD", (2, 3, 4), (4,), rngs=_rngs()), X4),
     "einsum_stacked": (lambda: nnx.Einsum("BTD,SDNH->SBTNH", (3, 5, 2, 3), (3, 2, 3), rngs=_rngs()), X3),
+    "einsum_transposed_out": (lambda: nnx.Einsum("BTD,DNH->BTHN", (5, 2, 3), (3, 2), rngs=_rngs()), X3),
     "einsum_permuted": (lambda: nnx.Einsum("BTNH,HND->BDT", (3, 2, 4), (4,), rngs=_rngs()), X4),
 }
 
