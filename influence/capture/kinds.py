@@ -192,6 +192,8 @@ class Conv(LayerKind):
             )
         k = tuple(int(s) for s in module.kernel_size)
         n = len(k)
+        if not 1 <= n <= 3:
+            raise TrackingError(f"layer {name!r} has {n} spatial axes; tracked convolutions have 1 to 3")
         shape = tuple(int(s) for s in module.kernel.shape)
         dilation = _tuple(module.kernel_dilation, n)
         padding = module.padding
@@ -223,9 +225,7 @@ class Conv(LayerKind):
         x = x.reshape((-1,) + x.shape[-(n + 1):])  # extra batch axes become tokens, as flax flattens them
         if self.pre_pad is not None:
             x = jnp.pad(x, ((0, 0), *self.pre_pad, (0, 0)), mode=self.pad_mode)
-        spatial = "DHW"[-n:] if n <= 3 else None
-        if spatial is None:
-            raise TrackingError(f"layer {self.name!r} has {n} spatial axes; at most 3 are supported")
+        spatial = "DHW"[-n:]
         # An identity convolution gathers the patches; HIGHEST precision keeps it an exact copy
         # on accelerators that would otherwise round float32 operands to bfloat16.
         patches = jax.lax.conv_general_dilated_patches(

@@ -295,7 +295,7 @@ def warn_untracked(tracked: TrackedModel, stacklevel: int = 2) -> None:
     more = f" and {len(shown) - 12} more" if len(shown) > 12 else ""
     warnings.warn(
         f"{untracked.n_parameters} of {untracked.total} parameters ({untracked.share:.1%}) lie outside the tracked "
-        f"layers and are left out of the influence: {listed}{more}. They are listed in Factors.metadata['untracked']; "
-        "track fewer layers on purpose with layers=..., or silence this with "
+        f"layers and are left out of the influence: {listed}{more}. They are listed in Factors.metadata['untracked']. "
+        "If that is intended, silence this with "
         "warnings.simplefilter('ignore', influence.UntrackedParametersWarning).",
         UntrackedParametersWarning, stacklevel=stacklevel + 1)

@@ -60,6 +60,7 @@ CONVS = {
                                           rngs=_rngs()), X2),
     "2d_explicit": (lambda: nnx.Conv(3, 5, (3, 3), padding=((2, 0), (1, 1)), rngs=_rngs()), X2),
     "2d_circular": (lambda: nnx.Conv(3, 5, (3, 3), strides=2, padding="CIRCULAR", rngs=_rngs()), X2),
+    "3d_same_stride2": (lambda: nnx.Conv(3, 2, (2, 3, 2), strides=2, rngs=_rngs()), X2.reshape(1, 2, 7, 6, 3)),
     "2d_extra_batch_axis": (lambda: nnx.Conv(3, 5, (2, 2), rngs=_rngs()), X2.reshape(2, 1, 7, 6, 3)),
 }
 
