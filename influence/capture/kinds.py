@@ -6,16 +6,14 @@ their gradients ``g``) ``[B, T, d_out]``, so that ``y_t = a_t · W (+ bias)`` at
 token ``t``. A *kind* says how a module class fits that form, in one place per class
 (kfac-jax style: one block per layer kind):
 
-=================  ===============================  ==========================  =====================
-kind               tokens ``T``                     ``d_in``                    ``d_out``
-=================  ===============================  ==========================  =====================
-``linear``         every axis but the last          ``in_features``             ``out_features``
-``conv``           output positions (× extra batch  ``prod(kernel_size) · c_in``  ``c_out``
-                   axes): the input *patches* (KFC)
-``linear_general`` the axes not contracted          ``prod(in_features)``       ``prod(out_features)``
-``einsum``         the input's letters absent from  its contracted letters      the kernel's letters
-                   the kernel                                                   kept in the output
-=================  ===============================  ==========================  =====================
+* ``linear`` (``nnx.Linear``): tokens are every input axis but the last;
+  ``d_in = in_features``, ``d_out = out_features``.
+* ``conv`` (``nnx.Conv``): tokens are the output positions (× any extra batch axes), ``a_t``
+  the input patch under the kernel (KFC); ``d_in = prod(kernel_size) · c_in``, ``d_out = c_out``.
+* ``linear_general`` (``nnx.LinearGeneral``): tokens are the axes not contracted;
+  ``d_in = prod(in_features)``, ``d_out = prod(out_features)``.
+* ``einsum`` (``nnx.Einsum``): tokens are the input's letters absent from the kernel;
+  ``d_in`` its contracted letters, ``d_out`` the kernel's letters kept in the output.
 
 Kernel → matrix: the kernel's contracted axes, in kernel order, flattened row-major
 into the rows, its output axes into the columns (a conv kernel ``[*k, c_in, c_out]``

@@ -3,7 +3,6 @@ output, the factored per-example gradients equal jax.grad, and what is not track
 
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
