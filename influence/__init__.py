@@ -30,6 +30,7 @@ from influence.errors import (
     MissingCorpusError,
     ModelMismatch,
     TrackingError,
+    UntrackedParametersWarning,
 )
 from influence.factors import Factors
 from influence.fit import fit_factors
@@ -55,5 +56,5 @@ def __getattr__(name):
 
 __all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "Execution", "Factors", "FileFormatError",
            "InfluenceError", "LayerInfo", "MissingCorpusError", "ModelMismatch", "Ranking", "Scores", "SelfScores", "Task",
-           "TrackingError", "__version__", "attribute", "fit_factors", "hosts", "lm", "pairwise_scores", "query",
+           "TrackingError", "UntrackedParametersWarning", "__version__", "attribute", "fit_factors", "hosts", "lm", "pairwise_scores", "query",
            "rank_training", "reference", "self_scores", "tasks", "testing", "track"]

@@ -12,7 +12,8 @@ the base :class:`InfluenceError`, so ``except inf.InfluenceError`` catches any o
     └── MissingCorpusError  a text corpus whose package is not installed (influence.lm)
 
 Numerical failures (NaN/Inf in a loss or in factors) raise the built-in
-``FloatingPointError``.
+``FloatingPointError``. What the library leaves out is warned about, never silent:
+:class:`UntrackedParametersWarning` (parameters outside the tracked layers).
 """
 
 from __future__ import annotations
@@ -45,3 +46,9 @@ class CheckpointMismatch(InfluenceError):
 
 class MissingCorpusError(InfluenceError, RuntimeError):
     """A corpus needs a package that is not installed; the message gives the install line."""
+
+
+class UntrackedParametersWarning(UserWarning):
+    """Parameters of the model lie outside the tracked layers (embeddings, norms, layers
+    of a kind that cannot be tracked, layers left out by ``layers=``): their influence is
+    not part of any score. ``Factors.metadata["untracked"]`` lists them."""

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from influence.capture.tracking import LayerInfo, TrackedModel, track
+from influence.capture.tracking import LayerInfo, TrackedModel, model_fingerprint, trackable_infos
 from influence.curvature import LayerCurvature, default_damping, get_strategy
 from influence.curvature import blocks as blocks_
 from influence.curvature.layer import arrays_of
@@ -70,6 +70,11 @@ def curvature_from_arrays(arrays: dict[str, np.ndarray], names, dtype: np.dtype,
     return layers
 
 
+def _shape(info: LayerInfo) -> str:
+    """A layer as a matrix map, for messages: ``conv [d_in=9 + bias, d_out=4]``."""
+    return f"{info.kind} [d_in={info.d_in}{' + bias' if info.has_bias else ''}, d_out={info.d_out}]"
+
+
 class Factors:
     """Fitted curvature of every tracked layer, plus what it was fitted on.
 
@@ -78,8 +83,10 @@ class Factors:
       layers: layer name -> :class:`~influence.curvature.LayerCurvature` (numpy, in
         ``dtype``; a layer split into blocks has tuples of blocks for ``q_a``/``q_s``).
       metadata: JSON-serialisable facts: layer shapes, ``n_examples``, ``n_tokens``,
-        ``fisher``, ``fingerprint`` (model structure), ``blocks`` (split layers),
-        ``dtype``, ``mesh``, ``version``, ``created``.
+        ``fisher``, ``fingerprint`` (model structure), ``untracked`` (the parameters
+        outside the tracked layers: ``modules`` path -> count, ``classes`` path ->
+        module class, ``parameters``, ``share``), ``blocks`` (split layers), ``dtype``,
+        ``mesh``, ``version``, ``created``.
     """
 
     def __init__(self, strategy: str, layers: dict[str, LayerCurvature], metadata: dict[str, Any]):
@@ -125,17 +132,42 @@ class Factors:
                         "were not finite on the fitting data"
                     )
 
-    def check_compatible(self, tracked: TrackedModel) -> None:
+    def check_compatible(self, model: TrackedModel | nnx.Module) -> None:
         """Raise :class:`~influence.errors.ModelMismatch` unless the factors were fitted on a
-        model of this structure."""
-        ours = {i.name: (i.d_in, i.d_out, i.has_bias) for i in self.layer_infos}
-        theirs = {i.name: (i.d_in, i.d_out, i.has_bias) for i in tracked.layers}
-        if ours != theirs or self.metadata.get("fingerprint") != tracked.fingerprint:
-            diff = sorted(set(ours.items()) ^ set(theirs.items()))
-            detail = f"; differing layers (name, (d_in, d_out, bias)): {diff[:6]}" if diff else ""
+        model of this structure.
+
+        ``model`` is a :class:`~influence.capture.TrackedModel` (its tracked layers must be
+        exactly the factors' layers) or a module (it must have every layer of the factors,
+        of the same kind and shape). The message names each differing layer, with what the
+        factors hold and what the model has.
+        """
+        ours = {info.name: info for info in self.layer_infos}
+        if isinstance(model, TrackedModel):
+            theirs, fingerprint, tracked = {info.name: info for info in model.layers}, model.fingerprint, True
+        else:
+            theirs, fingerprint, tracked = trackable_infos(model), model_fingerprint(model), False
+        problems = []
+        for name, info in ours.items():
+            if name not in theirs:
+                continue
+            if info != theirs[name]:
+                problems.append(f"layer {name!r}: the factors have {_shape(info)}, the model has {_shape(theirs[name])}")
+        missing = [name for name in ours if name not in theirs]
+        if missing:
+            found = ", ".join(f"{n} ({_shape(i)})" for n, i in theirs.items()) or "none"
+            problems.append(f"layers in the factors but not in the model: {missing} (the model's trackable layers: "
+                            f"{found})")
+        extra = [name for name in theirs if name not in ours] if tracked else []
+        if extra:
+            problems.append(f"layers tracked in the model without factors: {extra}")
+        if problems:
+            raise ModelMismatch("these factors were fitted on a model of another structure: " + "; ".join(problems))
+        if self.metadata.get("fingerprint") != fingerprint:
             raise ModelMismatch(
-                f"these factors were fitted on a model of another structure (fingerprint "
-                f"{self.metadata.get('fingerprint')} vs {tracked.fingerprint}){detail}"
+                f"these factors were fitted on a model of another structure: the tracked layers match, but other "
+                f"variables differ (structure fingerprint {self.metadata.get('fingerprint')} in the factors, "
+                f"{fingerprint} for the model; e.g. an embedding or a norm of another size): refit the factors on "
+                "this model"
             )
 
     # --- persistence -------------------------------------------------------------
@@ -162,5 +194,5 @@ class Factors:
         layers = curvature_from_arrays(arrays, names, as_factor_dtype(metadata.get("dtype", "float32")))
         factors = cls(strategy, layers, metadata)
         if model is not None:
-            factors.check_compatible(track(model, factors.layer_names))
+            factors.check_compatible(model)
         return factors

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from influence.capture.tracking import LayerFilter, track
+from influence.capture.tracking import LayerFilter, track, warn_untracked
 from influence.curvature import LayerCurvature, get_strategy
 from influence.curvature import blocks as blocks_
 from influence.curvature.passes import CurvaturePass
@@ -170,7 +170,10 @@ def fit_factors(
         data's labels) or ``"exact"`` (the exact expectation, when the task provides
         ``fisher_directions``; costs one backward pass per output).
       key: PRNG key for sampled targets (default ``jax.random.key(0)``).
-      layers: which ``nnx.Linear`` layers to track (see :func:`influence.capture.track`).
+      layers: which layers to track (see :func:`influence.capture.track`): by default every
+        ``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral`` and ``nnx.Einsum``. Parameters
+        outside them are warned about once (:class:`influence.UntrackedParametersWarning`)
+        and listed in ``metadata["untracked"]``.
       blocks: split layers' factors into diagonal blocks to bound their memory: an int,
         a pair ``(n_a, n_s)``, or ``{layer name or pattern: int or pair}``
         (see :func:`influence.curvature.blocks.resolve`).
@@ -194,6 +197,7 @@ def fit_factors(
     dtype = as_factor_dtype(factor_dtype)
     mesh = data_mesh(run.mesh)
     tracked = track(model, layers)
+    warn_untracked(tracked)
     key = jax.random.key(0) if key is None else key
     source = as_source(data, local_batch_size(run.batch_size, mesh), task)
     if len(chosen.passes) > 1 and source.single_pass:
@@ -205,6 +209,7 @@ def fit_factors(
         "layers": [info._asdict() for info in tracked.layers],
         "fisher": fisher,
         "fingerprint": tracked.fingerprint,
+        "untracked": tracked.untracked.as_metadata(),
         "dtype": dtype.name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -8,8 +8,10 @@ from one batched backward pass of the summed objective: examples are independent
 
 Shapes: ``a`` is ``[B, T, d_a]`` (a trailing 1 appended when the layer has a bias, so the
 bias is the last row of the augmented weight ``[d_a, d_out]``); ``g`` is ``[B, T, d_out]``
-(``[K, B, T, d_out]`` for K objectives). Inputs of rank 2 ``[B, d]`` get ``T = 1``; higher
-ranks are flattened into ``T``.
+(``[K, B, T, d_out]`` for K objectives). The layer's kind (:mod:`.kinds`) says what its
+tokens are: for a dense layer, inputs of rank 2 ``[B, d]`` get ``T = 1`` and higher ranks
+are flattened into ``T``; for a convolution they are its output positions, ``a`` the
+input patches.
 """
 
 from __future__ import annotations

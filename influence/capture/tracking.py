@@ -1,13 +1,19 @@
 """Which layers are tracked, and the hooks that let :mod:`.activations` capture them.
 
-How it works: :func:`track` clones the model and gives every tracked ``nnx.Linear``
-a subclass whose ``__call__`` reports its input to the active :class:`_Tap` and adds a
-zero *perturbation* to its output. The gradient of the objective with respect to that
+How it works: :func:`track` clones the model and gives every tracked layer (each module
+of a kind in :mod:`.kinds`: ``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral``,
+``nnx.Einsum``) a subclass whose ``__call__`` reports its input, as tokens ``[B, T, d_in]``
+(a convolution's patches), to the active :class:`_Tap` and adds a zero *perturbation*
+``[B, T, d_out]`` to its output. The gradient of the objective with respect to that
 perturbation is the gradient with respect to the layer's pre-activation output, ``g``
 (the zero-perturbation VJP trick, run by :func:`influence.capture.activations.capture`).
 Everything runs inside pure functions of ``(params, batch)``, so it jits; the tap is a
 trace-time context only, holding tracers that are returned from the function, and the
 user's model is never modified.
+
+Whatever is not tracked is said: :attr:`TrackedModel.untracked` lists the modules whose
+parameters lie outside the tracked layers, and :func:`warn_untracked` warns once with
+:class:`~influence.errors.UntrackedParametersWarning`.
 """
 
 from __future__ import annotations
@@ -15,31 +21,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
 from flax import nnx
 
-from influence.errors import TrackingError
+from influence.capture.kinds import LayerInfo, LayerKind, describe_kinds, kind_class
+from influence.errors import TrackingError, UntrackedParametersWarning
 
-
-class LayerInfo(NamedTuple):
-    """A tracked dense layer. ``d_a = d_in + has_bias`` is the augmented input size."""
-
-    name: str
-    d_in: int
-    d_out: int
-    has_bias: bool
-
-    @property
-    def d_a(self) -> int:
-        return self.d_in + int(self.has_bias)
-
-
-
+__all__ = ["LayerFilter", "LayerInfo", "TrackedModel", "Untracked", "model_fingerprint", "track", "trackable_infos", "trackable_layers",
+           "warn_untracked"]
 
 LayerFilter = str | Iterable[str] | Callable[[str], bool] | None
 
@@ -57,17 +53,20 @@ class _Tap:
         self.inputs: dict[str, jax.Array] = {}
         self.output_shapes: dict[str, jax.ShapeDtypeStruct] = {}
 
-    def record(self, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    def record(self, layer: LayerKind, x: jax.Array, y: jax.Array) -> jax.Array:
+        """Keep ``layer``'s input tokens; return ``y`` plus its perturbation (in ``y``'s layout)."""
+        name = layer.name
         if name in self.inputs:
             raise TrackingError(
                 f"layer {name!r} was called more than once in one forward pass; shared "
                 "weights are not supported: exclude it with layers=..."
             )
-        self.inputs[name] = x
-        self.output_shapes[name] = jax.ShapeDtypeStruct(y.shape, y.dtype)
+        self.inputs[name] = layer.inputs(x)
+        tokens = jax.eval_shape(layer.outputs, jax.ShapeDtypeStruct(y.shape, y.dtype))
+        self.output_shapes[name] = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype)
         if self.perturbations is None:
             return y
-        return y + self.perturbations[name].astype(y.dtype)
+        return y + layer.from_outputs(self.perturbations[name].astype(y.dtype), y.shape)
 
 
 @contextlib.contextmanager
@@ -84,15 +83,17 @@ _TRACKED_CLASSES: dict[type, type] = {}
 
 
 def _tracked_class(cls: type) -> type:
-    """A subclass of the given nnx.Linear class that reports to the active tap."""
+    """A subclass of the given layer class that reports to the active tap."""
     if cls not in _TRACKED_CLASSES:
 
         def __call__(self, inputs, *args, **kwargs):
+            layer = self.influence_layer
+            layer.check_call(args, kwargs)
             out = cls.__call__(self, inputs, *args, **kwargs)
             tap = getattr(_ACTIVE, "tap", None)
             if tap is None:
                 return out
-            return tap.record(self.influence_layer_name, inputs, out)
+            return tap.record(layer, inputs, out)
 
         _TRACKED_CLASSES[cls] = type(f"Tracked{cls.__name__}", (cls,), {"__call__": __call__})
     return _TRACKED_CLASSES[cls]
@@ -118,22 +119,57 @@ def _make_filter(layers: LayerFilter) -> Callable[[str], bool]:
     return lambda name: name in names or any(p.fullmatch(name) for p in patterns)
 
 
+def _unmatched(layers: LayerFilter, names: list[str]) -> list[str]:
+    """The entries of a list ``layers=`` that select none of ``names``."""
+    if layers is None or callable(layers) or isinstance(layers, str):
+        return []
+    return [entry for entry in layers
+            if not any(name == entry or re.fullmatch(entry, name) for name in names)]
+
+
+class Untracked(NamedTuple):
+    """Parameters outside the tracked layers: ``modules`` maps each module path (a
+    parameter's own path for one held by the model itself) to ``(class name, parameter
+    count)``; ``n_parameters`` of ``total`` parameters (``nnx.Param`` elements)."""
+
+    modules: dict[str, tuple[str, int]]
+    n_parameters: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.n_parameters / self.total if self.total else 0.0
+
+    def as_metadata(self) -> dict[str, Any]:
+        """``{"modules": {path: count}, "classes": {path: class}, "parameters", "share"}``."""
+        return {"modules": {p: n for p, (_, n) in self.modules.items()},
+                "classes": {p: c for p, (c, _) in self.modules.items()},
+                "parameters": self.n_parameters, "share": self.share}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrackedModel:
-    """A functional view of a model with hooks on its tracked dense layers.
+    """A functional view of a model with hooks on its tracked layers.
 
     ``graphdef`` is hashable and static under ``jit``; ``state`` holds every variable of
-    the model (parameters and any other state) as a pytree of arrays.
+    the model (parameters and any other state) as a pytree of arrays. ``kinds`` (one
+    :class:`~influence.capture.kinds.LayerKind` per entry of ``layers``) say how each
+    layer is a matrix map; ``untracked`` what is left out.
     """
 
     graphdef: Any
     state: Any
     layers: tuple[LayerInfo, ...]
     fingerprint: str
+    kinds: tuple[LayerKind, ...] = ()
+    untracked: Untracked | None = None
 
     @property
     def layer_names(self) -> tuple[str, ...]:
         return tuple(layer.name for layer in self.layers)
+
+    def kind(self, name: str) -> LayerKind:
+        return self.kinds[self.layer_names.index(name)]
 
 
 def model_fingerprint(model: nnx.Module) -> str:
@@ -151,41 +187,115 @@ def model_fingerprint(model: nnx.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _trackable(model: nnx.Module) -> list[tuple[str, Any, type[LayerKind]]]:
+    """``(path, module, kind)`` of every module of a trackable class, in model order."""
+    found = []
+    for path, module in nnx.iter_modules(model):
+        kind = kind_class(module)
+        if kind is not None:
+            found.append((_path_name(path), module, kind))
+    return found
+
+
+def trackable_layers(model: nnx.Module) -> dict[str, str]:
+    """``{path: kind}`` of every layer :func:`track` could track (sorted by path), without
+    checking their configuration."""
+    return {name: kind.kind for name, _, kind in sorted(_trackable(model), key=lambda t: t[0])}
+
+
+def trackable_infos(model: nnx.Module) -> dict[str, LayerInfo]:
+    """``{path: LayerInfo}`` of every layer :func:`track` would track with ``layers=None``
+    (layers whose configuration cannot be tracked are left out), without cloning."""
+    infos = {}
+    for name, module, kind in sorted(_trackable(model), key=lambda t: t[0]):
+        try:
+            infos[name] = kind.of(name, module).info
+        except TrackingError:
+            continue
+    return infos
+
+
+def _describe(trackable: dict[str, str]) -> str:
+    if not trackable:
+        return f"it has no trackable layer (the trackable classes are {describe_kinds()})"
+    return "its trackable layers are " + ", ".join(f"{name or '<model>'} ({kind})" for name, kind in trackable.items())
+
+
+def _untracked(model: nnx.Module, tracked: set[str]) -> Untracked:
+    modules = {_path_name(path): module for path, module in nnx.iter_modules(model)}
+    counts: dict[str, tuple[str, int]] = {}
+    total = 0
+    for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        size = int(math.prod(getattr(leaf.get_value() if hasattr(leaf, "get_value") else leaf, "shape", ())))
+        total += size
+        owner = _path_name(path[:-1])
+        if owner in tracked and str(path[-1]) in ("kernel", "bias"):
+            continue
+        key = owner if owner else _path_name(path)
+        cls = type(modules.get(owner)).__name__ if owner else "Param"
+        previous = counts.get(key, (cls, 0))
+        counts[key] = (cls, previous[1] + size)
+    return Untracked(dict(sorted(counts.items())), sum(n for _, n in counts.values()), total)
+
+
 def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
-    """Prepare ``model`` for capture, tracking each ``nnx.Linear`` selected by ``layers``.
+    """Prepare ``model`` for capture, tracking each trackable layer selected by ``layers``.
+
+    The trackable layers are the modules of the kinds in :mod:`influence.capture.kinds`
+    (``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral``, ``nnx.Einsum``, and so the
+    projections of ``nnx.MultiHeadAttention``), each seen as a matrix map ``[d_in, d_out]``.
 
     Args:
       model: any flax NNX module. It is cloned; the original is left untouched.
-      layers: ``None`` (every ``nnx.Linear``), a regular expression searched in the
+      layers: ``None`` (every trackable layer), a regular expression searched in the
         dotted module path (e.g. ``"mlp"``), a list of exact paths or full-match
-        patterns, or a predicate on the path.
+        patterns (each must select a layer), or a predicate on the path.
 
     Raises:
-      ValueError: no layer is tracked, or a tracked kernel is not 2-D.
+      TrackingError: no layer is tracked, an entry of a list ``layers=`` selects no
+        trackable layer, or a selected layer's configuration is not a matrix map (e.g.
+        a grouped convolution).
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
     keep = _make_filter(layers)
     clone = nnx.clone(model)
-    infos = []
-    all_linear = []
-    for path, module in nnx.iter_modules(clone):
-        if not isinstance(module, nnx.Linear):
-            continue
-        name = _path_name(path)
-        all_linear.append(name)
+    found = _trackable(clone)
+    trackable = {name: kind.kind for name, _, kind in sorted(found, key=lambda t: t[0])}
+    unmatched = _unmatched(layers, list(trackable))
+    if unmatched:
+        raise TrackingError(f"layers={unmatched!r} select no trackable layer of the model; {_describe(trackable)}")
+    specs = []
+    for name, module, kind in found:
         if not keep(name):
             continue
-        kernel = module.kernel[...]
-        if kernel.ndim != 2:
-            raise TrackingError(f"layer {name!r} has a {kernel.ndim}-D kernel; only 2-D kernels are supported")
-        has_bias = getattr(module, "bias", None) is not None
+        spec = kind.of(name, module)
         module.__class__ = _tracked_class(type(module))
-        module.influence_layer_name = name
-        infos.append(LayerInfo(name, int(kernel.shape[0]), int(kernel.shape[1]), has_bias))
-    if not infos:
-        found = f"its nnx.Linear layers are {all_linear}" if all_linear else "it has no nnx.Linear layer"
-        raise TrackingError(f"no layer of the model is tracked by layers={layers!r}: {found}")
-    infos.sort(key=lambda info: info.name)
+        module.influence_layer = spec
+        specs.append(spec)
+    if not specs:
+        if layers is None:
+            raise TrackingError(f"no layer of the model can be tracked: {_describe(trackable)}")
+        raise TrackingError(f"no layer of the model is tracked by layers={layers!r}: {_describe(trackable)}")
+    specs.sort(key=lambda spec: spec.name)
+    untracked = _untracked(clone, {spec.name for spec in specs})
     graphdef, state = nnx.split(clone)
-    return TrackedModel(graphdef, state, tuple(infos), model_fingerprint(model))
+    return TrackedModel(graphdef, state, tuple(spec.info for spec in specs), model_fingerprint(model), tuple(specs),
+                        untracked)
+
+
+def warn_untracked(tracked: TrackedModel, stacklevel: int = 2) -> None:
+    """Warn once (:class:`~influence.errors.UntrackedParametersWarning`) if parameters of the
+    model lie outside the tracked layers: their influence is left out of every score."""
+    untracked = tracked.untracked
+    if untracked is None or not untracked.n_parameters:
+        return
+    shown = sorted(untracked.modules.items(), key=lambda item: -item[1][1])
+    listed = ", ".join(f"{path} ({cls}, {n})" for path, (cls, n) in shown[:12])
+    more = f" and {len(shown) - 12} more" if len(shown) > 12 else ""
+    warnings.warn(
+        f"{untracked.n_parameters} of {untracked.total} parameters ({untracked.share:.1%}) lie outside the tracked "
+        f"layers and are left out of the influence: {listed}{more}. They are listed in Factors.metadata['untracked']. "
+        "If that is intended, silence this with "
+        "warnings.simplefilter('ignore', influence.UntrackedParametersWarning).",
+        UntrackedParametersWarning, stacklevel=stacklevel + 1)

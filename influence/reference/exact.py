@@ -12,7 +12,9 @@ with at most a few thousand tracked parameters.
 
 Parameter layout: layers in :attr:`TrackedModel.layers` order, each as its augmented
 weight ``[d_a, d_out]`` (kernel rows, then the bias row) flattened row-major — the
-layout of the per-example gradient DW in the factored code.
+layout of the per-example gradient DW in the factored code. A kernel of another shape
+(a convolution's ``[*k, c_in, c_out]``, a LinearGeneral's or an Einsum's) enters as its
+layer kind's matrix ``[d_in, d_out]`` (:meth:`influence.capture.kinds.LayerKind.matrix`).
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ def layer_weights(tracked: TrackedModel) -> dict[str, jax.Array]:
     """Augmented weights ``{name: [d_a, d_out]}`` of the tracked layers."""
     leaves = {_dict_path(p): x for p, x in jax.tree_util.tree_leaves_with_path(tracked.state)}
     out = {}
-    for info in tracked.layers:
-        w = leaves[_param(info.name, "kernel")]
+    for info, kind in zip(tracked.layers, tracked.kinds):
+        w = kind.matrix(leaves[_param(info.name, "kernel")])
         if info.has_bias:
-            w = jnp.concatenate([w, leaves[_param(info.name, "bias")][None]], axis=0)
+            w = jnp.concatenate([w, kind.bias_row(leaves[_param(info.name, "bias")])[None]], axis=0)
         out[info.name] = w
     return out
 
@@ -70,11 +72,11 @@ def model_at(tracked: TrackedModel, theta: jax.Array, state=None) -> nnx.Module:
     pass ``state`` as an argument: closed-over weights become constants XLA folds slowly."""
     blocks = unflatten(tracked, theta)
     replace = {}
-    for info in tracked.layers:
+    for info, kind in zip(tracked.layers, tracked.kinds):
         w = blocks[info.name]
-        replace[_param(info.name, "kernel")] = w[: info.d_in]
+        replace[_param(info.name, "kernel")] = kind.kernel(w[: info.d_in])
         if info.has_bias:
-            replace[_param(info.name, "bias")] = w[info.d_in]
+            replace[_param(info.name, "bias")] = kind.bias(w[info.d_in])
     state = tracked.state if state is None else state
     state = jax.tree_util.tree_map_with_path(lambda p, x: replace.get(_dict_path(p), x), state)
     return nnx.merge(tracked.graphdef, state)
