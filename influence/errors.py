@@ -24,8 +24,9 @@ class InfluenceError(ValueError):
 
 
 class TrackingError(InfluenceError):
-    """The model's use of its tracked layers cannot be captured (e.g. a shared layer, or no
-    layer matches ``layers=``)."""
+    """The model's layers cannot be tracked or captured: no trackable layer, a ``layers=``
+    entry that matches none, a layer kind or setting that is not supported (e.g. a grouped
+    convolution), or a layer called twice in one forward pass (shared weights)."""
 
 
 class DataError(InfluenceError):
