@@ -17,7 +17,7 @@ import numpy as np
 
 from influence.capture.objectives import layer_gradients
 from influence.capture.tracking import track
-from influence.factors import Factors
+from influence.factors import Factors, check_finite_weights
 from influence.runtime.data import as_source, select_rows
 from influence.scoring.contractions import token_scores
 from influence.scoring.ranking import Ranking
@@ -59,8 +59,9 @@ def attribute(model, task, factors: Factors, ranking: Ranking, train: Any, pairs
     training row), using the query gradients kept in ``ranking``."""
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     tracked = track(model, list(factors.layer_names))
+    check_finite_weights(tracked.state)
     rows = select_rows(train, pairs[:, 1])
-    source = as_source(rows, batch_size, task)
+    source = as_source(rows, batch_size, task, model)
     parts = []
     for batch in source:
         q = pairs[batch.start : batch.start + batch.n_valid, 0]
@@ -68,5 +69,11 @@ def attribute(model, task, factors: Factors, ranking: Ranking, train: Any, pairs
         per_query = {name: lq.take(jnp.asarray(q)) for name, lq in ranking.queries.items()}
         out = _attribution_step(per_query, tracked.state, batch.arrays, batch.example_mask,
                                 graphdef=tracked.graphdef, layers=tracked.layers, task=task)
-        parts.append(np.asarray(out)[: batch.n_valid])
+        part = np.asarray(out)[: batch.n_valid]
+        if not np.isfinite(part).all():
+            i = int(np.argmin(np.isfinite(part).reshape(len(part), -1).all(axis=1)))
+            q, row = pairs[batch.start + i]
+            raise FloatingPointError(f"the attribution of training row {row} to query {q} is NaN/Inf: its loss or "
+                                     "training gradient is not finite; check that row's inputs and labels")
+        parts.append(part)
     return Attribution(np.concatenate(parts), tracked.layer_names)
