@@ -226,15 +226,16 @@ def _check_arrays(file: Path, arrays: dict[str, np.ndarray], strategy: str, info
               "s_eigenvalues": rotated}
     expected: dict[str, tuple[int, ...]] = {}
     for info in infos:
-        split = blocks.get(info.name, {})
+        split = blocks.get(info.name)  # a split layer keeps both rotations as blocks (one block on a side not split)
         for field, side, d in (("q_a", "a", info.d_a), ("q_s", "s", info.d_out)):
             if not needed[field]:
                 continue
-            edges = split.get(side)
-            if edges is None or len(edges) <= 2:
+            if split is None:
                 expected[f"{info.name}/{field}"] = (d, d)
                 continue
-            if edges[0] != 0 or edges[-1] != d or any(hi <= lo for lo, hi in zip(edges, edges[1:])):
+            edges = split.get(side) if isinstance(split, dict) else None
+            if (not isinstance(edges, list) or len(edges) < 2 or not all(isinstance(e, int) for e in edges)
+                    or edges[0] != 0 or edges[-1] != d or any(hi <= lo for lo, hi in zip(edges, edges[1:]))):
                 raise FileFormatError(f"{file}: the header's blocks of layer {info.name!r} ({side}: {edges}) do "
                                       f"not split its size {d}")
             for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
