@@ -192,8 +192,8 @@ class DataSource:
         if self.num_examples is None:
             self.num_examples = start
 
-
     def _checked(self, batch: Batch) -> Batch:
+        """``batch``, after the task's check (a :class:`DataError` if it refuses it)."""
         if self.check is not None:
             self.check(batch, batch.start // self.batch_size)
         return batch

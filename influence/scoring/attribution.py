@@ -72,8 +72,8 @@ def attribute(model, task, factors: Factors, ranking: Ranking, train: Any, pairs
         part = np.asarray(out)[: batch.n_valid]
         if not np.isfinite(part).all():
             i = int(np.argmin(np.isfinite(part).reshape(len(part), -1).all(axis=1)))
-            q, row = pairs[batch.start + i]
-            raise FloatingPointError(f"the attribution of training row {row} to query {q} is NaN/Inf: its loss or "
+            query, row = pairs[batch.start + i]
+            raise FloatingPointError(f"the attribution of training row {row} to query {query} is NaN/Inf: its loss or "
                                      "training gradient is not finite; check that row's inputs and labels")
         parts.append(part)
     return Attribution(np.concatenate(parts), tracked.layer_names)
