@@ -8,6 +8,7 @@ what they were fitted on.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,12 @@ import numpy as np
 from flax import nnx
 
 from influence.capture.tracking import LayerInfo, TrackedModel, track
-from influence.curvature import STRATEGIES, LayerCurvature, default_damping, get_strategy
+from influence.curvature import (
+    STRATEGIES,
+    LayerCurvature,
+    default_damping,
+    get_strategy,
+)
 from influence.curvature import blocks as blocks_
 from influence.curvature.layer import arrays_of
 from influence.errors import FileFormatError, ModelMismatch
@@ -235,10 +241,10 @@ def _check_arrays(file: Path, arrays: dict[str, np.ndarray], strategy: str, info
                 continue
             edges = split.get(side) if isinstance(split, dict) else None
             if (not isinstance(edges, list) or len(edges) < 2 or not all(isinstance(e, int) for e in edges)
-                    or edges[0] != 0 or edges[-1] != d or any(hi <= lo for lo, hi in zip(edges, edges[1:]))):
+                    or edges[0] != 0 or edges[-1] != d or any(hi <= lo for lo, hi in itertools.pairwise(edges))):
                 raise FileFormatError(f"{file}: the header's blocks of layer {info.name!r} ({side}: {edges}) do "
                                       f"not split its size {d}")
-            for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
+            for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
                 expected[f"{info.name}/{field}/{i}"] = (hi - lo, hi - lo)
         shapes = {"eigenvalues": (info.d_a, info.d_out), "a_eigenvalues": (info.d_a,), "s_eigenvalues": (info.d_out,)}
         for field, shape in shapes.items():

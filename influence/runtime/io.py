@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from influence._version import __version__
 from influence.errors import FileFormatError
 

@@ -8,9 +8,9 @@ from flax import nnx
 
 import influence as inf
 from influence import tasks
-from influence.testing import MLP, trained_mlp
 from influence.runtime import io
 from influence.runtime.io import FileFormatError
+from influence.testing import MLP, trained_mlp
 
 
 @pytest.fixture(scope="module")

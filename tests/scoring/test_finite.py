@@ -28,7 +28,7 @@ def _with_nan(arrays, row, col=3):
 
 
 def test_nan_weights_are_named_before_any_pass(fitted):
-    model, data, queries, factors = fitted
+    _, data, queries, factors = fitted
     broken, _, _ = trained_mlp()
     broken.l2.kernel[...] = broken.l2.kernel[...].at[4, 1].set(jnp.inf)
     match = r"weights hold NaN/Inf: variable 'l2.kernel' \(16, 10\) has 1 non-finite value"
@@ -78,7 +78,7 @@ def test_nan_rows_after_a_snapshot_are_never_saved(fitted, tmp_path):
     run on the repaired data resumes from the last good one (batches 0-5) and scores as
     a fresh run."""
     model, data, queries, factors = fitted
-    run = dict(batch_size=16, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
+    run = {"batch_size": 16, "checkpoint_dir": tmp_path, "checkpoint_every": 2, "progress": False}
     with pytest.raises(FloatingPointError, match=r"training row 100 \(batch 6"):
         inf.pairwise_scores(model, TASK, factors, queries, _with_nan(data, 100), **run)
     resumed = inf.pairwise_scores(model, TASK, factors, queries, data, **run)
