@@ -25,6 +25,7 @@ from influence.curvature import STRATEGIES
 from influence.errors import (
     CheckpointMismatch,
     DataError,
+    DegenerateCurvature,
     FileFormatError,
     InfluenceError,
     MissingCorpusError,
@@ -54,7 +55,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'influence' has no attribute {name!r}")
 
 
-__all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "Execution", "Factors", "FileFormatError",
+__all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "DegenerateCurvature", "Execution", "Factors", "FileFormatError",
            "InfluenceError", "LayerInfo", "MissingCorpusError", "ModelMismatch", "Ranking", "Scores", "SelfScores", "Task",
            "TrackingError", "UntrackedParametersWarning", "__version__", "attribute", "fit_factors", "hosts", "lm", "pairwise_scores", "query",
            "rank_training", "reference", "self_scores", "tasks", "testing", "track"]

@@ -9,6 +9,7 @@ the base :class:`InfluenceError`, so ``except inf.InfluenceError`` catches any o
     ├── FileFormatError     a missing, truncated, corrupt or foreign file
     ├── ModelMismatch       factors (or a checkpoint) of a model of another structure
     ├── CheckpointMismatch  a checkpoint of another run (other data or settings)
+    ├── DegenerateCurvature a layer whose fitted curvature is all zero (no default damping)
     └── MissingCorpusError  a text corpus whose package is not installed (influence.lm)
 
 Numerical failures (NaN/Inf in a loss or in factors) raise the built-in
@@ -43,6 +44,11 @@ class ModelMismatch(InfluenceError):
 
 class CheckpointMismatch(InfluenceError):
     """A checkpoint exists but belongs to another run (settings or data differ)."""
+
+
+class DegenerateCurvature(InfluenceError):
+    """A layer's curvature Λ is all zero (its gradients were zero on the fitting data), so
+    the default damping 0.1 × mean(Λ) would be 0; pass ``damping=`` explicitly."""
 
 
 class MissingCorpusError(InfluenceError, RuntimeError):

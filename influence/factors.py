@@ -8,19 +8,21 @@ what they were fitted on.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from influence.capture.tracking import LayerInfo, TrackedModel, model_fingerprint, trackable_infos
-from influence.curvature import LayerCurvature, default_damping, get_strategy
+from influence.curvature import STRATEGIES, LayerCurvature, default_damping, get_strategy
 from influence.curvature import blocks as blocks_
 from influence.curvature.layer import arrays_of
-from influence.errors import ModelMismatch
+from influence.errors import FileFormatError, ModelMismatch
 from influence.runtime import io
 
 FISHER_KINDS = ("sampled", "empirical", "exact")
@@ -75,6 +77,28 @@ def _shape(info: LayerInfo) -> str:
     return f"{info.kind} [d_in={info.d_in}{' + bias' if info.has_bias else ''}, d_out={info.d_out}]"
 
 
+def _variable_name(path) -> str:
+    """``l1.kernel`` for the path of a leaf of an ``nnx.State``."""
+    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return ".".join(keys[:-1] if len(keys) > 1 and keys[-1] == "value" else keys)
+
+
+def check_finite_weights(state: Any) -> None:
+    """``FloatingPointError`` naming the first variable of a model state (``nnx.State``)
+    that holds NaN/Inf. One host sync for all variables: run once per pass, before it."""
+    leaves = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(state)
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return
+    finite = np.asarray(jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in leaves]))
+    if finite.all():
+        return
+    path, x = leaves[int(np.argmin(finite))]
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x, np.float32))))
+    raise FloatingPointError(f"the model's weights hold NaN/Inf: variable {_variable_name(path)!r} "
+                             f"{tuple(x.shape)} has {bad} non-finite value(s); load finite weights")
+
+
 class Factors:
     """Fitted curvature of every tracked layer, plus what it was fitted on.
 
@@ -116,12 +140,14 @@ class Factors:
         return tuple(LayerInfo(**info) for info in self.metadata["layers"])
 
     def damping(self, name: str, damping: float | None = None) -> float:
-        """The damping λ of layer ``name``: ``damping`` if given, else 0.1 × mean(Λ)."""
+        """The damping λ of layer ``name``: ``damping`` if given, else 0.1 × mean(Λ)
+        (floored, and refused for an all-zero Λ: see
+        :func:`~influence.curvature.default_damping`)."""
         if damping is not None:
             if not np.isfinite(damping) or damping < 0:
                 raise ValueError(f"damping must be a finite non-negative float, got {damping}")
             return float(damping)
-        return default_damping(self.layers[name])
+        return default_damping(self.layers[name], name=name)
 
     def _check_finite(self) -> None:
         for name, curv in self.layers.items():
@@ -187,12 +213,77 @@ class Factors:
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nnx.Module | None = None) -> Factors:
-        """Read factors saved by :meth:`save`; with ``model``, also check it matches."""
-        arrays, metadata = io.load_arrays(cls._file(path), _FILE_KIND)
-        strategy = metadata.pop("strategy")
-        names = [info["name"] for info in metadata["layers"]]
-        layers = curvature_from_arrays(arrays, names, as_factor_dtype(metadata.get("dtype", "float32")))
+        """Read factors saved by :meth:`save`; with ``model``, also check it matches.
+
+        A file whose header lacks ``strategy`` or ``layers``, or whose arrays are missing,
+        unexpected or of the wrong shape for their layer, raises :class:`FileFormatError`
+        naming the key (even when its checksum was recomputed to match)."""
+        file = cls._file(path)
+        arrays, metadata = io.load_arrays(file, _FILE_KIND)
+        strategy, infos, dtype = _check_header(file, metadata)
+        _check_arrays(file, arrays, strategy, infos, metadata.get("blocks") or {})
+        layers = curvature_from_arrays(arrays, [info.name for info in infos], dtype)
         factors = cls(strategy, layers, metadata)
         if model is not None:
             factors.check_compatible(model)
         return factors
+
+
+def _check_header(file: Path, metadata: dict[str, Any]) -> tuple[str, list[LayerInfo], np.dtype]:
+    """The strategy, layers and dtype a factors file declares (popping ``strategy``)."""
+    for key in ("strategy", "layers"):
+        if key not in metadata:
+            raise FileFormatError(f"{file}: the header has no {key!r}; not a complete factors file")
+    strategy = metadata.pop("strategy")
+    if strategy not in STRATEGIES:
+        raise FileFormatError(f"{file}: unknown strategy {strategy!r} in the header; expected one of {tuple(STRATEGIES)}")
+    try:
+        infos = [LayerInfo(**info) for info in metadata["layers"]]
+        if not all(isinstance(getattr(i, f), int) and getattr(i, f) > 0 for i in infos for f in ("d_in", "d_out")):
+            raise TypeError("sizes must be positive integers")
+    except TypeError as e:
+        raise FileFormatError(f"{file}: the header's 'layers' is not a list of layers (name, d_in, d_out, "
+                              f"has_bias): {e}") from e
+    try:
+        dtype = as_factor_dtype(metadata.get("dtype", "float32"))
+    except (TypeError, ValueError) as e:
+        raise FileFormatError(f"{file}: the header's 'dtype': {e}") from e
+    return strategy, infos, dtype
+
+
+def _check_arrays(file: Path, arrays: dict[str, np.ndarray], strategy: str, infos: list[LayerInfo], blocks: dict) -> None:
+    """Every array the strategy needs is there with its layer's shape, and no other."""
+    passes = {p.name for p in get_strategy(strategy).passes}
+    rotated = "covariances" in passes
+    needed = {"q_a": rotated, "q_s": rotated, "eigenvalues": bool(passes), "a_eigenvalues": rotated,
+              "s_eigenvalues": rotated}
+    expected: dict[str, tuple[int, ...]] = {}
+    for info in infos:
+        split = blocks.get(info.name)  # a split layer keeps both rotations as blocks (one block on a side not split)
+        for field, side, d in (("q_a", "a", info.d_a), ("q_s", "s", info.d_out)):
+            if not needed[field]:
+                continue
+            if split is None:
+                expected[f"{info.name}/{field}"] = (d, d)
+                continue
+            edges = split.get(side) if isinstance(split, dict) else None
+            if (not isinstance(edges, list) or len(edges) < 2 or not all(isinstance(e, int) for e in edges)
+                    or edges[0] != 0 or edges[-1] != d or any(hi <= lo for lo, hi in itertools.pairwise(edges))):
+                raise FileFormatError(f"{file}: the header's blocks of layer {info.name!r} ({side}: {edges}) do "
+                                      f"not split its size {d}")
+            for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
+                expected[f"{info.name}/{field}/{i}"] = (hi - lo, hi - lo)
+        shapes = {"eigenvalues": (info.d_a, info.d_out), "a_eigenvalues": (info.d_a,), "s_eigenvalues": (info.d_out,)}
+        for field, shape in shapes.items():
+            if needed[field]:
+                expected[f"{info.name}/{field}"] = shape
+    missing = sorted(set(expected) - set(arrays))
+    if missing:
+        raise FileFormatError(f"{file}: array {missing[0]!r} is missing ({strategy} factors need it)")
+    unexpected = sorted(set(arrays) - set(expected))
+    if unexpected:
+        raise FileFormatError(f"{file}: unexpected array {unexpected[0]!r} (not one of the {strategy} factors of the "
+                              "layers in the header)")
+    for key, shape in expected.items():
+        if arrays[key].shape != shape:
+            raise FileFormatError(f"{file}: array {key!r} has shape {arrays[key].shape}, expected {shape} for its layer")

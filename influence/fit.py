@@ -31,6 +31,7 @@ from influence.errors import CheckpointMismatch, DataError
 from influence.factors import (
     Factors,
     as_factor_dtype,
+    check_finite_weights,
     curvature_arrays,
     curvature_from_arrays,
 )
@@ -197,9 +198,10 @@ def fit_factors(
     dtype = as_factor_dtype(factor_dtype)
     mesh = data_mesh(run.mesh)
     tracked = track(model, layers)
+    check_finite_weights(tracked.state)
     warn_untracked(tracked)
     key = jax.random.key(0) if key is None else key
-    source = as_source(data, local_batch_size(run.batch_size, mesh), task)
+    source = as_source(data, local_batch_size(run.batch_size, mesh), task, model)
     if len(chosen.passes) > 1 and source.single_pass:
         times = "twice" if len(chosen.passes) == 2 else f"{len(chosen.passes)} times"
         raise DataError(f"{strategy} reads the data {times}; pass a list, a datasets.Dataset or a callable, not a "

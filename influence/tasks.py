@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Arrays = dict[str, jax.Array]  # a batch's named arrays (not runtime.data.Batch, the padded batch)
 
@@ -55,6 +56,17 @@ class Task(abc.ABC):
         a positive influence score means upweighting the training example *lowers* it.
         Defaults to the loss on the batch's labels."""
         return self.loss(model, batch)
+
+    def validate(self, batch: dict[str, np.ndarray], output_shape: tuple[int, ...] | None, *,
+                 first_row: int = 0) -> None:
+        """Check one batch on the host before it is placed on a device; raise
+        ``ValueError`` saying what was expected (the library adds which batch).
+
+        Values cannot be checked inside a jitted function, so the library calls this once
+        per batch of every pass with the batch's real rows as numpy arrays, the shape of
+        the model's outputs for it (``task.outputs``, ``[B, T, K]`` for an
+        :class:`OutputTask`; ``None`` when unknown) and the data-set index of its first
+        row (for messages). Default: accept everything."""
 
     def token_mask(self, batch: Arrays) -> jax.Array | None:
         """Which token positions count when averaging the factors A and S, ``[B, T]``
@@ -92,6 +104,33 @@ class LossFamily(abc.ABC):
         """Pseudo-losses ``[K', B]`` whose gradients g_k with respect to ``outputs [B, T, K]``
         satisfy Σ_k g_k g_kᵀ = mask-weighted output Hessian of :meth:`loss`, per token."""
         raise NotImplementedError(f"{type(self).__name__} has no exact Fisher; use fisher='sampled' or 'empirical'")
+
+
+def _batch_shape(trailing: tuple[int, ...]) -> str:
+    """``[B, 3]`` for trailing shape ``(3,)``."""
+    return "[" + ", ".join(["B", *map(str, trailing)]) + "]"
+
+
+def _first_bad(bad: np.ndarray) -> int:
+    """Row of the first ``True`` of ``bad [B, ...]``."""
+    return int(np.argwhere(bad)[0][0])
+
+
+def check_labels(name: str, labels: np.ndarray, n_classes: int | None, first_row: int) -> None:
+    """``ValueError`` unless ``labels`` are integers in ``[0, n_classes)`` (``≥ 0`` when
+    ``n_classes`` is ``None``). Floats are refused rather than truncated; the range is
+    checked on the host's integers, before int64 values could wrap to int32 on a device."""
+    expected = f"integers in [0, {n_classes})" if n_classes is not None else "non-negative integers"
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be {expected}; got dtype {labels.dtype} (labels are not truncated or cast: "
+                         "convert them with .astype(np.int32) if they are whole numbers)")
+    flat = labels.reshape(len(labels), -1)
+    bad = flat < 0
+    if n_classes is not None:
+        bad |= flat >= n_classes
+    if bad.any():
+        row = _first_bad(bad)
+        raise ValueError(f"{name} must be {expected}; row {first_row + row} has {flat[row][bad[row]][0]}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +254,14 @@ class Classification(OutputTask):
     def targets(self, batch):
         return batch[self.y_key].reshape(-1, 1)
 
+    def validate(self, batch, output_shape, *, first_row=0):
+        """Labels: one integer per example, in ``[0, C)`` for logits ``[B, C]``."""
+        y = batch[self.y_key]
+        if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1) or y.ndim == 0:
+            raise ValueError(f"labels {self.y_key!r} must be one integer per example, shape [B]; got trailing shape "
+                             f"{y.shape[1:]}")
+        check_labels(f"labels {self.y_key!r}", y, None if output_shape is None else output_shape[-1], first_row)
+
     def measurement(self, model, batch):
         if self.measurement_kind == "loss":
             return self.loss(model, batch)
@@ -253,6 +300,23 @@ class Regression(OutputTask):
     def targets(self, batch):
         y = batch[self.y_key]
         return y.reshape(y.shape[0], 1, -1).astype(jnp.float32)
+
+    def validate(self, batch, output_shape, *, first_row=0):
+        """Targets: numbers of the outputs' shape (``[B]`` or ``[B, 1]`` for one output,
+        ``[B, K]`` for K), finite."""
+        y = batch[self.y_key]
+        if y.dtype.kind not in "iuf":
+            raise ValueError(f"targets {self.y_key!r} must be numbers; got dtype {y.dtype}")
+        if output_shape is not None:
+            k = output_shape[-1]
+            allowed = [(k,)] + ([()] if k == 1 else [])
+            if y.shape[1:] not in allowed:
+                want = " or ".join(_batch_shape(s) for s in allowed)
+                raise ValueError(f"targets {self.y_key!r} must have shape {want} to match the model's {k} output(s); "
+                                 f"got {_batch_shape(y.shape[1:])}")
+        if y.dtype.kind == "f" and not np.isfinite(y).all():
+            row = _first_bad(~np.isfinite(y.reshape(len(y), -1)))
+            raise ValueError(f"targets {self.y_key!r} must be finite; row {first_row + row} is not")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +364,18 @@ class CausalLM(OutputTask):
 
     def output_mask(self, batch, outputs):
         return self._target_mask(batch)
+
+    def validate(self, batch, output_shape, *, first_row=0):
+        """Token ids: integers ``[B, T]`` in ``[0, V)`` for logits ``[B, T, V]``; a loss
+        mask, if given, of the same shape."""
+        ids = batch[self.input_key]
+        if ids.ndim != 2:
+            raise ValueError(f"{self.input_key!r} must be token ids [B, T]; got shape {list(ids.shape)}")
+        check_labels(f"token ids {self.input_key!r}", ids, None if output_shape is None else output_shape[-1],
+                     first_row)
+        if self.mask_key in batch and batch[self.mask_key].shape != ids.shape:
+            raise ValueError(f"{self.mask_key!r} must have the shape of {self.input_key!r}, {list(ids.shape)}; "
+                             f"got {list(batch[self.mask_key].shape)}")
 
     def token_mask(self, batch):
         m = self._target_mask(batch)

@@ -8,7 +8,7 @@ from flax import nnx
 import influence as inf
 from influence import tasks
 from influence.runtime.data import DataError
-from influence.testing import trained_lm, trained_mlp
+from influence.testing import MLP, trained_lm, trained_mlp
 
 
 def test_unknown_strategy_and_fisher():
@@ -88,3 +88,93 @@ def test_custom_task_subclass():
     assert scores.values.shape == (20, 20) and np.all(np.isfinite(scores.values))
     with pytest.raises(NotImplementedError, match="no exact Fisher"):
         inf.fit_factors(model, Hinge(), data, fisher="exact", progress=False)
+
+
+# --- labels and targets are checked on the host, before a batch reaches the device -----
+
+
+def _labels(y):
+    model, data, _ = trained_mlp()
+    data["y"] = y(data["y"])
+    return model, data
+
+
+def test_negative_label_is_named_with_its_batch_and_row():
+    def minus_one(y):
+        y[97] = -1
+        return y
+
+    model, data = _labels(minus_one)
+    with pytest.raises(DataError, match=r"batch 3: labels 'y' must be integers in \[0, 10\); row 97 has -1"):
+        inf.fit_factors(model, tasks.Classification(), data, strategy="kfac", batch_size=32, progress=False)
+
+
+def test_float_labels_are_refused_not_truncated():
+    model, data = _labels(lambda y: y.astype(np.float32) + 0.5)
+    with pytest.raises(DataError, match=r"labels 'y' must be integers in \[0, 10\); got dtype float32 .*not truncated"):
+        inf.fit_factors(model, tasks.Classification(), data, strategy="kfac", progress=False)
+
+
+def test_int64_label_that_would_wrap_to_int32_is_refused():
+    def huge(y):
+        y = y.astype(np.int64)
+        y[5] = 2**33 + 1  # 1 as int32
+        return y
+
+    model, data = _labels(huge)
+    with pytest.raises(DataError, match=r"batch 0: labels 'y' must be integers in \[0, 10\); row 5 has 8589934593"):
+        inf.fit_factors(model, tasks.Classification(), data, strategy="kfac", progress=False)
+
+
+@pytest.mark.parametrize("fisher", ["sampled", "empirical"])
+def test_out_of_range_label_is_refused_by_every_fisher(fisher):
+    def ten(y):
+        y[200] = 10
+        return y
+
+    model, data = _labels(ten)
+    with pytest.raises(DataError, match=r"batch 6: labels 'y' must be integers in \[0, 10\); row 200 has 10"):
+        inf.fit_factors(model, tasks.Classification(), data, strategy="kfac", fisher=fisher, progress=False)
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused():
+    model, data, _ = trained_lm()
+    data["input_ids"][9, 3] = 16
+    with pytest.raises(DataError, match=r"batch 1: token ids 'input_ids' must be integers in \[0, 16\); row 9 has 16"):
+        inf.fit_factors(model, tasks.CausalLM(), data, strategy="kfac", batch_size=8, progress=False)
+    data["input_ids"][9, 3] = 1
+    data["loss_mask"] = data["loss_mask"][:, :-1]
+    with pytest.raises(DataError, match=r"'loss_mask' must have the shape of 'input_ids', \[8, 8\]; got \[8, 7\]"):
+        inf.fit_factors(model, tasks.CausalLM(), data, strategy="kfac", batch_size=8, progress=False)
+
+
+def test_regression_targets_must_match_the_outputs():
+    model = MLP(d_out=3, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).normal(size=(40, 64)).astype(np.float32)
+    task = tasks.Regression()
+    with pytest.raises(DataError, match=r"batch 0: targets 'y' must have shape \[B, 3\] to match the model's 3 "
+                                        r"output\(s\); got \[B\]"):
+        inf.fit_factors(model, task, {"x": x, "y": np.zeros(40, np.float32)}, strategy="kfac", progress=False)
+    y = np.zeros((40, 3), np.float32)
+    y[33, 1] = np.nan
+    with pytest.raises(DataError, match=r"batch 1: targets 'y' must be finite; row 33 is not"):
+        inf.fit_factors(model, task, {"x": x, "y": y}, strategy="kfac", batch_size=32, progress=False)
+    y[33, 1] = 0.0
+    factors = inf.fit_factors(model, task, {"x": x, "y": y}, strategy="kfac", progress=False)
+    assert factors.metadata["n_examples"] == 40
+
+
+def test_a_custom_validate_hook_is_called_on_every_host_batch():
+    seen = []
+
+    class Checked(tasks.Classification):
+        def validate(self, batch, output_shape, *, first_row=0):
+            seen.append((first_row, len(batch["y"]), output_shape))
+            if first_row >= 64:
+                raise ValueError("rows from 64 on are not allowed")
+
+    model, data, _ = trained_mlp()
+    with pytest.raises(DataError, match="batch 2: rows from 64 on are not allowed"):
+        inf.fit_factors(model, Checked(), {k: v[:80] for k, v in data.items()}, strategy="kfac", batch_size=32,
+                        progress=False)
+    assert seen == [(0, 32, (32, 1, 10)), (32, 32, (32, 1, 10)), (64, 16, (32, 1, 10))]

@@ -171,3 +171,56 @@ def test_a_family_without_sampling_or_exact_fisher_says_which_fisher_to_use():
         Absolute().sample(outputs, jax.random.key(0))
     with pytest.raises(NotImplementedError, match="fisher='sampled' or 'empirical'"):
         Absolute().fisher_directions(outputs, mask)
+
+
+# --- validate: the host-side check of each batch ---------------------------------------
+
+
+def test_classification_validate_accepts_integer_labels_in_range_only():
+    task = tasks.Classification()
+    x = np.zeros((4, 2), np.float32)
+    for y in (np.array([0, 9, 3, 1], np.int64), np.array([[0], [9], [3], [1]], np.uint8)):
+        task.validate({"x": x, "y": y}, (4, 1, 10))
+    task.validate({"x": x, "y": np.array([0, 12, 3, 1])}, None)  # no output shape: only the sign is known
+    cases = [
+        (np.array([0, 10, 3, 1]), r"labels 'y' must be integers in \[0, 10\); row 101 has 10"),
+        (np.array([0, 1, 3, -2]), r"row 103 has -2"),
+        (np.array([True, False, True, True]), r"got dtype bool"),
+        (np.array([0.0, 1.0, 2.0, 3.0]), r"got dtype float64 .labels are not truncated"),
+        (np.zeros((4, 2), np.int32), r"one integer per example, shape \[B\]; got trailing shape \(2,\)"),
+    ]
+    for y, match in cases:
+        with pytest.raises(ValueError, match=match):
+            task.validate({"x": x, "y": y}, (4, 1, 10), first_row=100)
+    with pytest.raises(ValueError, match=r"must be non-negative integers; row 1 has -1"):
+        task.validate({"x": x, "y": np.array([0, -1, 0, 0])}, None)
+
+
+def test_regression_and_causal_lm_validate_shapes_and_values():
+    reg = tasks.Regression()
+    x = np.zeros((2, 5), np.float32)
+    reg.validate({"x": x, "y": np.zeros(2, np.float32)}, (2, 1, 1))  # [B] targets for one output
+    reg.validate({"x": x, "y": np.zeros((2, 1), np.float32)}, (2, 1, 1))
+    reg.validate({"x": x, "y": np.zeros((2, 3), np.int32)}, (2, 1, 3))
+    with pytest.raises(ValueError, match=r"must have shape \[B, 3\] to match the model's 3 output\(s\); got \[B, 1\]"):
+        reg.validate({"x": x, "y": np.zeros((2, 1), np.float32)}, (2, 1, 3))
+    with pytest.raises(ValueError, match=r"must have shape \[B, 1\] or \[B\] to match the model's 1 output\(s\); "
+                                         r"got \[B, 2\]"):
+        reg.validate({"x": x, "y": np.zeros((2, 2), np.float32)}, (2, 1, 1))
+    with pytest.raises(ValueError, match=r"targets 'y' must be finite; row 1 is not"):
+        reg.validate({"x": x, "y": np.array([0.0, np.inf], np.float32)}, (2, 1, 1))
+    lm = tasks.CausalLM()
+    ids = np.array([[1, 2, 3], [4, 5, 0]], np.int32)
+    lm.validate({"input_ids": ids, "loss_mask": np.ones((2, 3), np.float32)}, (2, 2, 6))
+    with pytest.raises(ValueError, match=r"token ids 'input_ids' must be integers in \[0, 5\); row 1 has 5"):
+        lm.validate({"input_ids": ids}, (2, 2, 5))
+    with pytest.raises(ValueError, match=r"'input_ids' must be token ids \[B, T\]; got shape \[2, 3, 1\]"):
+        lm.validate({"input_ids": ids[..., None]}, None)
+
+
+def test_the_default_validate_accepts_anything():
+    class Custom(tasks.Task):
+        def loss(self, model, batch, sample_key=None):
+            return batch["x"].sum(-1)
+
+    assert Custom().validate({"x": np.full((2, 2), np.nan)}, None) is None

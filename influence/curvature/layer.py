@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
 from influence.curvature import blocks
+from influence.errors import DegenerateCurvature
 
 DEFAULT_DAMPING_FACTOR = 0.1
+# The smallest default damping: float32's smallest normal number, 2**-126 ≈ 1.2e-38. A
+# smaller λ is a subnormal, which XLA flushes to zero on CPU (and most accelerators),
+# making 1/(Λ + λ) infinite wherever Λ is 0; bfloat16 has the same exponent range.
+DAMPING_FLOOR = float(np.finfo(np.float32).tiny)
 
 
 class LayerCurvature(NamedTuple):
@@ -34,11 +40,36 @@ class LayerCurvature(NamedTuple):
     s_eigenvalues: np.ndarray | None = None
 
 
-def default_damping(curvature: LayerCurvature, factor: float = DEFAULT_DAMPING_FACTOR) -> float:
-    """λ = factor × mean(Λ), the heuristic of Grosse et al. (2023); 0 without Λ."""
+def default_damping(curvature: LayerCurvature, factor: float = DEFAULT_DAMPING_FACTOR, name: str = "") -> float:
+    """λ = factor × mean(Λ), the heuristic of Grosse et al. (2023); 0 without Λ.
+
+    Raises :class:`~influence.errors.DegenerateCurvature` when mean(Λ) is 0 (the layer's
+    gradients were all zero on the fitting data: the heuristic has no scale to go by)
+    and ``FloatingPointError`` when it is not finite. A positive λ below
+    :data:`DAMPING_FLOOR` (mean(Λ) < ~1.2e-37: gradients of order 1e-19 and less) is
+    raised to that floor, with a warning: it would otherwise be flushed to zero on the
+    device and divide by zero.
+    """
     if curvature.eigenvalues is None:
         return 0.0
-    return float(factor * np.mean(np.asarray(curvature.eigenvalues, np.float64)))
+    layer = f"layer {name!r}" if name else "the layer"
+    mean = float(np.mean(np.asarray(curvature.eigenvalues, np.float64)))
+    if not np.isfinite(mean):
+        raise FloatingPointError(f"{layer}: mean(Λ) is {mean}, so there is no default damping; the factors are not "
+                                 "finite (refit them, or pass damping=)")
+    if mean <= 0:
+        raise DegenerateCurvature(
+            f"{layer}: its curvature Λ is all zero (the layer's gradients were all zero on the fitting data), so the "
+            f"default damping {factor} × mean(Λ) would be 0 and every score NaN; pass damping= (an absolute λ > 0), "
+            "or track other layers (layers=)")
+    damping = factor * mean
+    if damping < DAMPING_FLOOR:
+        warnings.warn(
+            f"{layer}: the default damping {factor} × mean(Λ) = {damping:.3g} is below float32's smallest normal "
+            f"number; using λ = {DAMPING_FLOOR:.3g} instead (the layer's gradients were nearly zero on the fitting "
+            "data; pass damping= to choose λ)", RuntimeWarning, stacklevel=3)
+        return DAMPING_FLOOR
+    return damping
 
 
 def rotate(v, q_a, q_s):

@@ -12,6 +12,11 @@ Accepted inputs (see :func:`as_source`):
 Every batch has exactly ``batch_size`` rows, so jitted functions compile once; the
 last batch is padded with zeros and :class:`Batch.n_valid` says how many rows are
 real. Memory never holds more than about two batches of the input.
+
+Given a task (and the model), every batch is first checked by the task's
+``validate`` hook on the host (label dtypes and ranges, target shapes): a value that is
+wrong cannot raise inside a jitted function, so it is refused here, before the batch
+is placed on a device.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 
 from influence.errors import DataError
 
@@ -84,6 +91,7 @@ class DataSource:
         self.fields = tuple(fields)
         self.optional_fields = tuple(optional_fields)
         self._data = data
+        self.check: BatchCheck | None = None
         self._consumed = False
         self.num_examples: int | None = None
         if isinstance(data, Mapping):
@@ -170,19 +178,71 @@ class DataSource:
             pending_rows += rows
             while pending_rows >= bs:
                 merged = _concat(pending)
-                yield Batch({k: v[:bs] for k, v in merged.items()}, bs, start)
+                yield self._checked(Batch({k: v[:bs] for k, v in merged.items()}, bs, start))
                 start += bs
                 rest = {k: v[bs:] for k, v in merged.items()}
                 pending_rows -= bs
                 pending = [rest] if pending_rows else []
         if pending_rows:
             merged = _concat(pending)
-            yield Batch(_pad(merged, bs), pending_rows, start)
+            yield self._checked(Batch(_pad(merged, bs), pending_rows, start))
             start += pending_rows
         if start == 0:
             raise DataError("the data set is empty")
         if self.num_examples is None:
             self.num_examples = start
+
+    def _checked(self, batch: Batch) -> Batch:
+        """``batch``, after the task's check (a :class:`DataError` if it refuses it)."""
+        if self.check is not None:
+            self.check(batch, batch.start // self.batch_size)
+        return batch
+
+
+class BatchCheck:
+    """Runs ``task.validate(arrays, output_shape, first_row=...)`` on the real rows of each
+    host batch; a ``ValueError`` it raises becomes a :class:`DataError` naming the batch.
+
+    ``output_shape`` is that of ``task.outputs(model, batch)`` (e.g. ``[B, T, K]`` for
+    an :class:`~influence.tasks.OutputTask`), found once with ``jax.eval_shape`` (a
+    trace, no computation), or ``None`` without a model or ``outputs``. If that forward
+    pass fails, nothing is checked here: the pass runs the same forward and reports the
+    failure with the batch's shapes, the more telling error."""
+
+    _UNKNOWN = object()
+    _FAILED = object()
+
+    def __init__(self, task: Any, model: Any = None):
+        self.task = task
+        self.model = model
+        self.output_shape: Any = self._UNKNOWN
+
+    def _shape(self, arrays: dict[str, np.ndarray]) -> tuple[int, ...] | None:
+        outputs = getattr(self.task, "outputs", None)
+        if self.model is None or outputs is None:
+            return None
+        graphdef, state = nnx.split(self.model)
+
+        def forward(state, batch):
+            return outputs(nnx.merge(graphdef, state), batch)
+
+        try:
+            return tuple(jax.eval_shape(forward, state, arrays).shape)
+        except Exception:  # noqa: BLE001 - the pass runs the same forward and reports its failure in context
+            return self._FAILED
+
+    def __call__(self, batch: Batch, index: int) -> None:
+        if self.output_shape is self._UNKNOWN:
+            self.output_shape = self._shape(batch.arrays)
+        if self.output_shape is self._FAILED:
+            return
+        arrays = {k: v[: batch.n_valid] for k, v in batch.arrays.items()}
+        try:
+            self.task.validate(arrays, self.output_shape, first_row=batch.start)
+        except DataError:
+            raise
+        except ValueError as e:
+            raise DataError(f"batch {index}: {e}") from e
 
 
 def _describe(sig) -> str:
@@ -211,13 +271,17 @@ def _is_hf_dataset(data: Any) -> bool:
     return isinstance(data, datasets.Dataset)
 
 
-def as_source(data: Any, batch_size: int, task: Any = None) -> DataSource:
-    """Wrap user data in a :class:`DataSource`, keeping the fields ``task`` reads."""
+def as_source(data: Any, batch_size: int, task: Any = None, model: Any = None) -> DataSource:
+    """Wrap user data in a :class:`DataSource`, keeping the fields ``task`` reads; each
+    batch is checked by ``task.validate`` (with the output shape of ``model``, if given)."""
     if isinstance(data, DataSource):
         return data
     fields = tuple(getattr(task, "fields", ()) or ())
     optional = tuple(getattr(task, "optional_fields", ()) or ())
-    return DataSource(data, batch_size, fields, optional)
+    source = DataSource(data, batch_size, fields, optional)
+    if getattr(task, "validate", None) is not None:
+        source.check = BatchCheck(task, model)
+    return source
 
 
 

@@ -14,19 +14,46 @@ import io as _io
 import json
 import os
 import shutil
+import struct
 import tempfile
+import tokenize
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from influence._version import __version__
 from influence.errors import FileFormatError
 
 _HEADER = "__header__"
 
+# What numpy's and zipfile's readers raise on a corrupt or truncated file (found by the
+# bit-flip and truncation fuzz of tests/runtime/test_fuzz.py): a flipped compression
+# method is NotImplementedError, a flipped encryption flag RuntimeError, a flipped
+# length ValueError or struct.error, a damaged .npy header dict SyntaxError or
+# tokenize.TokenError (numpy parses it with ast.literal_eval), a damaged deflate stream
+# zlib.error.
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, struct.error, OSError, EOFError, ValueError, KeyError, TypeError,
+                IndexError, OverflowError, RuntimeError, NotImplementedError, SyntaxError, tokenize.TokenError,
+                MemoryError)
 
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (``os.umask``
+    sets it, so reading it that way briefly gives other threads a mask of 0)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def hash_arrays(h, items: Iterable[tuple[str, Any]]) -> None:
@@ -65,7 +92,9 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
     """Yield a temporary path beside ``path`` (a file, or an empty folder with
     ``directory=True``); when the block ends without an exception it is renamed over
     ``path`` (an existing folder is replaced), otherwise removed. The one way the library
-    writes anything that must never be seen half-written."""
+    writes anything that must never be seen half-written. The result has the permissions
+    ``open`` would give it (0o666, a folder 0o777, less the process umask), not the
+    owner-only ones of a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if directory:
@@ -75,6 +104,7 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
         os.close(fd)
         tmp = Path(name)
     try:
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
         yield tmp
         if directory:
             if path.exists():
@@ -113,20 +143,29 @@ def save_arrays(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray
 
 
 def load_arrays(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read a file written by :func:`save_arrays`, checking its kind and checksum."""
+    """Read a file written by :func:`save_arrays`, checking its kind and checksum.
+
+    Raises :class:`FileFormatError` for a missing, truncated, corrupt or foreign file,
+    whatever the readers underneath raise; returns ``(arrays, metadata)`` only for a file
+    whose arrays match the checksum in its header."""
     path = Path(path)
     if not path.exists():
         raise FileFormatError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise FileFormatError(f"{path}: not a file written by influence (a bare .npy array, not an .npz)")
+        with npz:
             if _HEADER not in npz.files:
                 raise FileFormatError(f"{path}: not a file written by influence (no header)")
             header = json.loads(npz[_HEADER].tobytes().decode())
             arrays = {name: npz[name] for name in npz.files if name != _HEADER}
     except FileFormatError:
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError, json.JSONDecodeError) as e:
+    except _READ_ERRORS as e:  # json.JSONDecodeError is a ValueError
         raise FileFormatError(f"{path}: truncated or corrupt file ({type(e).__name__}: {e})") from e
+    if not isinstance(header, dict) or not isinstance(header.get("metadata", {}), dict):
+        raise FileFormatError(f"{path}: corrupt header (not a JSON object with a metadata object)")
     if header.get("kind") != kind:
         raise FileFormatError(f"{path}: holds {header.get('kind')!r}, expected {kind!r}")
     if _digest(arrays) != header.get("sha256"):

@@ -17,7 +17,7 @@ import numpy as np
 
 from influence.capture.objectives import layer_gradients
 from influence.capture.tracking import track
-from influence.factors import Factors
+from influence.factors import Factors, check_finite_weights
 from influence.runtime.data import as_source, select_rows
 from influence.runtime.driver import concatenate, run_pass
 from influence.runtime.execution import Execution
@@ -66,7 +66,8 @@ def attribute(model, task, factors: Factors, ranking: Ranking, train: Any, pairs
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     mesh = scoring_mesh(run.mesh, run.batch_size)
     tracked = track(model, list(factors.layer_names))
-    source = as_source(select_rows(train, pairs[:, 1]), run.batch_size, task)
+    check_finite_weights(tracked.state)
+    source = as_source(select_rows(train, pairs[:, 1]), run.batch_size, task, model)
 
     def terms(step):
         q = pairs[step.batch.start : step.batch.start + step.batch.n_valid, 0]
@@ -76,5 +77,11 @@ def attribute(model, task, factors: Factors, ranking: Ranking, train: Any, pairs
                                 graphdef=tracked.graphdef, layers=tracked.layers, task=task)
         return jnp.moveaxis(out, 0, -1)  # [L, T, B]: rows last, as the accumulator concatenates
 
-    collected = run_pass(concatenate(terms), source, mesh, desc="attribution", progress=run.progress).value
-    return Attribution(np.moveaxis(collected, -1, 0), tracked.layer_names)
+    collected = np.moveaxis(run_pass(concatenate(terms), source, mesh, desc="attribution",
+                                     progress=run.progress).value, -1, 0)  # [P, L, T]
+    finite = np.isfinite(collected).reshape(len(collected), -1).all(axis=1)
+    if not finite.all():
+        query, row = pairs[int(np.argmin(finite))]
+        raise FloatingPointError(f"the attribution of training row {row} to query {query} is NaN/Inf: its loss or "
+                                 "training gradient is not finite; check that row's inputs and labels")
+    return Attribution(collected, tracked.layer_names)

@@ -32,6 +32,7 @@ from influence.runtime.driver import concatenate, run_pass
 from influence.runtime.execution import Execution
 from influence.runtime.mesh import DATA, describe_mesh, local, query_axis, spec
 from influence.scoring.contractions import layer_scores, stack_layers
+from influence.scoring.finite import RowCheck
 from influence.scoring.queries import STEP_STATICS, prepare_queries, score_checkpoint
 from influence.scoring.results import Scores
 
@@ -85,16 +86,21 @@ def pairwise_scores(
     run = Execution.of(execution, options)
     side = prepare_queries(model, task, factors, queries, damping=damping, rank=query_rank, execution=run)
     mesh, tracked, dampings = side.mesh, side.tracked, side.damping
-    source = as_source(train, run.batch_size, task)
+    source = as_source(train, run.batch_size, task, model)
     checkpoint = score_checkpoint("scores", run, tracked, factors, dampings, lambda: {"per_layer": per_layer},
                                   queries=side.queries)
 
+    finite = RowCheck(source.batch_size)
+
     def score(step):
-        return _score_step(side.placed, tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
-                           layers=tracked.layers, task=task, kind="empirical", mesh=mesh, keep_layers=per_layer)
+        out = _score_step(side.placed, tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
+                          layers=tracked.layers, task=task, kind="empirical", mesh=mesh, keep_layers=per_layer)
+        finite.update(out, step.batch)
+        return out
 
     resumed = checkpoint.load() if checkpoint is not None else None
-    collected = run_pass(concatenate(score), source, mesh, checkpoint=checkpoint, resumed=resumed, desc="scores",
+    accumulator = finite.guard(concatenate(score), checkpointed=checkpoint is not None)
+    collected = run_pass(accumulator, source, mesh, checkpoint=checkpoint, resumed=resumed, desc="scores",
                          progress=run.progress).value[:, :side.n_query]
     values = collected.sum(axis=0)
     metadata = {

@@ -23,7 +23,7 @@ from influence.capture.per_example import weight_gradients
 from influence.capture.tracking import TrackedModel, track
 from influence.curvature import precondition
 from influence.curvature.layer import map_arrays
-from influence.factors import Factors, curvature_arrays
+from influence.factors import Factors, check_finite_weights, curvature_arrays
 from influence.runtime.data import as_source
 from influence.runtime.driver import Accumulator, run_pass
 from influence.runtime.execution import Execution
@@ -38,6 +38,7 @@ from influence.runtime.mesh import (
     spans_processes,
     spec,
 )
+from influence.scoring.finite import check_query_gradients
 
 STEP_STATICS = ("graphdef", "layers", "task", "kind")
 
@@ -109,9 +110,11 @@ def scoring_mesh(mesh: MeshLike, batch_size: int):
 
 
 def prepare(model, factors: Factors, damping, mesh):
-    """The tracked model and the factors, replicated on the mesh, and the damping per layer."""
+    """The tracked model and the factors, replicated on the mesh, and the damping per layer
+    (``FloatingPointError`` if the model's weights are not finite)."""
     tracked = track(model, list(factors.layer_names))
     factors.check_compatible(tracked)
+    check_finite_weights(tracked.state)
     curvature = {name: map_arrays(curv, jnp.asarray) for name, curv in factors.layers.items()}
     dampings = {name: factors.damping(name, damping) for name in factors.layer_names}
     on_mesh = dataclasses.replace(tracked, state=replicate(tracked.state, mesh))
@@ -144,7 +147,7 @@ def query_gradients(model, task, factors: Factors, queries, *, damping=None, ran
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     mesh = scoring_mesh(run.mesh, run.batch_size)
     tracked, curvature, dampings = prepare(model, factors, damping, mesh)
-    source = as_source(queries, run.batch_size, task)
+    source = as_source(queries, run.batch_size, task, model)
 
     def update(grads, step):
         out = _gradient_step(tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
@@ -157,6 +160,7 @@ def query_gradients(model, task, factors: Factors, queries, *, damping=None, ran
     accumulator = Accumulator(lambda: {name: () for name in tracked.layer_names}, update, finalize)
     stacked = run_pass(accumulator, source, mesh, desc="query gradients", progress=run.progress).value
     preconditioned = _precondition_all(stacked, curvature, dampings)
+    check_query_gradients(stacked, preconditioned, dampings)
     if rank is not None:
         return {name: low_rank(p, rank) for name, p in preconditioned.items()}, dampings
     return {name: LayerQueries(full=p) for name, p in preconditioned.items()}, dampings

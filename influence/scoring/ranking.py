@@ -27,6 +27,7 @@ from influence.runtime.execution import Execution
 from influence.runtime.io import digest_arrays
 from influence.runtime.mesh import DATA, local, n_data, query_axis, shard_batch, spec
 from influence.scoring.contractions import layer_scores
+from influence.scoring.finite import RowCheck
 from influence.scoring.queries import LayerQueries, prepare_queries, score_checkpoint
 from influence.scoring.results import check_k
 from influence.scoring.topk import merge_slots
@@ -145,7 +146,7 @@ def rank_training(
         row_map = np.unique(np.concatenate(candidates)) if candidates else np.zeros(0, np.int64)
         n_total = num_rows(train)
         train = select_rows(train, row_map)
-    source = as_source(train, run.batch_size, task)
+    source = as_source(train, run.batch_size, task, model)
     n_rows = source.num_examples if row_map is None else n_total
     k_eff = min(k, n_rows) if n_rows else k
     checkpoint = score_checkpoint("ranking", run, tracked, factors, dampings, lambda: {
@@ -155,6 +156,7 @@ def rank_training(
     best_sharding = NamedSharding(mesh, spec(DATA, query_axis(mesh)))
     allowed_sharding = NamedSharding(mesh, spec(query_axis(mesh), DATA))
     writer = _ScoreWriter(scores_path, n_query, n_rows, reopen=resumed is not None) if scores_path is not None else None
+    finite = RowCheck(source.batch_size, None if row_map is None else lambda row: int(row_map[row]))
 
     def init():
         scores = np.full((n_data(mesh), q_pad, k_eff), -np.inf, np.float32)
@@ -171,6 +173,7 @@ def rank_training(
             best.scores, best.rows, placed, tracked.state, step.arrays, step.example_mask,
             shard_batch(rows.astype(np.int32), mesh), jax.device_put(allowed, allowed_sharding),
             graphdef=tracked.graphdef, layers=tracked.layers, task=task, k=k_eff, mesh=mesh)
+        finite.update(scores, step.batch)
         if writer is not None:
             n = step.batch.n_valid
             writer.write(rows[:n], np.where(allowed, np.asarray(scores), -np.inf)[:n_query, :n])
@@ -194,7 +197,8 @@ def rank_training(
         if writer is not None:
             writer.abort()
 
-    accumulator = Accumulator(init, update, finalize, save, restore, abort)
+    accumulator = finite.guard(Accumulator(init, update, finalize, save, restore, abort),
+                               checkpointed=checkpoint is not None)
     result = run_pass(accumulator, source, mesh, checkpoint=checkpoint, resumed=resumed, desc="ranking",
                       progress=run.progress)
     idx, top = result.value

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from influence.errors import FileFormatError
 from influence.runtime import io
 
 
@@ -17,6 +18,7 @@ class _LayerSplit:
 
     _KIND = ""
     _FILE = ""
+    _NDIM = 0
 
     def __init__(self, values: np.ndarray, per_layer: dict[str, np.ndarray] | None, metadata: dict[str, Any]):
         self.values = np.asarray(values)
@@ -43,10 +45,26 @@ class _LayerSplit:
 
     @classmethod
     def load(cls, path: str | os.PathLike):
-        """Read a file written by :meth:`save` (``FileFormatError`` if it is not one)."""
-        arrays, metadata = io.load_arrays(cls._file(path), cls._KIND)
-        per_layer = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("per_layer/")}
-        return cls(arrays["values"], per_layer or None, metadata)
+        """Read a file written by :meth:`save` (``FileFormatError`` if it is not one, or if
+        its arrays are missing, unexpected or of inconsistent shapes)."""
+        file = cls._file(path)
+        arrays, metadata = io.load_arrays(file, cls._KIND)
+        values = arrays.get("values")
+        if values is None:
+            raise FileFormatError(f"{file}: array 'values' is missing")
+        if values.ndim != cls._NDIM:
+            raise FileFormatError(f"{file}: array 'values' has shape {values.shape}, expected {cls._NDIM} axes")
+        per_layer = {}
+        for key, arr in arrays.items():
+            if key == "values":
+                continue
+            if not key.startswith("per_layer/"):
+                raise FileFormatError(f"{file}: unexpected array {key!r}")
+            if arr.shape != values.shape:
+                raise FileFormatError(f"{file}: array {key!r} has shape {arr.shape}, expected {values.shape} "
+                                      "(that of 'values')")
+            per_layer[key.split("/", 1)[1]] = arr
+        return cls(values, per_layer or None, metadata)
 
 
 def check_k(k: int) -> None:
@@ -68,6 +86,7 @@ class Scores(_LayerSplit):
 
     _KIND = "influence-scores"
     _FILE = "scores.npz"
+    _NDIM = 2
 
     def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices and scores of the ``k`` most positively influential training
@@ -90,6 +109,7 @@ class SelfScores(_LayerSplit):
 
     _KIND = "influence-self-scores"
     _FILE = "self_scores.npz"
+    _NDIM = 1
 
     def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices and values of the ``k`` training examples of highest self-influence,

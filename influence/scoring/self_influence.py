@@ -24,6 +24,7 @@ from influence.runtime.driver import concatenate, run_pass
 from influence.runtime.execution import Execution
 from influence.runtime.mesh import DATA, describe_mesh, local, spec
 from influence.scoring.contractions import stack_layers
+from influence.scoring.finite import RowCheck
 from influence.scoring.queries import (
     STEP_STATICS,
     prepare,
@@ -85,15 +86,20 @@ def self_scores(
     run = Execution.of(execution, options)
     mesh = scoring_mesh(run.mesh, run.batch_size)
     tracked, curvature, dampings = prepare(model, factors, damping, mesh)
-    source = as_source(train, run.batch_size, task)
+    source = as_source(train, run.batch_size, task, model)
     checkpoint = score_checkpoint("self-scores", run, tracked, factors, dampings, lambda: {"per_layer": per_layer})
 
+    finite = RowCheck(source.batch_size, what="self-influence")
+
     def score(step):
-        return _self_step(curvature, dampings, tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
-                          layers=tracked.layers, task=task, kind="empirical", mesh=mesh, keep_layers=per_layer)
+        out = _self_step(curvature, dampings, tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
+                         layers=tracked.layers, task=task, kind="empirical", mesh=mesh, keep_layers=per_layer)
+        finite.update(out, step.batch)
+        return out
 
     resumed = checkpoint.load() if checkpoint is not None else None
-    collected = run_pass(concatenate(score), source, mesh, checkpoint=checkpoint, resumed=resumed,
+    accumulator = finite.guard(concatenate(score), checkpointed=checkpoint is not None)
+    collected = run_pass(accumulator, source, mesh, checkpoint=checkpoint, resumed=resumed,
                          desc="self scores", progress=run.progress).value
     values = collected.sum(axis=0)
     metadata = {"strategy": factors.strategy, "damping": dampings, "layers": list(tracked.layer_names),

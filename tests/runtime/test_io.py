@@ -8,8 +8,9 @@ from flax import nnx
 
 import influence as inf
 from influence import tasks
-from influence.testing import MLP, trained_mlp
+from influence.runtime import io
 from influence.runtime.io import FileFormatError
+from influence.testing import MLP, trained_mlp
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +110,83 @@ def test_scores_round_trip_and_top_k(tmp_path, fitted):
     idx, top = scores.top_k(5)
     np.testing.assert_array_equal(idx, np.argsort(-scores.values, axis=1)[:, :5])
     np.testing.assert_array_equal(top, np.sort(scores.values, axis=1)[:, ::-1][:, :5])
+
+
+def _rewritten(tmp_path, factors, edit):
+    """A factors file whose arrays or header ``edit(arrays, metadata)`` changed, written with
+    a checksum that matches: only the structure checks of ``Factors.load`` can catch it."""
+    arrays, metadata = io.load_arrays(factors.save(tmp_path / "good.npz"), "influence-factors")
+    edit(arrays, metadata)
+    io.save_arrays(tmp_path / "edited.npz", "influence-factors", arrays, metadata)
+    return tmp_path / "edited.npz"
+
+
+@pytest.mark.parametrize("key", ["strategy", "layers"])
+def test_header_without_strategy_or_layers_is_a_file_format_error(tmp_path, fitted, key):
+    *_, factors = fitted
+    path = _rewritten(tmp_path, factors, lambda arrays, metadata: metadata.pop(key))
+    with pytest.raises(FileFormatError, match=f"the header has no '{key}'"):
+        inf.Factors.load(path)
+
+
+def test_wrong_shape_missing_or_unexpected_array_is_named(tmp_path, fitted):
+    *_, factors = fitted
+
+    def shorter(arrays, metadata):
+        arrays["l1/q_a"] = arrays["l1/q_a"][:-1]
+
+    with pytest.raises(FileFormatError, match=r"array 'l1/q_a' has shape \(64, 65\), expected \(65, 65\) for its layer"):
+        inf.Factors.load(_rewritten(tmp_path, factors, shorter))
+    with pytest.raises(FileFormatError, match=r"array 'l2/eigenvalues' is missing \(ekfac factors need it\)"):
+        inf.Factors.load(_rewritten(tmp_path, factors, lambda arrays, metadata: arrays.pop("l2/eigenvalues")))
+
+    def extra(arrays, metadata):
+        arrays["l3/q_a"] = np.eye(3, dtype=np.float32)
+
+    with pytest.raises(FileFormatError, match="unexpected array 'l3/q_a'"):
+        inf.Factors.load(_rewritten(tmp_path, factors, extra))
+
+    def unknown(arrays, metadata):
+        metadata["strategy"] = "tracin"
+
+    with pytest.raises(FileFormatError, match="unknown strategy 'tracin' in the header"):
+        inf.Factors.load(_rewritten(tmp_path, factors, unknown))
+
+
+def test_blocked_factors_check_each_block(tmp_path, fitted):
+    model, data, _, _ = fitted
+    factors = inf.fit_factors(model, tasks.Classification(), data, strategy="kfac", blocks={"l1": (2, 1)},
+                              progress=False)
+    loaded = inf.Factors.load(factors.save(tmp_path / "blocked.npz"))
+    assert [b.shape for b in loaded.layers["l1"].q_a] == [(33, 33), (32, 32)]
+    assert [b.shape for b in loaded.layers["l1"].q_s] == [(16, 16)]  # a split layer keeps one block on its other side
+
+    def swapped(arrays, metadata):
+        arrays["l1/q_a/0"], arrays["l1/q_a/1"] = arrays["l1/q_a/1"], arrays["l1/q_a/0"]
+
+    with pytest.raises(FileFormatError, match=r"array 'l1/q_a/0' has shape \(32, 32\), expected \(33, 33\)"):
+        inf.Factors.load(_rewritten(tmp_path, factors, swapped))
+
+
+def test_scores_file_with_inconsistent_arrays_is_a_file_format_error(tmp_path):
+    path = tmp_path / "s.npz"
+    io.save_arrays(path, "influence-scores", {"values": np.zeros((2, 3), np.float32),
+                                              "per_layer/l1": np.zeros((2, 4), np.float32)}, {})
+    with pytest.raises(FileFormatError, match=r"'per_layer/l1' has shape \(2, 4\), expected \(2, 3\)"):
+        inf.Scores.load(path)
+    io.save_arrays(path, "influence-scores", {"scores": np.zeros((2, 3), np.float32)}, {})
+    with pytest.raises(FileFormatError, match="array 'values' is missing"):
+        inf.Scores.load(path)
+
+
+def test_files_and_folders_get_the_umask_not_owner_only_permissions(tmp_path, fitted):
+    *_, factors = fitted
+    old = os.umask(0o027)
+    try:
+        path = factors.save(tmp_path / "f.npz")
+        with io.atomic_path(tmp_path / "folder", directory=True) as tmp:
+            (tmp / "inside").write_text("x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o750
