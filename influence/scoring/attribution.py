@@ -65,6 +65,7 @@ def attribute(model, task, factors: Factors, ranking: Ranking, train: Any, pairs
     run = Execution.of(execution, options)
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     mesh = scoring_mesh(run.mesh, run.batch_size)
+    factors.check_compatible(model)
     tracked = track(model, list(factors.layer_names))
     check_finite_weights(tracked.state)
     source = as_source(select_rows(train, pairs[:, 1]), run.batch_size, task, model)

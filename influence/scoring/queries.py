@@ -112,8 +112,8 @@ def scoring_mesh(mesh: MeshLike, batch_size: int):
 def prepare(model, factors: Factors, damping, mesh):
     """The tracked model and the factors, replicated on the mesh, and the damping per layer
     (``FloatingPointError`` if the model's weights are not finite)."""
+    factors.check_compatible(model)  # before tracking: says which layers differ, and how
     tracked = track(model, list(factors.layer_names))
-    factors.check_compatible(tracked)
     check_finite_weights(tracked.state)
     curvature = {name: map_arrays(curv, jnp.asarray) for name, curv in factors.layers.items()}
     dampings = {name: factors.damping(name, damping) for name in factors.layer_names}
@@ -143,10 +143,15 @@ def query_gradients(model, task, factors: Factors, queries, *, damping=None, ran
     are split over the mesh's data axis (``execution``'s batch size and mesh; no
     checkpoint: a query pass is short)."""
     run = Execution() if execution is None else execution
+    mesh = scoring_mesh(run.mesh, run.batch_size)
+    return _query_gradients(model, task, prepare(model, factors, damping, mesh), queries, rank, run, mesh)
+
+
+def _query_gradients(model, task, prepared, queries, rank, run: Execution, mesh):
+    """:func:`query_gradients` with the model and factors already :func:`prepare` d."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    mesh = scoring_mesh(run.mesh, run.batch_size)
-    tracked, curvature, dampings = prepare(model, factors, damping, mesh)
+    tracked, curvature, dampings = prepared
     source = as_source(queries, run.batch_size, task, model)
 
     def update(grads, step):
@@ -194,9 +199,9 @@ def prepare_queries(model, task, factors: Factors, queries, *, damping=None, ran
                     execution: Execution) -> QuerySide:
     """Preconditioned query gradients, placed for a scoring pass (see :func:`query_gradients`)."""
     mesh = scoring_mesh(execution.mesh, execution.batch_size)
-    tracked, _, _ = prepare(model, factors, damping, mesh)
-    preconditioned, dampings = query_gradients(model, task, factors, queries, damping=damping, rank=rank,
-                                               execution=execution)
+    prepared = prepare(model, factors, damping, mesh)
+    preconditioned, dampings = _query_gradients(model, task, prepared, queries, rank, execution, mesh)
+    tracked = prepared[0]
     return QuerySide(execution, mesh, tracked, preconditioned, place_queries(preconditioned, mesh), dampings)
 
 
