@@ -17,9 +17,8 @@ Sub-packages loaded on first use: ``inf.lm`` (language models to study), ``inf.q
 
 import importlib
 
-from influence._version import __version__
-
 from influence import tasks
+from influence._version import __version__
 from influence.capture.tracking import LayerInfo, track
 from influence.curvature import STRATEGIES
 from influence.errors import (
@@ -55,7 +54,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'influence' has no attribute {name!r}")
 
 
-__all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "DegenerateCurvature", "Execution", "Factors", "FileFormatError",
-           "InfluenceError", "LayerInfo", "MissingCorpusError", "ModelMismatch", "Ranking", "Scores", "SelfScores", "Task",
-           "TrackingError", "UntrackedParametersWarning", "__version__", "attribute", "fit_factors", "hosts", "lm", "pairwise_scores", "query",
-           "rank_training", "reference", "self_scores", "tasks", "testing", "track"]
+__all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "DegenerateCurvature", "Execution",
+           "Factors", "FileFormatError", "InfluenceError", "LayerInfo", "MissingCorpusError", "ModelMismatch",
+           "Ranking", "Scores", "SelfScores", "Task", "TrackingError", "UntrackedParametersWarning", "__version__",
+           "attribute", "fit_factors", "hosts", "lm", "pairwise_scores", "query", "rank_training", "reference",
+           "self_scores", "tasks", "testing", "track"]

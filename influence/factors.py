@@ -54,7 +54,8 @@ def curvature_arrays(layers: dict[str, LayerCurvature], prefix: str = "") -> dic
     return arrays
 
 
-def curvature_from_arrays(arrays: dict[str, np.ndarray], names, dtype: np.dtype, prefix: str = "") -> dict[str, LayerCurvature]:
+def curvature_from_arrays(arrays: dict[str, np.ndarray], names, dtype: np.dtype,
+                          prefix: str = "") -> dict[str, LayerCurvature]:
     """Inverse of :func:`curvature_arrays`, in ``dtype``."""
     layers = {}
     for name in names:
@@ -177,7 +178,8 @@ class Factors:
             if name not in theirs:
                 continue
             if info != theirs[name]:
-                problems.append(f"layer {name!r}: the factors have {_shape(info)}, the model has {_shape(theirs[name])}")
+                problems.append(f"layer {name!r}: the factors have {_shape(info)}, "
+                                f"the model has {_shape(theirs[name])}")
         missing = [name for name in ours if name not in theirs]
         if missing:
             found = ", ".join(f"{n} ({_shape(i)})" for n, i in theirs.items()) or "none"
@@ -236,7 +238,8 @@ def _check_header(file: Path, metadata: dict[str, Any]) -> tuple[str, list[Layer
             raise FileFormatError(f"{file}: the header has no {key!r}; not a complete factors file")
     strategy = metadata.pop("strategy")
     if strategy not in STRATEGIES:
-        raise FileFormatError(f"{file}: unknown strategy {strategy!r} in the header; expected one of {tuple(STRATEGIES)}")
+        raise FileFormatError(f"{file}: unknown strategy {strategy!r} in the header; "
+                              f"expected one of {tuple(STRATEGIES)}")
     try:
         infos = [LayerInfo(**info) for info in metadata["layers"]]
         if not all(isinstance(getattr(i, f), int) and getattr(i, f) > 0 for i in infos for f in ("d_in", "d_out")):
@@ -251,7 +254,8 @@ def _check_header(file: Path, metadata: dict[str, Any]) -> tuple[str, list[Layer
     return strategy, infos, dtype
 
 
-def _check_arrays(file: Path, arrays: dict[str, np.ndarray], strategy: str, infos: list[LayerInfo], blocks: dict) -> None:
+def _check_arrays(file: Path, arrays: dict[str, np.ndarray], strategy: str, infos: list[LayerInfo],
+                  blocks: dict) -> None:
     """Every array the strategy needs is there with its layer's shape, and no other."""
     passes = {p.name for p in get_strategy(strategy).passes}
     rotated = "covariances" in passes
@@ -286,4 +290,5 @@ def _check_arrays(file: Path, arrays: dict[str, np.ndarray], strategy: str, info
                               "layers in the header)")
     for key, shape in expected.items():
         if arrays[key].shape != shape:
-            raise FileFormatError(f"{file}: array {key!r} has shape {arrays[key].shape}, expected {shape} for its layer")
+            raise FileFormatError(f"{file}: array {key!r} has shape {arrays[key].shape}, "
+                                  f"expected {shape} for its layer")

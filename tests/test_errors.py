@@ -42,7 +42,8 @@ def test_nan_factors_are_refused():
 def test_wrong_input_shape_for_the_model():
     model, data, _ = trained_mlp()
     wrong = {"x": np.zeros((8, 63), np.float32), "y": np.zeros(8, np.int32)}
-    with pytest.raises(ValueError, match=r"forward pass failed on a batch with fields \{'x': \(32, 63\), 'y': \(32,\)\}"):
+    with pytest.raises(ValueError,
+                       match=r"forward pass failed on a batch with fields \{'x': \(32, 63\), 'y': \(32,\)\}"):
         inf.fit_factors(model, tasks.Classification(), wrong, progress=False)
 
 

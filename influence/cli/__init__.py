@@ -36,7 +36,8 @@ from influence.cli.common import (
 # name -> (module, one-line help). Modules are imported lazily so `influence --help`
 # stays fast and a broken optional capability cannot break the others.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("influence.cli.demo", "end to end on Shakespeare: train a small LM, fit EK-FAC, explain completions (HTML report)"),
+    "demo": ("influence.cli.demo",
+             "end to end on Shakespeare: train a small LM, fit EK-FAC, explain completions (HTML report)"),
     "train": ("influence.cli.train", "train a language model of the scale ladder on bundled text"),
     "fit": ("influence.cli.fit", "fit curvature factors (EK-FAC, ...) for a trained run"),
     "query": ("influence.cli.query", "rank a run's training sequences by influence on a prompt's completion"),

@@ -34,7 +34,8 @@ _PIP_NAMES = {"sklearn": "scikit-learn"}
 
 
 def add_factor_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strategy", choices=STRATEGIES, default="ekfac", help="curvature approximation (default: ekfac)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="ekfac",
+                        help="curvature approximation (default: ekfac)")
     parser.add_argument("--layers", default="mlp",
                         help="regular expression on module paths of the nnx.Linear layers to track; "
                              "'mlp' (default) tracks the MLP layers as in Grosse et al., 'all' every linear layer")

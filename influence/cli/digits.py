@@ -37,8 +37,10 @@ def ascii_digit(image: np.ndarray) -> list[str]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/digits"), help="folder for factors, scores and the figure (default: runs/digits)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="ekfac", help="curvature approximation (default: ekfac)")
+    parser.add_argument("--out", type=Path, default=Path("runs/digits"),
+                        help="folder for factors, scores and the figure (default: runs/digits)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="ekfac",
+                        help="curvature approximation (default: ekfac)")
     parser.add_argument("--n-train", type=int, default=1200, help="training images, at most 1497 (default: 1200)")
     parser.add_argument("--queries", type=int, default=4, help="test images to explain (default: 4)")
     parser.add_argument("--hidden", type=int, default=64, help="MLP hidden width (default: 64)")
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     loss = train(model, cross_entropy, train_set, args.steps)
     test_acc = float(np.mean(np.asarray(model(x[1500:])).argmax(-1) == y[1500:]))
     t_train = time.perf_counter() - t0
-    print(f"trained MLP 64-{args.hidden}-10 on {n_train} digits: loss {loss:.3f}, test accuracy {test_acc:.1%} ({t_train:.1f} s)")
+    print(f"trained MLP 64-{args.hidden}-10 on {n_train} digits: loss {loss:.3f}, "
+          f"test accuracy {test_acc:.1%} ({t_train:.1f} s)")
 
     task = inf.tasks.Classification()
     t0 = time.perf_counter()

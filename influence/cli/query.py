@@ -47,10 +47,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_factor_arguments(parser)
     parser.add_argument("--factors", metavar="FOLDER",
                         help="a folder of RUN/factors to use (default: the one of --strategy and --layers)")
-    parser.add_argument("--damping", type=float, help="absolute damping for every layer (default: 0.1 × mean eigenvalue per layer)")
+    parser.add_argument("--damping", type=float,
+                        help="absolute damping for every layer (default: 0.1 × mean eigenvalue per layer)")
     parser.add_argument("--query-rank", type=int, help="rank-r query batching (e.g. 32; default: full rank)")
     parser.add_argument("--bm25", type=int, metavar="M",
-                        help="score only each query's top-M training sequences by BM25 (faster; biased towards word overlap)")
+                        help="score only each query's top-M training sequences by BM25 "
+                             "(faster; biased towards word overlap)")
     parser.add_argument("--html", help="write the HTML report here")
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--scores", help="also write every score, float32 [queries, sequences], to this .npy file")
@@ -114,7 +116,8 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
     current = [(d, s) for d, s in same if s.get("step") == loaded.step]
     if len(current) == 1:
         folder, settings = current[0]
-        return folder, f"using the only {strategy} factors fitted for layers '{layers}': {describe_settings(settings)} ({folder})"
+        return folder, (f"using the only {strategy} factors fitted for layers '{layers}': "
+                        f"{describe_settings(settings)} ({folder})")
     line = fit_command(run, strategy, layers)
     if len(current) > 1:
         options = "\n".join(f"  --factors {d.name}   ({describe_settings(s)})" for d, s in current)

@@ -254,7 +254,8 @@ class QueryEngine:
             self._bm25 = BM25(self.train[self.text_column])
         return self._bm25.candidates([q.prompt + q.completion for q in queries], self.bm25_candidates)
 
-    def rank(self, queries: Sequence[Query], k: int = 10, scores_path: str | os.PathLike | None = None) -> tuple[dict, Ranking]:
+    def rank(self, queries: Sequence[Query], k: int = 10,
+             scores_path: str | os.PathLike | None = None) -> tuple[dict, Ranking]:
         """Encoded queries and their top-k ranking (no attribution)."""
         batch = self._encode(queries)
         return batch, self._rank(queries, batch, k, scores_path)
@@ -268,7 +269,8 @@ class QueryEngine:
                              query_rank=self.query_rank, candidates=self._candidates(queries),
                              scores_path=scores_path, execution=self.execution)
 
-    def run(self, queries: Sequence[Query], k: int = 10, scores_path: str | os.PathLike | None = None) -> list[QueryResult]:
+    def run(self, queries: Sequence[Query], k: int = 10,
+            scores_path: str | os.PathLike | None = None) -> list[QueryResult]:
         """Rank and attribute: the top-``k`` training sequences of every query.
 
         Raises:
@@ -306,7 +308,8 @@ class QueryEngine:
                     tokens=_display_tokens(record, self.tokenizer, self.input_key, self.text_column,
                                            self.offset_columns),
                     token_scores=[float(x) for x in tokens],
-                    layer_scores={name: float(v) for name, v in zip(attribution.layer_names, per_layer_token.sum(axis=1))},
+                    layer_scores={name: float(v)
+                                  for name, v in zip(attribution.layer_names, per_layer_token.sum(axis=1))},
                     metadata={k: _plain(v) for k, v in record.items() if k not in self.array_columns},
                     concentration=concentration(position_terms),
                 ))

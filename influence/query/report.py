@@ -26,7 +26,8 @@ from influence.runtime import io
 
 _OPEN_SECTIONS = 10  # later queries start collapsed, so long reports stay navigable
 _CSS = """
-body{font:15px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:0 auto;max-width:1100px;padding:1rem 1.5rem;color:#1d1d1f;background:#fff}
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:0 auto;max-width:1100px;\
+padding:1rem 1.5rem;color:#1d1d1f;background:#fff}
 h1{font-size:1.5rem;margin:.2rem 0 .4rem} h2{font-size:1.1rem;margin:0;display:inline}
 .meta{color:#555;font-size:.9rem} .meta td{padding:0 .8rem 0 0}
 table.toc{border-collapse:collapse;font-size:.85rem;margin:.6rem 0;width:100%}
@@ -34,7 +35,8 @@ table.toc td,table.toc th{border-bottom:1px solid #eee;padding:.15rem .5rem;text
 table.toc a{color:inherit;text-decoration:none} table.toc tr:hover{background:#f4f8ff}
 details.query{border:1px solid #ddd;border-radius:8px;margin:1rem 0;padding:.6rem .9rem}
 details.query>summary{cursor:pointer;list-style:revert}
-.qtext{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;background:#f6f6f6;border-radius:6px;padding:.5rem;margin:.5rem 0}
+.qtext{font-family:ui-monospace,Menlo,Consolas,monospace;white-space:pre-wrap;background:#f6f6f6;border-radius:6px;\
+padding:.5rem;margin:.5rem 0}
 .prompt{color:#666} .completion{font-weight:600;text-decoration:underline;text-decoration-color:#0b57d0}
 .seq{border-top:1px solid #eee;padding:.6rem 0;display:grid;grid-template-columns:1fr 230px;gap:.8rem}
 .seqhead{font-size:.88rem;color:#333;margin-bottom:.3rem} .rank{font-weight:700;margin-right:.4rem}
@@ -125,7 +127,8 @@ def _query_html(i: int, result: QueryResult) -> str:
     title = _esc(q.id or f"Query {i + 1}")
     rows = []
     for inf in result.influences:
-        flag = (f'<span class="flag" title="‖v‖₂/‖v‖₁ = {inf.concentration:.2f} &gt; 2/3">concentrated on few tokens</span>'
+        flag = (f'<span class="flag" title="‖v‖₂/‖v‖₁ = {inf.concentration:.2f} &gt; 2/3">'
+                'concentrated on few tokens</span>'
                 if inf.concentrated else "")
         rows.append(
             f'<div class="seq"><div><div class="seqhead"><span class="rank">#{_esc(inf.rank)}</span>'
@@ -135,7 +138,8 @@ def _query_html(i: int, result: QueryResult) -> str:
         )
     return (
         f'<details class="query" id="q{i + 1}"{" open" if i < _OPEN_SECTIONS else ""}><summary><h2>{title}</h2> '
-        f'<span class="meta">loss {result.loss:.3f} nats over {_esc(result.completion_tokens)} completion tokens</span></summary>'
+        f'<span class="meta">loss {result.loss:.3f} nats over {_esc(result.completion_tokens)} completion tokens</span>'
+        '</summary>'
         f'<div class="qtext"><span class="prompt">{_esc(q.prompt)}</span>'
         f'<span class="completion">{_esc(q.completion)}</span></div>'
         f'{"".join(rows) or "<p>No training sequence was scored for this query.</p>"}</details>'
@@ -157,7 +161,8 @@ def _toc_row(i: int, result: QueryResult) -> str:
             f'<td>{result.loss:.2f}</td><td class="src">{best}</td></tr>')
 
 
-def render_html(results: Sequence[QueryResult], info: dict | None = None, title: str = "Influential training sequences") -> str:
+def render_html(results: Sequence[QueryResult], info: dict | None = None,
+                title: str = "Influential training sequences") -> str:
     """The report as one HTML string."""
     info = dict(info or {})
     info.setdefault("generated", datetime.datetime.now().isoformat(timespec="seconds"))

@@ -71,8 +71,8 @@ def _part_file(directory, process_index: int | None) -> Path:
     return Path(directory) / f"part-{index:05d}.npz"
 
 
-def save_ranking_part(directory: str | os.PathLike, ranking, row_offset: int, *, scores_file: str | os.PathLike | None = None,
-                      process_index: int | None = None) -> Path:
+def save_ranking_part(directory: str | os.PathLike, ranking, row_offset: int, *,
+                      scores_file: str | os.PathLike | None = None, process_index: int | None = None) -> Path:
     """Write this host's top-k (:class:`influence.Ranking` on its shard), its row indices
     made global by ``row_offset``; ``scores_file``: the ``.npy`` of all its scores, if
     ``rank_training`` wrote one."""
@@ -93,7 +93,8 @@ def _parts(directory, kind: str) -> list[tuple[dict[str, np.ndarray], dict[str, 
     expected = 0
     for (_, meta), file in zip(parts, files):
         if meta["row_offset"] != expected:
-            raise DataError(f"the parts in {directory} do not tile the rows: a part starts at row {meta['row_offset']}, "
+            raise DataError(f"the parts in {directory} do not tile the rows: "
+                            f"a part starts at row {meta['row_offset']}, "
                             f"expected {expected} (a host's part is missing or duplicated; {file.name})")
         expected += meta["n_train"]
     return parts
@@ -128,7 +129,8 @@ def _assemble_score_files(files, path, n_query: int, n_train: int) -> None:
     """One ``[Q, n_train]`` float32 ``.npy`` from the hosts' files, written atomically
     (:func:`influence.runtime.io.atomic_path`)."""
     if any(f is None for f, _, _ in files):
-        raise DataError("a part has no score file: pass scores_path to rank_training and scores_file to save_ranking_part")
+        raise DataError("a part has no score file: pass scores_path to rank_training "
+                        "and scores_file to save_ranking_part")
     with io.atomic_path(path) as tmp:
         merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_query, n_train))
         for file, offset, rows in files:
@@ -140,7 +142,8 @@ def _assemble_score_files(files, path, n_query: int, n_train: int) -> None:
         del merged  # unmap before atomic_path syncs and renames the file
 
 
-def save_scores_part(directory: str | os.PathLike, scores: Scores, row_offset: int, *, process_index: int | None = None) -> Path:
+def save_scores_part(directory: str | os.PathLike, scores: Scores, row_offset: int, *,
+                     process_index: int | None = None) -> Path:
     """Write this host's :class:`~influence.Scores` (columns = its rows, from ``row_offset``)."""
     arrays = {"values": scores.values}
     for name, arr in (scores.per_layer or {}).items():

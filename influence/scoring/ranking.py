@@ -66,8 +66,8 @@ class Ranking(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layers", "task", "k", "mesh"))
-def _rank_step(best_scores, best_indices, queries, state, batch, example_mask, rows, allowed, *, graphdef, layers, task, k,
-               mesh):
+def _rank_step(best_scores, best_indices, queries, state, batch, example_mask, rows, allowed, *, graphdef, layers, task,
+               k, mesh):
     """Score one batch and merge it into each device's running top-k ``[n_data, Q, k]``.
     ``rows [B]`` are the batch's training indices; ``allowed [Q, B]`` masks (query, row)
     pairs out of the ranking. Also returns the batch's scores ``[Q, B]``."""

@@ -220,8 +220,8 @@ def test_loading_factors_into_another_model_names_the_layers(tmp_path):
     with pytest.raises(ModelMismatch) as raised:
         inf.Factors.load(path, model=wider)
     message = str(raised.value)
-    assert "layer 'conv1': the factors have conv [d_in=9 + bias, d_out=3], the model has conv [d_in=9 + bias, d_out=5]" \
-        in message
+    assert "layer 'conv1': the factors have conv [d_in=9 + bias, d_out=3], the model has conv [d_in=9 + bias, " \
+           "d_out=5]" in message
     assert "layer 'conv2': the factors have conv [d_in=12 + bias, d_out=4], the model has conv [d_in=20 + bias, " \
            "d_out=4]" in message
     assert "layers=" not in message and "'head'" not in message

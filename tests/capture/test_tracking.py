@@ -7,11 +7,11 @@ import pytest
 from flax import nnx
 
 from influence import tasks
-from influence.capture.tracking import track
+from influence.capture.objectives import layer_gradients
 from influence.capture.per_example import weight_gradients
+from influence.capture.tracking import track
 from influence.reference.exact import per_example_gradients as grad_reference
 from influence.reference.exact import unflatten
-from influence.capture.objectives import layer_gradients
 from influence.testing import MLP, digits, lm_sequences, trained_lm, trained_mlp
 
 
@@ -106,7 +106,8 @@ def test_lm_gradient_is_zero_where_nothing_is_predicted():
     model, _, _ = trained_lm()
     data = lm_sequences(4, seed=5)
     tracked = track(model)
-    _, _, g = layer_gradients(tracked.graphdef, tracked.state, tracked.layers, tasks.CausalLM(), "empirical", data, jnp.ones(4))
+    _, _, g = layer_gradients(tracked.graphdef, tracked.state, tracked.layers, tasks.CausalLM(), "empirical", data,
+                              jnp.ones(4))
     mask = data["loss_mask"]
     for name in g:
         last_counted = [np.flatnonzero(m).max() for m in mask]

@@ -18,7 +18,8 @@ def run_dir(tmp_path_factory):
 
 
 def test_query_without_factors_says_how_to_fit_them(run_dir, capsys):
-    code = main(["query", "--run", str(run_dir), "--prompt", "MACBETH:\\n", "--completion", "Is this a dagger", "--quiet"])
+    code = main(["query", "--run", str(run_dir), "--prompt", "MACBETH:\\n", "--completion", "Is this a dagger",
+                 "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
     assert "no ekfac factors" in err and f"influence fit --run {run_dir} --strategy ekfac --layers mlp" in err

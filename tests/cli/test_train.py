@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from influence.lm import corpus
 from influence.cli import train as cli
+from influence.lm import corpus
 from tests.lm.helpers import docs
 
 

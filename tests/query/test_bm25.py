@@ -41,6 +41,7 @@ def test_top_and_candidates():
     assert index.top("winter discontent", 1).tolist() == [2]
     assert index.top("be", 2).tolist() == [0, 3]  # "be" twice in doc 0
     cands = index.candidates(["mercy", "greatness born"], 2)
-    assert [c.tolist() for c in cands] == [sorted(index.top("mercy", 2).tolist()), sorted(index.top("greatness born", 2).tolist())]
+    assert [c.tolist() for c in cands] == [sorted(index.top("mercy", 2).tolist()),
+                                           sorted(index.top("greatness born", 2).tolist())]
     with pytest.raises(ValueError, match="at least one document"):
         BM25([])

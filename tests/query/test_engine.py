@@ -84,7 +84,8 @@ def test_low_rank_and_bm25_options(setup):
     model, data, factors = setup
     query = [Query(data["text"][2][:3], data["text"][2][3:])]
     full = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, progress=False).run(query, k=3)
-    low = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, query_rank=2, progress=False).run(query, k=3)
+    low = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, query_rank=2,
+                      progress=False).run(query, k=3)
     assert low[0].influences[0].row == full[0].influences[0].row == 2
     # BM25 on whole words: only the sequence with the exact same text shares the query's single "word"
     bm25 = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, bm25_candidates=1, progress=False)
@@ -139,7 +140,8 @@ def test_concentration_and_query_files(tmp_path):
     assert concentration(np.array([0, 0, 3.0])) == 1.0
     assert concentration(np.ones(4)) == pytest.approx(0.5)
     assert concentration(np.zeros(3)) == 0.0
-    (tmp_path / "q.jsonl").write_text('{"prompt": "ab", "completion": "cd", "id": "x"}\n\n{"prompt": "a", "completion": "b"}\n')
+    (tmp_path / "q.jsonl").write_text('{"prompt": "ab", "completion": "cd", "id": "x"}\n\n'
+                                      '{"prompt": "a", "completion": "b"}\n')
     assert read_queries(tmp_path / "q.jsonl") == [Query("ab", "cd", "x"), Query("a", "b")]
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ab"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: .*missing \\['completion'\\]"):

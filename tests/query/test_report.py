@@ -20,7 +20,7 @@ PAYLOADS = [
     f"<img src=x onerror=\"{SCRIPT}\">",
     f"<script>{SCRIPT}</script>",
     f"\"><svg onload=\"{SCRIPT}\">",
-    f"'><iframe srcdoc='<b>x</b>'></iframe>",
+    "'><iframe srcdoc='<b>x</b>'></iframe>",
     "</span></div><pwned-marker></pwned-marker>",
     "<|endoftext|><style>body{display:none}</style>",
 ]

@@ -135,7 +135,8 @@ def test_wrong_shape_missing_or_unexpected_array_is_named(tmp_path, fitted):
     def shorter(arrays, metadata):
         arrays["l1/q_a"] = arrays["l1/q_a"][:-1]
 
-    with pytest.raises(FileFormatError, match=r"array 'l1/q_a' has shape \(64, 65\), expected \(65, 65\) for its layer"):
+    with pytest.raises(FileFormatError,
+                       match=r"array 'l1/q_a' has shape \(64, 65\), expected \(65, 65\) for its layer"):
         inf.Factors.load(_rewritten(tmp_path, factors, shorter))
     with pytest.raises(FileFormatError, match=r"array 'l2/eigenvalues' is missing \(ekfac factors need it\)"):
         inf.Factors.load(_rewritten(tmp_path, factors, lambda arrays, metadata: arrays.pop("l2/eigenvalues")))

@@ -1,6 +1,5 @@
 """Scores against direct computations: gradient dot products, dense inverses, exact influence."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,9 +9,9 @@ from scipy.stats import pearsonr, spearmanr
 import influence as inf
 from influence import tasks
 from influence.reference.exact import exact_scores, per_example_gradients
-from influence.testing import digits, trained_lm, trained_mlp
 from influence.scoring.contractions import _lowrank_scores, layer_scores
 from influence.scoring.queries import LayerQueries, low_rank
+from influence.testing import trained_lm, trained_mlp
 
 
 def _mean_spearman(a, b):
@@ -29,7 +28,8 @@ def test_identity_scores_equal_gradient_dot_products(case):
     task = tasks.Classification() if case == "mlp" else tasks.CausalLM()
     factors = inf.fit_factors(model, task, data, strategy="identity", progress=False)
     scores = inf.pairwise_scores(model, task, factors, queries, data, progress=False, batch_size=7)
-    expected = per_example_gradients(model, task, queries, measurement=True) @ per_example_gradients(model, task, data).T
+    expected = (per_example_gradients(model, task, queries, measurement=True)
+                @ per_example_gradients(model, task, data).T)
     np.testing.assert_allclose(scores.values, expected, rtol=2e-4, atol=2e-5 * np.abs(expected).max())
 
 
@@ -42,7 +42,8 @@ def test_per_layer_scores_sum_to_total_and_self_scores_match_pairwise(strategy, 
     factors = inf.fit_factors(model, task, data, strategy=strategy, progress=False)
     scores = inf.pairwise_scores(model, task, factors, subset, subset, per_layer=True, progress=False, batch_size=4)
     assert set(scores.per_layer) == set(factors.layer_names)
-    np.testing.assert_allclose(sum(scores.per_layer.values()), scores.values, rtol=1e-5, atol=1e-5 * np.abs(scores.values).max())
+    np.testing.assert_allclose(sum(scores.per_layer.values()), scores.values, rtol=1e-5,
+                               atol=1e-5 * np.abs(scores.values).max())
     # measurement = training loss here, so the diagonal of pairwise scores is self-influence
     self_inf = inf.self_scores(model, task, factors, subset, per_layer=True, progress=False, batch_size=3)
     total, per_layer = self_inf.values, self_inf.per_layer
@@ -65,7 +66,8 @@ def test_factored_and_materialised_score_forms_agree(n_query, tokens):
     lr = low_rank(p, 4)
     np.testing.assert_allclose(np.asarray(layer_scores(a, g, lr)), expected, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(np.asarray(_lowrank_scores(a, g, lr.left, lr.right)), expected, rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(np.asarray(layer_scores(a, g, LayerQueries(full=lr.dense()))), expected, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(layer_scores(a, g, LayerQueries(full=lr.dense()))), expected,
+                               rtol=1e-3, atol=1e-3)
 
 
 class _OneLinear(nnx.Module):

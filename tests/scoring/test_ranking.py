@@ -6,9 +6,9 @@ from scipy.stats import pearsonr
 
 import influence as inf
 from influence import tasks
-from influence.testing import trained_lm
 from influence.scoring.attribution import attribute
 from influence.scoring.ranking import rank_training
+from influence.testing import trained_lm
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,8 @@ def test_candidates_restrict_the_ranking(lm):
     model, task, data, queries, factors, full = lm
     rng = np.random.default_rng(0)
     candidates = [np.sort(rng.choice(len(data["input_ids"]), size=6, replace=False)) for _ in range(len(full))]
-    ranking = rank_training(model, task, factors, queries, data, k=4, candidates=candidates, batch_size=4, progress=False)
+    ranking = rank_training(model, task, factors, queries, data, k=4, candidates=candidates, batch_size=4,
+                            progress=False)
     for q, cands in enumerate(candidates):
         expected = cands[np.argsort(-full[q, cands], kind="stable")[:4]]
         np.testing.assert_array_equal(ranking.indices[q], expected)
