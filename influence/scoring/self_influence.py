@@ -63,17 +63,8 @@ def _self_step(curvature, damping, state, batch, example_mask, *, graphdef, laye
 
 
 
-def self_scores(
-    model: nnx.Module,
-    task: Any,
-    factors: Factors,
-    train: Any,
-    *,
-    damping: float | None = None,
-    per_layer: bool = False,
-    execution: Execution | None = None,
-    **options: Any,
-) -> SelfScores:
+def self_scores(model: nnx.Module, task: Any, factors: Factors, train: Any, *, damping: float | None = None,
+                per_layer: bool = False, execution: Execution | None = None, **options: Any) -> SelfScores:
     """Self-influence ∇L_nᵀ (G + λI)⁻¹ ∇L_n of every training example.
 
     Args:
