@@ -46,8 +46,10 @@ def test_factored_per_example_gradient_equals_jax_grad_lm_with_masks():
         for n in range(5):
             blocks = unflatten(tracked, jnp.asarray(reference[n]))
             for name in dw:
-                # float32: entries near zero differ by rounding of the block's large entries
-                np.testing.assert_allclose(dw[name][n], blocks[name], rtol=2e-4, atol=1e-6 * np.abs(blocks[name]).max())
+                # float32: entries near zero differ by the rounding of sums of larger terms (up to
+                # ~3e-6 of the block's largest entry on other seeds); a wrong transpose, token or
+                # mask is off by the entries themselves
+                np.testing.assert_allclose(dw[name][n], blocks[name], rtol=2e-4, atol=1e-5 * np.abs(blocks[name]).max())
 
 
 def test_layer_filter_selects_by_path():

@@ -161,6 +161,9 @@ def test_batch_size_does_not_change_factors():
     a = inf.fit_factors(model, task, data, strategy="ekfac", fisher="empirical", batch_size=32, progress=False)
     b = inf.fit_factors(model, task, data, strategy="ekfac", fisher="empirical", batch_size=5, progress=False)
     for name in a.layers:
-        np.testing.assert_allclose(a.layers[name].eigenvalues, b.layers[name].eigenvalues, rtol=1e-4,
-                                   atol=1e-6 * a.layers[name].eigenvalues.max())
+        # float32 sums in another order; near-degenerate eigenvalues of A or S let the
+        # eigenbasis turn a little (seen: 2e-4 relative); a per-batch instead of per-example
+        # normalisation would be off by the ratio of batch counts (6.4×)
+        np.testing.assert_allclose(a.layers[name].eigenvalues, b.layers[name].eigenvalues, rtol=1e-3,
+                                   atol=1e-5 * a.layers[name].eigenvalues.max())
     assert a.metadata["n_examples"] == b.metadata["n_examples"] == 32

@@ -97,14 +97,16 @@ def test_ekfac_tracks_exact_influence_on_digits_mlp():
     """EK-FAC vs exact damped Gauss-Newton influence (full matrix, cross-layer terms
     included) on an MLP trained on digits. Measured (benchmarks/exact_agreement.py):
     per-query Spearman ≈ 0.4 at the default damping and ≈ 0.7 at λ = 10·mean(Λ);
-    K-FAC is within ±0.03 of EK-FAC on this model; identity is far worse."""
+    identity is far worse."""
     model, data, queries = trained_mlp()
     task = tasks.Classification()
     fits = {s: inf.fit_factors(model, task, data, strategy=s, progress=False) for s in ("identity", "kfac", "ekfac")}
     mean_lambda = float(np.mean([c.eigenvalues.mean() for c in fits["ekfac"].layers.values()]))
     # Large damping pulls every method towards the plain gradient dot product, so the
-    # margin over identity is asked for only at the default damping.
-    for factor, min_spearman, min_pearson, margin in ((0.1, 0.25, 0.5, 0.1), (10.0, 0.6, 0.85, 0.0)):
+    # margin over identity is asked for only at the default damping. The bounds sit below
+    # the worst of fixture seeds 0-4 (INFLUENCE_TEST_SEED; benchmarks/seed_robustness.py),
+    # not at this machine's value.
+    for factor, min_spearman, min_pearson, margin in ((0.1, 0.2, 0.45, 0.1), (10.0, 0.5, 0.8, 0.0)):
         damping = factor * mean_lambda
         exact = exact_scores(model, task, queries, data, damping=damping)
         got = {s: inf.pairwise_scores(model, task, f, queries, data, damping=damping, progress=False).values
@@ -117,21 +119,23 @@ def test_ekfac_tracks_exact_influence_on_digits_mlp():
 
 
 def test_ekfac_tracks_exact_influence_on_tiny_transformer():
-    """Same comparison on a one-block transformer LM, MLP layers tracked (paper setting)."""
+    """Same comparison on a one-block transformer LM, MLP layers tracked (paper setting).
+    EK-FAC is not always closer to exact influence than K-FAC here (on fixture seeds 1-4
+    it trails it by up to 0.1 at the default damping), so only what holds on every seed is
+    asserted: both beat identity, and EK-FAC clears bounds set below its worst seed."""
     model, data, queries = trained_lm(128, 300)
     task = tasks.CausalLM()
     fits = {s: inf.fit_factors(model, task, data, strategy=s, layers="mlp", progress=False)
             for s in ("identity", "kfac", "ekfac")}
     mean_lambda = float(np.mean([c.eigenvalues.mean() for c in fits["ekfac"].layers.values()]))
-    for factor, min_spearman, margin in ((0.1, 0.35, 0.1), (10.0, 0.8, 0.0)):
+    for factor, min_spearman, margin in ((0.1, 0.25, 0.05), (10.0, 0.75, 0.0)):
         damping = factor * mean_lambda
         exact = exact_scores(model, task, queries, data, damping=damping, layers="mlp")
         rho = {s: _mean_spearman(inf.pairwise_scores(model, task, f, queries, data, damping=damping,
                                                      progress=False).values, exact)
                for s, f in fits.items()}
         assert rho["ekfac"] > min_spearman, rho
-        assert rho["ekfac"] >= rho["kfac"] - 0.03, rho
-        assert rho["ekfac"] > rho["identity"] + margin, rho
+        assert min(rho["ekfac"], rho["kfac"]) > rho["identity"] + margin, rho
 
 
 def test_sign_positive_score_means_upweighting_lowers_the_query_loss():
