@@ -33,6 +33,7 @@ TRAINED = [
     "tests/curvature/test_curvature.py", "tests/curvature/test_blocks.py", "tests/capture/test_tracking.py",
     "tests/reference/test_counterfactual.py", "tests/reference/test_ihvp.py", "tests/reference/test_pbrf.py",
     "tests/runtime/test_resume.py", "tests/runtime/test_hosts.py", "tests/test_api.py", "tests/test_errors.py",
+    "tests/query/test_engine.py",
 ]
 OUT = ROOT / "docs" / "testing" / "seed_robustness.json"
 

@@ -14,7 +14,7 @@ import influence as inf
 from influence import tasks
 from influence.query.engine import Query, QueryEngine, concentration, encode_queries, read_queries, write_json
 from influence.query.report import write_html
-from influence.testing import TinyLM, lm_sequences, train
+from influence.testing import TinyLM, lm_sequences, seed_offset, train
 
 ALPHABET = "abcdefghijklmnop"
 
@@ -33,14 +33,19 @@ class LetterTokenizer:
 
 @pytest.fixture(scope="module")
 def setup():
-    rng = np.random.default_rng(3)
-    data = lm_sequences(40)
-    # four random sequences: each is the only source of its exact continuation
-    data["input_ids"][:4] = rng.integers(2, 16, size=(4, 8))
-    data["loss_mask"][:4] = 1
-    data["loss_mask"][:4, 0] = 0
+    offset = seed_offset()  # other initialisations and sequences: INFLUENCE_TEST_SEED
+    rng = np.random.default_rng(3 + offset)
+    data = lm_sequences(40, seed=offset)
+    # Three sequences over tokens 2-15 (0 and 1 are padding and document start) stepping by
+    # 3, 9 and 13 mod 14: their transitions differ by 3 or 5, 9 or 11, 13 or 15 (mod 16) where
+    # every other sequence steps by 1 or 2, so each is the only source of its continuation,
+    # whatever the seed.
+    steps = np.array([3, 9, 13])[:, None]
+    data["input_ids"][:3] = 2 + (rng.integers(0, 14, size=(3, 1)) + steps * np.arange(8)) % 14
+    data["loss_mask"][:3] = 1
+    data["loss_mask"][:3, 0] = 0
     data["text"] = np.array(["".join(ALPHABET[i] for i in row) for row in data["input_ids"]])
-    model = TinyLM(rngs=nnx.Rngs(0))
+    model = TinyLM(rngs=nnx.Rngs(offset))
 
     def loss(m, d):
         ce = optax.softmax_cross_entropy_with_integer_labels(m(d["input_ids"])[:, :-1], d["input_ids"][:, 1:])
@@ -67,9 +72,9 @@ def test_encoding_masks_the_prompt_and_refuses_bad_queries():
 def test_verbatim_training_sequence_ranks_first(setup):
     model, data, factors = setup
     engine = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, progress=False)
-    queries = [Query(data["text"][i][:3], data["text"][i][3:], id=f"copy of {i}") for i in range(4)]
+    queries = [Query(data["text"][i][:3], data["text"][i][3:], id=f"copy of {i}") for i in range(3)]
     results = engine.run(queries, k=5)
-    assert [r.influences[0].row for r in results] == [0, 1, 2, 3]
+    assert [r.influences[0].row for r in results] == [0, 1, 2]
     for r in results:
         top = r.influences[0]
         assert top.score > 0 and top.text == data["text"][top.row]
