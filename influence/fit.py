@@ -114,9 +114,9 @@ def _pass_accumulator(curvature_pass: CurvaturePass, zeros, step_args: tuple, tr
     def update(state, step):
         if "mode" not in key_mode:
             key_mode["mode"] = key_mode.pop("check")(step.batch.arrays)
+        rows = _sample_rows(step, mesh, key_mode["mode"])
         sums, counts, value = curvature_pass.step(state.sums, *step_args, tracked.state, step.arrays,
-                                                  step.example_mask, pass_key, _sample_rows(step, mesh, key_mode["mode"]),
-                                                  **statics)
+                                                  step.example_mask, pass_key, rows, **statics)
         return _Sums(sums, state.n_tokens, state.pending + ((step.index, value, counts),))
 
     def settle(state):

@@ -65,10 +65,10 @@ def sample_key_mode(model: Any, task: Any, batch: dict[str, Any], key: jax.Array
     keys = example_keys(key, jnp.arange(size, dtype=jnp.int32))
     try:
         closed, mode = jax.make_jaxpr(sampled)(state, batch, keys), "example"
-    except Exception as per_example:  # noqa: BLE001 - retried with one key; re-raised if that fails too
+    except Exception as per_example:  # retried with one key; re-raised if that fails too
         try:
             closed, mode = jax.make_jaxpr(sampled)(state, batch, key), "batch"
-        except Exception:  # noqa: BLE001 - the per-example error is the one the contract asks for
+        except Exception:  # the per-example error is the one to show
             raise per_example from None
     n_inputs = len(jax.tree.leaves((state, batch)))
     if not _uses_input(closed, n_inputs):
