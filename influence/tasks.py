@@ -198,16 +198,6 @@ def sample_targets(family: LossFamily, outputs: jax.Array, key: jax.Array) -> ja
     return jax.vmap(one)(outputs, key)
 
 
-def check_hashable(task: Any) -> None:
-    """``TypeError`` unless ``task`` is hashable (it is a static argument of jitted code)."""
-    try:
-        hash(task)
-    except TypeError as e:
-        raise TypeError(
-            f"the task {type(task).__name__} is not hashable ({e}); tasks are static arguments of jitted functions: "
-            "make it a frozen dataclass (@dataclasses.dataclass(frozen=True)) or give it __hash__") from None
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class OutputTask(Task):
     """A task whose loss is a likelihood (:class:`LossFamily`) over model outputs.

@@ -70,6 +70,10 @@ def sample_key_mode(model: Any, task: Any, batch: dict[str, Any], key: jax.Array
             closed, mode = jax.make_jaxpr(sampled)(state, batch, key), "batch"
         except Exception:  # the per-example error is the one to show
             raise per_example from None
+    shape = tuple(closed.out_avals[0].shape)
+    if shape != (size,):
+        raise TaskError(f"{type(task).__name__}.loss with a sample_key must return one number per example, shape "
+                        f"[B] = [{size}]; it returned shape {list(shape)} (losses are per-example sums)")
     n_inputs = len(jax.tree.leaves((state, batch)))
     if not _uses_input(closed, n_inputs):
         raise TaskError(

@@ -147,7 +147,7 @@ def query_gradients(model, task, factors: Factors, queries, *, damping=None, ran
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     mesh = scoring_mesh(run.mesh, run.batch_size)
     tracked, curvature, dampings = prepare(model, factors, damping, mesh)
-    source = as_source(queries, run.batch_size, task, model)
+    source = as_source(queries, run.batch_size, task, model, queries=True)
 
     def update(grads, step):
         out = _gradient_step(tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
