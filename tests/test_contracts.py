@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 
 import jax
 import jax.numpy as jnp
