@@ -55,7 +55,8 @@ def sample_key_mode(model: Any, task: Any, batch: dict[str, Any], key: jax.Array
     computation): ``"example"`` (a ``[B]`` key array) or ``"batch"`` (one scalar key, for
     a loss written before per-example keys; warned, since the sampled targets then depend
     on how the data is batched). :class:`TaskError` if the loss ignores the key (it would
-    silently give the empirical Fisher)."""
+    silently give the empirical Fisher) or is not ``[B]``. A loss that fails to trace
+    either way is left to the pass, which reports the failure with the batch's shapes."""
     graphdef, state = nnx.split(model)
     size = len(next(iter(batch.values())))
 
@@ -65,11 +66,11 @@ def sample_key_mode(model: Any, task: Any, batch: dict[str, Any], key: jax.Array
     keys = example_keys(key, jnp.arange(size, dtype=jnp.int32))
     try:
         closed, mode = jax.make_jaxpr(sampled)(state, batch, keys), "example"
-    except Exception as per_example:  # retried with one key; re-raised if that fails too
+    except Exception:  # retried with one key
         try:
             closed, mode = jax.make_jaxpr(sampled)(state, batch, key), "batch"
-        except Exception:  # the per-example error is the one to show
-            raise per_example from None
+        except Exception:  # the forward fails either way: the pass runs it and reports the failure in context
+            return "example"
     shape = tuple(closed.out_avals[0].shape)
     if shape != (size,):
         raise TaskError(f"{type(task).__name__}.loss with a sample_key must return one number per example, shape "
