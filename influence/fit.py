@@ -243,6 +243,8 @@ def fit_factors(
         "strategy": strategy, "fisher": fisher, "batch_size": run.batch_size, "key": _key_settings(key),
         "layers": metadata["layers"], "blocks": metadata.get("blocks"), "dtype": dtype.name,
         "model": tracked.fingerprint, "weights": digest_arrays(tracked.state), "processes": jax.process_count(),
+        # sampled targets keyed by global row: a snapshot of the per-batch scheme must not be resumed
+        **({"sample_keys": "per example row"} if fisher == "sampled" else {}),
     }) if run.checkpoint_dir is not None else None
     resumed = checkpoint.load() if checkpoint is not None else None
     resumed_pass = resumed[0]["pass"] if resumed is not None else None
