@@ -29,6 +29,7 @@ from influence.errors import (
     InfluenceError,
     MissingCorpusError,
     ModelMismatch,
+    TaskError,
     TrackingError,
     UntrackedParametersWarning,
 )
@@ -56,6 +57,6 @@ def __getattr__(name):
 
 __all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "DegenerateCurvature", "Execution",
            "Factors", "FileFormatError", "InfluenceError", "LayerInfo", "MissingCorpusError", "ModelMismatch",
-           "Ranking", "Scores", "SelfScores", "Task", "TrackingError", "UntrackedParametersWarning", "__version__",
-           "attribute", "fit_factors", "hosts", "lm", "pairwise_scores", "query", "rank_training", "reference",
-           "self_scores", "tasks", "testing", "track"]
+           "Ranking", "Scores", "SelfScores", "Task", "TaskError", "TrackingError", "UntrackedParametersWarning",
+           "__version__", "attribute", "fit_factors", "hosts", "lm", "pairwise_scores", "query", "rank_training",
+           "reference", "self_scores", "tasks", "testing", "track"]

@@ -6,6 +6,7 @@ the base :class:`InfluenceError`, so ``except inf.InfluenceError`` catches any o
     InfluenceError
     ├── TrackingError       the model's layers cannot be tracked or captured
     ├── DataError           data that cannot be batched (empty, ragged, wrong type)
+    ├── TaskError           a Task that breaks its contract (loss not [B], key ignored)
     ├── FileFormatError     a missing, truncated, corrupt or foreign file
     ├── ModelMismatch       factors (or a checkpoint) of a model of another structure
     ├── CheckpointMismatch  a checkpoint of another run (other data or settings)
@@ -32,6 +33,12 @@ class TrackingError(InfluenceError):
 
 class DataError(InfluenceError):
     """The data cannot be batched: empty, ragged, or of a type the library cannot read."""
+
+
+class TaskError(InfluenceError):
+    """A :class:`~influence.tasks.Task` breaks its contract, found on the first batch: a
+    loss that is not one number per example ``[B]``, or a sampled loss that ignores its
+    ``sample_key``."""
 
 
 class FileFormatError(InfluenceError):

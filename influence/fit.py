@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from influence.capture.objectives import sample_key_mode
 from influence.capture.tracking import LayerFilter, track, warn_untracked
 from influence.curvature import LayerCurvature, get_strategy
 from influence.curvature import blocks as blocks_
@@ -49,6 +50,7 @@ from influence.runtime.mesh import (
     put_per_device,
     reduce_slots,
     replicate,
+    shard_batch,
     spans_processes,
     to_host,
 )
@@ -90,17 +92,31 @@ def _restore_slots(template: Any, arrays: dict[str, np.ndarray], mesh: Mesh) -> 
     return jax.tree.unflatten(treedef, restored)
 
 
+def _sample_rows(step, mesh: Mesh, mode: str):
+    """What seeds a batch's sampled targets (:func:`example_keys`): the global row index of
+    each example ``[B]`` (``Batch.start`` + row), so that an example gets the same key
+    whatever batch it falls in; or, for a loss that takes one key, the batch index."""
+    if mode == "batch":
+        return replicate(np.int32(step.index), mesh)
+    size = len(step.batch.example_mask)
+    return shard_batch(np.arange(size, dtype=np.int32) + np.int32(max(step.batch.start, 0)), mesh)
+
+
 def _pass_accumulator(curvature_pass: CurvaturePass, zeros, step_args: tuple, tracked, task, fisher: str, mesh: Mesh,
-                      key, layer_blocks: tuple, batch_size: int) -> Accumulator:
-    """The driver's view of one curvature pass: sums over the batches, NaN-checked."""
+                      key, layer_blocks: tuple, batch_size: int, key_mode: dict) -> Accumulator:
+    """The driver's view of one curvature pass: sums over the batches, NaN-checked.
+    ``key_mode["mode"]`` is how the task takes sampled keys (set on the first batch by
+    the caller's check, shared by the passes)."""
     pass_key = replicate(jax.random.fold_in(key, curvature_pass.index), mesh)
     statics = dict(graphdef=tracked.graphdef, layers=tracked.layers, task=task, fisher=fisher, mesh=mesh,
                    blocks=layer_blocks)
 
     def update(state, step):
+        if "mode" not in key_mode:
+            key_mode["mode"] = key_mode.pop("check")(step.batch.arrays)
+        rows = _sample_rows(step, mesh, key_mode["mode"])
         sums, counts, value = curvature_pass.step(state.sums, *step_args, tracked.state, step.arrays,
-                                                  step.example_mask, pass_key, replicate(np.int32(step.index), mesh),
-                                                  **statics)
+                                                  step.example_mask, pass_key, rows, **statics)
         return _Sums(sums, state.n_tokens, state.pending + ((step.index, value, counts),))
 
     def settle(state):
@@ -159,7 +175,9 @@ def fit_factors(
     """Fit the curvature approximation ``strategy`` on ``data``.
 
     Args:
-      model: a ``flax.nnx.Module`` at its final weights (put it in eval mode).
+      model: a ``flax.nnx.Module`` at its final weights. The library works on a clone in
+        eval mode (``model.eval()``: Dropout off, BatchNorm on its running statistics);
+        ``model`` itself is untouched.
       task: an :class:`influence.Task` (e.g. ``tasks.Classification()``).
       data: training data: a dict of arrays, a ``datasets.Dataset``, a list of dict
         batches, or a callable returning an iterable of dict batches. With several
@@ -225,6 +243,8 @@ def fit_factors(
         "strategy": strategy, "fisher": fisher, "batch_size": run.batch_size, "key": _key_settings(key),
         "layers": metadata["layers"], "blocks": metadata.get("blocks"), "dtype": dtype.name,
         "model": tracked.fingerprint, "weights": digest_arrays(tracked.state), "processes": jax.process_count(),
+        # sampled targets keyed by global row: a snapshot of the per-batch scheme must not be resumed
+        **({"sample_keys": "per example row"} if fisher == "sampled" else {}),
     }) if run.checkpoint_dir is not None else None
     resumed = checkpoint.load() if checkpoint is not None else None
     resumed_pass = resumed[0]["pass"] if resumed is not None else None
@@ -235,13 +255,18 @@ def fit_factors(
         n_tokens = {name: float(arrays[f"n_tokens/{name}"]) for name in tracked.layer_names if f"n_tokens/{name}" in arrays}
         n_tokens = n_tokens or None
     on_mesh = dataclasses.replace(tracked, state=replicate(tracked.state, mesh))
+
+    def check(arrays):
+        return sample_key_mode(nnx.merge(tracked.graphdef, tracked.state), task, arrays, key) if fisher == "sampled" else "example"
+
+    key_mode: dict[str, Any] = {"check": check}
     ordered_blocks = tuple(layer_blocks[i.name] for i in tracked.layers)
     for position, curvature_pass in enumerate(chosen.passes):
         if resumed_pass is not None and curvature_pass.index < resumed_pass:
             continue
         zeros = curvature_pass.zeros(tracked.layers, layer_blocks, mesh)
         accumulator = _pass_accumulator(curvature_pass, zeros, curvature_pass.step_args(curvature, mesh), on_mesh, task,
-                                        fisher, mesh, key, ordered_blocks, source.batch_size)
+                                        fisher, mesh, key, ordered_blocks, source.batch_size, key_mode)
         result = run_pass(accumulator, source, mesh, checkpoint=checkpoint,
                           resumed=resumed if curvature_pass.index == resumed_pass else None,
                           pass_index=curvature_pass.index, keep=_earlier_results(curvature, n_tokens) if position else None,
@@ -254,4 +279,6 @@ def fit_factors(
         curvature = curvature_pass.finish(curvature, totals, n_tokens, n_examples, layer_blocks, dtype)
         del totals
     metadata.update(n_examples=int(n_examples), n_tokens=n_tokens, mesh=describe_mesh(mesh))
+    if fisher == "sampled" and "mode" in key_mode:
+        metadata["sample_keys"] = "per example" if key_mode["mode"] == "example" else "per batch"
     return Factors(strategy, curvature, metadata)

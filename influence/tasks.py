@@ -44,11 +44,18 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def loss(self, model: Any, batch: Arrays, sample_key: jax.Array | None = None) -> jax.Array:
-        """Per-example losses, float32 ``[B]``, summed over tokens/outputs.
+        """Per-example losses, float32 ``[B]``, summed over tokens/outputs (one number
+        per example, not a mean; ``[B, 1]`` or a scalar is refused).
 
         With ``sample_key``, targets are drawn from the model's own predictive
         distribution (used to fit the true Fisher); without it, the batch's labels are
-        used (training gradients and the empirical Fisher).
+        used (training gradients and the empirical Fisher). The library passes a ``[B]``
+        array of keys, one per example, derived from the example's row in the data set,
+        so the sampled Fisher does not depend on the batch size or device count: draw
+        example b's targets with ``sample_key[b]`` (e.g. ``jax.vmap`` your sampler). A
+        loss written for one scalar key still works (the library then falls back to one
+        key per batch and warns that the factors depend on ``batch_size``); a loss that
+        ignores the key is refused for ``fisher="sampled"``.
         """
 
     def measurement(self, model: Any, batch: Arrays) -> jax.Array:
@@ -96,8 +103,10 @@ class LossFamily(abc.ABC):
         ``targets`` weighted by ``mask [B, T]`` and summed over tokens."""
 
     def sample(self, outputs: jax.Array, key: jax.Array) -> jax.Array:
-        """Targets drawn from the predictive distribution at ``outputs [B, T, K]``, no
-        gradient through them (the sampled, true Fisher)."""
+        """Targets drawn from the predictive distribution at ``outputs [B, T, K]`` with one
+        scalar ``key``, no gradient through them (the sampled, true Fisher).
+        :class:`OutputTask` calls it once per example (``jax.vmap``, ``B = 1``) with that
+        example's key."""
         raise NotImplementedError(f"{type(self).__name__} cannot sample targets; use fisher='empirical' or 'exact'")
 
     def fisher_directions(self, outputs: jax.Array, mask: jax.Array) -> jax.Array:
@@ -176,6 +185,19 @@ class Gaussian(LossFamily):
         return (outputs * mask[..., None]).reshape(outputs.shape[0], -1).T
 
 
+def sample_targets(family: LossFamily, outputs: jax.Array, key: jax.Array) -> jax.Array:
+    """``family``'s targets at ``outputs [B, T, K]``: with a ``[B]`` key array, example b
+    is drawn with ``key[b]`` alone (``jax.vmap`` over examples), so its targets do not
+    depend on the rest of its batch; with a scalar key, one draw for the whole batch."""
+    if key.ndim == 0:
+        return family.sample(outputs, key)
+
+    def one(out, k):
+        return family.sample(out[None], k)[0]
+
+    return jax.vmap(one)(outputs, key)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class OutputTask(Task):
     """A task whose loss is a likelihood (:class:`LossFamily`) over model outputs.
@@ -213,7 +235,7 @@ class OutputTask(Task):
     def loss(self, model, batch, sample_key=None):
         out = self.outputs(model, batch)
         mask = self.output_mask(batch, out)
-        targets = self.targets(batch) if sample_key is None else self.family.sample(out, sample_key)
+        targets = self.targets(batch) if sample_key is None else sample_targets(self.family, out, sample_key)
         return self.family.loss(out, targets, mask)
 
     def fisher_directions(self, model, batch):

@@ -224,3 +224,17 @@ def test_the_default_validate_accepts_anything():
             return batch["x"].sum(-1)
 
     assert Custom().validate({"x": np.full((2, 2), np.nan)}, None) is None
+
+
+@pytest.mark.parametrize("family", [tasks.Categorical(), tasks.Gaussian()])
+def test_per_example_keys_draw_each_example_alone(family):
+    """With a ``[B]`` key array, example b's targets depend only on ``key[b]``: drawn in any
+    batch, or alone, they are the same (what makes the sampled Fisher batch-size invariant)."""
+    outputs = jnp.asarray(np.random.default_rng(4).normal(size=(6, 20, 4)).astype(np.float32))
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(7), jnp.arange(6))
+    together = np.asarray(tasks.sample_targets(family, outputs, keys))
+    for b in range(6):
+        alone = np.asarray(family.sample(outputs[b : b + 1], keys[b]))[0]
+        np.testing.assert_array_equal(together[b], alone)
+    np.testing.assert_array_equal(np.asarray(tasks.sample_targets(family, outputs[2:5], keys[2:5])), together[2:5])
+    assert not np.array_equal(together[0], np.asarray(family.sample(outputs[:1], jax.random.key(8)))[0])

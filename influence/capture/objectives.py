@@ -2,7 +2,8 @@
 
 ``kind`` selects the objective whose layer gradients are captured:
 
-* ``"sampled"``: training loss with targets sampled from the model (true Fisher);
+* ``"sampled"``: training loss with targets sampled from the model (true Fisher), one
+  key per example (:func:`example_keys`), so the draws do not depend on the batching;
 * ``"empirical"``: training loss with the data's labels (empirical Fisher, and the
   training gradients that are scored);
 * ``"exact"``: the task's Fisher directions (exact Fisher, several backward passes);
@@ -13,16 +14,79 @@ Padding rows are given weight 0, so they contribute nothing to any sum.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.extend import core as jax_core
 
 from influence.capture.activations import capture
 from influence.capture.tracking import LayerInfo
-from influence.errors import TrackingError
+from influence.errors import TaskError, TrackingError
 
 KINDS = ("sampled", "empirical", "exact", "measurement")
+
+
+def example_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+    """Keys of sampled targets: ``fold_in(key, row)`` for each global row index ``rows
+    [B]`` (int32), a ``[B]`` key array. An example's key depends only on its row in the data
+    set, so the sampled Fisher is the same whatever the batch size, device count or number
+    of batches. A scalar ``rows`` gives one key for the batch (``fold_in(key, rows)``)."""
+    if jnp.ndim(rows) == 0:
+        return jax.random.fold_in(key, rows)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
+
+
+def _uses_input(closed: Any, position: int) -> bool:
+    """Whether output of the jaxpr ``closed`` depends on its input ``position`` (a backward
+    walk over its equations; a nested call counts as using all of its inputs)."""
+    jaxpr = closed.jaxpr
+    live = {v for v in jaxpr.outvars if not isinstance(v, jax_core.Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if not isinstance(v, jax_core.Literal))
+    return jaxpr.invars[position] in live
+
+
+def sample_key_mode(model: Any, task: Any, batch: dict[str, Any], key: jax.Array) -> str:
+    """How ``task.loss`` takes its ``sample_key``, checked on one batch by tracing (no
+    computation): ``"example"`` (a ``[B]`` key array) or ``"batch"`` (one scalar key, for
+    a loss written before per-example keys; warned, since the sampled targets then depend
+    on how the data is batched). :class:`TaskError` if the loss ignores the key (it would
+    silently give the empirical Fisher) or is not ``[B]``. A loss that fails to trace
+    either way is left to the pass, which reports the failure with the batch's shapes."""
+    graphdef, state = nnx.split(model)
+    size = len(next(iter(batch.values())))
+
+    def sampled(state, batch, keys):
+        return task.loss(nnx.merge(graphdef, state), batch, sample_key=keys)
+
+    keys = example_keys(key, jnp.arange(size, dtype=jnp.int32))
+    try:
+        closed, mode = jax.make_jaxpr(sampled)(state, batch, keys), "example"
+    except Exception:  # retried with one key
+        try:
+            closed, mode = jax.make_jaxpr(sampled)(state, batch, key), "batch"
+        except Exception:  # the forward fails either way: the pass runs it and reports the failure in context
+            return "example"
+    shape = tuple(closed.out_avals[0].shape)
+    if shape != (size,):
+        raise TaskError(f"{type(task).__name__}.loss with a sample_key must return one number per example, shape "
+                        f"[B] = [{size}]; it returned shape {list(shape)} (losses are per-example sums)")
+    n_inputs = len(jax.tree.leaves((state, batch)))
+    if not _uses_input(closed, n_inputs):
+        raise TaskError(
+            f"fisher='sampled', but {type(task).__name__}.loss ignores its sample_key: its value does not depend on "
+            "the key, so the result would be the empirical Fisher. Use fisher='empirical', or draw the targets "
+            "from the model's predictions with sample_key (a [B] array of keys, one per example)")
+    if mode == "batch":
+        warnings.warn(
+            f"{type(task).__name__}.loss takes one scalar sample_key, not the [B] array of per-example keys: the "
+            "sampled Fisher then depends on batch_size and the device count. Draw example b's targets with "
+            "sample_key[b] (e.g. jax.vmap over the examples) to make it independent of them", stacklevel=3)
+    return mode
 
 
 def _objective(task, kind: str, batch, example_mask, key):

@@ -246,7 +246,9 @@ def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
     projections of ``nnx.MultiHeadAttention``), each seen as a matrix map ``[d_in, d_out]``.
 
     Args:
-      model: any flax NNX module. It is cloned; the original is left untouched.
+      model: any flax NNX module. It is cloned and the clone set to eval mode
+        (``nnx.Module.eval``: Dropout deterministic, BatchNorm on running statistics); the
+        original, and its mode, are left untouched.
       layers: ``None`` (every trackable layer), a regular expression searched in the
         dotted module path (e.g. ``"mlp"``), a list of exact paths or full-match
         patterns (each must select a layer), or a predicate on the path.
@@ -260,6 +262,10 @@ def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
     keep = _make_filter(layers)
     clone = nnx.clone(model)
+    # Influence is of the deterministic function the model computes at evaluation: Dropout
+    # off, BatchNorm on its running statistics (train mode would also mutate RNG counts and
+    # statistics inside jitted code). The user's model keeps its own mode.
+    clone.eval()
     found = _trackable(clone)
     trackable = {name: kind.kind for name, _, kind in sorted(found, key=lambda t: t[0])}
     unmatched = _unmatched(layers, list(trackable))

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg
 import threadpoolctl
 
-from influence.capture.objectives import layer_gradients, token_weights
+from influence.capture.objectives import example_keys, layer_gradients, token_weights
 from influence.curvature.blocks import LayerBlocks, slices
 from influence.curvature.layer import LayerCurvature
 from influence.curvature.passes import STEP_STATICS, CurvaturePass, g_spec
@@ -53,7 +53,7 @@ def covariance_step(sums, state, batch, example_mask, key, index, *, graphdef, l
     blocks for a split layer). Returns the new sums, the global count of weighted tokens
     per layer and the objective's value."""
     value, a, g = layer_gradients(graphdef, state, layers, task, fisher, batch, example_mask,
-                                  jax.random.fold_in(key, index))
+                                  example_keys(key, index))
     weights = {i.name: token_weights(task, batch, example_mask, a[i.name]) for i in layers}
 
     def per_device(a, g, w):

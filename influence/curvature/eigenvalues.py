@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence.capture.objectives import layer_gradients
+from influence.capture.objectives import example_keys, layer_gradients
 from influence.capture.per_example import sum_over_example_chunks, weight_gradients
 from influence.curvature.blocks import matmul_last
 from influence.curvature.passes import STEP_STATICS, CurvaturePass, g_spec
@@ -61,7 +61,7 @@ def eigenvalue_step(sums, rotations, state, batch, example_mask, key, index, *, 
     """Add one batch's Σ_b (Q_Aᵀ DW_b Q_S)² ``[n_data, d_a, d_out]`` to each device's slot
     (no rotation for the diagonal strategy: ``rotations[name] = (None, None)``)."""
     value, a, g = layer_gradients(graphdef, state, layers, task, fisher, batch, example_mask,
-                                  jax.random.fold_in(key, index))
+                                  example_keys(key, index))
 
     def per_device(a, g, mask, rotations):
         return {i.name: eigenvalue_sums(a[i.name], g[i.name], mask, *rotations[i.name])[None] for i in layers}

@@ -24,9 +24,11 @@ class CurvaturePass(NamedTuple):
       name: shown on the progress bar (``"<strategy>: <name>"``).
       index: fixed order of the pass within a fit; orders snapshots and seeds the pass's
         sampled targets (``fold_in(key, index)``), so it never changes.
-      step: jitted ``(sums, *step_args, state, batch, example_mask, key, batch_index,
+      step: jitted ``(sums, *step_args, state, batch, example_mask, key, rows,
         **statics) -> (sums, token counts per layer or None, objective value)``, adding one
-        batch to each device's slot of ``sums``.
+        batch to each device's slot of ``sums``; ``rows`` seeds the sampled targets
+        (:func:`~influence.capture.objectives.example_keys`: each example's global row
+        ``[B]``, or the batch index for a loss that takes one key).
       zeros: ``(layers, blocks, mesh) -> sums``, the empty per-device accumulator.
       step_args: ``(curvature, mesh) -> tuple``: what the step needs of the passes before
         it (e.g. the eigenbases), placed on the mesh.

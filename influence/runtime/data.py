@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -30,7 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from influence.errors import DataError
+from influence.errors import DataError, TaskError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,31 @@ class Batch:
         return (np.arange(size) < self.n_valid).astype(np.float32)
 
 
+
+
+def check_hashable(task: Any) -> None:
+    """``TypeError`` unless ``task`` is hashable (it is a static argument of jitted code)."""
+    try:
+        hash(task)
+    except TypeError as e:
+        raise TypeError(
+            f"the task {type(task).__name__} is not hashable ({e}); tasks are static arguments of jitted functions: "
+            "make it a frozen dataclass (@dataclasses.dataclass(frozen=True)) or give it __hash__") from None
+
+
+def _array_like(value: Any) -> bool:
+    """A numpy/JAX array (not a dict batch): what an ``(X, y)`` tuple holds."""
+    return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, Mapping)
+
+
+def _from_dataframe(data: Any) -> Any:
+    """A pandas ``DataFrame`` as a dict of its columns' arrays (non-numeric columns are
+    then ignored, as a ``datasets.Dataset``'s are); anything else as it is. pandas is
+    not a dependency: it is looked up only when already imported."""
+    pandas = sys.modules.get("pandas")
+    if pandas is None or not isinstance(data, pandas.DataFrame):
+        return data
+    return {str(name): data[name].to_numpy() for name in data.columns}
 
 
 def _numeric(value: Any) -> bool:
@@ -90,10 +116,17 @@ class DataSource:
         self.batch_size = int(batch_size)
         self.fields = tuple(fields)
         self.optional_fields = tuple(optional_fields)
-        self._data = data
         self.check: BatchCheck | None = None
         self._consumed = False
         self.num_examples: int | None = None
+        data = _from_dataframe(data)
+        if isinstance(data, (list, tuple)) and data and all(_array_like(b) for b in data):
+            names = self.fields if len(self.fields) == len(data) else tuple(f"field{i}" for i in range(len(data)))
+            form = "{" + ", ".join(f"{n!r}: {v}" for n, v in zip(names, ("X", "y", "Z", "W")[: len(data)])) + "}"
+            raise DataError(
+                f"data is a {type(data).__name__} of {len(data)} arrays; give the arrays names: pass a dict "
+                f"{form}" + (f" (the task reads the fields {list(self.fields)})" if self.fields else ""))
+        self._data = data
         if isinstance(data, Mapping):
             arrays = _select(data, self.fields, self.optional_fields, "data")
             self.num_examples = _num_rows(arrays, "data")
@@ -212,10 +245,53 @@ class BatchCheck:
     _UNKNOWN = object()
     _FAILED = object()
 
-    def __init__(self, task: Any, model: Any = None):
+    def __init__(self, task: Any, model: Any = None, queries: bool = False):
         self.task = task
         self.model = model
+        self.queries = queries
         self.output_shape: Any = self._UNKNOWN
+
+    def _check_loss_shape(self, arrays: dict[str, np.ndarray]) -> None:
+        """:class:`TaskError` unless the task's loss (the measurement, for queries) is one
+        number per example, ``[B]``: a ``[B, 1]`` or a mean would be accepted by the sums
+        and silently give wrong scores. Traced once (``jax.eval_shape``); a forward pass
+        that fails is left for the pass to report in context."""
+        if self.model is None:
+            return
+        graphdef, state = nnx.split(self.model)
+        name = "measurement" if self.queries else "loss"
+        method = getattr(self.task, name)
+
+        def value(state, batch):
+            return method(nnx.merge(graphdef, state), batch)
+
+        try:
+            shape = tuple(jax.eval_shape(value, state, arrays).shape)
+        except Exception:  # noqa: BLE001 - the pass runs the same forward and reports its failure in context
+            return
+        size = len(next(iter(arrays.values())))
+        if shape != (size,):
+            raise TaskError(
+                f"{type(self.task).__name__}.{name} must return one number per example, shape [B] = [{size}]; it "
+                f"returned shape {list(shape)}. Losses are per-example sums over tokens/outputs (not means over "
+                "the batch): drop trailing axes of size 1 and sum, do not average, over the batch")
+
+    def _check_query_mask(self, arrays: dict[str, np.ndarray], first_row: int) -> None:
+        """:class:`DataError` if a query's measurement counts no token (its ``output_mask``,
+        e.g. a ``loss_mask`` that is all zero after the prompt): its gradient, and so every
+        score, would be zero."""
+        output_mask = getattr(self.task, "output_mask", None)
+        if output_mask is None or not isinstance(self.output_shape, tuple):
+            return
+        rows = len(next(iter(arrays.values())))
+        mask = np.asarray(output_mask(arrays, jax.numpy.zeros((rows, *self.output_shape[1:]), np.float32)))
+        empty = np.flatnonzero(~mask.reshape(rows, -1).any(axis=1))
+        if empty.size:
+            listed = ", ".join(str(first_row + r) for r in empty[:10]) + (" ..." if empty.size > 10 else "")
+            raise DataError(
+                f"query row(s) {listed} measure nothing: their loss mask is all zero where the measurement is "
+                "taken (for a causal LM, positions 1.. of loss_mask), so every score would be 0. Mark the "
+                "completion's tokens with 1 in the mask, or drop these queries")
 
     def _shape(self, arrays: dict[str, np.ndarray]) -> tuple[int, ...] | None:
         outputs = getattr(self.task, "outputs", None)
@@ -234,6 +310,7 @@ class BatchCheck:
     def __call__(self, batch: Batch, index: int) -> None:
         if self.output_shape is self._UNKNOWN:
             self.output_shape = self._shape(batch.arrays)
+            self._check_loss_shape(batch.arrays)
         if self.output_shape is self._FAILED:
             return
         arrays = {k: v[: batch.n_valid] for k, v in batch.arrays.items()}
@@ -243,6 +320,8 @@ class BatchCheck:
             raise
         except ValueError as e:
             raise DataError(f"batch {index}: {e}") from e
+        if self.queries:
+            self._check_query_mask(arrays, batch.start)
 
 
 def _describe(sig) -> str:
@@ -271,16 +350,21 @@ def _is_hf_dataset(data: Any) -> bool:
     return isinstance(data, datasets.Dataset)
 
 
-def as_source(data: Any, batch_size: int, task: Any = None, model: Any = None) -> DataSource:
+def as_source(data: Any, batch_size: int, task: Any = None, model: Any = None, *,
+              queries: bool = False) -> DataSource:
     """Wrap user data in a :class:`DataSource`, keeping the fields ``task`` reads; each
-    batch is checked by ``task.validate`` (with the output shape of ``model``, if given)."""
+    batch is checked by ``task.validate`` (with the output shape of ``model``, if given),
+    and the first by the task's contract: a hashable task, a loss (for ``queries``, a
+    measurement) of shape ``[B]``; for ``queries``, every row measuring some token."""
+    if task is not None:
+        check_hashable(task)
     if isinstance(data, DataSource):
         return data
     fields = tuple(getattr(task, "fields", ()) or ())
     optional = tuple(getattr(task, "optional_fields", ()) or ())
     source = DataSource(data, batch_size, fields, optional)
     if getattr(task, "validate", None) is not None:
-        source.check = BatchCheck(task, model)
+        source.check = BatchCheck(task, model, queries)
     return source
 
 

@@ -64,6 +64,16 @@ def token_scores(a: jax.Array, g: jax.Array, queries: LayerQueries) -> jax.Array
     return jnp.einsum("bti,bij,btj->bt", a, queries.full, g)
 
 
+def query_token_scores(a: jax.Array, g: jax.Array, queries: LayerQueries) -> jax.Array:
+    """Per-token terms ``[Q, B, T]`` of every query against every example: ā_btᵀ P_q g_bt
+    (the terms of :func:`layer_scores`, which they sum to over t). Memory Q·B·T."""
+    if queries.rank is not None:
+        al = jnp.einsum("bti,qik->qbtk", a, queries.left)
+        gr = jnp.einsum("btj,qjk->qbtk", g, queries.right)
+        return jnp.sum(al * gr, axis=-1)
+    return jnp.einsum("bti,qij,btj->qbt", a, queries.dense(), g)
+
+
 def stack_layers(per_layer_scores: list[jax.Array], keep_layers: bool) -> jax.Array:
     """``[L, ...]`` per layer, or their sum as ``[1, ...]`` (so memory holds one score
     matrix, not L, when the split is not asked for)."""

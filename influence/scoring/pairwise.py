@@ -23,31 +23,56 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from influence.capture.objectives import layer_gradients
+from influence.errors import InfluenceError
 from influence.factors import Factors
 from influence.runtime.data import as_source
 from influence.runtime.driver import concatenate, run_pass
 from influence.runtime.execution import Execution
 from influence.runtime.mesh import DATA, describe_mesh, local, query_axis, spec
-from influence.scoring.contractions import layer_scores, stack_layers
+from influence.scoring.contractions import layer_scores, query_token_scores, stack_layers
 from influence.scoring.finite import RowCheck
 from influence.scoring.queries import STEP_STATICS, prepare_queries, score_checkpoint
 from influence.scoring.results import Scores
 
 
-@functools.partial(jax.jit, static_argnames=STEP_STATICS + ("mesh", "keep_layers"))
-def _score_step(preconditioned, state, batch, example_mask, *, graphdef, layers, task, kind, mesh, keep_layers):
+MAX_PER_TOKEN = 2**26
+"""Most floats ``Q·N·T`` that ``per_token=True`` keeps (256 MiB of float32)."""
+
+
+@functools.partial(jax.jit, static_argnames=STEP_STATICS + ("mesh", "keep_layers", "per_token"))
+def _score_step(preconditioned, state, batch, example_mask, *, graphdef, layers, task, kind, mesh, keep_layers,
+                per_token=False):
     """Scores ``[L, Q, B]`` per layer (or ``[1, Q, B]`` summed) of one training batch; each
-    device scores its rows (against its queries, with a query axis)."""
+    device scores its rows (against its queries, with a query axis). With ``per_token``,
+    the per-token terms ``[Q, T, B]`` summed over layers follow, packed as one array
+    ``[L·Q + Q·T, B]`` (the pass concatenates one array per batch)."""
     _, a, g = layer_gradients(graphdef, state, layers, task, kind, batch, example_mask)
 
     def per_device(a, g, queries):
         return stack_layers([layer_scores(a[i.name], g[i.name], queries[i.name]) for i in layers], keep_layers)
 
     q = query_axis(mesh)
-    return local(per_device, mesh, (spec(DATA), spec(DATA), spec(q)), spec(None, q, DATA))(a, g, preconditioned)
+    scores = local(per_device, mesh, (spec(DATA), spec(DATA), spec(q)), spec(None, q, DATA))(a, g, preconditioned)
+    if not per_token:
+        return scores
+    tokens = {i.name: a[i.name].shape[1] for i in layers}
+    if len(set(tokens.values())) != 1:
+        raise InfluenceError(f"per_token=True needs every tracked layer to see the same token axis; they see {tokens} "
+                             "positions: track the layers of one token axis (layers=...), or use rank_training + "
+                             "attribute for per-layer, per-token terms")
+
+    def per_device_tokens(a, g, queries):
+        terms = sum(query_token_scores(a[i.name], g[i.name], queries[i.name]) for i in layers)  # [Q, B, T]
+        return jnp.moveaxis(terms, 1, -1)
+
+    terms = local(per_device_tokens, mesh, (spec(DATA), spec(DATA), spec(q)), spec(q, None, DATA))(
+        a, g, preconditioned)
+    return jnp.concatenate([scores.reshape(-1, scores.shape[-1]), terms.reshape(-1, terms.shape[-1])])
 
 
 def pairwise_scores(
@@ -59,6 +84,7 @@ def pairwise_scores(
     *,
     damping: float | None = None,
     per_layer: bool = False,
+    per_token: bool = False,
     query_rank: int | None = None,
     execution: Execution | None = None,
     **options: Any,
@@ -74,6 +100,10 @@ def pairwise_scores(
       train: training data, streamed in batches.
       damping: absolute damping λ for every layer, or ``None`` for 0.1 × mean(Λ) per layer.
       per_layer: also return each layer's share.
+      per_token: also return ``Scores.per_token [Q, N, T]``, each training position's
+        term (summed over layers; T is the training batch's token axis). Memory: Q·N·T
+        float32 on the host; above :data:`MAX_PER_TOKEN` floats it is refused (use
+        :func:`~influence.rank_training` and :func:`~influence.attribute` for chosen pairs).
       query_rank: keep each layer's preconditioned query gradient as its best rank-r
         approximation (Grosse et al. use 32): less memory per query, and cheaper
         scoring when r·(d_a + d_out) is small against d_a·d_out. ``None``: full rank.
@@ -87,21 +117,35 @@ def pairwise_scores(
     side = prepare_queries(model, task, factors, queries, damping=damping, rank=query_rank, execution=run)
     mesh, tracked, dampings = side.mesh, side.tracked, side.damping
     source = as_source(train, run.batch_size, task, model)
-    checkpoint = score_checkpoint("scores", run, tracked, factors, dampings, lambda: {"per_layer": per_layer},
-                                  queries=side.queries)
+    settings = {"per_layer": per_layer, **({"per_token": True} if per_token else {})}
+    checkpoint = score_checkpoint("scores", run, tracked, factors, dampings, lambda: settings, queries=side.queries)
 
     finite = RowCheck(source.batch_size)
+    shapes: dict[str, int] = {}
+    rows = [0]
+    n_layers = len(tracked.layer_names) if per_layer else 1
 
     def score(step):
         out = _score_step(side.placed, tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
-                          layers=tracked.layers, task=task, kind="empirical", mesh=mesh, keep_layers=per_layer)
+                          layers=tracked.layers, task=task, kind="empirical", mesh=mesh, keep_layers=per_layer,
+                          per_token=per_token)
+        if per_token:
+            _check_per_token_size(shapes, out, side, n_layers, source, rows, step.batch.n_valid)
         finite.update(out, step.batch)
         return out
 
     resumed = checkpoint.load() if checkpoint is not None else None
     accumulator = finite.guard(concatenate(score), checkpointed=checkpoint is not None)
     collected = run_pass(accumulator, source, mesh, checkpoint=checkpoint, resumed=resumed, desc="scores",
-                         progress=run.progress).value[:, :side.n_query]
+                         progress=run.progress).value
+    tokens = None
+    if per_token:
+        padded = side.n_placed
+        split = n_layers * padded
+        tokens = collected[split:].reshape(padded, -1, collected.shape[-1])[: side.n_query]  # [Q, T, N]
+        tokens = np.ascontiguousarray(np.moveaxis(tokens, 1, -1))  # [Q, N, T]
+        collected = collected[:split].reshape(n_layers, padded, -1)
+    collected = collected[:, :side.n_query]
     values = collected.sum(axis=0)
     metadata = {
         "strategy": factors.strategy,
@@ -114,4 +158,21 @@ def pairwise_scores(
         "mesh": describe_mesh(mesh),
     }
     per = {name: collected[i] for i, name in enumerate(tracked.layer_names)} if per_layer else None
-    return Scores(values, per, metadata)
+    if per_token:
+        metadata["per_token"] = {"tokens": int(tokens.shape[-1]), "limit_floats": MAX_PER_TOKEN}
+    return Scores(values, per, metadata, per_token=tokens)
+
+
+def _check_per_token_size(shapes: dict, out, side, n_layers: int, source, rows: list, n_valid: int) -> None:
+    """``InfluenceError`` before ``per_token``'s ``[Q, N, T]`` outgrows :data:`MAX_PER_TOKEN`
+    floats: checked on the first batch when N is known, and as rows come otherwise."""
+    rows[0] += n_valid
+    if "tokens" not in shapes:  # out is packed [L·Q + Q·T, B]
+        shapes["tokens"] = (out.shape[0] - n_layers * side.n_placed) // side.n_placed
+    n_train = source.num_examples or rows[0]
+    size = side.n_query * n_train * shapes["tokens"]
+    if size > MAX_PER_TOKEN:
+        raise InfluenceError(
+            f"per_token=True would keep {side.n_query} queries x {n_train} training rows x {shapes['tokens']} "
+            f"tokens = {size:,} floats, above the limit of {MAX_PER_TOKEN:,} (pairwise.MAX_PER_TOKEN): score fewer "
+            "pairs, or use rank_training(...) and attribute(...) for the per-token terms of the top pairs")

@@ -152,7 +152,7 @@ def _query_gradients(model, task, prepared, queries, rank, run: Execution, mesh)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     tracked, curvature, dampings = prepared
-    source = as_source(queries, run.batch_size, task, model)
+    source = as_source(queries, run.batch_size, task, model, queries=True)
 
     def update(grads, step):
         out = _gradient_step(tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,

@@ -49,6 +49,11 @@ class _LayerSplit:
         its arrays are missing, unexpected or of inconsistent shapes)."""
         file = cls._file(path)
         arrays, metadata = io.load_arrays(file, cls._KIND)
+        return cls(*cls._from_arrays(file, arrays, metadata))
+
+    @classmethod
+    def _from_arrays(cls, file: Path, arrays: dict[str, np.ndarray], metadata: dict[str, Any]) -> tuple:
+        """``(values, per_layer or None, metadata)`` of a loaded file, checked."""
         values = arrays.get("values")
         if values is None:
             raise FileFormatError(f"{file}: array 'values' is missing")
@@ -64,7 +69,7 @@ class _LayerSplit:
                 raise FileFormatError(f"{file}: array {key!r} has shape {arr.shape}, expected {values.shape} "
                                       "(that of 'values')")
             per_layer[key.split("/", 1)[1]] = arr
-        return cls(values, per_layer or None, metadata)
+        return values, per_layer or None, metadata
 
 
 def check_k(k: int) -> None:
@@ -82,11 +87,44 @@ class Scores(_LayerSplit):
       per_layer: ``None``, or layer name -> ``[n_query, n_train]``; they sum to
         ``values`` (up to float32 rounding).
       metadata: strategy, damping per layer, counts, model fingerprint.
+      per_token: ``None``, or float32 ``[n_query, n_train, T]`` (``pairwise_scores(...,
+        per_token=True)``): the terms ā_tᵀ P_q g_t of each training position t, summed
+        over the tracked layers; they sum over T to ``values`` (up to float32 rounding).
+        For a causal LM, position t's term is mostly the influence of predicting token t+1.
     """
 
     _KIND = "influence-scores"
     _FILE = "scores.npz"
     _NDIM = 2
+
+    def __init__(self, values: np.ndarray, per_layer: dict[str, np.ndarray] | None, metadata: dict[str, Any],
+                 per_token: np.ndarray | None = None):
+        super().__init__(values, per_layer, metadata)
+        self.per_token = None if per_token is None else np.asarray(per_token)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically to ``path/scores.npz`` (or to ``path`` if it ends in .npz),
+        with ``per_token`` when present."""
+        arrays = {"values": self.values, **{f"per_layer/{n}": a for n, a in (self.per_layer or {}).items()}}
+        if self.per_token is not None:
+            arrays["per_token"] = self.per_token
+        file = self._file(path)
+        io.save_arrays(file, self._KIND, arrays, self.metadata)
+        return file
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Scores:
+        """Read a file written by :meth:`save` (``FileFormatError`` if it is not one, or if
+        its arrays are missing, unexpected or of inconsistent shapes)."""
+        file = cls._file(path)
+        arrays, metadata = io.load_arrays(file, cls._KIND)
+        per_token = arrays.pop("per_token", None)
+        values = arrays.get("values")
+        if per_token is not None and (values is None or per_token.ndim != 3 or per_token.shape[:2] != values.shape):
+            raise FileFormatError(f"{file}: array 'per_token' has shape {per_token.shape}, expected "
+                                  f"[n_query, n_train, T] with [n_query, n_train] = "
+                                  f"{None if values is None else values.shape}")
+        return cls(*cls._from_arrays(file, arrays, metadata), per_token)
 
     def top_k(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices and scores of the ``k`` most positively influential training

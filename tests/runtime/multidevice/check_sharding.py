@@ -71,6 +71,20 @@ def test_sharded_factors_equal_single_device(case):
                inf.pairwise_scores(model, task, one, queries, data, batch_size=8, progress=False).values)
 
 
+@pytest.mark.parametrize("case", ["mlp", "lm"])
+def test_sampled_fisher_same_for_other_batch_size_and_devices(case):
+    """Sampled targets are keyed by each example's row, so a batch of 4 on one device and
+    of 16 over four devices draw the same targets: the same factors, to rounding."""
+    model, task, data, queries, one, _ = _fitted(case)
+    four = inf.fit_factors(model, task, data, strategy="ekfac", batch_size=16 if case == "lm" else 32,
+                           progress=False, mesh=4)
+    small = inf.fit_factors(model, task, data, strategy="ekfac", batch_size=4, progress=False)
+    for name in one.layers:
+        for other in (four, small):
+            _close(other.layers[name].eigenvalues, one.layers[name].eigenvalues)
+            _close(other.layers[name].a_eigenvalues, one.layers[name].a_eigenvalues)
+
+
 @pytest.mark.parametrize("strategy,fisher", [("diagonal", "sampled"), ("kfac", "exact")])
 def test_other_strategies_and_fishers(strategy, fisher):
     model, task, data, _ = _case("mlp")
