@@ -231,7 +231,7 @@ def fit_factors(
         "fingerprint": tracked.fingerprint,
         "untracked": tracked.untracked.as_metadata(),
         "dtype": dtype.name,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     if blocks_.as_metadata(layer_blocks):
         metadata["blocks"] = blocks_.as_metadata(layer_blocks)
@@ -252,12 +252,15 @@ def fit_factors(
     if resumed_pass is not None and resumed_pass != chosen.passes[0].index:  # earlier passes finished before
         arrays = resumed[1]
         curvature = curvature_from_arrays(arrays, tracked.layer_names, dtype, prefix="curvature/")
-        n_tokens = {name: float(arrays[f"n_tokens/{name}"]) for name in tracked.layer_names if f"n_tokens/{name}" in arrays}
+        n_tokens = {name: float(arrays[f"n_tokens/{name}"]) for name in tracked.layer_names
+                    if f"n_tokens/{name}" in arrays}
         n_tokens = n_tokens or None
     on_mesh = dataclasses.replace(tracked, state=replicate(tracked.state, mesh))
 
     def check(arrays):
-        return sample_key_mode(nnx.merge(tracked.graphdef, tracked.state), task, arrays, key) if fisher == "sampled" else "example"
+        if fisher != "sampled":
+            return "example"
+        return sample_key_mode(nnx.merge(tracked.graphdef, tracked.state), task, arrays, key)
 
     key_mode: dict[str, Any] = {"check": check}
     ordered_blocks = tuple(layer_blocks[i.name] for i in tracked.layers)
@@ -269,7 +272,8 @@ def fit_factors(
                                         fisher, mesh, key, ordered_blocks, source.batch_size, key_mode)
         result = run_pass(accumulator, source, mesh, checkpoint=checkpoint,
                           resumed=resumed if curvature_pass.index == resumed_pass else None,
-                          pass_index=curvature_pass.index, keep=_earlier_results(curvature, n_tokens) if position else None,
+                          pass_index=curvature_pass.index,
+                          keep=_earlier_results(curvature, n_tokens) if position else None,
                           save_at_start=position > 0, desc=f"{strategy}: {curvature_pass.name}", progress=run.progress)
         state = result.value
         n_tokens = state.n_tokens if state.n_tokens is not None else n_tokens

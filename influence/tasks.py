@@ -74,6 +74,7 @@ class Task(abc.ABC):
         the model's outputs for it (``task.outputs``, ``[B, T, K]`` for an
         :class:`OutputTask`; ``None`` when unknown) and the data-set index of its first
         row (for messages). Default: accept everything."""
+        return None
 
     def token_mask(self, batch: Arrays) -> jax.Array | None:
         """Which token positions count when averaging the factors A and S, ``[B, T]``

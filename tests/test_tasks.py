@@ -110,7 +110,8 @@ def test_gaussian_sampled_targets_carry_no_gradient():
 
     grad = np.asarray(jax.grad(sampled_loss)(jnp.asarray(outputs)))
     targets = family.sample(jnp.asarray(outputs), key)
-    fixed = np.asarray(jax.grad(lambda out: jnp.sum(family.loss(out, targets, jnp.asarray(mask))))(jnp.asarray(outputs)))
+    fixed = np.asarray(jax.grad(lambda out: jnp.sum(family.loss(out, targets, jnp.asarray(mask))))(
+        jnp.asarray(outputs)))
     np.testing.assert_array_equal(grad, fixed)
     assert np.abs(grad).max() > 0.1
 
@@ -141,10 +142,12 @@ def test_an_output_task_loss_and_fisher_come_from_its_family():
     targets = np.zeros_like(outputs)
     task = Scaled()
     batch = {"x": jnp.asarray(outputs), "y": jnp.asarray(targets)}
-    np.testing.assert_array_equal(task.loss(lambda x: 2 * x, batch), tasks.Gaussian().loss(2 * outputs, targets, np.ones((B, T))))
+    np.testing.assert_array_equal(task.loss(lambda x: 2 * x, batch),
+                                  tasks.Gaussian().loss(2 * outputs, targets, np.ones((B, T))))
     key = jax.random.key(0)
+    sampled = tasks.Gaussian().sample(outputs, key)
     np.testing.assert_array_equal(task.loss(lambda x: x, batch, sample_key=key),
-                                  tasks.Gaussian().loss(outputs, tasks.Gaussian().sample(outputs, key), np.ones((B, T))))
+                                  tasks.Gaussian().loss(outputs, sampled, np.ones((B, T))))
     np.testing.assert_array_equal(task.fisher_directions(lambda x: x, batch), outputs.reshape(B, -1).T)
 
 

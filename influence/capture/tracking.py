@@ -34,8 +34,8 @@ from flax import nnx
 from influence.capture.kinds import LayerInfo, LayerKind, describe_kinds, kind_class
 from influence.errors import TrackingError, UntrackedParametersWarning
 
-__all__ = ["LayerFilter", "LayerInfo", "TrackedModel", "Untracked", "model_fingerprint", "track", "trackable_infos", "trackable_layers",
-           "warn_untracked"]
+__all__ = ["LayerFilter", "LayerInfo", "TrackedModel", "Untracked", "model_fingerprint", "track", "trackable_infos",
+           "trackable_layers", "warn_untracked"]
 
 LayerFilter = str | Iterable[str] | Callable[[str], bool] | None
 

@@ -81,7 +81,8 @@ def _numeric(value: Any) -> bool:
     return arr.dtype.kind in "biuf"
 
 
-def _select(arrays: Mapping[str, Any], fields: tuple[str, ...], optional: tuple[str, ...], where: str) -> dict[str, np.ndarray]:
+def _select(arrays: Mapping[str, Any], fields: tuple[str, ...], optional: tuple[str, ...],
+            where: str) -> dict[str, np.ndarray]:
     if fields:
         missing = [f for f in fields if f not in arrays]
         if missing:
@@ -93,7 +94,8 @@ def _select(arrays: Mapping[str, Any], fields: tuple[str, ...], optional: tuple[
     for k in keys:
         arr = np.asarray(arrays[k])
         if arr.dtype == object or not _numeric(arr):
-            raise DataError(f"{where}: field {k!r} is not a numeric array (dtype {arr.dtype}); pad ragged sequences first")
+            raise DataError(f"{where}: field {k!r} is not a numeric array (dtype {arr.dtype}); "
+                            "pad ragged sequences first")
         out[k] = arr
     if not out:
         raise DataError(f"{where}: no numeric field to use")
@@ -139,7 +141,9 @@ class DataSource:
         elif isinstance(data, Iterable):
             self._kind = "iterator" if iter(data) is data else "iterable"
             if isinstance(data, (list, tuple)) and all(isinstance(b, Mapping) for b in data):
-                self.num_examples = sum(_num_rows(_select(b, self.fields, self.optional_fields, f"batch {i}"), f"batch {i}") for i, b in enumerate(data))
+                self.num_examples = sum(
+                    _num_rows(_select(b, self.fields, self.optional_fields, f"batch {i}"), f"batch {i}")
+                    for i, b in enumerate(data))
         else:
             raise DataError(
                 f"cannot read data of type {type(data).__name__}: pass a dict of arrays, a datasets.Dataset, "
@@ -203,7 +207,8 @@ class DataSource:
                 signature = sig
             elif sig != signature:
                 raise DataError(
-                    f"batch {i} does not match earlier batches: fields/shapes {_describe(sig)} vs {_describe(signature)}"
+                    f"batch {i} does not match earlier batches: fields/shapes {_describe(sig)} vs "
+                    f"{_describe(signature)}"
                 )
             if rows == 0:
                 continue
@@ -267,7 +272,7 @@ class BatchCheck:
 
         try:
             shape = tuple(jax.eval_shape(value, state, arrays).shape)
-        except Exception:  # noqa: BLE001 - the pass runs the same forward and reports its failure in context
+        except Exception:
             return
         size = len(next(iter(arrays.values())))
         if shape != (size,):
@@ -304,7 +309,7 @@ class BatchCheck:
 
         try:
             return tuple(jax.eval_shape(forward, state, arrays).shape)
-        except Exception:  # noqa: BLE001 - the pass runs the same forward and reports its failure in context
+        except Exception:
             return self._FAILED
 
     def __call__(self, batch: Batch, index: int) -> None:

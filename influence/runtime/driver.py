@@ -98,7 +98,8 @@ class BatchStream:
                     if self.checkpoint is not None:
                         self.chain.update(batch.arrays, batch.n_valid)
                 self.n_examples += batch.n_valid
-                yield Step(index, batch, shard_batch(batch.arrays, self.mesh), shard_batch(batch.example_mask, self.mesh))
+                yield Step(index, batch, shard_batch(batch.arrays, self.mesh),
+                           shard_batch(batch.example_mask, self.mesh))
                 index += 1
                 bar.update(1)
         finally:
@@ -124,7 +125,7 @@ class Accumulator(NamedTuple):
     """
 
     init: Callable[[], Any]
-    update: Callable[[Any, "Step"], Any]
+    update: Callable[[Any, Step], Any]
     finalize: Callable[[Any], Any]
     save: Callable[[Any, Checkpoint], tuple[Any, dict, dict[str, np.ndarray]]] | None = None
     restore: Callable[[dict, dict[str, np.ndarray], Checkpoint], Any] | None = None
@@ -144,7 +145,7 @@ def save_on_interrupt(snapshot: Callable[[], None]) -> None:
     computation or a NaN leaves the last periodic snapshot in place)."""
     try:
         snapshot()
-    except Exception as e:  # noqa: BLE001 - the caller re-raises the interruption itself
+    except Exception as e:
         log.warning("could not save a checkpoint after the interruption: %s", e)
 
 

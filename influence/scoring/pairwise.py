@@ -39,7 +39,6 @@ from influence.scoring.finite import RowCheck
 from influence.scoring.queries import STEP_STATICS, prepare_queries, score_checkpoint
 from influence.scoring.results import Scores
 
-
 MAX_PER_TOKEN = 2**26
 """Most floats ``Q·N·T`` that ``per_token=True`` keeps (256 MiB of float32)."""
 
