@@ -80,7 +80,8 @@ class LayerKind:
 
     @classmethod
     def of(cls, name: str, module: Any) -> LayerKind:
-        raise NotImplementedError
+        """The kind's description of ``module`` (each kind reads its own settings)."""
+        raise NotImplementedError(f"{cls.__name__} is the base of the layer kinds; each kind defines of()")
 
     @property
     def info(self) -> LayerInfo:
