@@ -16,6 +16,21 @@ from influence.reference.exact import per_example_gradients as grad_reference
 from influence.testing import trained_lm, trained_mlp
 
 
+def assert_kfac_is_dense_kronecker_inverse(curv, a_cov, s_cov, tokens_per_example, rng):
+    """K-FAC preconditioning of a random V equals (T̄ A ⊗ S + λI)⁻¹ vec(V), in float64.
+
+    float32 factors: expect ~1e-5 relative agreement; a transposed rotation or a missing
+    damping term is off by O(1)."""
+    lam = 0.3 * float(np.mean(curv.eigenvalues))
+    dense = tokens_per_example * np.kron(a_cov, s_cov) + lam * np.eye(a_cov.shape[0] * s_cov.shape[0])
+    v = rng.normal(size=curv.eigenvalues.shape)
+    expected = np.linalg.solve(dense, v.ravel()).reshape(v.shape)
+    with jax.enable_x64(True):
+        c64 = LayerCurvature(*(None if x is None else np.asarray(x, np.float64) for x in curv))
+        got = np.asarray(precondition(jnp.asarray(v), c64, lam))
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5 * np.abs(expected).max())
+
+
 def _kron_basis(c: LayerCurvature) -> np.ndarray:
     return np.kron(c.q_a.astype(np.float64), c.q_s.astype(np.float64))
 
@@ -51,16 +66,7 @@ def test_kfac_preconditioning_equals_dense_kronecker_inverse(case):
         a_cov, s_cov, tokens_per_example = explicit[name]
         if case == "lm":
             assert tokens_per_example > 3  # the K-FAC "expand" factor is really exercised
-        lam = 0.3 * float(np.mean(curv.eigenvalues))
-        dense = tokens_per_example * np.kron(a_cov, s_cov) + lam * np.eye(a_cov.shape[0] * s_cov.shape[0])
-        v = rng.normal(size=curv.eigenvalues.shape)
-        expected = np.linalg.solve(dense, v.ravel()).reshape(v.shape)
-        with jax.enable_x64(True):
-            c64 = LayerCurvature(*(None if x is None else np.asarray(x, np.float64) for x in curv))
-            got = np.asarray(precondition(jnp.asarray(v), c64, lam))
-        # float32 factors: expect ~1e-5 relative agreement; a transposed rotation or a
-        # missing damping term is off by O(1).
-        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5 * np.abs(expected).max())
+        assert_kfac_is_dense_kronecker_inverse(curv, a_cov, s_cov, tokens_per_example, rng)
 
 
 def test_ekfac_preconditioning_equals_dense_eigenbasis_inverse():

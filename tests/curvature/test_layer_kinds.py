@@ -1,7 +1,6 @@
 """Curvature and scores of every layer kind against explicitly built dense matrices: once a
 kind is tokens times a matrix, K-FAC, EK-FAC and scoring need nothing else."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,10 +9,11 @@ import influence as inf
 from influence import tasks
 from influence.capture.objectives import layer_gradients, token_weights
 from influence.capture.tracking import track
-from influence.curvature import LayerCurvature, precondition
+from influence.curvature import LayerCurvature
 from influence.reference.exact import gauss_newton, layer_slices
 from influence.reference.exact import per_example_gradients as grad_reference
 from tests.capture.kind_models import MODELS, kind_case
+from tests.curvature.test_curvature import assert_kfac_is_dense_kronecker_inverse
 
 pytestmark = pytest.mark.filterwarnings("ignore::influence.UntrackedParametersWarning")
 
@@ -48,14 +48,7 @@ def test_kfac_preconditioning_equals_dense_kronecker_inverse(name):
     for layer, curv in factors.layers.items():
         a_cov, s_cov, tokens_per_example = explicit[layer]
         positions.append(tokens_per_example)
-        lam = 0.3 * float(np.mean(curv.eigenvalues))
-        dense = tokens_per_example * np.kron(a_cov, s_cov) + lam * np.eye(a_cov.shape[0] * s_cov.shape[0])
-        v = rng.normal(size=curv.eigenvalues.shape)
-        expected = np.linalg.solve(dense, v.ravel()).reshape(v.shape)
-        with jax.enable_x64(True):
-            c64 = LayerCurvature(*(None if x is None else np.asarray(x, np.float64) for x in curv))
-            got = np.asarray(precondition(jnp.asarray(v), c64, lam))
-        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5 * np.abs(expected).max())
+        assert_kfac_is_dense_kronecker_inverse(curv, a_cov, s_cov, tokens_per_example, rng)
     assert max(positions) > 3  # several tokens (conv positions, sequence axes) per example really count
 
 
