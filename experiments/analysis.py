@@ -65,6 +65,19 @@ class TrainingTable:
                 return rows
         return np.zeros(0, np.int64)
 
+    def rows_holding(self, doc_id: str, passage: str) -> np.ndarray:
+        """Rows of document ``doc_id`` that hold ``passage`` (white space folded): the one
+        window holding all of it, else every window holding its first or its second half
+        (a passage cut by a window boundary has two source windows). Empty if none."""
+        rows = [i for i, d in enumerate(self.doc_id) if d == doc_id]
+        texts = {i: _squash(self.text[i]) for i in rows}
+        whole = _squash(passage)
+        found = [i for i in rows if whole in texts[i]]
+        if not found:
+            half = max(8, len(whole) // 2)
+            found = [i for i in rows if whole[:half] in texts[i] or whole[-half:] in texts[i]]
+        return np.array(found, np.int64)
+
 
 @dataclasses.dataclass
 class Context:
@@ -106,10 +119,11 @@ def _thematic(rec: dict, spec: QuerySpec, top: np.ndarray, table: TrainingTable)
     titles, genres, speakers = (np.array(getattr(table, c), dtype=object) for c in ("title", "genre", "speakers"))
     rec["same_title"] = M.agreement(list(titles[top]), spec.title)
     rec["same_genre"] = M.agreement(list(genres[top]), spec.genre)
-    rec["same_speaker"] = M.agreement(list(speakers[top]), spec.speaker, M.speaker_match)
     rec["same_title_base"] = M.agreement(list(titles), spec.title)
     rec["same_genre_base"] = M.agreement(list(genres), spec.genre)
-    rec["same_speaker_base"] = M.agreement(list(speakers), spec.speaker, M.speaker_match)
+    if spec.speaker:  # verses have a book (title) but no speaker
+        rec["same_speaker"] = M.agreement(list(speakers[top]), spec.speaker, M.speaker_match)
+        rec["same_speaker_base"] = M.agreement(list(speakers), spec.speaker, M.speaker_match)
 
 
 def _insertion(rec: dict, spec: QuerySpec, s: np.ndarray, k: int, ctx: Context) -> None:
@@ -118,15 +132,51 @@ def _insertion(rec: dict, spec: QuerySpec, s: np.ndarray, k: int, ctx: Context) 
         fwd, rev = rows["forward"], rows["reversed"]
         rec["forward_score"], rec["reversed_score"] = float(s[fwd].sum()), float(s[rev].sum())
         rec["forward_rank"], rec["reversed_rank"] = int(M.ranks_of(s, fwd).min()), int(M.ranks_of(s, rev).min())
+        # Background-subtracted: what a statement adds over an average sequence (the mean
+        # score over all N), so a trend in overall sparsity does not pass for word order.
+        background = float(s.mean())
+        rec["background_score"] = background
+        rec["forward_excess"] = rec["forward_score"] - len(fwd) * background
+        rec["reversed_excess"] = rec["reversed_score"] - len(rev) * background
     elif spec.kind == "fact_once":
         rec["insertion_rank"] = int(M.ranks_of(s, rows["once"]).min())
     elif spec.kind == "canary":
         copies = rows["copy"]
         ranks = M.ranks_of(s, copies)
         rec["copies"] = len(copies)
+        # The copies as one unit: their summed score, ranked among the other sequences'.
+        summed = float(s[copies].sum())
+        others = np.delete(s, copies)
+        rec["canary_sum_score"] = summed
+        rec["canary_sum_rank"] = 1 + int(np.sum(others > summed))
+        positive = float(np.clip(s, 0, None).sum())
+        rec["canary_share"] = float(np.clip(s[copies], 0, None).sum() / positive) if positive > 0 else float("nan")
         rec["insertion_rank"] = int(ranks.min())
         rec["canary_median_rank"] = float(np.median(ranks))
         rec["canary_precision"] = float(np.isin(M.top_k(s, len(copies)), copies).mean())
+
+
+SEMANTIC_KINDS = ("semantic", "semantic_control")
+
+
+def _semantic(rec: dict, spec: QuerySpec, s: np.ndarray, bm: np.ndarray, ctx: Context) -> None:
+    """The semantic-source test: where the KJV sequence(s) holding the queried verse rank
+    by influence and by BM25 (reciprocal rank, recall@10), and the partial rank correlation
+    of influence with the link (1 on the source rows, 0 elsewhere) controlling for BM25."""
+    rows = ctx.table.rows_holding(spec.source_doc, spec.source_text)
+    rec["semantic_rows"] = rows.tolist()
+    if not len(rows):
+        return
+    rec["semantic_rank"] = int(M.ranks_of(s, rows).min())
+    rec["semantic_bm25_rank"] = int(M.ranks_of(bm, rows).min())
+    rec["semantic_rr"] = M.reciprocal_rank(s, rows)
+    rec["semantic_bm25_rr"] = M.reciprocal_rank(bm, rows)
+    rec["semantic_rr_minus_bm25"] = rec["semantic_rr"] - rec["semantic_bm25_rr"]
+    rec["semantic_recall10"] = M.recall_at_k(s, rows, 10)
+    rec["semantic_bm25_recall10"] = M.recall_at_k(bm, rows, 10)
+    link = np.zeros(len(s))
+    link[rows] = 1.0
+    rec["semantic_partial"] = M.partial_spearman(s, link, bm)
 
 
 def query_records(specs: Sequence[QuerySpec], values: np.ndarray, per_layer: dict[str, np.ndarray], ctx: Context,
@@ -166,6 +216,10 @@ def query_records(specs: Sequence[QuerySpec], values: np.ndarray, per_layer: dic
         rec["block_shares"] = M.block_shares(totals, n_blocks)
         if spec.insertion:
             _insertion(rec, spec, s, k, ctx)
+        if spec.kind in SEMANTIC_KINDS:
+            _semantic(rec, spec, s, bm, ctx)
+        if spec.completion_of:
+            rec["completion_of"] = spec.completion_of
         records.append(rec)
     _crosslingual(records, specs, values, ctx, k)
     return records

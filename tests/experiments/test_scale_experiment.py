@@ -12,7 +12,7 @@ from experiments import analysis
 from experiments.gallery import write_gallery
 from experiments.insertions import insertion_documents, insertion_rows, load_insertions
 from experiments.mixture import chapter_names, language_of, pin_heldout
-from experiments.query_set import KINDS, load_queries, parse_query
+from experiments.query_set import V1_KINDS, load_queries, parse_query
 from experiments.scale_comparison import CONFIGS, FAST, FULL
 from experiments.summary import FAMILIES, derived_fields, summarise
 from experiments.tables import family_table, params_label
@@ -29,7 +29,7 @@ HAVE_BIBLE = shutil.which("diatheke") is not None
 def test_query_set_has_every_kind_and_consistent_insertions():
     specs = load_queries()
     assert len(specs) >= 30
-    counts = {k: sum(s.kind == k for s in specs) for k in KINDS}
+    counts = {k: sum(s.kind == k for s in specs) for k in V1_KINDS}
     assert all(n >= 4 for n in counts.values()), counts
     spec = load_insertions()
     once = {f["id"]: f["text"] for f in spec["facts_once"]}
