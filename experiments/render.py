@@ -180,6 +180,9 @@ def render_v1_summary(results: dict) -> str:
         margins.append(a.value - b.value)
         if not _overlap((a.low, a.high), (b.low, b.high)):
             disjoint.append(label[id(r)])
+    back = [estimate(mlp[id(r)], "transfer_back_pct", ("crosslingual",), n_boot=10).value for r in runs]
+    lines.append(f"- Reverse direction (top Spanish sequences on the English query), percentile: "
+                 f"{fmt(min(back), 2)}–{fmt(max(back), 2)} over the {len(runs)} runs.")
     lines.append(f"- Cross-lingual transfer percentile minus its control: {fmt(min(margins))} to {fmt(max(margins))} "
                  f"over the {len(runs)} runs; intervals disjoint from the control's at "
                  f"{', '.join(disjoint) if disjoint else 'no run'}.")
@@ -249,17 +252,48 @@ def v2_status(path: Path = V2_RESULTS) -> str:
     """The v2 results block: the rendered report, or the plain statement that v2 has not
     been run (no results file)."""
     if not path.exists():
+        shown = path.relative_to(DOC.parents[2]) if path.is_relative_to(DOC.parents[2]) else path
         return ("**The v2 experiment has not been run yet.** No v2 numbers exist: neither the `full` ladder "
-                "(CPU, about a day of this 2-core machine's time) nor the `gpu` ladder (no accelerator was "
-                "available) has been run. Only the `tiny` configuration has run, as a test of the pipeline "
-                f"(`tests/experiments/test_scale_v2_pipeline.py`); its numbers are not results. When "
-                f"`{path.relative_to(DOC.parents[2])}` exists, this block is its rendered report.\n")
+                "(CPU) nor the `gpu` ladder (no accelerator was available) has been run. Only the `tiny` "
+                "configuration has run, as a test of the pipeline (`tests/experiments/test_scale_v2_pipeline.py`); "
+                f"its numbers are not results. When `{shown}` exists, this block is its rendered report.\n")
     return render_report(json.loads(path.read_text()))
+
+
+def endpoints_table() -> str:
+    """The declared endpoints (:data:`experiments.stats.ENDPOINTS`) as a table."""
+    rows = []
+    for ep in S.ENDPOINTS:
+        test = ("slope of the per-scale mean vs log10(non-embedding params), 95% interval excludes 0"
+                if ep.test == "slope" else f"every scale's 95% interval above {ep.threshold:g}")
+        kinds = ", ".join(ep.kinds) if ep.kinds else "all kinds"
+        rows.append([ep.name, f"`{ep.metric}`", f"{kinds} ({ep.query_set} completions)", test, ep.claim])
+    return _table(["finding", "metric (per query)", "queries", "test", "what it would show"], rows) + "\n"
+
+
+def configs_table() -> str:
+    """The v2 configurations (:data:`experiments.scale_v2.V2_CONFIGS`) as a table."""
+    from influence.lm import LADDER
+
+    from .scale_v2 import V2_CONFIGS
+
+    rows = []
+    for c in V2_CONFIGS.values():
+        scales = ", ".join(f"{s} ({LADDER[s].d_model}×{LADDER[s].n_layers})" for s in c.scales)
+        n = c.counts
+        rows.append([f"`{c.name}`", scales, ", ".join(map(str, c.seeds)), f"{c.epochs:g}",
+                     f"semantic {n.semantic}, KJV control {n.semantic_control}, memorised {n.memorised}, "
+                     f"style {n.style}, crosslingual {n.crosslingual} pairs, facts {c.insertions[0]} + "
+                     f"{c.insertions[1]}, canaries {c.insertions[2]} (copies {'/'.join(map(str, c.canary_copies))})",
+                     ", ".join(c.layer_sets), ", ".join(c.validate_scales) or "–"])
+    return _table(["config", "scales (d_model × layers)", "seeds", "epochs", "queries", "EK-FAC layers",
+                   "estimator checks at"], rows) + "\n"
 
 
 def doc_blocks(v1: Path = V1_RESULTS, v2: Path = V2_RESULTS) -> dict[str, str]:
     """Every generated block of the doc."""
-    return {"v2-results": v2_status(v2), "v1-summary": render_v1_summary(json.loads(v1.read_text()))}
+    return {"v2-configs": configs_table(), "v2-endpoints": endpoints_table(), "v2-results": v2_status(v2),
+            "v1-summary": render_v1_summary(json.loads(v1.read_text()))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,12 +99,14 @@ def train(run_dir: Path, cfg: TrainConfig, documents: Sequence[Document], log: L
         log(f"training {cfg.scale} seed {cfg.seed}: {trainer.cfg.total_steps} steps of {trainer.cfg.batch_size}x"
             f"{trainer.cfg.seq_len} tokens on {len(trainer.train_ids)} sequences, from step {trainer.step_count}")
         t0 = time.perf_counter()
+        ran = False
         while not trainer.done:
             if deadline is not None and time.monotonic() > deadline:
-                trainer.save()
-                _record_time(run_dir, "train_session", time.perf_counter() - t0)
+                if ran:  # every chunk ends on a checkpoint (Trainer.run saves at its last step)
+                    _record_time(run_dir, "train_session", time.perf_counter() - t0)
                 raise OutOfTime(f"time budget spent at step {trainer.step_count}/{trainer.cfg.total_steps}")
             trainer.run(max_steps=chunk, progress=False)
+            ran = True
             last = trainer.last_eval
             seen = f"at step {last['step']}: train {last['train_loss']:.3f}, held-out {last['heldout_loss']:.3f}" \
                 if last else "no evaluation yet"
