@@ -106,6 +106,9 @@ def _surface(rec: dict, spec: QuerySpec, s: np.ndarray, top: np.ndarray, ctx: Co
     rec["bm25_all"] = float(bm.mean())
     rec["bm25_pct"] = float(M.percentile_in(bm, top).mean())
     starts = np.asarray(ctx.table.chunk) == 0
+    inserted = np.asarray(ctx.table.source) == "insertion"
+    rec["insertion_top"] = float(inserted[top].mean())  # the register confound of v1's paraphrases
+    rec["insertion_all"] = float(inserted.mean())
     rec["doc_start_top"] = float(starts[top].mean())
     rec["doc_start_all"] = float(starts.mean())
     for n in (1, 2):
@@ -198,8 +201,9 @@ def query_records(specs: Sequence[QuerySpec], values: np.ndarray, per_layer: dic
                      "positive_fraction": float(np.mean(s > 0))}
         try:
             fit = fit_power_law(s, n_boot=powerlaw_boot, seed=seed + i)
-            rec.update(alpha=fit.alpha, xmin=fit.xmin, tail_n=fit.n_tail, ks=fit.ks, ks_p=fit.p_value,
-                       power_law_plausible=float(fit.p_value > 0.1))
+            rec.update(alpha=fit.alpha, xmin=fit.xmin, tail_n=fit.n_tail, ks=fit.ks)
+            if np.isfinite(fit.p_value):  # no p-value without bootstrap data sets (powerlaw_boot = 0)
+                rec.update(ks_p=fit.p_value, power_law_plausible=float(fit.p_value > 0.1))
         except ValueError:  # too few positive scores for a tail
             pass
         bm = _surface(rec, spec, s, top, ctx)

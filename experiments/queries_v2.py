@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 from influence.lm import Document
 
+from .insertions import insertion_documents
 from .query_set import QuerySpec
 
 # ---------------------------------------------------------------- insertions
@@ -89,6 +90,55 @@ def generate_insertions(n_once: int, n_order: int, n_canaries: int, copies: Sequ
     canaries = [{"id": f"canary-{i:03d}", "text": " ".join(fresh(2) for _ in range(canary_words)),
                  "copies": int(copies[i % len(copies)])} for i in range(n_canaries)]
     return {"facts_once": once, "facts_order": order, "canaries": canaries}
+
+
+def _host_passages(host_docs: Sequence[Document], n: int, words: int, seed: int) -> list[tuple[str, str]]:
+    """``n`` distinct passages of about ``words`` words from ``host_docs`` (speeches of
+    plays outside the training mix), each cut at a line boundary into ``(before, after)``
+    halves, for :func:`embedded_insertion_documents`."""
+    lines = [ln for d in host_docs for ln in d.text.split("\n") if ln.strip() and not ln.startswith(("[", "ACT"))]
+    rng = random.Random(f"hosts:{seed}")
+    starts = list(range(0, max(1, len(lines) - 1)))
+    rng.shuffle(starts)
+    out, used = [], set()
+    for start in starts:
+        if len(out) == n:
+            break
+        chunk, count, i = [], 0, start
+        while i < len(lines) and count < words and i not in used:
+            chunk.append(lines[i])
+            count += len(lines[i].split())
+            i += 1
+        if count < words * 0.8 or len(chunk) < 2:
+            continue
+        used.update(range(start, i))
+        cut = rng.randint(1, len(chunk) - 1)
+        out.append(("\n".join(chunk[:cut]), "\n".join(chunk[cut:])))
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} host passages of {words} words in the host plays; asked for {n}")
+    return out
+
+
+def embedded_insertion_documents(spec: dict, host_docs: Sequence[Document], words: int = 50,
+                                 seed: int = 0) -> list[Document]:
+    """The insertions of ``spec`` (:func:`experiments.insertions.insertion_documents`: the
+    same ids, kinds and titles) each set inside a passage of about ``words`` words of a play
+    outside the training mix, at a line boundary, so that an inserted document is as long
+    as a training window and reads like the corpus around the inserted sentence: a
+    one-sentence document would stand out by its length and register alone. A fact's two
+    orders get two passages; a canary's copies share one (they stay identical)."""
+    docs = insertion_documents(spec)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, d in enumerate(docs):
+        unit = (d.title, d.doc_id if d.genre != "canary" else "copies")
+        groups.setdefault(unit, []).append(i)
+    hosts = _host_passages(host_docs, len(groups), words, seed)
+    out = list(docs)
+    for (before, after), members in zip(hosts, groups.values()):
+        for i in members:
+            d = docs[i]
+            out[i] = dataclasses.replace(d, text=f"{before}\n{d.text}\n{after}")
+    return out
 
 
 def _split_fact(text: str, answer: str) -> tuple[str, str]:

@@ -30,6 +30,7 @@ from . import stats as S
 DOC = Path(__file__).resolve().parents[1] / "docs" / "experiments" / "scale.md"
 V1_RESULTS = DOC.parent / "scale" / "results.json"
 V2_RESULTS = DOC.parent / "scale-v2" / "results.json"
+V2_GPU_RESULTS = DOC.parent / "scale-v2-gpu" / "results.json"
 
 
 def fmt(x, digits: int = 3) -> str:
@@ -68,6 +69,8 @@ SEMANTIC_ROWS = (
     ("WEB rendering: recall@10 by influence", "semantic_recall10", ("semantic",)),
     ("WEB rendering: recall@10 by BM25", "semantic_bm25_recall10", ("semantic",)),
     ("WEB rendering: partial rank corr. (influence, source | BM25)", "semantic_partial", ("semantic",)),
+    ("WEB rendering: share of the top-k that are inserted documents", "insertion_top", ("semantic",)),
+    ("corpus share of inserted documents (baseline)", "insertion_all", ("semantic",)),
     ("KJV control: MRR by influence", "semantic_rr", ("semantic_control",)),
     ("KJV control: MRR by BM25", "semantic_bm25_rr", ("semantic_control",)),
 )
@@ -248,13 +251,12 @@ def fill_doc(text: str, blocks: dict[str, str]) -> str:
     return _BLOCK.sub(lambda m: m.group(1) + blocks[m["name"]] + m.group(4), text)
 
 
-def v2_status(path: Path = V2_RESULTS) -> str:
-    """The v2 results block: the rendered report, or the plain statement that v2 has not
-    been run (no results file)."""
+def v2_status(path: Path = V2_RESULTS, what: str = "the `full` ladder (CPU)") -> str:
+    """A v2 results block: the rendered report of ``path``, or the plain statement that
+    ``what`` has not been run (no results file)."""
     if not path.exists():
         shown = path.relative_to(DOC.parents[2]) if path.is_relative_to(DOC.parents[2]) else path
-        return ("**The v2 experiment has not been run yet.** No v2 numbers exist: neither the `full` ladder "
-                "(CPU) nor the `gpu` ladder (no accelerator was available) has been run. Only the `tiny` "
+        return (f"**Not run yet:** {what} has not been run, so no v2 number exists for it. Only the `tiny` "
                 "configuration has run, as a test of the pipeline (`tests/experiments/test_scale_v2_pipeline.py`); "
                 f"its numbers are not results. When `{shown}` exists, this block is its rendered report.\n")
     return render_report(json.loads(path.read_text()))
@@ -290,9 +292,10 @@ def configs_table() -> str:
                    "estimator checks at"], rows) + "\n"
 
 
-def doc_blocks(v1: Path = V1_RESULTS, v2: Path = V2_RESULTS) -> dict[str, str]:
+def doc_blocks(v1: Path = V1_RESULTS, v2: Path = V2_RESULTS, v2_gpu: Path = V2_GPU_RESULTS) -> dict[str, str]:
     """Every generated block of the doc."""
     return {"v2-configs": configs_table(), "v2-endpoints": endpoints_table(), "v2-results": v2_status(v2),
+            "v2-gpu-results": v2_status(v2_gpu, "the `gpu` ladder (no accelerator was available to this session)"),
             "v1-summary": render_v1_summary(json.loads(v1.read_text()))}
 
 

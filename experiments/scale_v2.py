@@ -25,7 +25,7 @@ import numpy as np
 from . import metrics as M
 from .insertions import insertion_documents
 from .mixture import Mixture, bible_chapters, heldout_documents, pin_heldout
-from .queries_v2 import QueryCounts, build_query_set, generate_insertions
+from .queries_v2 import QueryCounts, build_query_set, embedded_insertion_documents, generate_insertions
 from .query_set import QuerySpec, parse_query
 from .stats import ENDPOINTS, evaluate_endpoint
 
@@ -49,6 +49,11 @@ class V2Config:
     counts: QueryCounts
     insertions: tuple[int, int, int] = (50, 50, 51)  # facts once, facts in two orders, canaries
     canary_copies: tuple[int, ...] = (1, 2, 4)
+    # Insertions are set in passages of ~host_words words of these plays (outside the mix),
+    # so that they match the corpus in length; 0 = bare sentences, as in v1.
+    host_plays: tuple[str, ...] = ("coriolanus", "cymbeline", "a-winter-s-tale", "as-you-like-it", "pericles",
+                                   "much-ado-about-nothing", "measure-for-measure", "richard-ii")
+    host_words: int = 50
     vocab_size: int = 2048
     seq_len: int = 128
     batch_size: int = 32
@@ -114,9 +119,14 @@ def documents(cfg: V2Config, log: Log = _log):
 
     mix = cfg.mixture
     base = shakespeare_documents(plays=list(mix.plays)) + bible_chapters(mix.bible)
-    vocab = {w for d in base for w in M.words(d.text)}
+    hosts = shakespeare_documents(plays=list(cfg.host_plays))
+    if set(cfg.host_plays) & (set(mix.plays) | set(mix.heldout_plays)):
+        raise ValueError("host plays of the insertions must be outside the training and held-out plays")
+    vocab = {w for d in [*base, *hosts] for w in M.words(d.text)}
     spec = generate_insertions(*cfg.insertions, copies=cfg.canary_copies, seed=cfg.query_seed, avoid=vocab)
-    train_docs = base + insertion_documents(spec)
+    inserted = (embedded_insertion_documents(spec, hosts, cfg.host_words, seed=cfg.query_seed) if cfg.host_words
+                else insertion_documents(spec))
+    train_docs = base + inserted
     held = heldout_documents(mix)
     specs = build_query_set(train_docs, held, bible_verses("web"), spec, cfg.counts, seed=cfg.query_seed)
     return train_docs, held, spec, specs
@@ -263,14 +273,24 @@ def _records(cfg: V2Config, run_dir: Path, run, layer_set: str, scores, specs, c
     return records
 
 
-def _analysis_key(cfg: V2Config, specs) -> str:
-    from .scale_runs import queries_fingerprint
-
+def _source_hash() -> str:
     h = hashlib.sha256()
     for module in ("analysis", "metrics", "powerlaw", "summary", "stats"):
         h.update((Path(__file__).parent / f"{module}.py").read_bytes())
-    h.update(json.dumps([queries_fingerprint(specs), cfg.top_k, cfg.powerlaw_boot]).encode())
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+# Read at import, with the analysis modules: the code this process runs, even if the files
+# change while it works.
+_ANALYSIS_SOURCE = _source_hash()
+
+
+def _analysis_key(cfg: V2Config, specs) -> str:
+    """Hash of what the records depend on: the queries, analysis settings and code."""
+    from .scale_runs import queries_fingerprint
+
+    payload = [queries_fingerprint(specs), cfg.top_k, cfg.powerlaw_boot, _ANALYSIS_SOURCE]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
 def run_one(cfg: V2Config, out: Path, scale: str, seed: int, train_docs, held, specs, log: Log = _log,

@@ -21,6 +21,7 @@ Optional corpora whose Debian packages are missing are refused with the exact
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import re
@@ -392,7 +393,12 @@ def bible_verses(translation: str = "web") -> dict[str, str]:
     Bible) read with ``diatheke``: ``{"Genesis 1:3": text}``, footnotes removed, labels as
     in :func:`bible_documents`' spans (the KJV versification; a verse the translation
     leaves empty maps to ``""``). Books outside the 66 of the KJV (the WEB's deuterocanon)
-    are left out."""
+    are left out. Read once per process (a copy is returned)."""
+    return dict(_bible_verses(translation))
+
+
+@functools.lru_cache(maxsize=4)
+def _bible_verses(translation: str) -> dict[str, str]:
     if translation not in VERSE_MODULES:
         raise ValueError(f"unknown translation {translation!r}; available: {sorted(VERSE_MODULES)}")
     module, package = VERSE_MODULES[translation]

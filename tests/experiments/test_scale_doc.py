@@ -12,7 +12,7 @@ def test_scale_doc_matches_its_results():
 
 
 def test_v2_block_says_plainly_when_v2_has_not_run(tmp_path):
-    assert "has not been run yet" in v2_status(tmp_path / "missing.json")
+    assert "**Not run yet:** the `full` ladder (CPU) has not been run" in v2_status(tmp_path / "missing.json")
 
 
 def test_fill_doc_refuses_unknown_or_missing_blocks():

@@ -11,9 +11,11 @@ import pytest
 from experiments import metrics as M
 from experiments import stats as S
 from experiments.analysis import Context, TrainingTable, query_records
+from experiments.insertions import insertion_documents
 from experiments.queries_v2 import (
     QueryCounts,
     build_query_set,
+    embedded_insertion_documents,
     generate_insertions,
     insertion_queries,
     semantic_queries,
@@ -136,6 +138,23 @@ def test_generated_insertions_have_disjoint_invented_vocabularies():
             assert q.text == once[q.insertion] and len(q.completion.split()) == 2  # the invented name
     assert generate_insertions(12, 8, 9, copies=(1, 2, 4), avoid={"brana", "stolen"}, seed=3) == spec
     assert generate_insertions(12, 8, 9, seed=4) != spec
+
+
+def test_embedded_insertions_sit_in_host_passages_of_corpus_length():
+    spec = generate_insertions(3, 2, 2, copies=(1, 3))
+    hosts = [_play("Coriolanus", [("MENENIUS", "\n".join(f"host line {i} of {j} with some words" for i in range(12)))
+                                  for j in range(10)])]
+    docs = embedded_insertion_documents(spec, hosts, words=30)
+    bare = insertion_documents(spec)
+    assert [(d.doc_id, d.genre, d.title) for d in docs] == [(d.doc_id, d.genre, d.title) for d in bare]
+    for d, b in zip(docs, bare):
+        assert f"\n{b.text}\n" in d.text and 30 <= len(d.text.split()) - len(b.text.split()) <= 45
+    copies = [d.text for d in docs if d.title == spec["canaries"][1]["id"]]
+    assert len(copies) == 3 and len(set(copies)) == 1  # a canary's copies stay identical
+    passages = {d.text.replace(b.text, "") for d, b in zip(docs, bare)}
+    assert len(passages) == len(docs) - 2  # every other insertion has a passage of its own
+    with pytest.raises(ValueError, match="host passages"):
+        embedded_insertion_documents(spec, hosts[:1], words=400)
 
 
 def test_build_query_set_gives_every_kind_a_prompt():
@@ -266,3 +285,44 @@ def test_order_asymmetry_and_endpoint_verdicts():
     flat = S.evaluate_endpoint(ep, [cell("a", 1e4, 0.0), cell("b", 1e5, 0.0)], n_boot=300)
     assert flat["verdict"].startswith("no trend") and flat["reproduces"] is False
     assert S.evaluate_endpoint(S.ENDPOINTS[3], [cell("a", 1e4, 0.0)], n_boot=10)["verdict"] == "no data"
+
+
+# --------------------------------------------------------------------------- configurations
+
+
+def test_v2_configs_fix_epochs_seeds_and_span_the_ladder():
+    from flax import nnx
+
+    from experiments.scale_v2 import FULL, GPU, V2_CONFIGS
+    from influence.lm import LADDER, init_model, parameter_counts
+
+    for cfg in V2_CONFIGS.values():
+        assert set(cfg.scales) <= set(LADDER) and set(cfg.validate_scales) <= set(cfg.scales)
+        assert 0 < cfg.epochs <= 4 and cfg.fisher == "sampled"
+        assert cfg.fisher_seed not in cfg.seeds  # the Fisher's sampling key is not a training seed
+        assert not set(cfg.host_plays) & (set(cfg.mixture.plays) | set(cfg.mixture.heldout_plays))
+    for cfg in (FULL, GPU):
+        assert len(cfg.seeds) >= 3 and len(cfg.validate_scales) >= 2
+        assert cfg.counts.semantic >= 100 and min(cfg.counts.semantic_control, cfg.counts.memorised,
+                                                  cfg.counts.style, cfg.counts.crosslingual) >= 50
+        assert min(cfg.insertions) >= 50
+    n = [parameter_counts(nnx.eval_shape(lambda s=s: init_model(LADDER[s].config(GPU.vocab_size, GPU.seq_len))))
+         ["non_embedding"] for s in (GPU.scales[0], GPU.scales[-1])]
+    assert n[0] < 1e6 < 30e6 < n[1]  # the accelerator ladder: below 1M to above 30M non-embedding parameters
+
+
+@pytest.mark.skipif(not HAVE_WEB, reason="needs diatheke and Debian's sword-text-web (listed in .ci/apt-packages.txt)")
+def test_full_v2_query_set_builds_from_its_mix():
+    from experiments.scale_v2 import FULL, documents
+
+    train, held, spec, specs = documents(FULL)
+    kinds = [s.kind for s in specs]
+    assert kinds.count("semantic") >= 100 and all(kinds.count(k) >= 50 for k in set(kinds) - {"semantic"})
+    assert all(s.prompt.strip() and s.completion.strip() for s in specs)
+    text = {w for d in train if d.source != "insertion" for w in words(d.text)}
+    invented = {w for c in spec["canaries"] for w in c["text"].split()}
+    assert not invented & text  # canary words occur nowhere else in training
+    kjv = {d.doc_id: d.text for d in train if d.source == "kjv"}
+    for s in specs:
+        if s.kind in ("semantic", "semantic_control"):
+            assert s.source_text in kjv[s.source_doc]
