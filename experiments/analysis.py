@@ -162,7 +162,8 @@ def _insertion(rec: dict, spec: QuerySpec, s: np.ndarray, k: int, ctx: Context) 
 SEMANTIC_KINDS = ("semantic", "semantic_control")
 
 
-def _semantic(rec: dict, spec: QuerySpec, s: np.ndarray, bm: np.ndarray, ctx: Context) -> None:
+def _semantic(rec: dict, spec: QuerySpec, s: np.ndarray, bm: np.ndarray, ctx: Context,
+              groups: dict[str, np.ndarray] | None = None) -> None:
     """The semantic-source test: where the KJV sequence(s) holding the queried verse rank
     by influence and by BM25 (reciprocal rank, recall@10), and the partial rank correlation
     of influence with the link (1 on the source rows, 0 elsewhere) controlling for BM25."""
@@ -175,11 +176,15 @@ def _semantic(rec: dict, spec: QuerySpec, s: np.ndarray, bm: np.ndarray, ctx: Co
     rec["semantic_rr"] = M.reciprocal_rank(s, rows)
     rec["semantic_bm25_rr"] = M.reciprocal_rank(bm, rows)
     rec["semantic_rr_minus_bm25"] = rec["semantic_rr"] - rec["semantic_bm25_rr"]
+    if rec["semantic_bm25_rank"] > 10:  # the lexically hard verses: BM25 misses the source's top 10
+        rec["semantic_rr_bm25_miss"] = rec["semantic_rr"]
     rec["semantic_recall10"] = M.recall_at_k(s, rows, 10)
     rec["semantic_bm25_recall10"] = M.recall_at_k(bm, rows, 10)
     link = np.zeros(len(s))
     link[rows] = 1.0
     rec["semantic_partial"] = M.partial_spearman(s, link, bm)
+    for third, scores in (groups or {}).items():  # influence restricted to a layer group (paper §5.3)
+        rec[f"semantic_rr_{third}"] = M.reciprocal_rank(scores, rows)
 
 
 def query_records(specs: Sequence[QuerySpec], values: np.ndarray, per_layer: dict[str, np.ndarray], ctx: Context,
@@ -221,7 +226,11 @@ def query_records(specs: Sequence[QuerySpec], values: np.ndarray, per_layer: dic
         if spec.insertion:
             _insertion(rec, spec, s, k, ctx)
         if spec.kind in SEMANTIC_KINDS:
-            _semantic(rec, spec, s, bm, ctx)
+            groups = {}
+            for name, v in per_layer.items():
+                third = M.layer_third(name, n_blocks)
+                groups[third] = groups.get(third, 0.0) + np.asarray(v[i], np.float64)
+            _semantic(rec, spec, s, bm, ctx, groups)
         if spec.completion_of:
             rec["completion_of"] = spec.completion_of
         records.append(rec)

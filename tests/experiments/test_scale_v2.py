@@ -212,10 +212,14 @@ def test_semantic_records_rank_the_source_by_influence_and_by_bm25():
     assert table.rows_holding("kjv/Genesis 1", KJV[5] + " " + KJV[6]).tolist() == [0, 1]  # cut by a window
     specs = [s for s in semantic_queries(train, web, n=11, n_control=0) if s.verse == "Genesis 1:5"]
     scores = np.array([[0.5, 0.1, 0.9, 0.2]])  # the source (row 0) ranks 2nd by influence
-    rec = query_records(specs, scores, {"blocks.0.mlp": scores}, Context.build(table), n_blocks=1, k=2,
-                        powerlaw_boot=0)[0]
+    lower, upper = np.array([[0.1, 0.0, 0.0, 0.0]]), np.array([[0.4, 0.1, 0.9, 0.2]])
+    rec = query_records(specs, scores, {"blocks.0.mlp": lower, "blocks.2.mlp": upper}, Context.build(table),
+                        n_blocks=3, k=2, powerlaw_boot=0)[0]
+    assert rec["semantic_rr_lower"] == 1.0 and rec["semantic_rr_upper"] == 0.5  # restricted to a layer group
+    assert "semantic_rr_middle" not in rec  # no layer in the middle third
     assert rec["semantic_rows"] == [0] and rec["semantic_rank"] == 2 and rec["semantic_rr"] == 0.5
     assert rec["semantic_bm25_rank"] == 2  # BM25 prefers the verbatim WEB sentence (row 3)
+    assert "semantic_rr_bm25_miss" not in rec  # BM25 found the source (rank 2 <= 10)
     assert rec["semantic_recall10"] == 1.0
     assert rec["semantic_rr_minus_bm25"] == pytest.approx(0.0)
     assert np.isfinite(rec["semantic_partial"])
