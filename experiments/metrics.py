@@ -195,3 +195,43 @@ def ratio_of_sums(pairs: np.ndarray) -> float:
     NaN when the denominator is not positive."""
     denom = float(np.sum(pairs[:, 0]))
     return float(np.sum(pairs[:, 1]) / denom) if denom > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------- semantic source
+
+
+def reciprocal_rank(scores: np.ndarray, rows: Sequence[int]) -> float:
+    """1 / (best rank among ``rows``): 1 when a source row scores highest, NaN when
+    ``rows`` is empty. Averaged over queries this is the mean reciprocal rank (MRR)."""
+    if not len(rows):
+        return float("nan")
+    return 1.0 / float(ranks_of(scores, rows).min())
+
+
+def recall_at_k(scores: np.ndarray, rows: Sequence[int], k: int) -> float:
+    """Share of ``rows`` among the top ``k`` by score (ties by row, as :func:`top_k`);
+    NaN when ``rows`` is empty."""
+    if not len(rows):
+        return float("nan")
+    return float(np.isin(np.asarray(rows), top_k(scores, k)).mean())
+
+
+def partial_spearman(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> float:
+    """Partial rank correlation of ``x`` and ``y`` controlling for ``z`` (all ``[N]``): the
+    Pearson correlation of the average ranks of ``x`` and ``y`` after removing from each its
+    least-squares linear fit on the ranks of ``z``. Equals
+    ``(r_xy - r_xz r_yz) / sqrt((1 - r_xz²)(1 - r_yz²))`` on the ranks. NaN when a residual
+    is constant."""
+    from scipy.stats import rankdata
+
+    rx, ry, rz = (rankdata(np.asarray(v, np.float64)) for v in (x, y, z))
+    design = np.column_stack([np.ones_like(rz), rz])
+
+    def residual(r):
+        coef, *_ = np.linalg.lstsq(design, r, rcond=None)
+        return r - design @ coef
+
+    ex, ey = residual(rx), residual(ry)
+    if ex.std() < 1e-12 * max(1.0, rx.std()) or ey.std() < 1e-12 * max(1.0, ry.std()):
+        return float("nan")
+    return float(np.corrcoef(ex, ey)[0, 1])

@@ -11,6 +11,9 @@ A line holds ``id``, ``kind``, ``prompt``, ``completion`` and, by kind:
   insertion (see :mod:`experiments.insertions`) the completion comes from.
 * ``crosslingual``: ``pair`` (shared by an English query and its Spanish translation),
   ``lang`` (``en``/``es``) and ``source_text`` (the verse).
+* ``semantic`` / ``semantic_control`` (v2, :mod:`experiments.queries_v2`): ``verse`` (its
+  label), ``source_doc`` (the KJV chapter document trained on) and ``source_text`` (the
+  KJV verse), which locate the semantic source sequence(s).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from influence.query.engine import Query
 
 QUERIES_DIR = Path(__file__).parent / "queries"
 DEFAULT_QUERIES = QUERIES_DIR / "scale_v1.jsonl"
-KINDS = ("memorised", "paraphrase", "style", "fact_once", "fact_order", "canary", "crosslingual")
+V1_KINDS = ("memorised", "paraphrase", "style", "fact_once", "fact_order", "canary", "crosslingual")
+KINDS = (*V1_KINDS, "semantic", "semantic_control")  # v2 adds the semantic-source kinds
 # Fields a kind must have beyond id/kind/prompt/completion.
 REQUIRED = {
     "memorised": ("source_text", "title", "genre", "speaker"),
@@ -34,6 +38,8 @@ REQUIRED = {
     "fact_order": ("insertion",),
     "canary": ("insertion",),
     "crosslingual": ("pair", "lang", "source_text"),
+    "semantic": ("verse", "source_doc", "source_text"),
+    "semantic_control": ("verse", "source_doc", "source_text"),
 }
 
 
@@ -52,6 +58,9 @@ class QuerySpec:
     insertion: str | None = None
     pair: str | None = None
     lang: str | None = None
+    verse: str | None = None
+    source_doc: str | None = None
+    completion_of: str | None = None  # a greedy-completion query: the id of the fixed query it answers
 
     @property
     def query(self) -> Query:

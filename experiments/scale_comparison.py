@@ -9,10 +9,16 @@ Every step is cached under --out (models, factors, scores), so a rerun resumes w
 last one stopped; the report (tables, PNG plots, HTML gallery, results.json) is rebuilt
 from whatever runs are complete.
 
+Configurations: ``tiny``, ``full`` and ``gpu`` run the v2 experiment
+(:mod:`experiments.scale_v2`: semantic-source queries, fixed epochs, three seeds,
+greedy completions, nested bootstrap endpoints); ``fast`` and ``full-v1`` the v1
+experiment whose results are published in docs/experiments/scale/.
+
 examples:
-  python -m experiments.scale_comparison --config fast                 # CI-sized, minutes
-  nice -n 10 python -m experiments.scale_comparison --config full      # the report's runs, hours
-  python -m experiments.scale_comparison --config full --report-only --publish docs/experiments/scale
+  python -m experiments.scale_comparison --config tiny                 # v2 end to end, a few minutes on CPU
+  nice -n 10 python -m experiments.scale_comparison --config full      # v2 on CPU (not run yet)
+  python -m experiments.scale_comparison --config gpu --time-budget 540  # repeat until exit status 0 (not 75)
+  python -m experiments.scale_comparison --config full-v1 --report-only --publish docs/experiments/scale
 """
 
 from __future__ import annotations
@@ -63,8 +69,8 @@ class ExperimentConfig:
     powerlaw_boot: int = 100
 
 
-FULL = ExperimentConfig(
-    name="full",
+FULL_V1 = ExperimentConfig(
+    name="full-v1",
     mixture=Mixture(
         plays=("hamlet", "macbeth", "romeo-and-juliet", "a-midsummer-night-s-dream", "twelfth-night", "henry-v",
                "richard-iii", "julius-caesar", "the-tempest", "the-merchant-of-venice"),
@@ -95,7 +101,7 @@ FAST = ExperimentConfig(
     top_k=5, n_boot=500, powerlaw_boot=20,
 )
 
-CONFIGS = {c.name: c for c in (FAST, FULL)}
+CONFIGS = {c.name: c for c in (FAST, FULL_V1)}
 
 
 def _log(msg: str) -> None:
@@ -250,15 +256,32 @@ def _settings(cfg: ExperimentConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .scale_v2 import V2_CONFIGS, run_all
+
     parser = argparse.ArgumentParser(prog="python -m experiments.scale_comparison", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="fast", help="configuration (default: fast)")
+    parser.add_argument("--config", choices=sorted({**CONFIGS, **V2_CONFIGS}), default="fast",
+                        help="configuration (default: fast)")
+    parser.add_argument("--time-budget", type=float,
+                        help="v2: stop between cached steps after this many seconds (exit status 75: run again)")
     parser.add_argument("--out", type=Path, help="cache and output folder (default: runs/scale/<config>)")
     parser.add_argument("--runs", help="only these runs, e.g. 'tiny:0,mini:0' (default: the configuration's)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: report on the runs already trained (fitting and scoring them if needed)")
     parser.add_argument("--publish", type=Path, help="also copy tables, plots, gallery and results.json here")
     args = parser.parse_args(argv)
+    command = "python -m experiments.scale_comparison " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.config in V2_CONFIGS:
+        v2 = V2_CONFIGS[args.config]
+        if args.report_only:
+            parser.error("--report-only is a v1 option; a v2 rerun reuses every cached step anyway")
+        runs = None
+        if args.runs:
+            runs = tuple((s.split(":")[0], int(s.split(":")[1])) for s in args.runs.split(","))
+        return run_all(v2, args.out or Path("runs/scale") / v2.name, runs=runs, time_budget=args.time_budget,
+                       publish=args.publish, command=command)
+    if args.time_budget is not None:
+        parser.error("--time-budget applies to the v2 configurations (tiny, full, gpu)")
     cfg = CONFIGS[args.config]
     out = args.out or Path("runs/scale") / cfg.name
     runs = cfg.runs
@@ -267,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [s for s, _ in runs if s not in cfg.tokens]
         if unknown:
             parser.error(f"no token budget for scale(s) {unknown} in the {cfg.name} configuration")
-    command = "python -m experiments.scale_comparison " + " ".join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     specs = load_queries(ids=cfg.query_ids)
     docs = training_documents(cfg.mixture)

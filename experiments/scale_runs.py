@@ -47,15 +47,66 @@ def timings(run_dir: Path) -> dict[str, float]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def train(run_dir: Path, cfg: TrainConfig, documents: Sequence[Document], log: Log, chunk: int = 50) -> dict:
-    """Train (or resume, or find finished) the run; returns ``run.json``'s content."""
+class OutOfTime(Exception):
+    """The command's time budget ran out between two cached steps; rerun to resume."""
+
+
+def check_deadline(deadline: float | None, what: str) -> None:
+    """Raise :class:`OutOfTime` when ``deadline`` (``time.monotonic()`` seconds) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise OutOfTime(f"time budget spent before {what}")
+
+
+def prepare_data(run_dir: Path, cfg: TrainConfig, documents: Sequence[Document]) -> dict:
+    """Tokenizer and sequence splits of a run, written where :class:`influence.lm.Trainer`
+    looks for them (``tokenizer.json``, ``data/``) so that it loads them instead of
+    building its own: the same calls as the Trainer's data preparation, made before the
+    training budget is chosen, because an epoch rule needs the number of training
+    sequences. Returns ``{"train_sequences", "train_target_tokens"}``."""
+    from influence.lm import build_splits, train_tokenizer
+    from influence.lm.sequences import SPLIT_KEYS, heldout_groups, load_splits
+
+    run_dir = Path(run_dir)
+    if not ((run_dir / "tokenizer.json").exists() and (run_dir / "data").exists()):
+        held = heldout_groups(documents, cfg.heldout_fraction, cfg.split_by, cfg.seed)
+        key = SPLIT_KEYS[cfg.split_by]
+        tokenizer = train_tokenizer((d.text for d in documents if getattr(d, key) not in held), cfg.tokenizer,
+                                    cfg.vocab_size)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        build_splits(documents, tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.split_by, cfg.seed,
+                     cache_dir=run_dir / "data")
+        tokenizer.save(run_dir)  # last: its presence marks the data as complete (as the Trainer's)
+    data = load_splits(run_dir / "data")
+    _, mask = as_arrays(data["train"])
+    return {"train_sequences": len(mask), "train_target_tokens": int(mask.sum())}
+
+
+def epoch_tokens(cfg: TrainConfig, n_train: int, epochs: float) -> int:
+    """The token budget (``TrainConfig.tokens``) of ``epochs`` passes over ``n_train``
+    sequences: ``ceil(epochs · n_train / batch_size)`` steps of ``batch_size × seq_len``."""
+    import math
+
+    steps = max(1, math.ceil(epochs * n_train / cfg.batch_size))
+    return steps * cfg.batch_size * cfg.seq_len
+
+
+def train(run_dir: Path, cfg: TrainConfig, documents: Sequence[Document], log: Log, chunk: int = 50,
+          deadline: float | None = None) -> dict:
+    """Train (or resume, or find finished) the run; returns ``run.json``'s content.
+    Raises :class:`OutOfTime` (after saving a checkpoint) when ``deadline`` passes."""
     trainer = Trainer(cfg, run_dir, documents=documents)
     if not trainer.done:
         log(f"training {cfg.scale} seed {cfg.seed}: {trainer.cfg.total_steps} steps of {trainer.cfg.batch_size}x"
             f"{trainer.cfg.seq_len} tokens on {len(trainer.train_ids)} sequences, from step {trainer.step_count}")
         t0 = time.perf_counter()
+        ran = False
         while not trainer.done:
+            if deadline is not None and time.monotonic() > deadline:
+                if ran:  # every chunk ends on a checkpoint (Trainer.run saves at its last step)
+                    _record_time(run_dir, "train_session", time.perf_counter() - t0)
+                raise OutOfTime(f"time budget spent at step {trainer.step_count}/{trainer.cfg.total_steps}")
             trainer.run(max_steps=chunk, progress=False)
+            ran = True
             last = trainer.last_eval
             seen = f"at step {last['step']}: train {last['train_loss']:.3f}, held-out {last['heldout_loss']:.3f}" \
                 if last else "no evaluation yet"
@@ -95,27 +146,31 @@ def evaluate(run_dir: Path, run, specs: Sequence[QuerySpec], log: Log) -> dict:
     return result
 
 
-def fit(run_dir: Path, run, layer_set: str, pattern: str, seed: int, log: Log) -> inf.Factors:
+def fit(run_dir: Path, run, layer_set: str, pattern: str, seed: int, log: Log,
+        fisher: str = "sampled") -> inf.Factors:
     """EK-FAC factors of the layers matching ``pattern``, fitted on the run's training set
-    with the sampled Fisher (reused from ``factors/ekfac-<layer_set>``)."""
+    with the ``fisher`` passed explicitly (the library default may change) and sample key
+    ``jax.random.key(seed)`` (reused from ``factors/ekfac-<layer_set>``)."""
     path = run_dir / "factors" / f"ekfac-{layer_set}"
     if (path / "factors.npz").exists():
         return inf.Factors.load(path, model=run.model)
     log(f"  fitting EK-FAC on {layer_set} layers ({len(run.train)} sequences)")
     t0 = time.perf_counter()
     factors = inf.fit_factors(run.model, inf.tasks.CausalLM(), run.train, strategy="ekfac", layers=pattern,
-                              key=jax.random.key(seed), batch_size=32, progress=False)
+                              fisher=fisher, key=jax.random.key(seed), batch_size=32, progress=False)
     factors.save(path)
     _record_time(run_dir, f"fit_{layer_set}", time.perf_counter() - t0)
     log(f"  fitted in {time.perf_counter() - t0:.0f} s: {', '.join(factors.layer_names)}")
     return factors
 
 
-def score(run_dir: Path, run, factors: inf.Factors, layer_set: str, specs: Sequence[QuerySpec], log: Log) -> inf.Scores:
+def score(run_dir: Path, run, factors: inf.Factors, layer_set: str, specs: Sequence[QuerySpec], log: Log,
+          damping: float | None = None, name: str | None = None, per_layer: bool = True) -> inf.Scores:
     """Influence of every training sequence on every query, per layer, saved in
-    ``scores/<layer_set>.npz`` (reused when its queries are the same)."""
-    path = run_dir / "scores" / f"{layer_set}.npz"
-    fingerprint = queries_fingerprint(specs)
+    ``scores/<name or layer_set>.npz`` (reused when its queries and damping are the same);
+    ``damping``: absolute λ for every layer, ``None`` for the default."""
+    path = run_dir / "scores" / f"{name or layer_set}.npz"
+    fingerprint = queries_fingerprint(specs) + ("" if damping is None else f"@{damping:.6g}")
     if path.exists():
         cached = inf.Scores.load(path)
         if cached.metadata.get("queries_fingerprint") == fingerprint:
@@ -124,8 +179,8 @@ def score(run_dir: Path, run, factors: inf.Factors, layer_set: str, specs: Seque
     log(f"  scoring {len(specs)} queries x {len(run.train)} sequences on {layer_set} layers")
     t0 = time.perf_counter()
     batch = encode_queries([s.query for s in specs], run.tokenizer, run.config.context_length)
-    scores = inf.pairwise_scores(run.model, inf.tasks.CausalLM(), factors, batch, run.train, per_layer=True,
-                                 batch_size=32, progress=False)
+    scores = inf.pairwise_scores(run.model, inf.tasks.CausalLM(), factors, batch, run.train, per_layer=per_layer,
+                                 damping=damping, batch_size=32, progress=False)
     scores.metadata.update(queries_fingerprint=fingerprint, query_ids=[s.id for s in specs])
     scores.save(path)
     _record_time(run_dir, f"score_{layer_set}", time.perf_counter() - t0)

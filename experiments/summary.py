@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from .analysis import Estimate, estimate, ratio_estimate
+from .stats import order_asymmetry
 
 TEXT_KINDS = ("memorised", "paraphrase", "style")
 
@@ -91,10 +92,29 @@ FAMILIES: dict[str, tuple[str, list[Stat]]] = {
         Stat("reverse (top Spanish sequences on the English query): ratio", "transfer_back_ratio", ("crosslingual",)),
         Stat("reverse: percentile for the English query", "transfer_back_pct", ("crosslingual",)),
     ]),
+    "semantic": ("7. Semantic source: the KJV sequence holding the verse of a WEB (modern) rendering", [
+        Stat("WEB query: reciprocal rank of the source by influence (MRR)", "semantic_rr", ("semantic",)),
+        Stat("WEB query: reciprocal rank by BM25 (MRR)", "semantic_bm25_rr", ("semantic",)),
+        Stat("WEB query: influence MRR − BM25 MRR (paired)", "semantic_rr_minus_bm25", ("semantic",)),
+        Stat("WEB query: recall@10 by influence", "semantic_recall10", ("semantic",)),
+        Stat("WEB query: recall@10 by BM25", "semantic_bm25_recall10", ("semantic",)),
+        Stat("WEB query: partial rank corr.(influence, source | BM25)", "semantic_partial", ("semantic",)),
+        Stat("KJV control: MRR by influence", "semantic_rr", ("semantic_control",)),
+        Stat("KJV control: MRR by BM25", "semantic_bm25_rr", ("semantic_control",)),
+        Stat("KJV control: partial rank corr.", "semantic_partial", ("semantic_control",)),
+    ]),
+    "order_v2": ("4b. Word order, background-subtracted", [
+        Stat("(forward − reversed) / (|forward| + |reversed|), above the mean sequence", "order_asymmetry",
+             ("fact_order",)),
+        Stat("reversed ÷ forward, background-subtracted (Σ over facts)", "reversed_excess", ("fact_order",), "ratio",
+             "forward_excess"),
+    ]),
     "canaries": ("6. Rank of the inserted text for its own query (median; 1 = top)", [
         Stat("fact stated once", "insertion_rank", ("fact_once",), "median"),
-        *[Stat(f"canary x{c}, best copy", f"canary_rank_x{c}", ("canary",), "median") for c in (1, 4, 16)],
+        *[Stat(f"canary x{c}, best copy", f"canary_rank_x{c}", ("canary",), "median") for c in (1, 2, 4, 16)],
         Stat("canary: share of top-c that are copies (c = copies)", "canary_precision", ("canary",)),
+        Stat("canary: share of positive influence in its copies (summed)", "canary_share", ("canary",)),
+        Stat("canary: rank of the summed copies (median)", "canary_sum_rank", ("canary",), "median"),
     ]),
 }
 
@@ -102,7 +122,9 @@ FAMILIES: dict[str, tuple[str, list[Stat]]] = {
 def derived_fields(records: list[dict], n_train: int) -> None:
     """Fields computed from others, added in place: ``forward_wins`` (fact_order) and
     ``source_top1pct`` (whether the source ranks in the top 1% of ``n_train``) and
-    ``canary_rank_x<copies>`` (a canary's best rank, by its number of copies)."""
+    ``canary_rank_x<copies>`` (a canary's best rank, by its number of copies),
+    ``order_asymmetry`` (background-subtracted, :func:`experiments.stats.order_asymmetry`)
+    and ``transfer_pct_excess`` (transfer percentile minus its control)."""
     for r in records:
         if "forward_score" in r:
             r["forward_wins"] = float(r["forward_score"] > r["reversed_score"])
@@ -110,6 +132,10 @@ def derived_fields(records: list[dict], n_train: int) -> None:
             r["source_top1pct"] = float(r["source_rank"] <= max(1, round(0.01 * n_train)))
         if r["kind"] == "canary":
             r[f"canary_rank_x{r['copies']}"] = r["insertion_rank"]
+        if "forward_excess" in r:
+            r["order_asymmetry"] = order_asymmetry(r["forward_excess"], r["reversed_excess"])
+        if "transfer_pct" in r and "transfer_pct_control" in r:
+            r["transfer_pct_excess"] = r["transfer_pct"] - r["transfer_pct_control"]
 
 
 def summarise(records: Sequence[dict], family: str, n_boot: int) -> dict[str, Estimate]:

@@ -11,6 +11,8 @@ Sources (none downloads anything at run time):
 * ``bible``: the KJV and Reina-Valera 1909 through ``diatheke`` (Debian's ``diatheke``,
   ``sword-text-kjv``, ``sword-text-sparv``), one document per chapter and language, verses as
   spans; both translations share book names and verse numbering.
+* ``bible_verses``: one translation's verses by label (``"Genesis 1:3"``), including the
+  World English Bible (``sword-text-web``), a modern rendering verse-aligned with the KJV.
 
 Optional corpora whose Debian packages are missing are refused with the exact
 ``apt-get install`` line (:class:`MissingCorpusError`).
@@ -19,6 +21,7 @@ Optional corpora whose Debian packages are missing are refused with the exact
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import re
@@ -34,6 +37,9 @@ BIBLE_APT = "apt-get install diatheke sword-text-kjv sword-text-sparv"
 # SWORD module names installed by sword-text-kjv / sword-text-sparv, and the language tag
 # each becomes (the document's genre).
 BIBLE_MODULES = {"en": ("kjv", "engKJV2006eb"), "es": ("sparv", "spaRV1909eb")}
+# Translations bible_verses reads: source name -> (SWORD module, Debian package).
+VERSE_MODULES = {"kjv": ("engKJV2006eb", "sword-text-kjv"), "sparv": ("spaRV1909eb", "sword-text-sparv"),
+                 "web": ("engWEB2015eb", "sword-text-web")}
 
 
 
@@ -329,6 +335,84 @@ def bible_documents(languages: Sequence[str] = ("en", "es")) -> list[Document]:
             docs.append(Document(doc_id=f"{source}/{head}", text=text, source=source, title=book,
                                  genre=lang, section=head, spans=spans))
     return docs
+
+
+# A footnote diatheke writes inline with ``-o f``: "[3:16 The phrase ...]" (may span lines).
+_FOOTNOTE = re.compile(r"\s*\[\d+:\d+\b[^\]]*\]", re.S)
+_TITLE = re.compile(r"<title\b.*?</title>")
+_TRAILER = re.compile(r"^\(\w+\)\s*$")
+_MARKUP = re.compile(r"<[a-zA-Z/][^>]*>")
+# The 66 books of the KJV as diatheke names them (the order of bible_documents).
+KJV_BOOKS = (
+    "Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy", "Joshua", "Judges", "Ruth", "I Samuel", "II Samuel",
+    "I Kings", "II Kings", "I Chronicles", "II Chronicles", "Ezra", "Nehemiah", "Esther", "Job", "Psalms",
+    "Proverbs", "Ecclesiastes", "Song of Solomon", "Isaiah", "Jeremiah", "Lamentations", "Ezekiel", "Daniel",
+    "Hosea", "Joel", "Amos", "Obadiah", "Jonah", "Micah", "Nahum", "Habakkuk", "Zephaniah", "Haggai", "Zechariah",
+    "Malachi", "Matthew", "Mark", "Luke", "John", "Acts", "Romans", "I Corinthians", "II Corinthians", "Galatians",
+    "Ephesians", "Philippians", "Colossians", "I Thessalonians", "II Thessalonians", "I Timothy", "II Timothy",
+    "Titus", "Philemon", "Hebrews", "James", "I Peter", "II Peter", "I John", "II John", "III John", "Jude",
+    "Revelation of John")
+
+
+def parse_verses(out: str) -> dict[str, str]:
+    """Verses of diatheke ``-f plain`` output, ``{"Genesis 1:3": text}`` in book order.
+
+    A verse may continue over several lines (poetry, in the WEB) up to a blank line or
+    the next verse; a line directly before an *indented* verse line is a heading diatheke
+    repeats before each verse of a psalm, not text. Inline footnotes (``-o f``) and
+    Strong's numbers are removed and white space folded to single spaces.
+    """
+    # Markup diatheke leaves before some verses after a deuterocanonical psalm title.
+    lines = [_MARKUP.sub("", _TITLE.sub("", line)) for line in out.splitlines()]
+    parts: dict[str, list[str]] = {}
+    current = None
+    for i, line in enumerate(lines):
+        m = _VERSE.match(line)
+        if m:
+            current = f"{m[1]} {int(m[2])}:{int(m[3])}"
+            parts[current] = [m[4]]
+            continue
+        if not line.strip() or _TRAILER.match(line):  # diatheke ends with "(module name)"
+            current = None
+            continue
+        following = _VERSE.match(lines[i + 1]) if i + 1 < len(lines) else None
+        if following and lines[i + 1][:1].isspace():
+            continue  # a heading before the next verse
+        if current is not None:
+            parts[current].append(line.strip())
+    verses = {}
+    for label, chunks in parts.items():
+        text = _FOOTNOTE.sub("", " ".join(chunks))
+        text = re.sub(r"\s*<[GH]\d+>", "", text)
+        verses[label] = re.sub(r"\s+", " ", text).strip()
+    return verses
+
+
+def bible_verses(translation: str = "web") -> dict[str, str]:
+    """Every verse of one translation (``kjv``, ``sparv`` or ``web``, the World English
+    Bible) read with ``diatheke``: ``{"Genesis 1:3": text}``, footnotes removed, labels as
+    in :func:`bible_documents`' spans (the KJV versification; a verse the translation
+    leaves empty maps to ``""``). Books outside the 66 of the KJV (the WEB's deuterocanon)
+    are left out. Read once per process (a copy is returned)."""
+    return dict(_bible_verses(translation))
+
+
+@functools.lru_cache(maxsize=4)
+def _bible_verses(translation: str) -> dict[str, str]:
+    if translation not in VERSE_MODULES:
+        raise ValueError(f"unknown translation {translation!r}; available: {sorted(VERSE_MODULES)}")
+    module, package = VERSE_MODULES[translation]
+    apt = f"apt-get install diatheke {package}"
+    exe = shutil.which("diatheke")
+    if exe is None:
+        raise MissingCorpusError(f"the {translation} verses need diatheke and the SWORD text: {apt}")
+    out = subprocess.run([exe, "-b", module, "-f", "plain", "-o", "f", "-k", "Gen 1:1-Rev 22:21"],
+                         capture_output=True, text=True, check=False).stdout
+    books = set(KJV_BOOKS)
+    verses = {label: text for label, text in parse_verses(out).items() if label.rsplit(" ", 1)[0] in books}
+    if not verses:
+        raise MissingCorpusError(f"diatheke found no text in SWORD module {module}: {apt}")
+    return verses
 
 
 CORPORA = {"shakespeare": shakespeare_documents, "fortunes": fortune_documents, "bible": bible_documents}

@@ -85,6 +85,9 @@ LADDER: dict[str, Scale] = {
     "small": Scale(d_model=128, n_layers=3, n_heads=4, tokens=4_000_000, learning_rate=3e-3),
     "medium": Scale(d_model=192, n_layers=5, n_heads=6, tokens=4_000_000, learning_rate=2e-3),
     "large": Scale(d_model=256, n_layers=8, n_heads=8, tokens=4_000_000, learning_rate=1.5e-3),
+    # Rungs for an accelerator (the scale experiment's --config gpu): ~14M and ~31M.
+    "xl": Scale(d_model=384, n_layers=8, n_heads=8, tokens=4_000_000, learning_rate=1e-3),
+    "xxl": Scale(d_model=512, n_layers=10, n_heads=8, tokens=4_000_000, learning_rate=8e-4),
 }
 
 

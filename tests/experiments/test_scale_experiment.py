@@ -12,8 +12,8 @@ from experiments import analysis
 from experiments.gallery import write_gallery
 from experiments.insertions import insertion_documents, insertion_rows, load_insertions
 from experiments.mixture import chapter_names, language_of, pin_heldout
-from experiments.query_set import KINDS, load_queries, parse_query
-from experiments.scale_comparison import CONFIGS, FAST, FULL
+from experiments.query_set import V1_KINDS, load_queries, parse_query
+from experiments.scale_comparison import CONFIGS, FAST, FULL_V1
 from experiments.summary import FAMILIES, derived_fields, summarise
 from experiments.tables import family_table, params_label
 from influence.lm import Document
@@ -29,7 +29,7 @@ HAVE_BIBLE = shutil.which("diatheke") is not None
 def test_query_set_has_every_kind_and_consistent_insertions():
     specs = load_queries()
     assert len(specs) >= 30
-    counts = {k: sum(s.kind == k for s in specs) for k in KINDS}
+    counts = {k: sum(s.kind == k for s in specs) for k in V1_KINDS}
     assert all(n >= 4 for n in counts.values()), counts
     spec = load_insertions()
     once = {f["id"]: f["text"] for f in spec["facts_once"]}
@@ -87,13 +87,13 @@ def test_configs_use_known_queries_and_scales():
         assert set(cfg.query_ids or ()) <= ids and set(cfg.gallery_ids) <= ids
         assert {s for s, _ in cfg.runs} <= set(cfg.tokens) <= set(LADDER)
     # The full configuration spans >= 4 scales and >= 30x non-embedding parameters.
-    scales = sorted({s for s, _ in FULL.runs}, key=lambda s: LADDER[s].d_model)
+    scales = sorted({s for s, _ in FULL_V1.runs}, key=lambda s: LADDER[s].d_model)
     assert len(scales) >= 4
     from flax import nnx
 
     from influence.lm import init_model
 
-    n = [parameter_counts(nnx.eval_shape(lambda s=s: init_model(LADDER[s].config(FULL.vocab_size, FULL.seq_len))))
+    n = [parameter_counts(nnx.eval_shape(lambda s=s: init_model(LADDER[s].config(FULL_V1.vocab_size, FULL_V1.seq_len))))
          ["non_embedding"] for s in (scales[0], scales[-1])]
     assert n[1] / n[0] >= 30
 
@@ -123,7 +123,7 @@ def test_language_of():
 
 
 @pytest.mark.skipif(not HAVE_BIBLE, reason="needs Debian's diatheke and sword-text-kjv/sparv")
-@pytest.mark.parametrize("cfg", [FAST, FULL], ids=["fast", "full"])
+@pytest.mark.parametrize("cfg", [FAST, FULL_V1], ids=["fast", "full"])
 def test_every_query_source_is_in_its_training_mix(cfg):
     from experiments.mixture import heldout_documents, training_documents
 

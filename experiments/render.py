@@ -1,0 +1,325 @@
+"""Prose and tables of the scale report generated from results files, never typed:
+``render_report`` turns a v2 ``results.json`` into the v2 results section,
+``render_v1_summary`` the published v1 results into the corrected v1 summary, and
+``fill_doc`` writes generated blocks into ``docs/experiments/scale.md`` between markers
+
+    <!-- generated:NAME (python -m experiments.render) -->
+    ...
+    <!-- /generated:NAME -->
+
+so that a test (``tests/experiments/test_scale_doc.py``) can regenerate every block and
+fail when the doc and the results disagree.
+
+  python -m experiments.render                # rewrite the blocks of docs/experiments/scale.md
+  python -m experiments.render --check        # exit 1 if a block is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import stats as S
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "experiments" / "scale.md"
+V1_RESULTS = DOC.parent / "scale" / "results.json"
+V2_RESULTS = DOC.parent / "scale-v2" / "results.json"
+V2_GPU_RESULTS = DOC.parent / "scale-v2-gpu" / "results.json"
+
+
+def fmt(x, digits: int = 3) -> str:
+    """``x`` to ``digits`` significant digits (``–`` for NaN/None); integers as is."""
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "–"
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return f"{x:,}"
+    return f"{float(x):.{digits}g}"
+
+
+def fmt_ci(d: dict | None, digits: int = 3) -> str:
+    if not d:
+        return "–"
+    ci = f" [{fmt(d['low'], digits)}, {fmt(d['high'], digits)}]" if d.get("low") is not None and np.isfinite(
+        d["low"]) else ""
+    return f"{fmt(d['value'], digits)}{ci}"
+
+
+def params_label(n: int) -> str:
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *["| " + " | ".join(r) + " |" for r in rows]])
+
+
+# --------------------------------------------------------------------------- v2
+
+
+SEMANTIC_ROWS = (
+    ("WEB rendering: MRR of the KJV source by influence", "semantic_rr", ("semantic",)),
+    ("WEB rendering: MRR by BM25", "semantic_bm25_rr", ("semantic",)),
+    ("WEB rendering: influence MRR − BM25 MRR (paired)", "semantic_rr_minus_bm25", ("semantic",)),
+    ("WEB rendering: recall@10 by influence", "semantic_recall10", ("semantic",)),
+    ("WEB rendering: recall@10 by BM25", "semantic_bm25_recall10", ("semantic",)),
+    ("WEB rendering: partial rank corr. (influence, source | BM25)", "semantic_partial", ("semantic",)),
+    ("WEB rendering, verses BM25 misses (source not in its top 10): MRR by influence", "semantic_rr_bm25_miss",
+     ("semantic",)),
+    ("WEB rendering: MRR by influence through the lower third of the layers only", "semantic_rr_lower", ("semantic",)),
+    ("… middle third only", "semantic_rr_middle", ("semantic",)),
+    ("… upper third only", "semantic_rr_upper", ("semantic",)),
+    ("WEB rendering: share of the top-k that are inserted documents", "insertion_top", ("semantic",)),
+    ("corpus share of inserted documents (baseline)", "insertion_all", ("semantic",)),
+    ("KJV control: MRR by influence", "semantic_rr", ("semantic_control",)),
+    ("KJV control: MRR by BM25", "semantic_bm25_rr", ("semantic_control",)),
+)
+
+
+def _nested_row(label: str, metric: str, kinds, cells, n_boot: int) -> list[str]:
+    mats, ids = [], None
+    for c in cells:
+        m, ids = S.metric_matrix(c["records"], metric, kinds, ids)
+        mats.append(m)
+    if not ids:
+        return [label, "0", *["–"] * len(cells)]
+    means = S.scale_means(mats, n_boot=n_boot)
+    return [label, str(len(ids)), *[fmt_ci(i.as_dict()) for i in means]]
+
+
+def render_report(results: dict) -> str:
+    """The v2 results section (markdown) from a v2 ``results.json``: provenance, the
+    training regime of every run, each declared endpoint with its nested intervals,
+    slopes and verdict, the semantic-source table and the estimator checks."""
+    from .scale_v2 import endpoint_cells
+
+    if results.get("version") != 2:
+        raise ValueError("render_report needs a v2 results.json (\"version\": 2)")
+    runs = results["runs"]
+    settings = results["settings"]
+    n_boot = int(settings["n_boot"])
+    load = ", ".join(f"{x:.1f}" for x in results.get("loadavg", []))
+    parts = [f"Configuration `{results['config']}`, produced by `{results['command']}` on {results['date'][:10]} "
+             f"({results['machine']}; jax {results['jax']}; load average {load}). Queries: "
+             + ", ".join(f"{k} {v}" for k, v in results["query_counts"].items())
+             + f". Intervals: 95% paired bootstrap over queries nested within seeds ({n_boot} draws); "
+               "a scale with one seed has no seed variation in its interval."]
+    rows = []
+    for r in sorted(runs, key=lambda r: (r["params"]["non_embedding"], r["seed"])):
+        g = r["regime"]
+        rows.append([r["scale"], str(r["seed"]), f"{r['params']['non_embedding']:,}", fmt(g["epochs"]),
+                     fmt(g["tokens_per_parameter"]), fmt(g["train_loss"]), fmt(g["heldout_loss"]), fmt(g["gap"]),
+                     str(r.get("n_greedy", 0))])
+    parts += ["#### Runs and training regime\n",
+              _table(["scale", "seed", "non-emb. params", "epochs", "tokens / param", "train loss",
+                      "held-out loss", "gap (nats/token)", "greedy queries"], rows)]
+    for layer_set, eps in results["endpoints"].items():
+        rows = []
+        for e in eps:
+            if e.get("n_queries", 0) == 0:
+                rows.append([e["endpoint"], "–", "no data", "–", "–", e["verdict"]])
+                continue
+            per = "; ".join(f"{s} {fmt_ci(p)}" for s, p in zip(e["scales"], e["per_scale"]))
+            kinds = ", ".join(e["kinds"]) if e["kinds"] else "all kinds"
+            rows.append([e["endpoint"], f"`{e['metric']}` ({kinds}, {e['query_set']}; n = {e['n_queries']})", per,
+                         fmt_ci(e.get("slope_log10_params")), fmt_ci(e.get("slope_heldout_loss")), e["verdict"]])
+        parts += [f"\n#### Endpoints — EK-FAC on {layer_set} layers\n",
+                  _table(["finding", "primary endpoint", "per-scale mean [95% CI]", "slope vs log10 params",
+                          "slope vs held-out loss", "verdict"], rows)]
+        cells = endpoint_cells(runs, layer_set)
+        sem = [_nested_row(label, m, k, cells, n_boot) for label, m, k in SEMANTIC_ROWS]
+        parts += [f"\n#### Semantic source — {layer_set} layers\n",
+                  _table(["statistic", "n", *[f"{c['scale']} ({params_label(c['params'])})" for c in cells]], sem)]
+    val = [(r["scale"], r["seed"], r["validation"]) for r in runs if r.get("validation")]
+    if val:
+        rows = []
+        for scale, seed, v in val:
+            tp = v.get("tail_patch") or {}
+            sweep = "; ".join(f"r={d['r']:g}: MRR {fmt(d['semantic_mrr'])}, control {fmt(d['control_mrr'])}, "
+                              f"top-1% {fmt(d['top1_share'])}" for d in v.get("damping_sweep", []))
+            rows.append([f"{scale} s{seed}", fmt(tp.get("mean_delta_top_minus_random")),
+                         fmt(tp.get("share_top_better")), sweep or "–"])
+        parts += ["\n#### Estimator checks\n",
+                  "Tail-patch: one SGD step on a query's top-k sequences vs on k random ones; the change in its "
+                  "completion loss (top − random, nats; negative = the top-k help more). Damping sweep: "
+                  "λ = r × mean EK-FAC eigenvalue.\n",
+                  _table(["run", "tail-patch Δloss top − random", "share of queries top better", "damping sweep"],
+                         rows)]
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------- v1, corrected
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def render_v1_summary(results: dict) -> str:
+    """What the v1 results support, recomputed from the v1 ``results.json`` (the statements
+    the v1 prose got wrong, issue 16, generated here instead)."""
+    from .analysis import estimate
+
+    runs = sorted(results["runs"], key=lambda r: (r["seed"], r["params"]["non_embedding"]))
+    n_boot = int(results["settings"]["n_boot"])
+    label = {id(r): f"{r['scale']} s{r['seed']}" for r in runs}
+    mlp = {id(r): r["variants"]["mlp"] for r in runs}
+    lines = []
+    # Sparsity: which adjacent sizes have disjoint intervals, per seed.
+    for seed in sorted({r["seed"] for r in runs}):
+        rs = [r for r in runs if r["seed"] == seed]
+        est = [estimate(mlp[id(r)], "top1_share", n_boot=n_boot) for r in rs]
+        pairs = []
+        for (ra, ea), (rb, eb) in zip(zip(rs, est), zip(rs[1:], est[1:])):
+            rel = "overlap" if _overlap((ea.low, ea.high), (eb.low, eb.high)) else "are disjoint"
+            pairs.append(f"{ra['scale']} [{fmt(ea.low)}, {fmt(ea.high)}] and {rb['scale']} "
+                         f"[{fmt(eb.low)}, {fmt(eb.high)}] {rel}")
+        lines.append(f"- Top-1% share, seed {seed} (MLP layers): " + "; ".join(pairs) + ".")
+    # Cross-lingual: transfer percentile vs its control, per run.
+    disjoint, margins = [], []
+    for r in runs:
+        a = estimate(mlp[id(r)], "transfer_pct", ("crosslingual",), n_boot=n_boot)
+        b = estimate(mlp[id(r)], "transfer_pct_control", ("crosslingual",), n_boot=n_boot)
+        margins.append(a.value - b.value)
+        if not _overlap((a.low, a.high), (b.low, b.high)):
+            disjoint.append(label[id(r)])
+    back = [estimate(mlp[id(r)], "transfer_back_pct", ("crosslingual",), n_boot=10).value for r in runs]
+    lines.append(f"- Reverse direction (top Spanish sequences on the English query), percentile: "
+                 f"{fmt(min(back), 2)}–{fmt(max(back), 2)} over the {len(runs)} runs.")
+    lines.append(f"- Cross-lingual transfer percentile minus its control: {fmt(min(margins))} to {fmt(max(margins))} "
+                 f"over the {len(runs)} runs; intervals disjoint from the control's at "
+                 f"{', '.join(disjoint) if disjoint else 'no run'}.")
+    # Surface overlap: BM25 percentile of the top-10 (style queries) and bigram-Jaccard ratios.
+    pct = [estimate(mlp[id(r)], "bm25_pct", ("style",), n_boot=n_boot).value for r in runs if r["seed"] == 0]
+    ratios = []
+    for r in runs:
+        for kind in ("memorised", "style"):
+            top = estimate(mlp[id(r)], "jaccard2_top", (kind,), n_boot=10).value
+            base = estimate(mlp[id(r)], "jaccard2_all", (kind,), n_boot=10).value
+            ratios.append(top / base)
+    lines.append(f"- BM25 percentile of the style queries' top-10, seed 0: {fmt(min(pct), 2)}–{fmt(max(pct), 2)}; "
+                 f"word-bigram Jaccard of the top-10 over the corpus mean (memorised and style, all runs): "
+                 f"{fmt(min(ratios))}–{fmt(max(ratios))}×.")
+    # Layer profile: the bounds per seed, with even shares per depth.
+    from influence.lm import LADDER
+
+    for seed in sorted({r["seed"] for r in runs}):
+        lo, hi = [], []
+        for r in runs:
+            n = LADDER[r["scale"]].n_layers
+            recs = mlp[id(r)]
+            if r["seed"] != seed or n < 3:
+                continue
+            shares = np.array([x["block_shares"] for x in recs], np.float64).mean(axis=0) * n
+            lo.append(shares.min())
+            hi.append(shares.max())
+        if lo:
+            lines.append(f"- Mean block share ÷ even share (≥ 3 blocks), seed {seed}: {fmt(min(lo), 2)} to "
+                         f"{fmt(max(hi), 2)}.")
+    # Canary completion loss per token, every run.
+    losses = []
+    for r in runs:
+        ids = [q for q, k in r["query_kinds"].items() if k == "canary"]
+        tok = sum(r["eval"]["query_tokens"][q] for q in ids)
+        losses.append(sum(r["eval"]["query_loss"][q] for q in ids) / tok)
+    lines.append(f"- Canary completion loss over all {len(runs)} runs: {fmt(min(losses), 2)}–{fmt(max(losses), 2)} "
+                 f"nats/token.")
+    # v1's records lack each query's mean score (the background): say so rather than guess it.
+    lines.append("- Word order: v1's records hold the forward and reversed scores but not the background, so the "
+                 "background-subtracted ratio (v2) is not recomputed from them here; the raw ratio's fall with "
+                 "size is not separable from the sparsity trend.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- the doc
+
+
+_BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) \(python -m experiments\.render\) -->\n)(?P<body>.*?)"
+                    r"(<!-- /generated:(?P=name) -->)", re.S)
+
+
+def fill_doc(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with every marked block's body replaced by ``blocks[name]``.
+
+    Raises:
+      ValueError: a block in the doc has no generator, or a generator no block.
+    """
+    names = [m["name"] for m in _BLOCK.finditer(text)]
+    unknown, missing = sorted(set(names) - set(blocks)), sorted(set(blocks) - set(names))
+    if unknown or missing:
+        raise ValueError(f"generated blocks: no generator for {unknown}; no block in the doc for {missing}")
+    return _BLOCK.sub(lambda m: m.group(1) + blocks[m["name"]] + m.group(4), text)
+
+
+def v2_status(path: Path = V2_RESULTS, what: str = "the `full` ladder (CPU)") -> str:
+    """A v2 results block: the rendered report of ``path``, or the plain statement that
+    ``what`` has not been run (no results file)."""
+    if not path.exists():
+        shown = path.relative_to(DOC.parents[2]) if path.is_relative_to(DOC.parents[2]) else path
+        return (f"**Not run yet:** {what} has not been run, so no v2 number exists for it. Only the `tiny` "
+                "configuration has run, as a test of the pipeline (`tests/experiments/test_scale_v2_pipeline.py`); "
+                f"its numbers are not results. When `{shown}` exists, this block is its rendered report.\n")
+    return render_report(json.loads(path.read_text()))
+
+
+def endpoints_table() -> str:
+    """The declared endpoints (:data:`experiments.stats.ENDPOINTS`) as a table."""
+    rows = []
+    for ep in S.ENDPOINTS:
+        test = ("slope of the per-scale mean vs log10(non-embedding params), 95% interval excludes 0"
+                if ep.test == "slope" else f"every scale's 95% interval above {ep.threshold:g}")
+        kinds = ", ".join(ep.kinds) if ep.kinds else "all kinds"
+        rows.append([ep.name, f"`{ep.metric}`", f"{kinds} ({ep.query_set} completions)", test, ep.claim])
+    return _table(["finding", "metric (per query)", "queries", "test", "what it would show"], rows) + "\n"
+
+
+def configs_table() -> str:
+    """The v2 configurations (:data:`experiments.scale_v2.V2_CONFIGS`) as a table."""
+    from influence.lm import LADDER
+
+    from .scale_v2 import V2_CONFIGS
+
+    rows = []
+    for c in V2_CONFIGS.values():
+        scales = ", ".join(f"{s} ({LADDER[s].d_model}×{LADDER[s].n_layers})" for s in c.scales)
+        n = c.counts
+        rows.append([f"`{c.name}`", scales, ", ".join(map(str, c.seeds)), f"{c.epochs:g}",
+                     f"semantic {n.semantic}, KJV control {n.semantic_control}, memorised {n.memorised}, "
+                     f"style {n.style}, crosslingual {n.crosslingual} pairs, facts {c.insertions[0]} + "
+                     f"{c.insertions[1]}, canaries {c.insertions[2]} (copies {'/'.join(map(str, c.canary_copies))})",
+                     ", ".join(c.layer_sets), ", ".join(c.validate_scales) or "–"])
+    return _table(["config", "scales (d_model × layers)", "seeds", "epochs", "queries", "EK-FAC layers",
+                   "estimator checks at"], rows) + "\n"
+
+
+def doc_blocks(v1: Path = V1_RESULTS, v2: Path = V2_RESULTS, v2_gpu: Path = V2_GPU_RESULTS) -> dict[str, str]:
+    """Every generated block of the doc."""
+    return {"v2-configs": configs_table(), "v2-endpoints": endpoints_table(), "v2-results": v2_status(v2),
+            "v2-gpu-results": v2_status(v2_gpu, "the `gpu` ladder (no accelerator was available to this session)"),
+            "v1-summary": render_v1_summary(json.loads(v1.read_text()))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.render", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--check", action="store_true", help="exit 1 if a generated block is stale")
+    args = parser.parse_args(argv)
+    text = args.doc.read_text(encoding="utf-8")
+    new = fill_doc(text, doc_blocks())
+    if args.check:
+        if new != text:
+            print(f"{args.doc}: generated blocks are stale; run python -m experiments.render", file=sys.stderr)
+            return 1
+        return 0
+    args.doc.write_text(new, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
