@@ -13,24 +13,65 @@ the representation it is given; they differ in cost only.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from influence.capture.per_example import example_chunk
 from influence.scoring.queries import LayerQueries
+
+CONTRACTION_CHUNK_ELEMENTS = 2**21
+"""Most float32 numbers (8 MiB) of a dense contraction's intermediate held for one chunk
+of training rows: small enough to stay in a CPU's cache, so the contraction runs at the
+speed of its GEMM (larger batches are contracted a chunk of rows at a time)."""
+
+
+def _row_chunks(fn, a: jax.Array, g: jax.Array, per_row: int) -> jax.Array:
+    """``fn(a_c, g_c) -> [Q, c]`` over chunks of the rows of ``a [B, ...]``, ``g [B, ...]``,
+    each chunk's intermediate at most about :data:`CONTRACTION_CHUNK_ELEMENTS` floats;
+    ``[Q, B]``. A last partial chunk is zero-padded (zero rows score 0) and cut off."""
+    batch = a.shape[0]
+    limit = max(1, CONTRACTION_CHUNK_ELEMENTS // max(per_row, 1))
+    if batch <= limit:
+        return fn(a, g)
+    n = -(-batch // limit)
+    chunk = -(-batch // n)  # n equal chunks: the least padding
+    pad = n * chunk - batch
+
+    def split(x):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) if pad else x
+        return x.reshape((n, chunk) + x.shape[1:])
+
+    out = jax.lax.map(lambda xs: fn(*xs), (split(a), split(g)))  # [n, Q, c]
+    return jnp.moveaxis(out, 0, 1).reshape(out.shape[1], n * chunk)[:, :batch]
+
+
+def _factored(p: jax.Array, a: jax.Array, g: jax.Array) -> jax.Array:
+    """Σ_t ā_tᵀ (P_q g_t): one GEMM ``[Q·d_a, d_out] × [d_out, B·T]`` over P's minor axis
+    (no copy of P per step), then the weighted sum with ``ā``."""
+    n_query, d_a, d_out = p.shape
+    batch, tokens = a.shape[:2]
+    pg = jax.lax.dot_general(p.reshape(n_query * d_a, d_out), g.reshape(batch * tokens, d_out),
+                             (((1,), (1,)), ((), ())))  # [Q·d_a, B·T]
+    return jnp.einsum("qibt,bti->qb", pg.reshape(n_query, d_a, batch, tokens), a)
+
+
+def _materialised(p: jax.Array, a: jax.Array, g: jax.Array) -> jax.Array:
+    """⟨P_q, DW_b⟩ with DW_b = Σ_t ā_t g_tᵀ formed for the chunk: one GEMM
+    ``[Q, d_a·d_out] × [d_a·d_out, B]``."""
+    dw = jnp.einsum("bti,btj->bij", a, g).reshape(a.shape[0], -1)
+    return jax.lax.dot_general(p.reshape(p.shape[0], -1), dw, (((1,), (1,)), ((), ())))
 
 
 def _dense_scores(a: jax.Array, g: jax.Array, p: jax.Array) -> jax.Array:
-    n_query, batch, tokens = p.shape[0], a.shape[0], a.shape[1]
-    if n_query * tokens <= n_query + tokens:
-        return jnp.einsum("bti,qij,btj->qb", a, p, g)  # factored: no per-example gradient
-    chunk = example_chunk(batch, a.shape[-1] * g.shape[-1])
-
-    def one_example(xs):
-        a_b, g_b = xs
-        return jnp.einsum("ti,tj,qij->q", a_b, g_b, p)  # DW_b for a chunk of examples at a time
-
-    return jax.lax.map(one_example, (a, g), batch_size=chunk).T
+    n_query, d_a, d_out = p.shape
+    tokens = a.shape[1]
+    factored_row, materialised_row = n_query * d_a * tokens, d_a * d_out  # intermediate floats per training row
+    # One query or one token: both forms cost about B·T·Q·d_a·d_out, so the smaller
+    # intermediate decides; otherwise forming DW_b is cheaper (T + Q against T·Q).
+    if n_query * tokens <= n_query + tokens and factored_row <= materialised_row:
+        return _row_chunks(functools.partial(_factored, p), a, g, factored_row)
+    return _row_chunks(functools.partial(_materialised, p), a, g, materialised_row)
 
 
 def _lowrank_scores(a: jax.Array, g: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:
@@ -44,7 +85,7 @@ def layer_scores(a: jax.Array, g: jax.Array, queries: LayerQueries) -> jax.Array
 
     Chooses the cheapest exact form at trace time:
       * dense, factored Σ_t ā_tᵀ P g_t: Q·B·T·d_a·d_out multiply-adds;
-      * dense, per-example gradients (a chunk at a time): B·d_a·d_out·(T + Q);
+      * dense, per-example gradients: B·d_a·d_out·(T + Q);
       * low rank: B·T·Q·r·(d_a + d_out).
     """
     batch, tokens, d_a = a.shape
