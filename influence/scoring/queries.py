@@ -18,7 +18,7 @@ import numpy as np
 import threadpoolctl
 from jax.sharding import Mesh
 
-from influence.capture.objectives import layer_gradients
+from influence.capture.objectives import bytes_per_example, layer_gradients
 from influence.capture.per_example import weight_gradients
 from influence.capture.tracking import TrackedModel, track
 from influence.curvature import precondition
@@ -31,6 +31,7 @@ from influence.runtime.io import digest_arrays
 from influence.runtime.mesh import (
     MeshLike,
     check_batch_size,
+    n_data,
     n_query,
     query_axis,
     replicate,
@@ -95,7 +96,7 @@ def _precondition_all(gradients, curvature, damping):
     return {name: precondition(v, curvature[name], damping[name]) for name, v in gradients.items()}
 
 
-def scoring_mesh(mesh: MeshLike, batch_size: int):
+def scoring_mesh(mesh: MeshLike, batch_size: int | None):
     """The mesh of a scoring pass: devices of this process only (hosts score their own
     shards independently and merge, see :mod:`influence.scoring.hosts`)."""
     mesh = resolve_mesh(mesh)
@@ -105,8 +106,18 @@ def scoring_mesh(mesh: MeshLike, batch_size: int):
             "(jax.local_devices()) and its own shard of the training data, then merge the parts "
             "(influence.scoring.hosts.merge_rankings / merge_scores)"
         )
-    check_batch_size(batch_size, mesh)
+    if batch_size is not None:
+        check_batch_size(batch_size, mesh)
     return mesh
+
+
+def sized(run: Execution, tracked: TrackedModel, task, data, mesh, kind: str = "empirical", *,
+          per_example_gradients: bool = False) -> Execution:
+    """``run`` with the batch size of a scoring pass over ``data`` set (chosen from its
+    memory budget when it has none: :meth:`influence.Execution.sized`)."""
+    return run.sized(data, task, lambda row: bytes_per_example(
+        tracked.graphdef, tracked.state, tracked.layers, task, kind, row, per_example_gradients=per_example_gradients),
+        multiple=n_data(mesh))
 
 
 def prepare(model, factors: Factors, damping, mesh):
@@ -152,6 +163,7 @@ def _query_gradients(model, task, prepared, queries, rank, run: Execution, mesh)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     tracked, curvature, dampings = prepared
+    run = sized(run, tracked, task, queries, mesh, "measurement", per_example_gradients=True)
     source = as_source(queries, run.batch_size, task, model, queries=True)
 
     def update(grads, step):

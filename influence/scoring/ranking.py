@@ -28,7 +28,7 @@ from influence.runtime.io import digest_arrays
 from influence.runtime.mesh import DATA, local, n_data, query_axis, shard_batch, spec
 from influence.scoring.contractions import layer_scores
 from influence.scoring.finite import RowCheck
-from influence.scoring.queries import LayerQueries, prepare_queries, score_checkpoint
+from influence.scoring.queries import LayerQueries, prepare_queries, score_checkpoint, sized
 from influence.scoring.results import check_k
 from influence.scoring.topk import merge_slots
 
@@ -146,6 +146,7 @@ def rank_training(
         row_map = np.unique(np.concatenate(candidates)) if candidates else np.zeros(0, np.int64)
         n_total = num_rows(train)
         train = select_rows(train, row_map)
+    run = sized(run, tracked, task, train, mesh)
     source = as_source(train, run.batch_size, task, model)
     n_rows = source.num_examples if row_map is None else n_total
     k_eff = min(k, n_rows) if n_rows else k
