@@ -120,21 +120,23 @@ class Execution:
         return int(total * (self.memory_budget or DEVICE_MEMORY_FRACTION))
 
     def sized(self, data: Any, task: Any, per_example_bytes: Callable[[dict], int], *, multiple: int = 1,
-              even_out: bool = True) -> Execution:
+              even_out: bool = True, max_rows: Callable[[dict], int] | None = None) -> Execution:
         """This execution with ``batch_size`` set for a pass over ``data``: as given, or
         chosen by :func:`auto_batch_size` from :meth:`budget_bytes` and
         ``per_example_bytes(row)`` of the data's first example (a one-row batch).
         A one-shot iterator cannot be peeked at: it gets :data:`FALLBACK_BATCH` (a
         multiple of ``multiple``). ``even_out=False`` ignores the data's length (several
-        processes must choose the same size for shards of different lengths)."""
+        processes must choose the same size for shards of different lengths). ``max_rows(row)``:
+        a further cap from the pass (e.g. the rows its contraction takes at once)."""
         if self.batch_size is not None:
             return self
         row, n_examples = first_row(data, task)
         if row is None:
             size = max(multiple, FALLBACK_BATCH // multiple * multiple)
         else:
+            most = MAX_AUTO_BATCH if max_rows is None else min(MAX_AUTO_BATCH, max_rows(row))
             size = auto_batch_size(self.budget_bytes(), per_example_bytes(row), n_examples if even_out else None,
-                                   multiple)
+                                   multiple, most=most)
         return dataclasses.replace(self, batch_size=size)
 
 
@@ -153,15 +155,16 @@ MAX_AUTO_BATCH = 1024
 nothing from its size and a progress bar or checkpoint moves too rarely)."""
 
 
-def auto_batch_size(budget_bytes: int, per_example_bytes: int, n_examples: int | None, multiple: int = 1) -> int:
+def auto_batch_size(budget_bytes: int, per_example_bytes: int, n_examples: int | None, multiple: int = 1, *,
+                    most: int = MAX_AUTO_BATCH) -> int:
     """The batch size of a pass: as many examples as ``budget_bytes`` holds at
-    ``per_example_bytes`` each (at most :data:`MAX_AUTO_BATCH`, at least one per device),
+    ``per_example_bytes`` each (at most ``most``, at least one per device),
     then evened out over the batches the data set needs (so the last one is not mostly
     padding), a multiple of ``multiple`` (the mesh's data axis).
 
     ``per_example_bytes`` is the caller's estimate of what one example costs a step
     (:func:`influence.capture.objectives.bytes_per_example`)."""
-    most = max(1, min(MAX_AUTO_BATCH, budget_bytes // max(int(per_example_bytes), 1)))
+    most = max(1, min(most, budget_bytes // max(int(per_example_bytes), 1)))
     most = max(multiple, most // multiple * multiple)
     if n_examples:
         batches = math.ceil(n_examples / most)

@@ -22,16 +22,47 @@ from influence.scoring.queries import LayerQueries
 
 CONTRACTION_CHUNK_ELEMENTS = 2**21
 """Most float32 numbers (8 MiB) of a dense contraction's intermediate held for one chunk
-of training rows: small enough to stay in a CPU's cache, so the contraction runs at the
-speed of its GEMM (larger batches are contracted a chunk of rows at a time)."""
+of training rows on a CPU: small enough to stay in its cache, so the contraction runs at
+the speed of its GEMM. Larger batches are contracted a chunk of rows at a time (which
+costs more per row than a batch of one chunk: the scoring passes choose batches no
+larger, see :func:`rows_per_chunk`)."""
+
+ACCELERATOR_CHUNK_ELEMENTS = 2**26
+"""The same on an accelerator (256 MiB): there memory, not a cache, bounds the chunk."""
+
+
+def chunk_elements() -> int:
+    """:data:`CONTRACTION_CHUNK_ELEMENTS` on a CPU, :data:`ACCELERATOR_CHUNK_ELEMENTS` elsewhere."""
+    return CONTRACTION_CHUNK_ELEMENTS if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+
+
+def _forms(n_query: int, d_a: int, d_out: int, tokens: int) -> tuple[bool, int]:
+    """``(factored?, intermediate floats per training row)`` of the dense contraction.
+
+    One query or one token: both forms cost about B·T·Q·d_a·d_out, so the smaller
+    intermediate decides; otherwise forming DW_b is cheaper (T + Q against T·Q)."""
+    factored_row, materialised_row = n_query * d_a * tokens, d_a * d_out
+    if n_query * tokens <= n_query + tokens and factored_row <= materialised_row:
+        return True, factored_row
+    return False, materialised_row
+
+
+def rows_per_chunk(queries: LayerQueries, tokens: int) -> int:
+    """Training rows a layer's contraction takes in one chunk (at least 1)."""
+    if queries.rank is not None:
+        per_row = 2 * queries.num_queries * tokens * queries.rank
+    else:
+        d_a, d_out = queries.full.shape[1:]
+        per_row = _forms(queries.num_queries, d_a, d_out, tokens)[1]
+    return max(1, chunk_elements() // max(per_row, 1))
 
 
 def _row_chunks(fn, a: jax.Array, g: jax.Array, per_row: int) -> jax.Array:
     """``fn(a_c, g_c) -> [Q, c]`` over chunks of the rows of ``a [B, ...]``, ``g [B, ...]``,
-    each chunk's intermediate at most about :data:`CONTRACTION_CHUNK_ELEMENTS` floats;
+    each chunk's intermediate at most about :func:`chunk_elements` floats;
     ``[Q, B]``. A last partial chunk is zero-padded (zero rows score 0) and cut off."""
     batch = a.shape[0]
-    limit = max(1, CONTRACTION_CHUNK_ELEMENTS // max(per_row, 1))
+    limit = max(1, chunk_elements() // max(per_row, 1))
     if batch <= limit:
         return fn(a, g)
     n = -(-batch // limit)
@@ -64,14 +95,8 @@ def _materialised(p: jax.Array, a: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def _dense_scores(a: jax.Array, g: jax.Array, p: jax.Array) -> jax.Array:
-    n_query, d_a, d_out = p.shape
-    tokens = a.shape[1]
-    factored_row, materialised_row = n_query * d_a * tokens, d_a * d_out  # intermediate floats per training row
-    # One query or one token: both forms cost about B·T·Q·d_a·d_out, so the smaller
-    # intermediate decides; otherwise forming DW_b is cheaper (T + Q against T·Q).
-    if n_query * tokens <= n_query + tokens and factored_row <= materialised_row:
-        return _row_chunks(functools.partial(_factored, p), a, g, factored_row)
-    return _row_chunks(functools.partial(_materialised, p), a, g, materialised_row)
+    factored, per_row = _forms(*p.shape, a.shape[1])
+    return _row_chunks(functools.partial(_factored if factored else _materialised, p), a, g, per_row)
 
 
 def _lowrank_scores(a: jax.Array, g: jax.Array, left: jax.Array, right: jax.Array) -> jax.Array:

@@ -115,7 +115,7 @@ def pairwise_scores(
     run = Execution.of(execution, options)
     side = prepare_queries(model, task, factors, queries, damping=damping, rank=query_rank, execution=run)
     mesh, tracked, dampings = side.mesh, side.tracked, side.damping
-    run = sized(run, tracked, task, train, mesh)
+    run = sized(run, tracked, task, train, mesh, queries=side.placed)
     source = as_source(train, run.batch_size, task, model)
     settings = {"per_layer": per_layer, **({"per_token": True} if per_token else {})}
     checkpoint = score_checkpoint("scores", run, tracked, factors, dampings, lambda: settings, queries=side.queries)

@@ -18,7 +18,7 @@ import numpy as np
 import threadpoolctl
 from jax.sharding import Mesh
 
-from influence.capture.objectives import bytes_per_example, layer_gradients
+from influence.capture.objectives import bytes_per_example, captured_shapes, layer_gradients
 from influence.capture.per_example import weight_gradients
 from influence.capture.tracking import TrackedModel, track
 from influence.curvature import precondition
@@ -112,12 +112,24 @@ def scoring_mesh(mesh: MeshLike, batch_size: int | None):
 
 
 def sized(run: Execution, tracked: TrackedModel, task, data, mesh, kind: str = "empirical", *,
-          per_example_gradients: bool = False) -> Execution:
+          per_example_gradients: bool = False, queries: dict[str, LayerQueries] | None = None) -> Execution:
     """``run`` with the batch size of a scoring pass over ``data`` set (chosen from its
-    memory budget when it has none: :meth:`influence.Execution.sized`)."""
-    return run.sized(data, task, lambda row: bytes_per_example(
-        tracked.graphdef, tracked.state, tracked.layers, task, kind, row, per_example_gradients=per_example_gradients),
-        multiple=n_data(mesh))
+    memory budget when it has none: :meth:`influence.Execution.sized`). With ``queries``,
+    no larger than the rows each device's contraction with them takes in one chunk
+    (:func:`~influence.scoring.contractions.rows_per_chunk`): a larger batch is
+    contracted in chunks anyway, at more cost per row."""
+    def per_example(row):
+        return bytes_per_example(tracked.graphdef, tracked.state, tracked.layers, task, kind, row,
+                                 per_example_gradients=per_example_gradients)
+
+    def max_rows(row):
+        from influence.scoring.contractions import rows_per_chunk  # it imports LayerQueries from here
+
+        a, _ = captured_shapes(tracked.graphdef, tracked.state, tracked.layers, task, kind, row)
+        per_device = min(rows_per_chunk(queries[i.name], a[i.name][1]) for i in tracked.layers)
+        return per_device * n_data(mesh)
+
+    return run.sized(data, task, per_example, multiple=n_data(mesh), max_rows=None if queries is None else max_rows)
 
 
 def prepare(model, factors: Factors, damping, mesh):

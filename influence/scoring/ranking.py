@@ -146,7 +146,7 @@ def rank_training(
         row_map = np.unique(np.concatenate(candidates)) if candidates else np.zeros(0, np.int64)
         n_total = num_rows(train)
         train = select_rows(train, row_map)
-    run = sized(run, tracked, task, train, mesh)
+    run = sized(run, tracked, task, train, mesh, queries=side.placed)
     source = as_source(train, run.batch_size, task, model)
     n_rows = source.num_examples if row_map is None else n_total
     k_eff = min(k, n_rows) if n_rows else k

@@ -51,7 +51,7 @@ def test_bytes_per_example_counts_the_captured_layers():
     assert with_gradients == got + 4 * sum(info.d_a * info.d_out for info in tracked.layers)
 
 
-def test_the_chosen_batch_size_is_recorded_and_changes_results_only_by_rounding():
+def test_the_chosen_batch_size_is_recorded_and_changes_results_only_by_rounding(monkeypatch):
     model, data, query_data = trained_mlp()
     task = inf.tasks.Classification()
     train = {k: v[:200] for k, v in data.items()}
@@ -64,6 +64,15 @@ def test_the_chosen_batch_size_is_recorded_and_changes_results_only_by_rounding(
     assert scores.metadata["batch_size"] == 200
     # factors fitted in one batch or in 29 (sampled targets are keyed per example), scored alike
     np.testing.assert_allclose(scores.values, reference.values, rtol=1e-3, atol=1e-4 * np.abs(reference.values).max())
+    # scoring batches no larger than the contraction's chunk: 20 rows of the first layer's
+    # factored form (10 queries × d_a 65 floats a row) at this chunk size
+    from influence.scoring import contractions
+
+    monkeypatch.setattr(contractions, "CONTRACTION_CHUNK_ELEMENTS", 10 * 65 * 20)
+    capped = inf.pairwise_scores(model, task, chosen, queries, train, progress=False)
+    assert capped.metadata["batch_size"] == 20
+    np.testing.assert_allclose(capped.values, scores.values, rtol=1e-4, atol=1e-5 * np.abs(scores.values).max())
+    monkeypatch.undo()
     # a budget of 40 examples: five batches of 40
     tracked = track(model, None)
     per_example = bytes_per_example(tracked.graphdef, tracked.state, tracked.layers, task, "empirical",
