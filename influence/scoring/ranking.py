@@ -175,13 +175,21 @@ def rank_training(
             shard_batch(rows.astype(np.int32), mesh), jax.device_put(allowed, allowed_sharding),
             graphdef=tracked.graphdef, layers=tracked.layers, task=task, k=k_eff, mesh=mesh)
         finite.update(scores, step.batch)
-        if writer is not None:
-            n = step.batch.n_valid
-            writer.write(rows[:n], np.where(allowed, np.asarray(scores), -np.inf)[:n_query, :n])
+        if writer is not None:  # written one step late: the host never waits on the step just dispatched
+            write_pending()
+            pending.append((rows[:step.batch.n_valid], allowed, scores, step.batch.n_valid))
         return _Best(top, top_rows)
+
+    pending: list = []
+
+    def write_pending():
+        while pending:
+            rows, allowed, scores, n = pending.pop()
+            writer.write(rows, np.where(allowed, np.asarray(scores), -np.inf)[:n_query, :n])
 
     def save(best, checkpoint):
         if writer is not None:
+            write_pending()
             writer.flush()
         return best, {}, {"best_scores": np.asarray(best.scores), "best_indices": np.asarray(best.rows)}
 
@@ -191,6 +199,7 @@ def rank_training(
 
     def finalize(best):
         if writer is not None:
+            write_pending()
             writer.close()
         return merge_slots(np.asarray(best.scores), np.asarray(best.rows), k_eff)
 
