@@ -18,7 +18,7 @@ factors); 130 interrupted (Ctrl-C; ``influence fit`` resumes when run again).
 Every command compiles with JAX's persistent compilation cache on
 (:func:`influence.enable_compilation_cache`: ``$INFLUENCE_CACHE_DIR``, default
 ``~/.cache/influence/jax``), so a second command of the same shapes does not compile
-again; ``--no-compilation-cache`` or ``INFLUENCE_COMPILATION_CACHE=0`` turns it off.
+again; ``--no-cache`` or ``INFLUENCE_COMPILATION_CACHE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 done, 2 bad arguments or input, 3 numerical failure (NaN/Inf), 130 interrupted",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    parser.add_argument("--no-compilation-cache", action="store_true",
+    parser.add_argument("--no-cache", action="store_true",
                         help="do not keep compiled steps in $INFLUENCE_CACHE_DIR (default ~/.cache/influence/jax) "
                              "for the next command (also: INFLUENCE_COMPILATION_CACHE=0)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         module.configure(p)
         # SUPPRESS: given after the command it sets --debug; absent, it leaves the top-level value.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
-        p.add_argument("--no-compilation-cache", action="store_true", default=argparse.SUPPRESS,
+        p.add_argument("--no-cache", action="store_true", default=argparse.SUPPRESS,
                        help="do not keep compiled steps for the next command")
         p.set_defaults(_module=module, _missing=missing)
     return parser
@@ -135,7 +135,7 @@ def _compilation_cache(args: argparse.Namespace) -> None:
     not to (imported here: ``influence --help`` does not load JAX)."""
     from influence.runtime.compilation import cache_enabled_by_environment, enable_compilation_cache
 
-    if not args.no_compilation_cache and cache_enabled_by_environment():
+    if not args.no_cache and cache_enabled_by_environment():
         enable_compilation_cache()
 
 

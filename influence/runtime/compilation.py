@@ -5,7 +5,7 @@ compiled by XLA on its first call in a process: seconds per step on a CPU, paid 
 every new process. :func:`enable_compilation_cache` points JAX's persistent cache at a
 folder, so a second process (a second ``influence query``, a re-run script) loads the
 executables of the same shapes instead of compiling them (tracing is still paid: it is
-Python). The CLI turns it on for every command (``--no-compilation-cache`` or
+Python). The CLI turns it on for every command (``--no-cache`` or
 ``INFLUENCE_COMPILATION_CACHE=0`` turns it off); a library user calls it once::
 
     import influence as inf

@@ -55,7 +55,7 @@ def test_a_second_process_loads_every_step_from_the_cache(tmp_path):
 
 def test_the_cli_enables_the_cache_in_its_folder_unless_told_not_to(tmp_path):
     """``influence fit`` on a missing run fails fast, after turning the cache on (the folder
-    is made) — or not, with INFLUENCE_COMPILATION_CACHE=0 or --no-compilation-cache."""
+    is made) — or not, with INFLUENCE_COMPILATION_CACHE=0 or --no-cache."""
     def cli(folder, *flags, switch="1"):
         env = {**os.environ, "INFLUENCE_CACHE_DIR": str(folder), "INFLUENCE_COMPILATION_CACHE": switch}
         subprocess.run([sys.executable, "-m", "influence", *flags, "fit", "--run", str(tmp_path / "no-run")],
@@ -64,4 +64,4 @@ def test_the_cli_enables_the_cache_in_its_folder_unless_told_not_to(tmp_path):
 
     assert cli(tmp_path / "on")
     assert not cli(tmp_path / "off", switch="0")
-    assert not cli(tmp_path / "flag", "--no-compilation-cache")
+    assert not cli(tmp_path / "flag", "--no-cache")
