@@ -77,6 +77,7 @@ def main(src: str, dst: str) -> None:
                                              torch.from_numpy(arrays["query_y"]).long())
     damping = float(arrays["damping"])
     batch = int(arrays["batch_size"])
+    batch = batch or None  # 0: kronfluence's default, its search for an executable batch size
     repeats = int(arrays["repeats"])
     factor_args = FactorArguments(strategy=str(arrays["strategy"]),
                                   use_empirical_fisher=str(arrays["fisher"]) == "empirical")

@@ -9,6 +9,7 @@ Public API::
     self_inf = inf.self_scores(model, task, factors, train)   # .values [n_train]
     ranking = inf.rank_training(model, task, factors, queries, train, k=10)
     run = inf.Execution(batch_size=128, checkpoint_dir="ckpt")  # run settings of any of them
+    inf.enable_compilation_cache()               # compile each step once per machine, not per process
 
 Sub-packages loaded on first use: ``inf.lm`` (language models to study), ``inf.query``
 (text queries over an LM run), ``inf.reference`` (exact influence and validation),
@@ -35,6 +36,7 @@ from influence.errors import (
 )
 from influence.factors import Factors
 from influence.fit import fit_factors
+from influence.runtime.compilation import enable_compilation_cache
 from influence.runtime.execution import Execution
 from influence.scoring.attribution import Attribution, attribute
 from influence.scoring.pairwise import pairwise_scores
@@ -58,5 +60,5 @@ def __getattr__(name):
 __all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "DegenerateCurvature", "Execution",
            "Factors", "FileFormatError", "InfluenceError", "LayerInfo", "MissingCorpusError", "ModelMismatch",
            "Ranking", "Scores", "SelfScores", "Task", "TaskError", "TrackingError", "UntrackedParametersWarning",
-           "__version__", "attribute", "fit_factors", "hosts", "lm", "pairwise_scores", "query", "rank_training",
-           "reference", "self_scores", "tasks", "testing", "track"]
+           "__version__", "attribute", "enable_compilation_cache", "fit_factors", "hosts", "lm", "pairwise_scores",
+           "query", "rank_training", "reference", "self_scores", "tasks", "testing", "track"]

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from influence.capture.objectives import sample_key_mode
+from influence.capture.objectives import bytes_per_example, sample_key_mode
 from influence.capture.tracking import LayerFilter, track, warn_untracked
 from influence.curvature import LayerCurvature, get_strategy
 from influence.curvature import blocks as blocks_
@@ -46,6 +46,7 @@ from influence.runtime.mesh import (
     describe_mesh,
     local_batch_size,
     local_slots,
+    n_data,
     per_device_to_host,
     put_per_device,
     reduce_slots,
@@ -219,6 +220,9 @@ def fit_factors(
     check_finite_weights(tracked.state)
     warn_untracked(tracked)
     key = jax.random.key(0) if key is None else key
+    run = run.sized(data, task, lambda row: bytes_per_example(tracked.graphdef, tracked.state, tracked.layers, task,
+                                                              fisher, row), multiple=n_data(mesh),
+                    even_out=not spans_processes(mesh))
     source = as_source(data, local_batch_size(run.batch_size, mesh), task, model)
     if len(chosen.passes) > 1 and source.single_pass:
         times = "twice" if len(chosen.passes) == 2 else f"{len(chosen.passes)} times"
@@ -231,6 +235,7 @@ def fit_factors(
         "fingerprint": tracked.fingerprint,
         "untracked": tracked.untracked.as_metadata(),
         "dtype": dtype.name,
+        "batch_size": run.batch_size,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     if blocks_.as_metadata(layer_blocks):

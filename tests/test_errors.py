@@ -44,6 +44,9 @@ def test_wrong_input_shape_for_the_model():
     wrong = {"x": np.zeros((8, 63), np.float32), "y": np.zeros(8, np.int32)}
     with pytest.raises(ValueError,
                        match=r"forward pass failed on a batch with fields \{'x': \(32, 63\), 'y': \(32,\)\}"):
+        inf.fit_factors(model, tasks.Classification(), wrong, progress=False, batch_size=32)
+    # without a batch size the size probe (one row) finds it first
+    with pytest.raises(ValueError, match=r"forward pass failed on a batch with fields \{'x': \(1, 63\), 'y': \(1,\)\}"):
         inf.fit_factors(model, tasks.Classification(), wrong, progress=False)
 
 
@@ -135,7 +138,8 @@ def test_out_of_range_label_is_refused_by_every_fisher(fisher):
 
     model, data = _labels(ten)
     with pytest.raises(DataError, match=r"batch 6: labels 'y' must be integers in \[0, 10\); row 200 has 10"):
-        inf.fit_factors(model, tasks.Classification(), data, strategy="kfac", fisher=fisher, progress=False)
+        inf.fit_factors(model, tasks.Classification(), data, strategy="kfac", fisher=fisher, progress=False,
+                        batch_size=32)
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused():

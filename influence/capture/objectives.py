@@ -14,11 +14,13 @@ Padding rows are given weight 0, so they contribute nothing to any sum.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.extend import core as jax_core
 
@@ -139,3 +141,35 @@ def token_weights(task: Any, batch, example_mask: jax.Array, a: jax.Array) -> ja
     if mask is not None and mask.shape == a.shape[:2]:
         weights = weights * mask.astype(weights.dtype)
     return weights
+
+
+STEP_MEMORY_FACTOR = 4
+"""What a step holds per example, as a multiple of its captured ``a`` and ``g``: those,
+the forward activations kept for the backward pass, and the step's own intermediates
+(an estimate: it sizes batches, see :func:`bytes_per_example`)."""
+
+
+def captured_shapes(graphdef: Any, state: Any, layers: tuple[LayerInfo, ...], task: Any, kind: str,
+                    row: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Shapes of ``a`` and ``g`` per layer for ``row``, a one-example batch (traced, not computed)."""
+    arrays = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in row.items()}
+    mask = jax.ShapeDtypeStruct((1,), jnp.float32)
+    traced_kind = kind if kind in ("exact", "measurement") else "empirical"
+    _, a, g = jax.eval_shape(lambda b, m: layer_gradients(graphdef, state, layers, task, traced_kind, b, m),
+                             arrays, mask)
+    return {n: tuple(x.shape) for n, x in a.items()}, {n: tuple(x.shape) for n, x in g.items()}
+
+
+def bytes_per_example(graphdef: Any, state: Any, layers: tuple[LayerInfo, ...], task: Any, kind: str,
+                      row: dict[str, Any], *, per_example_gradients: bool = False) -> int:
+    """Estimated bytes one example costs a capture step: :data:`STEP_MEMORY_FACTOR` ×
+    its float32 ``a [T, d_a]`` and ``g [(K,) T, d_out]`` over the tracked layers (shapes
+    from tracing ``row``, a one-example batch, without computing it), plus its
+    per-example gradients ``[d_a, d_out]`` per layer when the step forms them all
+    (``per_example_gradients``, the query pass)."""
+    a, g = captured_shapes(graphdef, state, layers, task, kind, row)
+    floats = sum(math.prod(a[i.name]) + math.prod(g[i.name]) for i in layers)
+    floats *= STEP_MEMORY_FACTOR
+    if per_example_gradients:
+        floats += sum(i.d_a * i.d_out for i in layers)
+    return 4 * int(floats)

@@ -14,6 +14,11 @@ and any ``ValueError``, ``OSError`` or ``re.error``) and every numerical failure
 command) shows the traceback instead. Exit statuses: 0 done; 2 bad arguments or input
 (argparse's usage errors included); 3 a numerical failure (NaN/Inf in a model, loss or
 factors); 130 interrupted (Ctrl-C; ``influence fit`` resumes when run again).
+
+Every command compiles with JAX's persistent compilation cache on
+(:func:`influence.enable_compilation_cache`: ``$INFLUENCE_CACHE_DIR``, default
+``~/.cache/influence/jax``), so a second command of the same shapes does not compile
+again; ``--no-cache`` or ``INFLUENCE_COMPILATION_CACHE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 done, 2 bad arguments or input, 3 numerical failure (NaN/Inf), 130 interrupted",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="do not keep compiled steps in $INFLUENCE_CACHE_DIR (default ~/.cache/influence/jax) "
+                             "for the next command (also: INFLUENCE_COMPILATION_CACHE=0)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         try:
@@ -87,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         module.configure(p)
         # SUPPRESS: given after the command it sets --debug; absent, it leaves the top-level value.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+        p.add_argument("--no-cache", action="store_true", default=argparse.SUPPRESS,
+                       help="do not keep compiled steps for the next command")
         p.set_defaults(_module=module, _missing=missing)
     return parser
 
@@ -104,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        _compilation_cache(args)
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:
         if args.debug:
@@ -117,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         return fail(args.command, _one_line(e), EXIT_ERROR)
+
+
+def _compilation_cache(args: argparse.Namespace) -> None:
+    """Turn on JAX's persistent compilation cache unless the flag or the environment says
+    not to (imported here: ``influence --help`` does not load JAX)."""
+    from influence.runtime.compilation import cache_enabled_by_environment, enable_compilation_cache
+
+    if not args.no_cache and cache_enabled_by_environment():
+        enable_compilation_cache()
 
 
 def _one_line(error: BaseException) -> str:

@@ -29,7 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_factor_arguments(parser)
     parser.add_argument("--fisher", choices=["sampled", "empirical"], default="sampled",
                         help="targets for the curvature: sampled from the model (default) or the data's")
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: 32)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per step (default: chosen from the memory budget, see influence.Execution)")
     parser.add_argument("--max-sequences", type=int, help="fit on the first N training sequences only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--devices", type=int, help="data-parallel over this many local devices (default: one)")

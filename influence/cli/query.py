@@ -56,7 +56,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--html", help="write the HTML report here")
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--scores", help="also write every score, float32 [queries, sequences], to this .npy file")
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: 32)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per step (default: chosen from the memory budget, see influence.Execution)")
     parser.add_argument("--devices", type=int, help="score the training set data-parallel over this many local devices")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

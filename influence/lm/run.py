@@ -162,8 +162,9 @@ class Run:
 
 
 def fit_run_factors(run: Run, strategy: str = "ekfac", layers: str = "mlp", *, fisher: str = "sampled",
-                    batch_size: int = 32, max_sequences: int | None = None, seed: int = 0, progress: bool = True,
-                    devices=None, blocks: int | None = None, factor_dtype: str = "float32", restart: bool = False):
+                    batch_size: int | None = None, max_sequences: int | None = None, seed: int = 0,
+                    progress: bool = True, devices=None, blocks: int | None = None, factor_dtype: str = "float32",
+                    restart: bool = False):
     """Fit factors of ``run``'s model on its training sequences (the first
     ``max_sequences`` only, if given) and save them, with their ``settings.json``, in
     :meth:`Run.factors_dir` of these settings.

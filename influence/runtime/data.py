@@ -389,3 +389,20 @@ def select_rows(data: Any, rows: np.ndarray) -> Any:
         return data.select(np.asarray(rows).tolist())
     raise DataError("selecting rows (a prefilter, attribution) needs data that can be indexed: a dict of arrays or "
                     "a datasets.Dataset")
+
+
+def first_row(data: Any, task: Any = None) -> tuple[dict[str, np.ndarray] | None, int | None]:
+    """``(first example as a one-row batch of the fields task reads, number of examples)``
+    of ``data``, without consuming it: ``(None, None)`` for a one-shot iterator (read
+    once, it cannot be peeked at); the count is ``None`` where the data does not say."""
+    if isinstance(data, DataSource):
+        data = data._data
+    fields = tuple(getattr(task, "fields", ()) or ())
+    optional = tuple(getattr(task, "optional_fields", ()) or ())
+    source = DataSource(data, 1, fields, optional)
+    if source.single_pass:
+        return None, None
+    chunk = next(source._raw_chunks(), None)
+    if chunk is None:
+        raise DataError("the data set is empty")
+    return {k: np.asarray(v[:1]) for k, v in chunk.items()}, source.num_examples

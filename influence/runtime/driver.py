@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
@@ -209,28 +210,41 @@ def run_pass(accumulator: Accumulator, source: DataSource, mesh: Mesh, *, checkp
 _CHUNK_KIND = "influence-score-chunk"
 
 
+FETCH_ELEMENTS = 2**24
+"""Most numbers (64 MiB of float32) of :func:`concatenate`'s outputs left on the device
+before they are fetched to the host together (one sync for many steps)."""
+
+
 class _Concatenated(NamedTuple):
     saved: tuple[np.ndarray, ...]  # outputs up to the last chunk file (all of them, without checkpoint)
     recent: tuple[np.ndarray, ...]  # outputs since, on the host
-    inflight: tuple[tuple[Any, int], ...]  # the last step's device output and its real rows, fetched one step late
+    inflight: tuple[tuple[Any, int], ...]  # device outputs not fetched yet, with their real rows
     chunks: tuple[str, ...]  # names of the chunk files written
 
 
 def _fetched(state: _Concatenated) -> _Concatenated:
-    recent = state.recent + tuple(np.asarray(out)[..., :n] for out, n in state.inflight)
+    if not state.inflight:
+        return state
+    outs = jax.device_get([out for out, _ in state.inflight])  # one wait for every step in flight
+    recent = state.recent + tuple(np.asarray(out)[..., :n] for out, (_, n) in zip(outs, state.inflight))
     return state._replace(recent=recent, inflight=())
 
 
-def concatenate(run_step: Callable[[Step], Any]) -> Accumulator:
+def concatenate(run_step: Callable[[Step], Any], fetch_elements: int | None = None) -> Accumulator:
     """An accumulator of ``run_step``'s ``[..., B]`` outputs over the real rows: finalises
-    to ``[..., n_rows]`` numpy. Each output is fetched after the next step is dispatched,
-    so the device is never idle waiting for the host. In a snapshot, the outputs since the
-    previous one go to a chunk file; a resumed pass reloads the chunks."""
+    to ``[..., n_rows]`` numpy. The outputs stay on the device, the host never waiting
+    on a step, and are fetched together when they hold more than ``fetch_elements``
+    numbers (default :data:`FETCH_ELEMENTS`), at a snapshot and at the end. In a
+    snapshot, the outputs since the previous one go to a chunk file; a resumed pass
+    reloads the chunks."""
+    limit = FETCH_ELEMENTS if fetch_elements is None else fetch_elements
 
     def update(state, step):
         out = run_step(step)
-        state = _fetched(state)
-        return state._replace(inflight=((out, step.batch.n_valid),))
+        state = state._replace(inflight=state.inflight + ((out, step.batch.n_valid),))
+        if sum(int(np.prod(o.shape)) for o, _ in state.inflight) > limit:
+            state = _fetched(state)
+        return state
 
     def save(state, checkpoint):
         state = _fetched(state)

@@ -20,10 +20,16 @@ from influence.runtime.data import Batch
 from influence.runtime.driver import Accumulator
 
 
+@jax.jit
+def _finite_rows(stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """``{layer: [Q]}``: whether each row of ``{layer: [Q, ...]}`` is all finite (one
+    compiled call for every layer, not an eager op each)."""
+    return {name: jnp.all(jnp.isfinite(v.reshape(v.shape[0], -1)), axis=1) for name, v in stacked.items()}
+
+
 def _first_bad_rows(stacked: dict[str, jax.Array]) -> tuple[str, int] | None:
     """The first layer and row ``q`` of ``{layer: [Q, ...]}`` that is not all finite."""
-    flags = {name: jnp.all(jnp.isfinite(v.reshape(v.shape[0], -1)), axis=1) for name, v in stacked.items()}
-    for name, finite in jax.device_get(flags).items():
+    for name, finite in jax.device_get(_finite_rows(stacked)).items():
         if not finite.all():
             return name, int(np.argmin(finite))
     return None

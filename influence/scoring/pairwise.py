@@ -36,7 +36,7 @@ from influence.runtime.execution import Execution
 from influence.runtime.mesh import DATA, describe_mesh, local, query_axis, spec
 from influence.scoring.contractions import layer_scores, query_token_scores, stack_layers
 from influence.scoring.finite import RowCheck
-from influence.scoring.queries import STEP_STATICS, prepare_queries, score_checkpoint
+from influence.scoring.queries import STEP_STATICS, prepare_queries, score_checkpoint, sized
 from influence.scoring.results import Scores
 
 MAX_PER_TOKEN = 2**26
@@ -115,6 +115,7 @@ def pairwise_scores(
     run = Execution.of(execution, options)
     side = prepare_queries(model, task, factors, queries, damping=damping, rank=query_rank, execution=run)
     mesh, tracked, dampings = side.mesh, side.tracked, side.damping
+    run = sized(run, tracked, task, train, mesh, queries=side.placed)
     source = as_source(train, run.batch_size, task, model)
     settings = {"per_layer": per_layer, **({"per_token": True} if per_token else {})}
     checkpoint = score_checkpoint("scores", run, tracked, factors, dampings, lambda: settings, queries=side.queries)
@@ -155,6 +156,7 @@ def pairwise_scores(
         "query_rank": query_rank,
         "fingerprint": tracked.fingerprint,
         "mesh": describe_mesh(mesh),
+        "batch_size": run.batch_size,
     }
     per = {name: collected[i] for i, name in enumerate(tracked.layer_names)} if per_layer else None
     if per_token:

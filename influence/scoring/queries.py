@@ -18,7 +18,7 @@ import numpy as np
 import threadpoolctl
 from jax.sharding import Mesh
 
-from influence.capture.objectives import layer_gradients
+from influence.capture.objectives import bytes_per_example, captured_shapes, layer_gradients
 from influence.capture.per_example import weight_gradients
 from influence.capture.tracking import TrackedModel, track
 from influence.curvature import precondition
@@ -31,6 +31,7 @@ from influence.runtime.io import digest_arrays
 from influence.runtime.mesh import (
     MeshLike,
     check_batch_size,
+    n_data,
     n_query,
     query_axis,
     replicate,
@@ -95,7 +96,7 @@ def _precondition_all(gradients, curvature, damping):
     return {name: precondition(v, curvature[name], damping[name]) for name, v in gradients.items()}
 
 
-def scoring_mesh(mesh: MeshLike, batch_size: int):
+def scoring_mesh(mesh: MeshLike, batch_size: int | None):
     """The mesh of a scoring pass: devices of this process only (hosts score their own
     shards independently and merge, see :mod:`influence.scoring.hosts`)."""
     mesh = resolve_mesh(mesh)
@@ -105,8 +106,30 @@ def scoring_mesh(mesh: MeshLike, batch_size: int):
             "(jax.local_devices()) and its own shard of the training data, then merge the parts "
             "(influence.scoring.hosts.merge_rankings / merge_scores)"
         )
-    check_batch_size(batch_size, mesh)
+    if batch_size is not None:
+        check_batch_size(batch_size, mesh)
     return mesh
+
+
+def sized(run: Execution, tracked: TrackedModel, task, data, mesh, kind: str = "empirical", *,
+          per_example_gradients: bool = False, queries: dict[str, LayerQueries] | None = None) -> Execution:
+    """``run`` with the batch size of a scoring pass over ``data`` set (chosen from its
+    memory budget when it has none: :meth:`influence.Execution.sized`). With ``queries``,
+    no larger than the rows each device's contraction with them takes in one chunk
+    (:func:`~influence.scoring.contractions.rows_per_chunk`): a larger batch is
+    contracted in chunks anyway, at more cost per row."""
+    def per_example(row):
+        return bytes_per_example(tracked.graphdef, tracked.state, tracked.layers, task, kind, row,
+                                 per_example_gradients=per_example_gradients)
+
+    def max_rows(row):
+        from influence.scoring.contractions import rows_per_chunk  # it imports LayerQueries from here
+
+        a, _ = captured_shapes(tracked.graphdef, tracked.state, tracked.layers, task, kind, row)
+        per_device = min(rows_per_chunk(queries[i.name], a[i.name][1]) for i in tracked.layers)
+        return per_device * n_data(mesh)
+
+    return run.sized(data, task, per_example, multiple=n_data(mesh), max_rows=None if queries is None else max_rows)
 
 
 def prepare(model, factors: Factors, damping, mesh):
@@ -152,6 +175,7 @@ def _query_gradients(model, task, prepared, queries, rank, run: Execution, mesh)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     tracked, curvature, dampings = prepared
+    run = sized(run, tracked, task, queries, mesh, "measurement", per_example_gradients=True)
     source = as_source(queries, run.batch_size, task, model, queries=True)
 
     def update(grads, step):

@@ -28,7 +28,7 @@ from influence.runtime.io import digest_arrays
 from influence.runtime.mesh import DATA, local, n_data, query_axis, shard_batch, spec
 from influence.scoring.contractions import layer_scores
 from influence.scoring.finite import RowCheck
-from influence.scoring.queries import LayerQueries, prepare_queries, score_checkpoint
+from influence.scoring.queries import LayerQueries, prepare_queries, score_checkpoint, sized
 from influence.scoring.results import check_k
 from influence.scoring.topk import merge_slots
 
@@ -146,6 +146,7 @@ def rank_training(
         row_map = np.unique(np.concatenate(candidates)) if candidates else np.zeros(0, np.int64)
         n_total = num_rows(train)
         train = select_rows(train, row_map)
+    run = sized(run, tracked, task, train, mesh, queries=side.placed)
     source = as_source(train, run.batch_size, task, model)
     n_rows = source.num_examples if row_map is None else n_total
     k_eff = min(k, n_rows) if n_rows else k
@@ -174,13 +175,21 @@ def rank_training(
             shard_batch(rows.astype(np.int32), mesh), jax.device_put(allowed, allowed_sharding),
             graphdef=tracked.graphdef, layers=tracked.layers, task=task, k=k_eff, mesh=mesh)
         finite.update(scores, step.batch)
-        if writer is not None:
-            n = step.batch.n_valid
-            writer.write(rows[:n], np.where(allowed, np.asarray(scores), -np.inf)[:n_query, :n])
+        if writer is not None:  # written one step late: the host never waits on the step just dispatched
+            write_pending()
+            pending.append((rows[:step.batch.n_valid], allowed, scores, step.batch.n_valid))
         return _Best(top, top_rows)
+
+    pending: list = []
+
+    def write_pending():
+        while pending:
+            rows, allowed, scores, n = pending.pop()
+            writer.write(rows, np.where(allowed, np.asarray(scores), -np.inf)[:n_query, :n])
 
     def save(best, checkpoint):
         if writer is not None:
+            write_pending()
             writer.flush()
         return best, {}, {"best_scores": np.asarray(best.scores), "best_indices": np.asarray(best.rows)}
 
@@ -190,6 +199,7 @@ def rank_training(
 
     def finalize(best):
         if writer is not None:
+            write_pending()
             writer.close()
         return merge_slots(np.asarray(best.scores), np.asarray(best.rows), k_eff)
 

@@ -30,6 +30,7 @@ from influence.scoring.queries import (
     prepare,
     score_checkpoint,
     scoring_mesh,
+    sized,
 )
 from influence.scoring.results import SelfScores
 
@@ -77,6 +78,7 @@ def self_scores(model: nnx.Module, task: Any, factors: Factors, train: Any, *, d
     run = Execution.of(execution, options)
     mesh = scoring_mesh(run.mesh, run.batch_size)
     tracked, curvature, dampings = prepare(model, factors, damping, mesh)
+    run = sized(run, tracked, task, train, mesh)
     source = as_source(train, run.batch_size, task, model)
     checkpoint = score_checkpoint("self-scores", run, tracked, factors, dampings, lambda: {"per_layer": per_layer})
 
@@ -94,6 +96,7 @@ def self_scores(model: nnx.Module, task: Any, factors: Factors, train: Any, *, d
                          desc="self scores", progress=run.progress).value
     values = collected.sum(axis=0)
     metadata = {"strategy": factors.strategy, "damping": dampings, "layers": list(tracked.layer_names),
-                "n_train": int(values.shape[0]), "fingerprint": tracked.fingerprint, "mesh": describe_mesh(mesh)}
+                "n_train": int(values.shape[0]), "fingerprint": tracked.fingerprint, "mesh": describe_mesh(mesh),
+                "batch_size": run.batch_size}
     per = {name: collected[i] for i, name in enumerate(tracked.layer_names)} if per_layer else None
     return SelfScores(values, per, metadata)

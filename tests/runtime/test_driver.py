@@ -14,7 +14,7 @@ import pytest
 from influence.errors import CheckpointMismatch
 from influence.runtime.checkpoint import Checkpoint
 from influence.runtime.data import as_source
-from influence.runtime.driver import Accumulator, concatenate, run_pass
+from influence.runtime.driver import Accumulator, BatchStream, concatenate, run_pass
 from influence.runtime.mesh import resolve_mesh
 
 BATCH, N = 4, 30  # 8 batches, the last one padded (2 real rows)
@@ -162,3 +162,25 @@ def test_concatenate_collects_real_rows_across_a_resume(tmp_path):
     resumed = run_pass(concatenate(rows), source, resolve_mesh(None), checkpoint=checkpoint,
                        resumed=checkpoint.load(), progress=False).value
     np.testing.assert_array_equal(resumed, full)
+
+
+@pytest.mark.parametrize("fetch_elements,fetched_after", [
+    (0, [1, 2, 3, 4, 5, 6, 7, 8]),  # a fetch after every step
+    (12, [0, 2, 2, 4, 4, 6, 6, 8]),  # one step's 12 numbers may wait: every second step
+    (10**9, [0] * 8),  # nothing fetched before the end
+])
+def test_concatenate_keeps_outputs_on_the_device_until_a_fetch(fetch_elements, fetched_after):
+    """No host sync per step: outputs wait on the device and are fetched together once
+    more than ``fetch_elements`` numbers are in flight, with the same result."""
+    data = _data()
+
+    def rows(step):
+        return step.arrays["x"].T  # [3, B]: 12 numbers per step
+
+    accumulator = concatenate(rows, fetch_elements=fetch_elements)
+    state, fetched = accumulator.init(), []
+    for step in BatchStream(as_source(data, BATCH), resolve_mesh(None), progress=False):
+        state = accumulator.update(state, step)
+        fetched.append(len(state.recent))
+    assert fetched == fetched_after
+    np.testing.assert_array_equal(accumulator.finalize(state), data["x"].T)

@@ -70,6 +70,24 @@ def test_factored_and_materialised_score_forms_agree(n_query, tokens):
                                rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("n_query,tokens", [(1, 7), (5, 1), (5, 7), (3, 2)])
+@pytest.mark.parametrize("rows_per_chunk", [1, 3, 7])
+def test_dense_scores_are_the_same_contracted_a_chunk_of_rows_at_a_time(n_query, tokens, rows_per_chunk, monkeypatch):
+    """7 rows in chunks of 1, 3 (the last one padded) or all at once: the same scores,
+    whichever form (factored or materialised) the shapes pick."""
+    from influence.scoring import contractions
+
+    rng = np.random.default_rng(1)
+    a = jnp.asarray(rng.normal(size=(7, tokens, 9)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(7, tokens, 4)), jnp.float32)
+    p = jnp.asarray(rng.normal(size=(n_query, 9, 4)), jnp.float32)
+    expected = np.einsum("qij,bij->qb", p, np.einsum("bti,btj->bij", a, g))
+    per_row = max(n_query * 9 * tokens, 9 * 4)  # the larger form's intermediate: every budget below chunks it
+    monkeypatch.setattr(contractions, "CONTRACTION_CHUNK_ELEMENTS", per_row * rows_per_chunk)
+    got = np.asarray(contractions._dense_scores(a, g, p))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 class _OneLinear(nnx.Module):
     def __init__(self, rngs):
         self.linear = nnx.Linear(6, 3, rngs=rngs)
