@@ -1,0 +1,223 @@
+"""How an index compresses each training sequence's gradient, and the maps that do it.
+
+Every option is a pair of linear maps, one per side of a layer, applied in the factors'
+eigenbasis. For a layer with augmented weight ``[d_a, d_out]`` and eigenbases ``Q_A``,
+``Q_S``, the side maps are ``E_A = Q_A M_A [d_a, k_a]`` and ``E_S = Q_S M_S [d_out, k_s]``;
+a training sequence with inputs ``ā [T, d_a]`` and output gradients ``g [T, d_out]`` is
+stored as
+
+    C = E_Aᵀ DW E_S = Σ_t (ā_t E_A)ᵀ (g_t E_S)   [k_a, k_s]
+
+(factored: no per-position ``d_a × d_out`` matrix), and a preconditioned query gradient
+``P_q`` is mapped the same way, ``K_q = E_Aᵀ P_q E_S``, so a score is ``⟨K_q, C⟩``.
+
+* ``"none"``: ``M = I``. ``C = Q_Aᵀ DW Q_S`` is the full gradient in the eigenbasis and
+  ``⟨K_q, C⟩ = ⟨P_q, DW⟩`` exactly (the rotation is orthogonal): the rescan's score.
+* ``"truncate"``: ``M`` selects the ``k`` leading eigen-directions of each side, chosen by
+  the row and column sums of Λ (for K-FAC these order as A's and S's eigenvalues; for
+  EK-FAC they are the curvature each direction carries). The score keeps the terms of
+  ``⟨Q_Aᵀ P Q_S, Q_Aᵀ DW Q_S⟩`` in the kept block.
+* ``"project"``: ``M`` is a Gaussian matrix ``N(0, 1/k)`` (LoGra-style, one per side, drawn
+  from ``seed``): ``⟨K_q, C⟩`` is an unbiased estimate of the score.
+
+``fraction`` is the share of each side's directions kept (so about ``fraction²`` of the
+full gradient's numbers are stored). The storage ``dtype`` is ``float32``, ``bfloat16``
+or ``int8`` with one float32 scale per stored row and layer (``max|C| / 127``).
+
+The dense reconstruction of a stored row in the eigenbasis is ``M_A C M_Sᵀ``
+[d_a, d_out] (:func:`reconstruct`); a score is the query's rotated gradient
+``Q_Aᵀ P Q_S`` dotted with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from influence.curvature.blocks import matmul_last
+from influence.errors import InfluenceError
+
+METHODS = ("none", "truncate", "project")
+DTYPES = ("float32", "bfloat16", "int8")
+# Bytes per stored number, and the dtype a shard file holds (bfloat16 is kept as its bits).
+ITEM_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+FILE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Compression:
+    """What an index stores per training sequence and tracked layer.
+
+    Attributes:
+      method: ``"none"``, ``"truncate"`` or ``"project"`` (see the module docstring).
+      fraction: share of each side's directions kept (0 < fraction ≤ 1; 1 for ``"none"``).
+      dtype: ``"float32"``, ``"bfloat16"`` or ``"int8"`` (with per-row scales).
+      seed: the projections' seed (``"project"`` only).
+    """
+
+    method: str = "none"
+    fraction: float = 1.0
+    dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"compression method must be one of {METHODS}, got {self.method!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"compression dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, int | float) or not 0 < self.fraction <= 1:
+            raise ValueError(f"compression fraction must be in (0, 1], got {self.fraction!r}")
+        if self.method == "none" and self.fraction != 1:
+            raise ValueError(f"compression 'none' keeps every direction (fraction 1), got fraction {self.fraction}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"compression seed must be an integer, got {self.seed!r}")
+
+    @classmethod
+    def parse(cls, spec: Any) -> Compression:
+        """A :class:`Compression` from itself, a dict of its fields, or a string
+        ``method[:fraction][:dtype]``: ``"none"``, ``"none:bfloat16"``, ``"truncate:0.25"``,
+        ``"project:0.125:int8"``."""
+        if isinstance(spec, Compression):
+            return spec
+        if isinstance(spec, dict):
+            return cls(**spec)
+        if not isinstance(spec, str):
+            raise TypeError(f"compression must be a string, a dict or a Compression, got {type(spec).__name__}")
+        parts = spec.split(":")
+        method, fraction, dtype = parts[0], 1.0, "float32"
+        for part in parts[1:]:
+            if part in DTYPES:
+                dtype = part
+            else:
+                try:
+                    fraction = float(part)
+                except ValueError:
+                    raise ValueError(f"compression {spec!r}: {part!r} is neither a fraction nor one of {DTYPES}; "
+                                     "write method[:fraction][:dtype], e.g. 'truncate:0.25:bfloat16'") from None
+        return cls(method, fraction, dtype)
+
+    def __str__(self) -> str:
+        text = self.method if self.method == "none" else f"{self.method}:{self.fraction:g}"
+        return text if self.dtype == "float32" else f"{text}:{self.dtype}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def kept(d: int, fraction: float) -> int:
+    """Directions kept of a side of size ``d``: ``round(fraction·d)``, at least 1."""
+    return max(1, min(d, int(round(fraction * d))))
+
+
+def side_maps(compression: Compression, eigenvalues: np.ndarray | None, d_a: int, d_out: int,
+              layer_index: int, name: str = "") -> dict[str, np.ndarray]:
+    """The ``M_A``, ``M_S`` of one layer as arrays for a file: ``{}`` for ``"none"``;
+    sorted int32 indices ``a [k_a]``, ``s [k_s]`` for ``"truncate"``; float32 matrices
+    ``a [d_a, k_a]``, ``s [d_out, k_s]`` for ``"project"``."""
+    if compression.method == "none":
+        return {}
+    k_a, k_s = kept(d_a, compression.fraction), kept(d_out, compression.fraction)
+    if compression.method == "truncate":
+        if eigenvalues is None:
+            raise InfluenceError(f"layer {name!r}: truncation keeps the leading eigen-directions, but the factors "
+                                 "(identity strategy) have no eigenvalues; use 'project' or 'none'")
+        lam = np.asarray(eigenvalues, np.float64)
+        # Stable descending order: ties keep the lower index, so the choice is deterministic.
+        a = np.sort(np.argsort(-lam.sum(axis=1), kind="stable")[:k_a]).astype(np.int32)
+        s = np.sort(np.argsort(-lam.sum(axis=0), kind="stable")[:k_s]).astype(np.int32)
+        return {"a": a, "s": s}
+    rng = np.random.default_rng([compression.seed, layer_index])
+    a = (rng.standard_normal((d_a, k_a)) / np.sqrt(k_a)).astype(np.float32)
+    s = (rng.standard_normal((d_out, k_s)) / np.sqrt(k_s)).astype(np.float32)
+    return {"a": a, "s": s}
+
+
+class LayerMap(NamedTuple):
+    """One layer's side maps on the device: rotations (``None`` without an eigenbasis; a
+    tuple of blocks for a split layer) then ``M`` (``None``, int indices or a matrix)."""
+
+    q_a: Any
+    q_s: Any
+    m_a: jax.Array | None
+    m_s: jax.Array | None
+
+
+def apply_side(x: jax.Array, q: Any, m: jax.Array | None) -> jax.Array:
+    """``x @ Q @ M`` over the last axis of ``x`` ``[..., d]`` → ``[..., k]``."""
+    if q is not None:
+        x = matmul_last(x, q)
+    if m is None:
+        return x
+    if jnp.issubdtype(m.dtype, jnp.integer):
+        return jnp.take(x, m, axis=-1)
+    return x @ m
+
+
+def map_training(a: jax.Array, g: jax.Array, layer: LayerMap) -> jax.Array:
+    """Stored rows ``C [B, k_a·k_s]`` of a batch with ``a [B, T, d_a]``, ``g [B, T, d_out]``:
+    ``Σ_t (ā_t E_A)ᵀ (g_t E_S)`` per example, flattened row-major."""
+    left = apply_side(a, layer.q_a, layer.m_a)  # [B, T, k_a]
+    right = apply_side(g, layer.q_s, layer.m_s)  # [B, T, k_s]
+    c = jnp.einsum("bta,bts->bas", left, right)
+    return c.reshape(c.shape[0], -1)
+
+
+def map_queries(queries, layer: LayerMap) -> jax.Array:
+    """``K [Q, k_a·k_s]`` = ``E_Aᵀ P_q E_S`` of a layer's preconditioned queries (a
+    :class:`~influence.scoring.queries.LayerQueries`, full or rank r)."""
+    if queries.full is not None:
+        p = apply_side(queries.full, layer.q_s, layer.m_s)  # [Q, d_a, k_s]
+        k = jnp.swapaxes(apply_side(jnp.swapaxes(p, -1, -2), layer.q_a, layer.m_a), -1, -2)  # [Q, k_a, k_s]
+    else:
+        left = apply_side(jnp.swapaxes(queries.left, -1, -2), layer.q_a, layer.m_a)  # [Q, r, k_a]
+        right = apply_side(jnp.swapaxes(queries.right, -1, -2), layer.q_s, layer.m_s)  # [Q, r, k_s]
+        k = jnp.einsum("qra,qrs->qas", left, right)
+    return k.reshape(k.shape[0], -1)
+
+
+def encode(c: jax.Array, dtype: str) -> tuple[jax.Array, ...]:
+    """Stored form of rows ``c [B, D]`` float32: ``(data,)``, or ``(int8 data, scales [B])``."""
+    if dtype == "float32":
+        return (c.astype(jnp.float32),)
+    if dtype == "bfloat16":
+        return (jax.lax.bitcast_convert_type(c.astype(jnp.bfloat16), jnp.uint16),)
+    scale = jnp.max(jnp.abs(c), axis=-1) / 127.0
+    q = jnp.round(c / jnp.where(scale > 0, scale, 1.0)[:, None])
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale.astype(jnp.float32)
+
+
+def decode(parts: tuple, dtype: str) -> jax.Array:
+    """Float32 rows ``[B, D]`` of the stored form :func:`encode` returns."""
+    if dtype == "float32":
+        return parts[0]
+    if dtype == "bfloat16":
+        return jax.lax.bitcast_convert_type(parts[0], jnp.bfloat16).astype(jnp.float32)
+    return parts[0].astype(jnp.float32) * parts[1][:, None]
+
+
+def decode_numpy(data: np.ndarray, scale: np.ndarray | None, dtype: str) -> np.ndarray:
+    """:func:`decode` on the host, in numpy (for checks and readers without JAX)."""
+    if dtype == "float32":
+        return np.asarray(data, np.float32)
+    if dtype == "bfloat16":
+        return (np.asarray(data, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(data, np.float32) * np.asarray(scale, np.float32)[:, None]
+
+
+def reconstruct(c: np.ndarray, maps: dict[str, np.ndarray], d_a: int, d_out: int) -> np.ndarray:
+    """Dense rows ``M_A C M_Sᵀ`` ``[N, d_a, d_out]`` in the eigenbasis of stored rows
+    ``c [N, k_a·k_s]`` (numpy, float64)."""
+    c = np.asarray(c, np.float64)
+    if not maps:
+        return c.reshape(-1, d_a, d_out)
+    a, s = maps["a"], maps["s"]
+    if np.issubdtype(a.dtype, np.integer):
+        out = np.zeros((c.shape[0], d_a, d_out))
+        out[:, a[:, None], s[None, :]] = c.reshape(-1, len(a), len(s))
+        return out
+    c = c.reshape(-1, a.shape[1], s.shape[1])
+    return np.einsum("ia,nab,jb->nij", a.astype(np.float64), c, s.astype(np.float64))
