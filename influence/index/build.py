@@ -81,7 +81,7 @@ def device_maps(factors: Factors, curvature, maps: dict[str, dict[str, np.ndarra
         m = maps.get(name, {})
         out[name] = LayerMap(curvature[name].q_a, curvature[name].q_s,
                              *(None if side not in m else replicate(jnp.asarray(m[side]), mesh)
-                               for side in ("a", "s")))
+                               for side in ("a", "s", "w")))
     return out
 
 

@@ -24,9 +24,18 @@ stored as
 full gradient's numbers are stored). The storage ``dtype`` is ``float32``, ``bfloat16``
 or ``int8`` with one float32 scale per stored row and layer (``max|C| / 127``).
 
-The dense reconstruction of a stored row in the eigenbasis is ``M_A C M_Sᵀ``
-[d_a, d_out] (:func:`reconstruct`); a score is the query's rotated gradient
-``Q_Aᵀ P Q_S`` dotted with it.
+Whitening: except for ``"none"`` in float32 (the exact reference), the stored
+coordinates are divided elementwise by ``W = sqrt(Λ + λ₀)`` (λ₀ = the default damping,
+0.1 × mean Λ) and the query's multiplied by it, which leaves every score unchanged,
+``⟨K ⊙ W, C ⊘ W⟩ = ⟨K, C⟩``, but spreads the rounding of bfloat16/int8 and the noise of
+a projection evenly over what the preconditioned score weighs (unwhitened, the
+directions of small Λ, which the preconditioner amplifies, are rounded away). For a
+projection ``W`` applies before projecting, so the build forms each sequence's rotated
+gradient ``[d_a, d_out]`` (never a per-position one).
+
+The dense reconstruction of a stored row in the eigenbasis (:func:`reconstruct`) is
+``scatter(C ⊙ W)`` (truncation) or ``W ⊙ (M_A C M_Sᵀ)`` (projection), ``[d_a, d_out]``;
+a score is the query's rotated gradient ``Q_Aᵀ P Q_S`` dotted with it.
 """
 
 from __future__ import annotations
@@ -113,11 +122,29 @@ def kept(d: int, fraction: float) -> int:
     return max(1, min(d, int(round(fraction * d))))
 
 
+def whitened(compression: Compression) -> bool:
+    """Whether the stored coordinates are whitened (all but ``"none"`` in float32)."""
+    return not (compression.method == "none" and compression.dtype == "float32")
+
+
 def side_maps(compression: Compression, eigenvalues: np.ndarray | None, d_a: int, d_out: int,
               layer_index: int, name: str = "") -> dict[str, np.ndarray]:
-    """The ``M_A``, ``M_S`` of one layer as arrays for a file: ``{}`` for ``"none"``;
+    """The maps of one layer as arrays for a file: ``M_A``, ``M_S`` (absent for ``"none"``;
     sorted int32 indices ``a [k_a]``, ``s [k_s]`` for ``"truncate"``; float32 matrices
-    ``a [d_a, k_a]``, ``s [d_out, k_s]`` for ``"project"``."""
+    ``a [d_a, k_a]``, ``s [d_out, k_s]`` for ``"project"``) and the whitening ``w``
+    (``[k_a, k_s]`` on the kept block, ``[d_a, d_out]`` before a projection)."""
+    maps = _side_maps(compression, eigenvalues, d_a, d_out, layer_index, name)
+    if whitened(compression) and eigenvalues is not None:
+        lam = np.asarray(eigenvalues, np.float64)
+        w = np.sqrt(lam + 0.1 * max(float(lam.mean()), np.finfo(np.float32).tiny))
+        if compression.method == "truncate":
+            w = w[maps["a"][:, None], maps["s"][None, :]]
+        maps["w"] = w.astype(np.float32)
+    return maps
+
+
+def _side_maps(compression: Compression, eigenvalues, d_a: int, d_out: int, layer_index: int,
+               name: str) -> dict[str, np.ndarray]:
     if compression.method == "none":
         return {}
     k_a, k_s = kept(d_a, compression.fraction), kept(d_out, compression.fraction)
@@ -137,13 +164,19 @@ def side_maps(compression: Compression, eigenvalues: np.ndarray | None, d_a: int
 
 
 class LayerMap(NamedTuple):
-    """One layer's side maps on the device: rotations (``None`` without an eigenbasis; a
-    tuple of blocks for a split layer) then ``M`` (``None``, int indices or a matrix)."""
+    """One layer's maps on the device: rotations (``None`` without an eigenbasis; a tuple
+    of blocks for a split layer), then ``M`` (``None``, int indices or a matrix), and the
+    whitening ``w`` (``None``, or as :func:`side_maps` makes it)."""
 
     q_a: Any
     q_s: Any
     m_a: jax.Array | None
     m_s: jax.Array | None
+    w: jax.Array | None = None
+
+
+def _projects(layer: LayerMap) -> bool:
+    return layer.m_a is not None and not jnp.issubdtype(layer.m_a.dtype, jnp.integer)
 
 
 def apply_side(x: jax.Array, q: Any, m: jax.Array | None) -> jax.Array:
@@ -160,15 +193,27 @@ def apply_side(x: jax.Array, q: Any, m: jax.Array | None) -> jax.Array:
 def map_training(a: jax.Array, g: jax.Array, layer: LayerMap) -> jax.Array:
     """Stored rows ``C [B, k_a·k_s]`` of a batch with ``a [B, T, d_a]``, ``g [B, T, d_out]``:
     ``Σ_t (ā_t E_A)ᵀ (g_t E_S)`` per example, flattened row-major."""
+    if _projects(layer) and layer.w is not None:  # whiten the rotated gradient [B, d_a, d_out], then project
+        rotated = jnp.einsum("bti,btj->bij", apply_side(a, layer.q_a, None), apply_side(g, layer.q_s, None))
+        c = jnp.einsum("ia,bij,js->bas", layer.m_a, rotated / layer.w, layer.m_s)
+        return c.reshape(c.shape[0], -1)
     left = apply_side(a, layer.q_a, layer.m_a)  # [B, T, k_a]
     right = apply_side(g, layer.q_s, layer.m_s)  # [B, T, k_s]
     c = jnp.einsum("bta,bts->bas", left, right)
+    if layer.w is not None:
+        c = c / layer.w
     return c.reshape(c.shape[0], -1)
 
 
 def map_queries(queries, layer: LayerMap) -> jax.Array:
     """``K [Q, k_a·k_s]`` = ``E_Aᵀ P_q E_S`` of a layer's preconditioned queries (a
     :class:`~influence.scoring.queries.LayerQueries`, full or rank r)."""
+    if _projects(layer) and layer.w is not None:
+        full = queries.dense()
+        rotated = jnp.swapaxes(apply_side(jnp.swapaxes(apply_side(full, layer.q_s, None), -1, -2), layer.q_a, None),
+                               -1, -2)  # [Q, d_a, d_out]
+        k = jnp.einsum("ia,qij,js->qas", layer.m_a, rotated * layer.w, layer.m_s)
+        return k.reshape(k.shape[0], -1)
     if queries.full is not None:
         p = apply_side(queries.full, layer.q_s, layer.m_s)  # [Q, d_a, k_s]
         k = jnp.swapaxes(apply_side(jnp.swapaxes(p, -1, -2), layer.q_a, layer.m_a), -1, -2)  # [Q, k_a, k_s]
@@ -176,6 +221,8 @@ def map_queries(queries, layer: LayerMap) -> jax.Array:
         left = apply_side(jnp.swapaxes(queries.left, -1, -2), layer.q_a, layer.m_a)  # [Q, r, k_a]
         right = apply_side(jnp.swapaxes(queries.right, -1, -2), layer.q_s, layer.m_s)  # [Q, r, k_s]
         k = jnp.einsum("qra,qrs->qas", left, right)
+    if layer.w is not None:
+        k = k * layer.w
     return k.reshape(k.shape[0], -1)
 
 
@@ -209,15 +256,16 @@ def decode_numpy(data: np.ndarray, scale: np.ndarray | None, dtype: str) -> np.n
 
 
 def reconstruct(c: np.ndarray, maps: dict[str, np.ndarray], d_a: int, d_out: int) -> np.ndarray:
-    """Dense rows ``M_A C M_Sᵀ`` ``[N, d_a, d_out]`` in the eigenbasis of stored rows
-    ``c [N, k_a·k_s]`` (numpy, float64)."""
+    """Dense rows ``[N, d_a, d_out]`` in the eigenbasis of stored rows ``c [N, k_a·k_s]``
+    (numpy, float64; see the module docstring): what a query's rotated gradient is dotted with."""
     c = np.asarray(c, np.float64)
-    if not maps:
-        return c.reshape(-1, d_a, d_out)
+    w = maps["w"].astype(np.float64) if "w" in maps else 1.0
+    if "a" not in maps:
+        return c.reshape(-1, d_a, d_out) * w
     a, s = maps["a"], maps["s"]
     if np.issubdtype(a.dtype, np.integer):
         out = np.zeros((c.shape[0], d_a, d_out))
-        out[:, a[:, None], s[None, :]] = c.reshape(-1, len(a), len(s))
+        out[:, a[:, None], s[None, :]] = c.reshape(-1, len(a), len(s)) * w
         return out
     c = c.reshape(-1, a.shape[1], s.shape[1])
-    return np.einsum("ia,nab,jb->nij", a.astype(np.float64), c, s.astype(np.float64))
+    return np.einsum("ia,nab,jb->nij", a.astype(np.float64), c, s.astype(np.float64)) * w

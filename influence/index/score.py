@@ -57,7 +57,7 @@ class _Context:
         for name in self.names:
             curv = map_arrays(factors.layers[name], jnp.asarray)
             m = first.maps[name]
-            layer = LayerMap(curv.q_a, curv.q_s, *(jnp.asarray(m[s]) if s in m else None for s in ("a", "s")))
+            layer = LayerMap(curv.q_a, curv.q_s, *(jnp.asarray(m[s]) if s in m else None for s in ("a", "s", "w")))
             keys.append(_keys(self.side.queries[name], layer))
         self.keys = tuple(keys)
         width = sum(layer["k_a"] * layer["k_s"] for layer in first.layers) * ITEM_BYTES[self.dtype]

@@ -114,7 +114,7 @@ class Index:
         self.manifest = manifest
         self.compression = Compression(**manifest["compression"])
         arrays, _ = io.load_arrays(self.path / MAPS, MAPS_KIND)
-        self.maps = {info["name"]: {side: arrays[f"{info['name']}/{side}"] for side in ("a", "s")
+        self.maps = {info["name"]: {side: arrays[f"{info['name']}/{side}"] for side in ("a", "s", "w")
                                     if f"{info['name']}/{side}" in arrays} for info in self.layers}
         self._check_files()
 

@@ -94,7 +94,7 @@ def test_stored_rows_are_the_gradients_in_the_eigenbasis(mlp, tmp_path):
         _close(stored, expected, 1e-5)
 
 
-@pytest.mark.parametrize("compression", ["truncate:0.5", "project:0.5:bfloat16", "truncate:0.75:int8",
+@pytest.mark.parametrize("compression", ["truncate:0.5", "project:0.5:int8", "truncate:0.75:int8",
                                          "none:bfloat16"])
 def test_compressed_index_scores_its_own_reconstruction(compression, lm, tmp_path):
     """Scores = ⟨Q_Aᵀ P_q Q_S, M_A C_n M_Sᵀ⟩, computed here in numpy from the stored rows."""
