@@ -27,7 +27,7 @@ from influence._version import __version__
 from influence.capture.objectives import layer_gradients
 from influence.errors import CheckpointMismatch, InfluenceError
 from influence.factors import Factors, curvature_arrays
-from influence.index.compress import Compression, LayerMap, encode, kept, map_training, side_maps
+from influence.index.compress import Compression, LayerMap, encode, map_training, side_maps
 from influence.index.store import (
     FORMAT,
     KIND,
@@ -57,11 +57,11 @@ _BUFFER_KIND = "influence-index-buffer"
 _BUILD_DIR = ".build"
 
 
-@functools.partial(jax.jit, static_argnames=STEP_STATICS + ("dtype",))
-def _build_step(maps, state, batch, example_mask, *, graphdef, layers, task, kind, dtype):
+@functools.partial(jax.jit, static_argnames=STEP_STATICS + ("dtype", "rank"))
+def _build_step(maps, state, batch, example_mask, *, graphdef, layers, task, kind, dtype, rank):
     """Stored rows of one batch per layer (``encode`` d), and whether each row is finite."""
     _, a, g = layer_gradients(graphdef, state, layers, task, kind, batch, example_mask)
-    rows = {i.name: map_training(a[i.name], g[i.name], maps[i.name]) for i in layers}
+    rows = {i.name: map_training(a[i.name], g[i.name], maps[i.name], rank) for i in layers}
     finite = functools.reduce(lambda x, y: x & y, [jnp.all(jnp.isfinite(c), axis=-1)
                                                    for c in rows.values()])
     return {name: encode(c, dtype) for name, c in rows.items()}, finite
@@ -81,7 +81,7 @@ def device_maps(factors: Factors, curvature, maps: dict[str, dict[str, np.ndarra
         m = maps.get(name, {})
         out[name] = LayerMap(curvature[name].q_a, curvature[name].q_s,
                              *(None if side not in m else replicate(jnp.asarray(m[side]), mesh)
-                               for side in ("a", "s", "w")))
+                               for side in ("a", "s", "w", "wa", "ws")))
     return out
 
 
@@ -245,7 +245,9 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
         m = maps[info.name]
         k_a = info.d_a if "a" not in m else (len(m["a"]) if m["a"].ndim == 1 else m["a"].shape[1])
         k_s = info.d_out if "s" not in m else (len(m["s"]) if m["s"].ndim == 1 else m["s"].shape[1])
-        layers.append({"name": info.name, "d_a": info.d_a, "d_out": info.d_out, "k_a": int(k_a), "k_s": int(k_s)})
+        width = comp.rank * (info.d_a + info.d_out) if comp.method == "rank" else int(k_a) * int(k_s)
+        layers.append({"name": info.name, "d_a": info.d_a, "d_out": info.d_out, "k_a": int(k_a), "k_s": int(k_s),
+                       "rank": comp.rank, "width": width})
     assert comp.method != "none" or all(lay["k_a"] == lay["d_a"] for lay in layers)
     on_mesh = device_maps(factors, curvature, maps, mesh)
 
@@ -271,7 +273,8 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
 
     def update(w, step):
         out, finite = _build_step(on_mesh, tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
-                                  layers=tracked.layers, task=task, kind="empirical", dtype=comp.dtype)
+                                  layers=tracked.layers, task=task, kind="empirical", dtype=comp.dtype,
+                                  rank=comp.rank)
         w.add(out, finite, step.batch)
         return w
 
@@ -315,8 +318,3 @@ def _with_dir(run: Execution, directory: Path) -> Execution:
     return dataclasses.replace(run, checkpoint_dir=directory)
 
 
-def index_layer_sizes(factors: Factors, compression: Any) -> dict[str, tuple[int, int]]:
-    """``{layer: (k_a, k_s)}`` an index of ``compression`` would store (no data read)."""
-    comp = Compression.parse(compression)
-    return {info.name: (kept(info.d_a, comp.fraction), kept(info.d_out, comp.fraction))
-            for info in factors.layer_infos}

@@ -19,6 +19,10 @@ stored as
   ``⟨Q_Aᵀ P Q_S, Q_Aᵀ DW Q_S⟩`` in the kept block.
 * ``"project"``: ``M`` is a Gaussian matrix ``N(0, 1/k)`` (LoGra-style, one per side, drawn
   from ``seed``): ``⟨K_q, C⟩`` is an unbiased estimate of the score.
+* ``"rank"``: the best rank-c approximation ``U Vᵀ`` (``U [d_a, c]``, ``V [d_out, c]``, a
+  batched SVD on the device) of each sequence's whitened rotated gradient (LoRIF-style:
+  ``Σ_t ā_t g_tᵀ`` has rank ≤ T, so c ≥ T is exact); ``c·(d_a + d_out)`` numbers per layer.
+  Its whitening is separable, ``W = w_A w_Sᵀ`` (so a rank-T gradient stays rank T).
 
 ``fraction`` is the share of each side's directions kept (so about ``fraction²`` of the
 full gradient's numbers are stored). The storage ``dtype`` is ``float32``, ``bfloat16``
@@ -50,7 +54,7 @@ import numpy as np
 from influence.curvature.blocks import matmul_last
 from influence.errors import InfluenceError
 
-METHODS = ("none", "truncate", "project")
+METHODS = ("none", "truncate", "project", "rank")
 DTYPES = ("float32", "bfloat16", "int8")
 # Bytes per stored number, and the dtype a shard file holds (bfloat16 is kept as its bits).
 ITEM_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
@@ -66,12 +70,14 @@ class Compression:
       fraction: share of each side's directions kept (0 < fraction ≤ 1; 1 for ``"none"``).
       dtype: ``"float32"``, ``"bfloat16"`` or ``"int8"`` (with per-row scales).
       seed: the projections' seed (``"project"`` only).
+      rank: c, the rank kept per sequence and layer (``"rank"`` only; 0 otherwise).
     """
 
     method: str = "none"
     fraction: float = 1.0
     dtype: str = "float32"
     seed: int = 0
+    rank: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -84,12 +90,17 @@ class Compression:
             raise ValueError(f"compression 'none' keeps every direction (fraction 1), got fraction {self.fraction}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"compression seed must be an integer, got {self.seed!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or (self.rank < 1) == (self.method == "rank"):
+            raise ValueError(f"compression rank must be a positive integer for 'rank' and 0 otherwise, got "
+                             f"{self.rank!r} for {self.method!r}")
+        if self.method == "rank" and self.fraction != 1:
+            raise ValueError("compression 'rank' keeps rank c of every sequence (rank:c), not a fraction")
 
     @classmethod
     def parse(cls, spec: Any) -> Compression:
         """A :class:`Compression` from itself, a dict of its fields, or a string
         ``method[:fraction][:dtype]``: ``"none"``, ``"none:bfloat16"``, ``"truncate:0.25"``,
-        ``"project:0.125:int8"``."""
+        ``"project:0.125:int8"``, ``"rank:4:bfloat16"`` (for ``rank`` the number is c)."""
         if isinstance(spec, Compression):
             return spec
         if isinstance(spec, dict):
@@ -107,10 +118,16 @@ class Compression:
                 except ValueError:
                     raise ValueError(f"compression {spec!r}: {part!r} is neither a fraction nor one of {DTYPES}; "
                                      "write method[:fraction][:dtype], e.g. 'truncate:0.25:bfloat16'") from None
+        if method == "rank":
+            if fraction != int(fraction) or fraction < 1:
+                raise ValueError(f"compression {spec!r}: write rank:c with c a positive integer")
+            return cls(method, 1.0, dtype, rank=int(fraction))
         return cls(method, fraction, dtype)
 
     def __str__(self) -> str:
         text = self.method if self.method == "none" else f"{self.method}:{self.fraction:g}"
+        if self.method == "rank":
+            text = f"rank:{self.rank}"
         return text if self.dtype == "float32" else f"{text}:{self.dtype}"
 
     def as_dict(self) -> dict[str, Any]:
@@ -134,6 +151,13 @@ def side_maps(compression: Compression, eigenvalues: np.ndarray | None, d_a: int
     ``a [d_a, k_a]``, ``s [d_out, k_s]`` for ``"project"``) and the whitening ``w``
     (``[k_a, k_s]`` on the kept block, ``[d_a, d_out]`` before a projection)."""
     maps = _side_maps(compression, eigenvalues, d_a, d_out, layer_index, name)
+    if compression.method == "rank":
+        if eigenvalues is not None:  # separable: w_A w_Sᵀ ≈ sqrt(Λ + λ₀) (exactly so for K-FAC's Λ)
+            lam = np.asarray(eigenvalues, np.float64)
+            mean = max(float(lam.mean()), np.finfo(np.float32).tiny)
+            maps["wa"] = np.sqrt((lam.mean(axis=1) + 0.1 * mean) / np.sqrt(1.1 * mean)).astype(np.float32)
+            maps["ws"] = np.sqrt((lam.mean(axis=0) + 0.1 * mean) / np.sqrt(1.1 * mean)).astype(np.float32)
+        return maps
     if whitened(compression) and eigenvalues is not None:
         lam = np.asarray(eigenvalues, np.float64)
         w = np.sqrt(lam + 0.1 * max(float(lam.mean()), np.finfo(np.float32).tiny))
@@ -145,7 +169,7 @@ def side_maps(compression: Compression, eigenvalues: np.ndarray | None, d_a: int
 
 def _side_maps(compression: Compression, eigenvalues, d_a: int, d_out: int, layer_index: int,
                name: str) -> dict[str, np.ndarray]:
-    if compression.method == "none":
+    if compression.method in ("none", "rank"):
         return {}
     k_a, k_s = kept(d_a, compression.fraction), kept(d_out, compression.fraction)
     if compression.method == "truncate":
@@ -173,6 +197,8 @@ class LayerMap(NamedTuple):
     m_a: jax.Array | None
     m_s: jax.Array | None
     w: jax.Array | None = None
+    wa: jax.Array | None = None  # rank-c: separable whitening w_A [d_a]
+    ws: jax.Array | None = None  # and w_S [d_out]
 
 
 def _projects(layer: LayerMap) -> bool:
@@ -190,9 +216,19 @@ def apply_side(x: jax.Array, q: Any, m: jax.Array | None) -> jax.Array:
     return x @ m
 
 
-def map_training(a: jax.Array, g: jax.Array, layer: LayerMap) -> jax.Array:
+def map_training(a: jax.Array, g: jax.Array, layer: LayerMap, rank: int = 0) -> jax.Array:
     """Stored rows ``C [B, k_a·k_s]`` of a batch with ``a [B, T, d_a]``, ``g [B, T, d_out]``:
-    ``Σ_t (ā_t E_A)ᵀ (g_t E_S)`` per example, flattened row-major."""
+    ``Σ_t (ā_t E_A)ᵀ (g_t E_S)`` per example, flattened row-major (for ``"rank"``: ``U``
+    then ``V``, ``[B, c·(d_a + d_out)]``, with ``rank`` = c)."""
+    if rank:
+        left, right = apply_side(a, layer.q_a, None), apply_side(g, layer.q_s, None)
+        if layer.wa is not None:
+            left, right = left / layer.wa, right / layer.ws
+        u, s, vt = jnp.linalg.svd(jnp.einsum("bti,btj->bij", left, right), full_matrices=False)
+        c = min(rank, s.shape[-1])
+        u = jnp.pad(u[..., :c] * s[:, None, :c], ((0, 0), (0, 0), (0, rank - c)))  # [B, d_a, rank]
+        v = jnp.pad(jnp.swapaxes(vt[:, :c], -1, -2), ((0, 0), (0, 0), (0, rank - c)))  # [B, d_out, rank]
+        return jnp.concatenate([u.reshape(u.shape[0], -1), v.reshape(v.shape[0], -1)], axis=-1)
     if _projects(layer) and layer.w is not None:  # whiten the rotated gradient [B, d_a, d_out], then project
         rotated = jnp.einsum("bti,btj->bij", apply_side(a, layer.q_a, None), apply_side(g, layer.q_s, None))
         c = jnp.einsum("ia,bij,js->bas", layer.m_a, rotated / layer.w, layer.m_s)
@@ -205,9 +241,16 @@ def map_training(a: jax.Array, g: jax.Array, layer: LayerMap) -> jax.Array:
     return c.reshape(c.shape[0], -1)
 
 
-def map_queries(queries, layer: LayerMap) -> jax.Array:
+def map_queries(queries, layer: LayerMap, rank: int = 0) -> jax.Array:
     """``K [Q, k_a·k_s]`` = ``E_Aᵀ P_q E_S`` of a layer's preconditioned queries (a
-    :class:`~influence.scoring.queries.LayerQueries`, full or rank r)."""
+    :class:`~influence.scoring.queries.LayerQueries`, full or rank r). For ``"rank"``
+    (``rank`` = c) the dense ``[Q, d_a·d_out]`` (whitened), which rows of ``U Vᵀ`` are dotted with."""
+    if rank:
+        full = queries.dense()
+        k = jnp.swapaxes(apply_side(jnp.swapaxes(apply_side(full, layer.q_s, None), -1, -2), layer.q_a, None), -1, -2)
+        if layer.wa is not None:
+            k = k * layer.wa[:, None] * layer.ws[None, :]
+        return k.reshape(k.shape[0], -1)
     if _projects(layer) and layer.w is not None:
         full = queries.dense()
         rotated = jnp.swapaxes(apply_side(jnp.swapaxes(apply_side(full, layer.q_s, None), -1, -2), layer.q_a, None),
@@ -237,13 +280,21 @@ def encode(c: jax.Array, dtype: str) -> tuple[jax.Array, ...]:
     return jnp.clip(q, -127, 127).astype(jnp.int8), scale.astype(jnp.float32)
 
 
-def decode(parts: tuple, dtype: str) -> jax.Array:
-    """Float32 rows ``[B, D]`` of the stored form :func:`encode` returns."""
+def decode(parts: tuple, dtype: str, shape: tuple[int, int, int] | None = None) -> jax.Array:
+    """Float32 rows ``[B, D]`` of the stored form :func:`encode` returns; with ``shape =
+    (d_a, d_out, c)`` (rank-c rows), the dense ``[B, d_a·d_out]`` of ``U Vᵀ``."""
     if dtype == "float32":
-        return parts[0]
-    if dtype == "bfloat16":
-        return jax.lax.bitcast_convert_type(parts[0], jnp.bfloat16).astype(jnp.float32)
-    return parts[0].astype(jnp.float32) * parts[1][:, None]
+        rows = parts[0]
+    elif dtype == "bfloat16":
+        rows = jax.lax.bitcast_convert_type(parts[0], jnp.bfloat16).astype(jnp.float32)
+    else:
+        rows = parts[0].astype(jnp.float32) * parts[1][:, None]
+    if shape is None:
+        return rows
+    d_a, d_out, c = shape
+    u = rows[:, : d_a * c].reshape(-1, d_a, c)
+    v = rows[:, d_a * c:].reshape(-1, d_out, c)
+    return jnp.einsum("nic,njc->nij", u, v).reshape(rows.shape[0], -1)
 
 
 def decode_numpy(data: np.ndarray, scale: np.ndarray | None, dtype: str) -> np.ndarray:
@@ -255,10 +306,17 @@ def decode_numpy(data: np.ndarray, scale: np.ndarray | None, dtype: str) -> np.n
     return np.asarray(data, np.float32) * np.asarray(scale, np.float32)[:, None]
 
 
-def reconstruct(c: np.ndarray, maps: dict[str, np.ndarray], d_a: int, d_out: int) -> np.ndarray:
+def reconstruct(c: np.ndarray, maps: dict[str, np.ndarray], d_a: int, d_out: int, rank: int = 0) -> np.ndarray:
     """Dense rows ``[N, d_a, d_out]`` in the eigenbasis of stored rows ``c [N, k_a·k_s]``
     (numpy, float64; see the module docstring): what a query's rotated gradient is dotted with."""
     c = np.asarray(c, np.float64)
+    if rank:
+        u = c[:, : d_a * rank].reshape(-1, d_a, rank)
+        v = c[:, d_a * rank:].reshape(-1, d_out, rank)
+        dense = np.einsum("nic,njc->nij", u, v)
+        if "wa" in maps:
+            dense = dense * np.outer(maps["wa"], maps["ws"])
+        return dense
     w = maps["w"].astype(np.float64) if "w" in maps else 1.0
     if "a" not in maps:
         return c.reshape(-1, d_a, d_out) * w

@@ -57,10 +57,14 @@ class _Context:
         for name in self.names:
             curv = map_arrays(factors.layers[name], jnp.asarray)
             m = first.maps[name]
-            layer = LayerMap(curv.q_a, curv.q_s, *(jnp.asarray(m[s]) if s in m else None for s in ("a", "s", "w")))
-            keys.append(_keys(self.side.queries[name], layer))
+            layer = LayerMap(curv.q_a, curv.q_s,
+                             *(jnp.asarray(m[s]) if s in m else None for s in ("a", "s", "w", "wa", "ws")))
+            keys.append(_keys(self.side.queries[name], layer, rank=first.compression.rank))
         self.keys = tuple(keys)
-        width = sum(layer["k_a"] * layer["k_s"] for layer in first.layers) * ITEM_BYTES[self.dtype]
+        # rank-c rows are expanded to dense [rows, d_a·d_out] on the device, chunk by chunk
+        self.shapes = tuple((la["d_a"], la["d_out"], la["rank"]) if la["rank"] else None for la in first.layers)
+        width = sum(max(la["width"] * ITEM_BYTES[self.dtype], 4 * la["d_a"] * la["d_out"] if la["rank"] else 0)
+                    for la in first.layers)
         self.chunk_rows = max(1, CHUNK_BYTES // max(width, 1))
         self.n_rows = sum(p.n_rows for p in self.parts)
 
@@ -81,26 +85,27 @@ class _Context:
         }
 
 
-@jax.jit
-def _keys(queries, layer: LayerMap):
-    return map_queries(queries, layer)
+@functools.partial(jax.jit, static_argnames=("rank",))
+def _keys(queries, layer: LayerMap, *, rank):
+    return map_queries(queries, layer, rank)
 
 
-def _layer_scores(keys, chunk, dtype: str) -> list[jax.Array]:
-    return [jnp.matmul(k, decode(parts, dtype).T, precision=jax.lax.Precision.HIGHEST) for k, parts in zip(keys, chunk)]
+def _layer_scores(keys, chunk, dtype: str, shapes) -> list[jax.Array]:
+    return [jnp.matmul(k, decode(parts, dtype, shape).T, precision=jax.lax.Precision.HIGHEST)
+            for k, parts, shape in zip(keys, chunk, shapes)]
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "keep_layers"))
-def _chunk_scores(keys, chunk, *, dtype, keep_layers):
+@functools.partial(jax.jit, static_argnames=("dtype", "keep_layers", "shapes"))
+def _chunk_scores(keys, chunk, *, dtype, keep_layers, shapes):
     """Scores ``[L, Q, rows]`` per layer, or ``[1, Q, rows]`` summed, of one chunk."""
-    per = _layer_scores(keys, chunk, dtype)
+    per = _layer_scores(keys, chunk, dtype, shapes)
     return jnp.stack(per) if keep_layers else functools.reduce(jnp.add, per)[None]
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "k"))
-def _rank_chunk(best_scores, best_rows, keys, chunk, rows, allowed, *, dtype, k):
+@functools.partial(jax.jit, static_argnames=("dtype", "k", "shapes"))
+def _rank_chunk(best_scores, best_rows, keys, chunk, rows, allowed, *, dtype, k, shapes):
     """Merge one chunk into the running top-k ``[Q, k]``; also its scores ``[Q, rows]``."""
-    scores = functools.reduce(jnp.add, _layer_scores(keys, chunk, dtype))
+    scores = functools.reduce(jnp.add, _layer_scores(keys, chunk, dtype, shapes))
     ranked = jnp.where(allowed, scores, -jnp.inf)
     merged = jnp.concatenate([best_scores, ranked], axis=1)
     merged_rows = jnp.concatenate([best_rows, jnp.broadcast_to(rows, ranked.shape)], axis=1)
@@ -121,7 +126,7 @@ def index_pairwise_scores(model, task, factors: Factors, queries, train, index, 
     ctx = _Context(model, task, factors, queries, train, index, damping, query_rank, run)
     outputs, pending = [], None
     for _, _, chunk in ctx.chunks():
-        out = _chunk_scores(ctx.keys, chunk, dtype=ctx.dtype, keep_layers=per_layer)
+        out = _chunk_scores(ctx.keys, chunk, dtype=ctx.dtype, keep_layers=per_layer, shapes=ctx.shapes)
         if pending is not None:
             outputs.append(np.asarray(pending))  # fetched one chunk late: the device runs ahead of the reads
         pending = out
@@ -161,7 +166,7 @@ def index_rank_training(model, task, factors: Factors, queries, train, index, *,
             allowed = (np.ones((n_query, n), bool) if candidates is None
                        else np.stack([np.isin(rows, c) for c in candidates]))
             *best, scores = _rank_chunk(*best, ctx.keys, chunk, rows.astype(np.int32), allowed, dtype=ctx.dtype,
-                                        k=k_eff)
+                                        k=k_eff, shapes=ctx.shapes)
             if writer is not None:
                 writer.array[:, start:start + n] = np.where(allowed, np.asarray(scores), -np.inf)
         top = np.asarray(best[0])

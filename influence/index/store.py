@@ -114,7 +114,7 @@ class Index:
         self.manifest = manifest
         self.compression = Compression(**manifest["compression"])
         arrays, _ = io.load_arrays(self.path / MAPS, MAPS_KIND)
-        self.maps = {info["name"]: {side: arrays[f"{info['name']}/{side}"] for side in ("a", "s", "w")
+        self.maps = {info["name"]: {side: arrays[f"{info['name']}/{side}"] for side in ("a", "s", "w", "wa", "ws")
                                     if f"{info['name']}/{side}" in arrays} for info in self.layers}
         self._check_files()
 
@@ -124,7 +124,8 @@ class Index:
 
     @property
     def layers(self) -> list[dict[str, Any]]:
-        """Per tracked layer: ``name``, ``d_a``, ``d_out``, ``k_a``, ``k_s``."""
+        """Per tracked layer: ``name``, ``d_a``, ``d_out``, ``k_a``, ``k_s``, ``rank`` (c, or 0)
+        and ``width`` (numbers stored per row: ``k_a·k_s``, or ``c·(d_a + d_out)``)."""
         return self.manifest["layers"]
 
     @property
@@ -148,7 +149,7 @@ class Index:
     def bytes_per_sequence(self) -> float:
         """Stored bytes per training sequence (data and scales, headers excluded)."""
         dtype = self.compression.dtype
-        per = sum(layer["k_a"] * layer["k_s"] for layer in self.layers) * ITEM_BYTES[dtype]
+        per = sum(layer["width"] for layer in self.layers) * ITEM_BYTES[dtype]
         return float(per + (4 * len(self.layers) if dtype == "int8" else 0))
 
     def _check_files(self) -> None:
@@ -201,7 +202,7 @@ class Index:
                     scale = arr
                 else:
                     data = arr
-            width = layer["k_a"] * layer["k_s"]
+            width = layer["width"]
             if (data is None or data.shape != (rows, width)
                     or data.dtype != np.dtype(FILE_DTYPES[self.compression.dtype])):
                 raise FileFormatError(f"{self.path}: shard rows {shard['rows']} of layer {layer['name']!r}: expected "

@@ -79,6 +79,17 @@ def test_uncompressed_index_scores_as_the_rescan(setting, request, tmp_path):
         assert not answered.metadata["index"]["data_checked"]
 
 
+def test_rank_one_is_exact_for_one_token_per_example(mlp, tmp_path):
+    """An MLP's DW_n = ā gᵀ has rank 1 (and the rank option's whitening is separable), so
+    rank:1 stores it exactly: the rescan's scores, at (d_a + d_out) numbers per layer."""
+    model, task, factors, data, queries = mlp
+    index = inf.build_index(model, task, factors, data, path=tmp_path / "i", compression="rank:1", batch_size=32,
+                            **QUIET)
+    rescan = inf.pairwise_scores(model, task, factors, queries, data, batch_size=32, **QUIET)
+    _close(inf.pairwise_scores(model, task, factors, queries, data, index=index, **QUIET).values, rescan.values, 1e-4)
+    assert index.bytes_per_sequence == 4 * sum(i.d_a + i.d_out for i in factors.layer_infos)
+
+
 def test_stored_rows_are_the_gradients_in_the_eigenbasis(mlp, tmp_path):
     """Row n of layer l is Q_Aᵀ DW_n Q_S, with DW_n the example's loss gradient by jax.grad."""
     model, task, factors, data, _ = mlp
@@ -95,7 +106,7 @@ def test_stored_rows_are_the_gradients_in_the_eigenbasis(mlp, tmp_path):
 
 
 @pytest.mark.parametrize("compression", ["truncate:0.5", "project:0.5:int8", "truncate:0.75:int8",
-                                         "none:bfloat16"])
+                                         "none:bfloat16", "rank:2", "rank:3:bfloat16"])
 def test_compressed_index_scores_its_own_reconstruction(compression, lm, tmp_path):
     """Scores = ⟨Q_Aᵀ P_q Q_S, M_A C_n M_Sᵀ⟩, computed here in numpy from the stored rows."""
     model, task, factors, data, queries = lm
@@ -109,7 +120,7 @@ def test_compressed_index_scores_its_own_reconstruction(compression, lm, tmp_pat
         name = layer["name"]
         stored = np.concatenate([decode_numpy(*index.layer_arrays(s)[i], index.compression.dtype)
                                  for s in index.shards])
-        dense = reconstruct(stored, index.maps[name], layer["d_a"], layer["d_out"])  # [N, d_a, d_out]
+        dense = reconstruct(stored, index.maps[name], layer["d_a"], layer["d_out"], layer["rank"])  # [N, d_a, d_out]
         curv = factors.layers[name]
         p = np.asarray(ranking.queries[name].dense(), np.float64)
         rotated = np.einsum("ia,qij,jb->qab", np.asarray(curv.q_a, np.float64), p, np.asarray(curv.q_s, np.float64))
@@ -184,7 +195,7 @@ def test_appended_sequences_score_as_in_a_fresh_build(lm, tmp_path):
     assert grown.n_rows == fresh.n_rows and len(grown.manifest["segments"]) == 2
     for (a, _), (b, _) in zip(_all_rows(grown), _all_rows(fresh)):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(inf.DataError, match="holds 32 training rows, the data has 20"):  # the old rows only are not its data
+    with pytest.raises(inf.DataError, match="holds 32 training rows, the data has 20"):  # the first rows only
         inf.pairwise_scores(model, task, factors, queries, first, index=tmp_path / "grown", **QUIET)
     a = inf.pairwise_scores(model, task, factors, queries, data, index=grown, **QUIET)
     b = inf.pairwise_scores(model, task, factors, queries, data, index=fresh, **QUIET)
@@ -194,7 +205,7 @@ def test_appended_sequences_score_as_in_a_fresh_build(lm, tmp_path):
 def _all_rows(index):
     per_layer = [[] for _ in index.layers]
     for shard in index.shards:
-        for i, (d, s) in enumerate(index.layer_arrays(shard)):
+        for i, (d, _) in enumerate(index.layer_arrays(shard)):
             per_layer[i].append(np.asarray(d))
     return [(np.concatenate(rows), None) for rows in per_layer]
 
