@@ -53,6 +53,10 @@ from influence.scoring.queries import STEP_STATICS, prepare, scoring_mesh
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_ROWS = 4096
+DEFAULT_COMPRESSION = "none"
+"""The compression of a new index when none is given: chosen by the fidelity-per-byte
+curve of ``python -m benchmarks.index`` (docs/index.md; tests/index/test_docs.py holds
+this to docs/benchmarks/index.json)."""
 _BUFFER_KIND = "influence-index-buffer"
 _BUILD_DIR = ".build"
 
@@ -177,7 +181,7 @@ class _Writer:
         return self.shards
 
 
-def build_index(model, task, factors: Factors, train: Any, *, path, compression: Any = "none", append: bool = False,
+def build_index(model, task, factors: Factors, train: Any, *, path, compression: Any = None, append: bool = False,
                 overwrite: bool = False, row_offset: int = 0, shard_rows: int = DEFAULT_SHARD_ROWS,
                 execution: Execution | None = None, **options: Any) -> Index:
     """Store every training sequence's gradient, in the factors' eigenbasis and compressed,
@@ -187,8 +191,10 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
       model, task, factors, train: as for :func:`influence.pairwise_scores`.
       path: the index folder (created).
       compression: a :class:`~influence.index.Compression` or its string
-        ``method[:fraction][:dtype]`` (``"none"``: the full rotated gradient, which scores
-        exactly as the rescan; ``"truncate:0.25"``, ``"project:0.25:bfloat16"``, ...).
+        ``method[:fraction|rank][:dtype]`` (``"none"``: the full rotated gradient, which
+        scores exactly as the rescan; ``"rank:4:bfloat16"``, ``"truncate:0.25"``,
+        ``"project:0.25:int8"``, ...); ``None``: :data:`DEFAULT_COMPRESSION` for a new
+        index, the index's own when appending.
       append: add ``train``'s sequences after the rows of the index at ``path`` (same model,
         task, factors and compression; the data digest then covers both).
       overwrite: replace an index at ``path``. Without ``append`` or ``overwrite`` an
@@ -219,7 +225,7 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
             raise InfluenceError(f"append=True, but there is no index at {path}; build one first")
         previous = Index(path)
         previous.check(origin)
-        if compression != "none" and Compression.parse(compression) != previous.compression:
+        if compression is not None and Compression.parse(compression) != previous.compression:
             raise InfluenceError(f"the index at {path} is compressed as {str(previous.compression)!r}; appended rows "
                                  f"are stored the same way, not as {str(Compression.parse(compression))!r}")
         comp, maps = previous.compression, previous.maps
@@ -231,7 +237,7 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
         if exists:
             (path / MANIFEST).unlink()  # from here on the folder is not an index until the new manifest is written
             shutil.rmtree(path / SHARDS, ignore_errors=True)
-        comp = Compression.parse(compression)
+        comp = Compression.parse(DEFAULT_COMPRESSION if compression is None else compression)
         infos = {info.name: info for info in tracked.layers}
         maps = {name: side_maps(comp, factors.layers[name].eigenvalues, infos[name].d_a, infos[name].d_out, i, name)
                 for i, name in enumerate(tracked.layer_names)}

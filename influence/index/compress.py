@@ -21,7 +21,8 @@ stored as
   from ``seed``): ``⟨K_q, C⟩`` is an unbiased estimate of the score.
 * ``"rank"``: the best rank-c approximation ``U Vᵀ`` (``U [d_a, c]``, ``V [d_out, c]``, a
   batched SVD on the device) of each sequence's whitened rotated gradient (LoRIF-style:
-  ``Σ_t ā_t g_tᵀ`` has rank ≤ T, so c ≥ T is exact); ``c·(d_a + d_out)`` numbers per layer.
+  ``Σ_t ā_t g_tᵀ`` has rank ≤ T, so c ≥ T is exact, and for T < d the SVD is of a T×T
+  core between thin QRs); ``c·(d_a + d_out)`` numbers per layer.
   Its whitening is separable, ``W = w_A w_Sᵀ`` (so a rank-T gradient stays rank T).
 
 ``fraction`` is the share of each side's directions kept (so about ``fraction²`` of the
@@ -224,10 +225,7 @@ def map_training(a: jax.Array, g: jax.Array, layer: LayerMap, rank: int = 0) -> 
         left, right = apply_side(a, layer.q_a, None), apply_side(g, layer.q_s, None)
         if layer.wa is not None:
             left, right = left / layer.wa, right / layer.ws
-        u, s, vt = jnp.linalg.svd(jnp.einsum("bti,btj->bij", left, right), full_matrices=False)
-        c = min(rank, s.shape[-1])
-        u = jnp.pad(u[..., :c] * s[:, None, :c], ((0, 0), (0, 0), (0, rank - c)))  # [B, d_a, rank]
-        v = jnp.pad(jnp.swapaxes(vt[:, :c], -1, -2), ((0, 0), (0, 0), (0, rank - c)))  # [B, d_out, rank]
+        u, v = _rank_factors(left, right, rank)  # [B, d_a, rank], [B, d_out, rank]
         return jnp.concatenate([u.reshape(u.shape[0], -1), v.reshape(v.shape[0], -1)], axis=-1)
     if _projects(layer) and layer.w is not None:  # whiten the rotated gradient [B, d_a, d_out], then project
         rotated = jnp.einsum("bti,btj->bij", apply_side(a, layer.q_a, None), apply_side(g, layer.q_s, None))
@@ -239,6 +237,30 @@ def map_training(a: jax.Array, g: jax.Array, layer: LayerMap, rank: int = 0) -> 
     if layer.w is not None:
         c = c / layer.w
     return c.reshape(c.shape[0], -1)
+
+
+def _rank_factors(left: jax.Array, right: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+    """The best rank-``rank`` ``U Vᵀ`` of ``Σ_t l_t r_tᵀ`` per example (``left [B, T, d_a]``,
+    ``right [B, T, d_out]``), zero-padded to ``rank`` columns. With T ≤ rank the tokens
+    themselves are exact factors; with T below both sizes, the SVD of a T×T core between
+    thin QRs of each side; otherwise the SVD of the ``[d_a, d_out]`` sum."""
+    tokens, d_a, d_out = left.shape[1], left.shape[2], right.shape[2]
+
+    def pad(x):
+        return jnp.pad(x, ((0, 0), (0, 0), (0, rank - x.shape[-1])))
+
+    if tokens <= rank:
+        return pad(jnp.swapaxes(left, 1, 2)), pad(jnp.swapaxes(right, 1, 2))
+    if tokens < min(d_a, d_out):
+        q_l, r_l = jnp.linalg.qr(jnp.swapaxes(left, 1, 2))  # [B, d_a, T], [B, T, T]
+        q_r, r_r = jnp.linalg.qr(jnp.swapaxes(right, 1, 2))
+        u, s, vt = jnp.linalg.svd(r_l @ jnp.swapaxes(r_r, 1, 2))  # the T×T core
+        u, v = q_l @ u, q_r @ jnp.swapaxes(vt, 1, 2)
+    else:
+        u, s, vt = jnp.linalg.svd(jnp.einsum("bti,btj->bij", left, right), full_matrices=False)
+        v = jnp.swapaxes(vt, 1, 2)
+    c = min(rank, s.shape[-1])
+    return pad(u[..., :c] * s[:, None, :c]), pad(v[..., :c])
 
 
 def map_queries(queries, layer: LayerMap, rank: int = 0) -> jax.Array:

@@ -3,6 +3,7 @@ through its file format: resume, append, refusals, torn shards, host parts."""
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -54,7 +55,8 @@ def lm():
 @pytest.mark.parametrize("setting", ["mlp", "lm"])
 def test_uncompressed_index_scores_as_the_rescan(setting, request, tmp_path):
     model, task, factors, data, queries = request.getfixturevalue(setting)
-    index = inf.build_index(model, task, factors, data, path=tmp_path / "index", batch_size=8, shard_rows=20, **QUIET)
+    index = inf.build_index(model, task, factors, data, path=tmp_path / "index", compression="none", batch_size=8,
+                            shard_rows=20, **QUIET)
     assert index.n_rows == len(next(iter(data.values())))
     for damping in (None, 1e-3) if setting == "mlp" else (None,):  # chosen at query time, from the same index
         rescan = inf.pairwise_scores(model, task, factors, queries, data, damping=damping, per_layer=True,
@@ -93,7 +95,8 @@ def test_rank_one_is_exact_for_one_token_per_example(mlp, tmp_path):
 def test_stored_rows_are_the_gradients_in_the_eigenbasis(mlp, tmp_path):
     """Row n of layer l is Q_Aᵀ DW_n Q_S, with DW_n the example's loss gradient by jax.grad."""
     model, task, factors, data, _ = mlp
-    index = inf.build_index(model, task, factors, data, path=tmp_path / "i", batch_size=32, **QUIET)
+    index = inf.build_index(model, task, factors, data, path=tmp_path / "i", compression="none", batch_size=32,
+                            **QUIET)
     tracked = inf.track(model, list(factors.layer_names))
     grads = per_example_gradients(model, task, data, layers=list(factors.layer_names))  # [N, P]
     per_layer = [unflatten(tracked, g) for g in grads]
@@ -275,7 +278,8 @@ def test_host_parts_merge_to_the_single_index_ranking(lm, tmp_path):
 
 def test_candidates_scores_file_and_refusals_on_the_index_path(lm, tmp_path):
     model, task, factors, data, queries = lm
-    index = inf.build_index(model, task, factors, data, path=tmp_path / "i", batch_size=8, shard_rows=10, **QUIET)
+    index = inf.build_index(model, task, factors, data, path=tmp_path / "i", compression="none", batch_size=8,
+                            shard_rows=10, **QUIET)
     rng = np.random.default_rng(0)
     candidates = [np.sort(rng.choice(32, 7, replace=False)) for _ in range(len(queries["input_ids"]))]
     rescan = inf.rank_training(model, task, factors, queries, data, k=4, candidates=candidates,
@@ -295,3 +299,18 @@ def test_candidates_scores_file_and_refusals_on_the_index_path(lm, tmp_path):
     identity = inf.fit_factors(model, task, data, strategy="identity", batch_size=8, **QUIET)
     with pytest.raises(inf.InfluenceError, match="no eigenvalues"):
         inf.build_index(model, task, identity, data, path=tmp_path / "id", compression="truncate:0.5", **QUIET)
+
+
+@pytest.mark.parametrize("tokens", [2, 5, 12])  # T ≤ c (tokens are the factors), T < d (QR core), T ≥ d (SVD)
+def test_rank_factors_are_the_best_rank_c_approximation(tokens):
+    from influence.index.compress import _rank_factors
+
+    rng = np.random.default_rng(tokens)
+    left, right = rng.standard_normal((3, tokens, 9)), rng.standard_normal((3, tokens, 7))
+    u, v = _rank_factors(jnp.asarray(left, jnp.float32), jnp.asarray(right, jnp.float32), 3)
+    assert u.shape == (3, 9, 3) and v.shape == (3, 7, 3)
+    for b in range(3):
+        x = left[b].T @ right[b]
+        su, s, svt = np.linalg.svd(x)
+        best = (su[:, :3] * s[:3]) @ svt[:3]
+        _close(np.asarray(u[b] @ v[b].T), best, 1e-5)
