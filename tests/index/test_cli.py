@@ -13,7 +13,9 @@ from tests.lm.helpers import tiny_config
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    Trainer(tiny_config(corpus="shakespeare:macbeth"), out).run(progress=False)
+    # fewer steps than the CLI tests' run: only the index path is under test here
+    Trainer(tiny_config(corpus="shakespeare:macbeth", tokens=8 * 32 * 12, eval_every=4, checkpoint_every=4),
+            out).run(progress=False)
     assert main(["fit", "--run", str(out), "--quiet"]) == 0
     return out
 
