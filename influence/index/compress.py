@@ -250,7 +250,7 @@ def _rank_factors(left: jax.Array, right: jax.Array, rank: int) -> tuple[jax.Arr
         return jnp.pad(x, ((0, 0), (0, 0), (0, rank - x.shape[-1])))
 
     if tokens <= rank:
-        return pad(jnp.swapaxes(left, 1, 2)), pad(jnp.swapaxes(right, 1, 2))
+        return _balanced(pad(jnp.swapaxes(left, 1, 2)), pad(jnp.swapaxes(right, 1, 2)))
     if tokens < min(d_a, d_out):
         q_l, r_l = jnp.linalg.qr(jnp.swapaxes(left, 1, 2))  # [B, d_a, T], [B, T, T]
         q_r, r_r = jnp.linalg.qr(jnp.swapaxes(right, 1, 2))
@@ -260,7 +260,15 @@ def _rank_factors(left: jax.Array, right: jax.Array, rank: int) -> tuple[jax.Arr
         u, s, vt = jnp.linalg.svd(jnp.einsum("bti,btj->bij", left, right), full_matrices=False)
         v = jnp.swapaxes(vt, 1, 2)
     c = min(rank, s.shape[-1])
-    return pad(u[..., :c] * s[:, None, :c]), pad(v[..., :c])
+    return _balanced(pad(u[..., :c] * s[:, None, :c]), pad(v[..., :c]))
+
+
+def _balanced(u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The same ``U Vᵀ`` with each column pair of equal norm, so one int8 scale per row
+    suits both halves."""
+    nu, nv = jnp.linalg.norm(u, axis=1, keepdims=True), jnp.linalg.norm(v, axis=1, keepdims=True)
+    alpha = jnp.where((nu > 0) & (nv > 0), jnp.sqrt(nv / jnp.where(nu > 0, nu, 1.0)), 1.0)
+    return u * alpha, v / alpha
 
 
 def map_queries(queries, layer: LayerMap, rank: int = 0) -> jax.Array:
