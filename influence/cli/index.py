@@ -98,9 +98,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"indexed {index.n_rows} sequences in {seconds:.1f} s: {index.bytes_per_sequence:.0f} bytes per sequence "
           f"({index.bytes_per_sequence / full:.3f} of the full float32 gradient), {index.bytes / 2**20:.1f} MiB")
     print(f"index: {path}")
-    if args.check:
+    n = min(args.check, len(loaded.heldout))
+    if args.check and not n:
+        print("fidelity not measured: the run has no held-out sequences")
+    if n:
         table = loaded.heldout.with_format("numpy")
-        n = min(args.check, len(table))
         queries = {k: np.asarray(table[k][:n]).astype(np.int32) for k in ("input_ids", "loss_mask")}
         rescan = inf.pairwise_scores(loaded.model, task, factors, queries, loaded.train, batch_size=args.batch_size,
                                      progress=not args.quiet).values
