@@ -27,7 +27,15 @@ from influence._version import __version__
 from influence.capture.objectives import layer_gradients
 from influence.errors import CheckpointMismatch, InfluenceError
 from influence.factors import Factors, curvature_arrays
-from influence.index.compress import Compression, LayerMap, encode, map_training, side_maps
+from influence.index.compress import (
+    Compression,
+    LayerMap,
+    encode,
+    encode_numpy,
+    map_training,
+    rank_rows,
+    side_maps,
+)
 from influence.index.store import (
     FORMAT,
     KIND,
@@ -68,6 +76,8 @@ def _build_step(maps, state, batch, example_mask, *, graphdef, layers, task, kin
     rows = {i.name: map_training(a[i.name], g[i.name], maps[i.name], rank) for i in layers}
     finite = functools.reduce(lambda x, y: x & y, [jnp.all(jnp.isfinite(c), axis=-1)
                                                    for c in rows.values()])
+    if rank:  # factorised and encoded on the host (index.compress.rank_rows)
+        return {name: (c,) for name, c in rows.items()}, finite
     return {name: encode(c, dtype) for name, c in rows.items()}, finite
 
 
@@ -92,8 +102,10 @@ def device_maps(factors: Factors, curvature, maps: dict[str, dict[str, np.ndarra
 class _Writer:
     """The host side of a build: buffered rows, the shards written, the checks."""
 
-    def __init__(self, path: Path, names: list[str], dtype: str, shard_rows: int, segment: int, row_start: int):
+    def __init__(self, path: Path, names: list[str], dtype: str, shard_rows: int, segment: int, row_start: int,
+                 rank: int = 0, sizes: dict[str, tuple[int, int]] | None = None):
         self.path, self.names, self.dtype = path, names, dtype
+        self.rank, self.sizes = rank, sizes or {}
         self.shard_rows, self.segment, self.row_start = shard_rows, segment, row_start
         self.shards: list[dict[str, Any]] = []
         self.buffer: list[dict[str, tuple]] = []
@@ -120,7 +132,11 @@ class _Writer:
             row = self.row_start + self.written + self.buffered + int(np.argmin(ok))
             raise FloatingPointError(f"the training gradient of row {row} is NaN/Inf (the model's weights are "
                                      "finite); check that row's inputs and labels")
-        self.buffer.append({name: tuple(np.asarray(p)[:n] for p in parts) for name, parts in out.items()})
+        host = {name: tuple(np.asarray(p)[:n] for p in parts) for name, parts in out.items()}
+        if self.rank:
+            host = {name: encode_numpy(rank_rows(parts[0], *self.sizes[name], self.rank), self.dtype)
+                    for name, parts in host.items()}
+        self.buffer.append(host)
         self.digests.append(digests)
         while self.buffered >= self.shard_rows:
             self.write_shard(self.shard_rows)
@@ -272,7 +288,8 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
         shutil.rmtree(path / _BUILD_DIR, ignore_errors=True)
         checkpoint = _with_dir(run, path / _BUILD_DIR).checkpoint("index", settings)
         resumed = None
-    writer = _Writer(path, list(tracked.layer_names), comp.dtype, shard_rows, segment, row_start)
+    writer = _Writer(path, list(tracked.layer_names), comp.dtype, shard_rows, segment, row_start, comp.rank,
+                     {info.name: (info.d_a, info.d_out) for info in tracked.layers})
     if resumed is None:  # a fresh start: shards of this segment from an abandoned build are stale
         for stale in (path / SHARDS).glob(f"s{segment:03d}-*"):
             stale.unlink()

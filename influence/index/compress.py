@@ -20,7 +20,7 @@ stored as
 * ``"project"``: ``M`` is a Gaussian matrix ``N(0, 1/k)`` (LoGra-style, one per side, drawn
   from ``seed``): ``⟨K_q, C⟩`` is an unbiased estimate of the score.
 * ``"rank"``: the best rank-c approximation ``U Vᵀ`` (``U [d_a, c]``, ``V [d_out, c]``, a
-  batched SVD on the device) of each sequence's whitened rotated gradient (LoRIF-style:
+  SVD on the host) of each sequence's whitened rotated gradient (LoRIF-style:
   ``Σ_t ā_t g_tᵀ`` has rank ≤ T, so c ≥ T is exact, and for T < d the SVD is of a T×T
   core between thin QRs); ``c·(d_a + d_out)`` numbers per layer.
   Its whitening is separable, ``W = w_A w_Sᵀ`` (so a rank-T gradient stays rank T).
@@ -219,14 +219,14 @@ def apply_side(x: jax.Array, q: Any, m: jax.Array | None) -> jax.Array:
 
 def map_training(a: jax.Array, g: jax.Array, layer: LayerMap, rank: int = 0) -> jax.Array:
     """Stored rows ``C [B, k_a·k_s]`` of a batch with ``a [B, T, d_a]``, ``g [B, T, d_out]``:
-    ``Σ_t (ā_t E_A)ᵀ (g_t E_S)`` per example, flattened row-major (for ``"rank"``: ``U``
-    then ``V``, ``[B, c·(d_a + d_out)]``, with ``rank`` = c)."""
-    if rank:
+    ``Σ_t (ā_t E_A)ᵀ (g_t E_S)`` per example, flattened row-major. For ``"rank"`` (``rank``
+    = c) the whitened rotated tokens ``[B, T·(d_a + d_out)]``, which :func:`rank_rows`
+    turns into the stored ``U``, ``V`` on the host."""
+    if rank:  # the whitened rotated token factors [B, T·(d_a + d_out)]; the host factorises them (rank_rows)
         left, right = apply_side(a, layer.q_a, None), apply_side(g, layer.q_s, None)
         if layer.wa is not None:
             left, right = left / layer.wa, right / layer.ws
-        u, v = _rank_factors(left, right, rank)  # [B, d_a, rank], [B, d_out, rank]
-        return jnp.concatenate([u.reshape(u.shape[0], -1), v.reshape(v.shape[0], -1)], axis=-1)
+        return jnp.concatenate([left.reshape(left.shape[0], -1), right.reshape(right.shape[0], -1)], axis=-1)
     if _projects(layer) and layer.w is not None:  # whiten the rotated gradient [B, d_a, d_out], then project
         rotated = jnp.einsum("bti,btj->bij", apply_side(a, layer.q_a, None), apply_side(g, layer.q_s, None))
         c = jnp.einsum("ia,bij,js->bas", layer.m_a, rotated / layer.w, layer.m_s)
@@ -239,35 +239,51 @@ def map_training(a: jax.Array, g: jax.Array, layer: LayerMap, rank: int = 0) -> 
     return c.reshape(c.shape[0], -1)
 
 
-def _rank_factors(left: jax.Array, right: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
+def rank_rows(tokens: np.ndarray, d_a: int, d_out: int, rank: int) -> np.ndarray:
+    """Stored rank-c rows ``[B, c·(d_a + d_out)]`` (``U`` then ``V``, row-major) from the
+    whitened rotated tokens :func:`map_training` gives for ``"rank"``."""
+    n = tokens.shape[0]
+    t = tokens.shape[1] // (d_a + d_out)
+    left = tokens[:, : t * d_a].reshape(n, t, d_a)
+    right = tokens[:, t * d_a:].reshape(n, t, d_out)
+    u, v = rank_factors(left, right, rank)
+    return np.concatenate([u.reshape(n, -1), v.reshape(n, -1)], axis=-1).astype(np.float32)
+
+
+def rank_factors(left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """The best rank-``rank`` ``U Vᵀ`` of ``Σ_t l_t r_tᵀ`` per example (``left [B, T, d_a]``,
-    ``right [B, T, d_out]``), zero-padded to ``rank`` columns. With T ≤ rank the tokens
-    themselves are exact factors; with T below both sizes, the SVD of a T×T core between
-    thin QRs of each side; otherwise the SVD of the ``[d_a, d_out]`` sum."""
+    ``right [B, T, d_out]``), zero-padded to ``rank`` columns, each column pair of equal
+    norm. With T ≤ rank the tokens themselves are exact factors; with T below both sizes,
+    the SVD of a T×T core between thin QRs of each side; otherwise the SVD of the
+    ``[d_a, d_out]`` sum. Host LAPACK (numpy, float64, one BLAS thread)."""
+    import threadpoolctl
+
+    left, right = np.asarray(left, np.float64), np.asarray(right, np.float64)
     tokens, d_a, d_out = left.shape[1], left.shape[2], right.shape[2]
 
     def pad(x):
-        return jnp.pad(x, ((0, 0), (0, 0), (0, rank - x.shape[-1])))
+        return np.pad(x, ((0, 0), (0, 0), (0, rank - x.shape[-1])))
 
     if tokens <= rank:
-        return _balanced(pad(jnp.swapaxes(left, 1, 2)), pad(jnp.swapaxes(right, 1, 2)))
-    if tokens < min(d_a, d_out):
-        q_l, r_l = jnp.linalg.qr(jnp.swapaxes(left, 1, 2))  # [B, d_a, T], [B, T, T]
-        q_r, r_r = jnp.linalg.qr(jnp.swapaxes(right, 1, 2))
-        u, s, vt = jnp.linalg.svd(r_l @ jnp.swapaxes(r_r, 1, 2))  # the T×T core
-        u, v = q_l @ u, q_r @ jnp.swapaxes(vt, 1, 2)
-    else:
-        u, s, vt = jnp.linalg.svd(jnp.einsum("bti,btj->bij", left, right), full_matrices=False)
-        v = jnp.swapaxes(vt, 1, 2)
+        return _balanced(pad(np.swapaxes(left, 1, 2)), pad(np.swapaxes(right, 1, 2)))
+    with threadpoolctl.threadpool_limits(1):
+        if tokens < min(d_a, d_out):
+            q_l, r_l = np.linalg.qr(np.swapaxes(left, 1, 2))  # [B, d_a, T], [B, T, T]
+            q_r, r_r = np.linalg.qr(np.swapaxes(right, 1, 2))
+            u, s, vt = np.linalg.svd(r_l @ np.swapaxes(r_r, 1, 2))  # the T×T core
+            u, v = q_l @ u, q_r @ np.swapaxes(vt, 1, 2)
+        else:
+            u, s, vt = np.linalg.svd(np.einsum("bti,btj->bij", left, right), full_matrices=False)
+            v = np.swapaxes(vt, 1, 2)
     c = min(rank, s.shape[-1])
     return _balanced(pad(u[..., :c] * s[:, None, :c]), pad(v[..., :c]))
 
 
-def _balanced(u: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _balanced(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The same ``U Vᵀ`` with each column pair of equal norm, so one int8 scale per row
     suits both halves."""
-    nu, nv = jnp.linalg.norm(u, axis=1, keepdims=True), jnp.linalg.norm(v, axis=1, keepdims=True)
-    alpha = jnp.where((nu > 0) & (nv > 0), jnp.sqrt(nv / jnp.where(nu > 0, nu, 1.0)), 1.0)
+    nu, nv = np.linalg.norm(u, axis=1, keepdims=True), np.linalg.norm(v, axis=1, keepdims=True)
+    alpha = np.where((nu > 0) & (nv > 0), np.sqrt(nv / np.where(nu > 0, nu, 1.0)), 1.0)
     return u * alpha, v / alpha
 
 
@@ -308,6 +324,18 @@ def encode(c: jax.Array, dtype: str) -> tuple[jax.Array, ...]:
     scale = jnp.max(jnp.abs(c), axis=-1) / 127.0
     q = jnp.round(c / jnp.where(scale > 0, scale, 1.0)[:, None])
     return jnp.clip(q, -127, 127).astype(jnp.int8), scale.astype(jnp.float32)
+
+
+def encode_numpy(c: np.ndarray, dtype: str) -> tuple[np.ndarray, ...]:
+    """:func:`encode` on the host (the same roundings: to nearest, ties to even)."""
+    c = np.asarray(c, np.float32)
+    if dtype == "float32":
+        return (c,)
+    if dtype == "bfloat16":
+        return (c.astype(jnp.bfloat16).view(np.uint16),)
+    scale = (np.max(np.abs(c), axis=-1) / np.float32(127.0)).astype(np.float32)
+    q = np.round(c / np.where(scale > 0, scale, np.float32(1.0))[:, None])
+    return np.clip(q, -127, 127).astype(np.int8), scale
 
 
 def decode(parts: tuple, dtype: str, shape: tuple[int, int, int] | None = None) -> jax.Array:
