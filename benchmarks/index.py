@@ -16,7 +16,7 @@ one whose top-10 overlap is at least 0.9 in every setting; tests hold the code a
 docs/index.md to the JSON this writes.
 
   nice python -m benchmarks.index                 # writes docs/benchmarks/index.json, .png, docs/index.md
-  python -m benchmarks.index --render-only        # docs/index.md from the JSON
+  python -m benchmarks.index --render-only        # docs/index.md and the plot from the JSON
 """
 
 from __future__ import annotations
@@ -194,10 +194,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--render-only", action="store_true", help="write docs/index.md from --out and stop")
+    parser.add_argument("--render-only", action="store_true", help="write docs/index.md and the plot from --out")
     args = parser.parse_args(argv)
     if args.render_only:
-        DOC.write_text(render(json.loads(args.out.read_text())))
+        results = json.loads(args.out.read_text())
+        plot(results, PLOT)
+        DOC.write_text(render(results))
         return
     started = time.time()
     load = {"start": os.getloadavg()}
@@ -233,7 +235,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results["settings"]), figsize=(5 * len(results["settings"]), 4), squeeze=False)
-    markers = {"none": "o", "truncate": "s", "project": "^"}
+    markers = {"none": "o", "truncate": "s", "project": "^", "rank": "D"}
     colours = {"float32": "C0", "bfloat16": "C1", "int8": "C2"}
     for ax, (name, s) in zip(axes[0], results["settings"].items()):
         for row in s["curve"]:
@@ -288,7 +290,14 @@ def render(results: dict) -> str:
         "row and column sums of Λ | the rescan's terms in that block |",
         "| `project:f` | a Gaussian projection of each side to `f·d` (LoGra-style), in the eigenbasis | an "
         "unbiased estimate |",
+        "| `rank:c` | the best rank-c `U Vᵀ` of each sequence's gradient (LoRIF-style; exact for c ≥ T "
+        "tokens), `c·(d_a + d_out)` numbers per layer | the rescan's with the gradient's rank-c approximation |",
         "| `…:bfloat16`, `…:int8` | the storage dtype (int8 with one float32 scale per row and layer) | |",
+        "",
+        "Except for `none` in float32, the stored coordinates are whitened, divided elementwise by "
+        "`sqrt(Λ + λ₀)` (λ₀ the default damping; separably for `rank`) with the query multiplied by it: scores "
+        "are unchanged, but rounding and projection noise fall evenly on what the preconditioned score weighs "
+        "(without it, int8 rounded away the small-Λ directions the preconditioner amplifies).",
         "",
         "A compressed index's scores equal its own dense reconstruction `M_A C M_Sᵀ` dotted with the "
         "rotated query, computed in numpy (tested).",
@@ -337,11 +346,11 @@ def render(results: dict) -> str:
     out += [
         "",
         f"The I/O floor is the time to read every stored byte of the `{default}` index once (from the page "
-        "cache here). These indexes are tiny (kilobytes to a few megabytes), so the index path's time is "
-        "the query side (query gradients, preconditioning, compilation-free dispatch), not reading the "
-        "index: its ratio to the I/O floor says nothing about large indexes. The rescan ratio grows with the "
-        "training set and the model; these settings are far smaller than the issue's `small` run, which "
-        "was not measured here.",
+        "cache here). These indexes are a few megabytes and the models tiny, so both paths' times are "
+        "dominated by fixed costs (the query gradients, which both compute, tracking and digests, dispatch), "
+        "not by the training set: the ratios say little about large runs. The build's ratio includes hashing "
+        "every training row and writing the shards with fsync. The issue's `small` ladder run, the LDS of the "
+        "index's scores and the FLOP floor were not measured here.",
         "",
         "## Layout",
         "",

@@ -61,7 +61,7 @@ from influence.scoring.queries import STEP_STATICS, prepare, scoring_mesh
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_ROWS = 4096
-DEFAULT_COMPRESSION = "none"
+DEFAULT_COMPRESSION = "rank:8:int8"
 """The compression of a new index when none is given: chosen by the fidelity-per-byte
 curve of ``python -m benchmarks.index`` (docs/index.md; tests/index/test_docs.py holds
 this to docs/benchmarks/index.json)."""
