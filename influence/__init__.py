@@ -8,12 +8,14 @@ Public API::
     scores = inf.pairwise_scores(model, task, factors, queries, train)
     self_inf = inf.self_scores(model, task, factors, train)   # .values [n_train]
     ranking = inf.rank_training(model, task, factors, queries, train, k=10)
+    index = inf.build_index(model, task, factors, train, path="index")  # then index= answers without a rescan
     run = inf.Execution(batch_size=128, checkpoint_dir="ckpt")  # run settings of any of them
     inf.enable_compilation_cache()               # compile each step once per machine, not per process
 
 Sub-packages loaded on first use: ``inf.lm`` (language models to study), ``inf.query``
 (text queries over an LM run), ``inf.reference`` (exact influence and validation),
-``inf.hosts`` (several hosts), ``inf.testing`` (small fixtures).
+``inf.hosts`` (several hosts), ``inf.testing`` (small fixtures), ``inf.index`` (the gradient
+index; ``inf.build_index`` is its builder).
 """
 
 import importlib
@@ -46,7 +48,8 @@ from influence.scoring.self_influence import self_scores
 from influence.tasks import Task
 
 _LAZY = {"lm": "influence.lm", "query": "influence.query", "reference": "influence.reference",
-         "hosts": "influence.scoring.hosts", "testing": "influence.testing"}
+         "hosts": "influence.scoring.hosts", "testing": "influence.testing", "index": "influence.index"}
+_LAZY_NAMES = {"build_index": ("influence.index.build", "build_index")}
 
 
 def __getattr__(name):
@@ -54,11 +57,16 @@ def __getattr__(name):
         module = importlib.import_module(_LAZY[name])
         globals()[name] = module
         return module
+    if name in _LAZY_NAMES:
+        module_name, attribute = _LAZY_NAMES[name]
+        value = getattr(importlib.import_module(module_name), attribute)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'influence' has no attribute {name!r}")
 
 
 __all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "DegenerateCurvature", "Execution",
            "Factors", "FileFormatError", "InfluenceError", "LayerInfo", "MissingCorpusError", "ModelMismatch",
            "Ranking", "Scores", "SelfScores", "Task", "TaskError", "TrackingError", "UntrackedParametersWarning",
-           "__version__", "attribute", "enable_compilation_cache", "fit_factors", "hosts", "lm", "pairwise_scores",
-           "query", "rank_training", "reference", "self_scores", "tasks", "testing", "track"]
+           "__version__", "attribute", "build_index", "enable_compilation_cache", "fit_factors", "hosts", "index",
+           "lm", "pairwise_scores", "query", "rank_training", "reference", "self_scores", "tasks", "testing", "track"]

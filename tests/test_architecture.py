@@ -12,7 +12,7 @@ import pytest
 import influence
 
 ROOT = Path(influence.__file__).parent
-CORE = ("errors", "tasks", "capture", "curvature", "factors", "fit", "scoring", "runtime", "_version")
+CORE = ("errors", "tasks", "capture", "curvature", "factors", "fit", "scoring", "index", "runtime", "_version")
 APPLICATIONS = ("lm", "query", "cli", "reference", "testing")
 
 # package (first component under influence/) -> what it may import of influence
@@ -26,12 +26,15 @@ ALLOWED = {
     "curvature": {"capture", "runtime", "errors"},
     "factors": {"curvature", "capture", "runtime", "errors"},
     "fit": {"factors", "curvature", "capture", "runtime", "errors"},
-    "scoring": {"factors", "curvature", "capture", "runtime", "errors"},
+    "scoring": {"factors", "curvature", "capture", "runtime", "errors", "index"},
+    # the gradient index builds on the scoring's query side and result types
+    "index": {"scoring", "factors", "curvature", "capture", "runtime", "errors", "_version"},
     "reference": {"capture", "curvature", "runtime", "errors", "tasks"},
     "lm": {"errors", "runtime", "tasks", "fit", "factors"},  # a run fits its own factors (lm.run)
     "query": {"scoring", "factors", "tasks", "runtime", "errors", "lm"},
 }
-LAZY_ONLY = {("query", "lm")}  # token offsets of influence.lm runs, imported inside a function
+LAZY_ONLY = {("query", "lm"),  # token offsets of influence.lm runs, imported inside a function
+             ("scoring", "index")}  # the index= dispatch of pairwise_scores / rank_training: no import cycle
 
 
 def _package(path: Path) -> str:

@@ -45,6 +45,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "end to end on Shakespeare: train a small LM, fit EK-FAC, explain completions (HTML report)"),
     "train": ("influence.cli.train", "train a language model of the scale ladder on bundled text"),
     "fit": ("influence.cli.fit", "fit curvature factors (EK-FAC, ...) for a trained run"),
+    "index": ("influence.cli.index", "build a gradient index of a run, so queries need no pass over its training set"),
     "query": ("influence.cli.query", "rank a run's training sequences by influence on a prompt's completion"),
     "digits": ("influence.cli.digits", "influence on images: an MLP on scikit-learn's bundled digits"),
 }

@@ -53,6 +53,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bm25", type=int, metavar="M",
                         help="score only each query's top-M training sequences by BM25 "
                              "(faster; biased towards word overlap)")
+    parser.add_argument("--no-index", action="store_true",
+                        help="rescan the training set even if an index of it (`influence index`) is found")
     parser.add_argument("--html", help="write the HTML report here")
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--scores", help="also write every score, float32 [queries, sequences], to this .npy file")
@@ -165,17 +167,21 @@ def run(args: argparse.Namespace) -> int:
     except (FileFormatError, ModelMismatch) as e:
         line = fit_command(args.run, settings["strategy"], settings["layers"], settings)
         return fail("query", f"{e}; refit with:\n  {line} --force")
+    from influence.cli.index import choose_index
+
+    index, answered_by = choose_index(args, path, loaded, factors)
     engine = QueryEngine(loaded.model, loaded.tokenizer, loaded.train, factors,
                          context_length=loaded.config.context_length, damping=args.damping,
                          query_rank=args.query_rank, bm25_candidates=args.bm25, batch_size=args.batch_size,
-                         progress=not args.quiet, mesh=args.devices)
+                         progress=not args.quiet, mesh=args.devices, index=index)
     t0 = time.perf_counter()
     results = engine.run(queries, k=args.top, scores_path=args.scores)
     seconds = time.perf_counter() - t0
     print_results(results)
     info = {"run": str(args.run), "step": loaded.step, "strategy": factors.strategy,
             "layers": ", ".join(factors.layer_names), "factors": str(path), "query rank": args.query_rank or "full",
-            "BM25 prefilter": args.bm25 or "off", "training sequences": len(loaded.train),
+            "BM25 prefilter": args.bm25 or "off", "answered by": answered_by,
+            "training sequences": len(loaded.train),
             "seconds": round(seconds, 1)}
     print(f"\nscored {len(queries)} queries against {len(loaded.train)} sequences in {seconds:.1f} s")
     if args.json:

@@ -219,6 +219,9 @@ class QueryEngine:
       query_rank: rank-r query batching (Grosse et al. use 32); ``None`` = full rank.
       bm25_candidates: if set, score only each query's top-M training sequences by BM25
         (faster, but biased towards lexical overlap).
+      index: an index of ``train`` (:func:`influence.build_index`): rankings are answered
+        from it, without a pass over the training set (attribution still recomputes the
+        top sequences' gradients); ``None`` rescans.
       execution, **options: run settings of the ranking and attribution passes
         (:class:`influence.Execution`: ``batch_size``, ``mesh``, ``progress``, checkpointing).
 
@@ -229,7 +232,7 @@ class QueryEngine:
     def __init__(self, model, tokenizer: TokenizerLike, train, factors: Factors, *, context_length: int,
                  task: Task | None = None, text_column: str = "text",
                  offset_columns: tuple[str, str] = OFFSET_COLUMNS, damping: float | None = None,
-                 query_rank: int | None = None, bm25_candidates: int | None = None,
+                 query_rank: int | None = None, bm25_candidates: int | None = None, index: Any = None,
                  execution: Execution | None = None, **options: Any):
         self.model, self.tokenizer, self.train, self.factors = model, tokenizer, train, factors
         self.context_length = int(context_length)
@@ -243,6 +246,7 @@ class QueryEngine:
         self.array_columns = frozenset((*self.task.fields, *self.task.optional_fields, self.input_key, self.mask_key,
                                         *self.offset_columns, text_column))
         self.bm25_candidates = bm25_candidates
+        self.index = index
         self._bm25: BM25 | None = None
 
     def _candidates(self, queries: Sequence[Query]) -> list[np.ndarray] | None:
@@ -267,7 +271,7 @@ class QueryEngine:
     def _rank(self, queries, batch, k, scores_path) -> Ranking:
         return rank_training(self.model, self.task, self.factors, batch, self.train, k=k, damping=self.damping,
                              query_rank=self.query_rank, candidates=self._candidates(queries),
-                             scores_path=scores_path, execution=self.execution)
+                             scores_path=scores_path, index=self.index, execution=self.execution)
 
     def run(self, queries: Sequence[Query], k: int = 10,
             scores_path: str | os.PathLike | None = None) -> list[QueryResult]:

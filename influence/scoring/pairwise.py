@@ -85,6 +85,7 @@ def pairwise_scores(
     per_layer: bool = False,
     per_token: bool = False,
     query_rank: int | None = None,
+    index: Any = None,
     execution: Execution | None = None,
     **options: Any,
 ) -> Scores:
@@ -106,6 +107,10 @@ def pairwise_scores(
       query_rank: keep each layer's preconditioned query gradient as its best rank-r
         approximation (Grosse et al. use 32): less memory per query, and cheaper
         scoring when r·(d_a + d_out) is small against d_a·d_out. ``None``: full rank.
+      index: an index of ``train`` (:func:`influence.build_index`: a path or an
+        :class:`~influence.index.Index`, or a list of host parts): answer from it without
+        a pass over ``train`` (then only read to check it is the indexed data; ``None``
+        skips that check). Not with ``per_token``.
       execution, **options: run settings (:class:`influence.Execution`). The mesh holds
         this process's devices; ``("data", "query")`` also splits the queries.
 
@@ -113,6 +118,11 @@ def pairwise_scores(
       :class:`~influence.Scores` with ``values [n_query, n_train]``.
     """
     run = Execution.of(execution, options)
+    if index is not None:  # the index path (influence/index): imported here, so scoring does not depend on it
+        from influence.index.score import index_pairwise_scores
+
+        return index_pairwise_scores(model, task, factors, queries, train, index, damping=damping, per_layer=per_layer,
+                                     per_token=per_token, query_rank=query_rank, execution=run)
     side = prepare_queries(model, task, factors, queries, damping=damping, rank=query_rank, execution=run)
     mesh, tracked, dampings = side.mesh, side.tracked, side.damping
     run = sized(run, tracked, task, train, mesh, queries=side.placed)

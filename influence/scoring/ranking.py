@@ -113,6 +113,7 @@ def rank_training(
     query_rank: int | None = None,
     candidates: list[np.ndarray] | None = None,
     scores_path: str | os.PathLike | None = None,
+    index: Any = None,
     execution: Execution | None = None,
     **options: Any,
 ) -> Ranking:
@@ -128,6 +129,8 @@ def rank_training(
       scores_path: also write every score, float32 ``[Q, n_train]`` (``-inf`` where a
         pair was not a candidate), to this ``.npy`` file (memory-mapped, renamed into
         place when the pass ends).
+      index: an index of ``train`` (:func:`influence.build_index`), as for
+        :func:`influence.pairwise_scores`: the ranking is answered from it.
       execution, **options: run settings (:class:`influence.Execution`). On a mesh each
         device keeps a running top-k of its rows, merged exactly at the end; a
         ``"query"`` axis splits the queries. A checkpoint keeps the running top-k and the
@@ -135,6 +138,12 @@ def rank_training(
     """
     check_k(k)
     run = Execution.of(execution, options)
+    if index is not None:  # the index path (influence/index): imported here, so scoring does not depend on it
+        from influence.index.score import index_rank_training
+
+        return index_rank_training(model, task, factors, queries, train, index, k=k, damping=damping,
+                                   query_rank=query_rank, candidates=candidates, scores_path=scores_path,
+                                   execution=run)
     side = prepare_queries(model, task, factors, queries, damping=damping, rank=query_rank, execution=run)
     mesh, tracked, dampings, placed, n_query, q_pad = (side.mesh, side.tracked, side.damping, side.placed,
                                                        side.n_query, side.n_placed)

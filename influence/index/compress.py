@@ -1,0 +1,387 @@
+"""How an index compresses each training sequence's gradient, and the maps that do it.
+
+Every option is a pair of linear maps, one per side of a layer, applied in the factors'
+eigenbasis. For a layer with augmented weight ``[d_a, d_out]`` and eigenbases ``Q_A``,
+``Q_S``, the side maps are ``E_A = Q_A M_A [d_a, k_a]`` and ``E_S = Q_S M_S [d_out, k_s]``;
+a training sequence with inputs ``ā [T, d_a]`` and output gradients ``g [T, d_out]`` is
+stored as
+
+    C = E_Aᵀ DW E_S = Σ_t (ā_t E_A)ᵀ (g_t E_S)   [k_a, k_s]
+
+(factored: no per-position ``d_a × d_out`` matrix), and a preconditioned query gradient
+``P_q`` is mapped the same way, ``K_q = E_Aᵀ P_q E_S``, so a score is ``⟨K_q, C⟩``.
+
+* ``"none"``: ``M = I``. ``C = Q_Aᵀ DW Q_S`` is the full gradient in the eigenbasis and
+  ``⟨K_q, C⟩ = ⟨P_q, DW⟩`` exactly (the rotation is orthogonal): the rescan's score.
+* ``"truncate"``: ``M`` selects the ``k`` leading eigen-directions of each side, chosen by
+  the row and column sums of Λ (for K-FAC these order as A's and S's eigenvalues; for
+  EK-FAC they are the curvature each direction carries). The score keeps the terms of
+  ``⟨Q_Aᵀ P Q_S, Q_Aᵀ DW Q_S⟩`` in the kept block.
+* ``"project"``: ``M`` is a Gaussian matrix ``N(0, 1/k)`` (LoGra-style, one per side, drawn
+  from ``seed``): ``⟨K_q, C⟩`` is an unbiased estimate of the score.
+* ``"rank"``: the best rank-c approximation ``U Vᵀ`` (``U [d_a, c]``, ``V [d_out, c]``, a
+  SVD on the host) of each sequence's whitened rotated gradient (LoRIF-style:
+  ``Σ_t ā_t g_tᵀ`` has rank ≤ T, so c ≥ T is exact, and for T < d the SVD is of a T×T
+  core between thin QRs); ``c·(d_a + d_out)`` numbers per layer.
+  Its whitening is separable, ``W = w_A w_Sᵀ`` (so a rank-T gradient stays rank T).
+
+``fraction`` is the share of each side's directions kept (so about ``fraction²`` of the
+full gradient's numbers are stored). The storage ``dtype`` is ``float32``, ``bfloat16``
+or ``int8`` with one float32 scale per stored row and layer (``max|C| / 127``).
+
+Whitening: except for ``"none"`` in float32 (the exact reference), the stored
+coordinates are divided elementwise by ``W = sqrt(Λ + λ₀)`` (λ₀ = the default damping,
+0.1 × mean Λ) and the query's multiplied by it, which leaves every score unchanged,
+``⟨K ⊙ W, C ⊘ W⟩ = ⟨K, C⟩``, but spreads the rounding of bfloat16/int8 and the noise of
+a projection evenly over what the preconditioned score weighs (unwhitened, the
+directions of small Λ, which the preconditioner amplifies, are rounded away). For a
+projection ``W`` applies before projecting, so the build forms each sequence's rotated
+gradient ``[d_a, d_out]`` (never a per-position one).
+
+The dense reconstruction of a stored row in the eigenbasis (:func:`reconstruct`) is
+``scatter(C ⊙ W)`` (truncation) or ``W ⊙ (M_A C M_Sᵀ)`` (projection), ``[d_a, d_out]``;
+a score is the query's rotated gradient ``Q_Aᵀ P Q_S`` dotted with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from influence.curvature.blocks import matmul_last
+from influence.errors import InfluenceError
+
+METHODS = ("none", "truncate", "project", "rank")
+DTYPES = ("float32", "bfloat16", "int8")
+# Bytes per stored number, and the dtype a shard file holds (bfloat16 is kept as its bits).
+ITEM_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+FILE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Compression:
+    """What an index stores per training sequence and tracked layer.
+
+    Attributes:
+      method: ``"none"``, ``"truncate"`` or ``"project"`` (see the module docstring).
+      fraction: share of each side's directions kept (0 < fraction ≤ 1; 1 for ``"none"``).
+      dtype: ``"float32"``, ``"bfloat16"`` or ``"int8"`` (with per-row scales).
+      seed: the projections' seed (``"project"`` only).
+      rank: c, the rank kept per sequence and layer (``"rank"`` only; 0 otherwise).
+    """
+
+    method: str = "none"
+    fraction: float = 1.0
+    dtype: str = "float32"
+    seed: int = 0
+    rank: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"compression method must be one of {METHODS}, got {self.method!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"compression dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, int | float) or not 0 < self.fraction <= 1:
+            raise ValueError(f"compression fraction must be in (0, 1], got {self.fraction!r}")
+        if self.method == "none" and self.fraction != 1:
+            raise ValueError(f"compression 'none' keeps every direction (fraction 1), got fraction {self.fraction}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"compression seed must be an integer, got {self.seed!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or (self.rank < 1) == (self.method == "rank"):
+            raise ValueError(f"compression rank must be a positive integer for 'rank' and 0 otherwise, got "
+                             f"{self.rank!r} for {self.method!r}")
+        if self.method == "rank" and self.fraction != 1:
+            raise ValueError("compression 'rank' keeps rank c of every sequence (rank:c), not a fraction")
+
+    @classmethod
+    def parse(cls, spec: Any) -> Compression:
+        """A :class:`Compression` from itself, a dict of its fields, or a string
+        ``method[:fraction][:dtype]``: ``"none"``, ``"none:bfloat16"``, ``"truncate:0.25"``,
+        ``"project:0.125:int8"``, ``"rank:4:bfloat16"`` (for ``rank`` the number is c)."""
+        if isinstance(spec, Compression):
+            return spec
+        if isinstance(spec, dict):
+            return cls(**spec)
+        if not isinstance(spec, str):
+            raise TypeError(f"compression must be a string, a dict or a Compression, got {type(spec).__name__}")
+        parts = spec.split(":")
+        method, fraction, dtype = parts[0], 1.0, "float32"
+        for part in parts[1:]:
+            if part in DTYPES:
+                dtype = part
+            else:
+                try:
+                    fraction = float(part)
+                except ValueError:
+                    raise ValueError(f"compression {spec!r}: {part!r} is neither a fraction nor one of {DTYPES}; "
+                                     "write method[:fraction][:dtype], e.g. 'truncate:0.25:bfloat16'") from None
+        if method == "rank":
+            if fraction != int(fraction) or fraction < 1:
+                raise ValueError(f"compression {spec!r}: write rank:c with c a positive integer")
+            return cls(method, 1.0, dtype, rank=int(fraction))
+        return cls(method, fraction, dtype)
+
+    def __str__(self) -> str:
+        text = self.method if self.method == "none" else f"{self.method}:{self.fraction:g}"
+        if self.method == "rank":
+            text = f"rank:{self.rank}"
+        return text if self.dtype == "float32" else f"{text}:{self.dtype}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def kept(d: int, fraction: float) -> int:
+    """Directions kept of a side of size ``d``: ``round(fraction·d)``, at least 1."""
+    return max(1, min(d, int(round(fraction * d))))
+
+
+def whitened(compression: Compression) -> bool:
+    """Whether the stored coordinates are whitened (all but ``"none"`` in float32)."""
+    return not (compression.method == "none" and compression.dtype == "float32")
+
+
+def side_maps(compression: Compression, eigenvalues: np.ndarray | None, d_a: int, d_out: int,
+              layer_index: int, name: str = "") -> dict[str, np.ndarray]:
+    """The maps of one layer as arrays for a file: ``M_A``, ``M_S`` (absent for ``"none"``;
+    sorted int32 indices ``a [k_a]``, ``s [k_s]`` for ``"truncate"``; float32 matrices
+    ``a [d_a, k_a]``, ``s [d_out, k_s]`` for ``"project"``) and the whitening ``w``
+    (``[k_a, k_s]`` on the kept block, ``[d_a, d_out]`` before a projection)."""
+    maps = _side_maps(compression, eigenvalues, d_a, d_out, layer_index, name)
+    if compression.method == "rank":
+        if eigenvalues is not None:  # separable: w_A w_Sᵀ ≈ sqrt(Λ + λ₀) (exactly so for K-FAC's Λ)
+            lam = np.asarray(eigenvalues, np.float64)
+            mean = max(float(lam.mean()), np.finfo(np.float32).tiny)
+            maps["wa"] = np.sqrt((lam.mean(axis=1) + 0.1 * mean) / np.sqrt(1.1 * mean)).astype(np.float32)
+            maps["ws"] = np.sqrt((lam.mean(axis=0) + 0.1 * mean) / np.sqrt(1.1 * mean)).astype(np.float32)
+        return maps
+    if whitened(compression) and eigenvalues is not None:
+        lam = np.asarray(eigenvalues, np.float64)
+        w = np.sqrt(lam + 0.1 * max(float(lam.mean()), np.finfo(np.float32).tiny))
+        if compression.method == "truncate":
+            w = w[maps["a"][:, None], maps["s"][None, :]]
+        maps["w"] = w.astype(np.float32)
+    return maps
+
+
+def _side_maps(compression: Compression, eigenvalues, d_a: int, d_out: int, layer_index: int,
+               name: str) -> dict[str, np.ndarray]:
+    if compression.method in ("none", "rank"):
+        return {}
+    k_a, k_s = kept(d_a, compression.fraction), kept(d_out, compression.fraction)
+    if compression.method == "truncate":
+        if eigenvalues is None:
+            raise InfluenceError(f"layer {name!r}: truncation keeps the leading eigen-directions, but the factors "
+                                 "(identity strategy) have no eigenvalues; use 'project' or 'none'")
+        lam = np.asarray(eigenvalues, np.float64)
+        # Stable descending order: ties keep the lower index, so the choice is deterministic.
+        a = np.sort(np.argsort(-lam.sum(axis=1), kind="stable")[:k_a]).astype(np.int32)
+        s = np.sort(np.argsort(-lam.sum(axis=0), kind="stable")[:k_s]).astype(np.int32)
+        return {"a": a, "s": s}
+    rng = np.random.default_rng([compression.seed, layer_index])
+    a = (rng.standard_normal((d_a, k_a)) / np.sqrt(k_a)).astype(np.float32)
+    s = (rng.standard_normal((d_out, k_s)) / np.sqrt(k_s)).astype(np.float32)
+    return {"a": a, "s": s}
+
+
+class LayerMap(NamedTuple):
+    """One layer's maps on the device: rotations (``None`` without an eigenbasis; a tuple
+    of blocks for a split layer), then ``M`` (``None``, int indices or a matrix), and the
+    whitening ``w`` (``None``, or as :func:`side_maps` makes it)."""
+
+    q_a: Any
+    q_s: Any
+    m_a: jax.Array | None
+    m_s: jax.Array | None
+    w: jax.Array | None = None
+    wa: jax.Array | None = None  # rank-c: separable whitening w_A [d_a]
+    ws: jax.Array | None = None  # and w_S [d_out]
+
+
+def _projects(layer: LayerMap) -> bool:
+    return layer.m_a is not None and not jnp.issubdtype(layer.m_a.dtype, jnp.integer)
+
+
+def apply_side(x: jax.Array, q: Any, m: jax.Array | None) -> jax.Array:
+    """``x @ Q @ M`` over the last axis of ``x`` ``[..., d]`` → ``[..., k]``."""
+    if q is not None:
+        x = matmul_last(x, q)
+    if m is None:
+        return x
+    if jnp.issubdtype(m.dtype, jnp.integer):
+        return jnp.take(x, m, axis=-1)
+    return x @ m
+
+
+def map_training(a: jax.Array, g: jax.Array, layer: LayerMap, rank: int = 0) -> jax.Array:
+    """Stored rows ``C [B, k_a·k_s]`` of a batch with ``a [B, T, d_a]``, ``g [B, T, d_out]``:
+    ``Σ_t (ā_t E_A)ᵀ (g_t E_S)`` per example, flattened row-major. For ``"rank"`` (``rank``
+    = c) the whitened rotated tokens ``[B, T·(d_a + d_out)]``, which :func:`rank_rows`
+    turns into the stored ``U``, ``V`` on the host."""
+    if rank:  # the whitened rotated token factors [B, T·(d_a + d_out)]; the host factorises them (rank_rows)
+        left, right = apply_side(a, layer.q_a, None), apply_side(g, layer.q_s, None)
+        if layer.wa is not None:
+            left, right = left / layer.wa, right / layer.ws
+        return jnp.concatenate([left.reshape(left.shape[0], -1), right.reshape(right.shape[0], -1)], axis=-1)
+    if _projects(layer) and layer.w is not None:  # whiten the rotated gradient [B, d_a, d_out], then project
+        rotated = jnp.einsum("bti,btj->bij", apply_side(a, layer.q_a, None), apply_side(g, layer.q_s, None))
+        c = jnp.einsum("ia,bij,js->bas", layer.m_a, rotated / layer.w, layer.m_s)
+        return c.reshape(c.shape[0], -1)
+    left = apply_side(a, layer.q_a, layer.m_a)  # [B, T, k_a]
+    right = apply_side(g, layer.q_s, layer.m_s)  # [B, T, k_s]
+    c = jnp.einsum("bta,bts->bas", left, right)
+    if layer.w is not None:
+        c = c / layer.w
+    return c.reshape(c.shape[0], -1)
+
+
+def rank_rows(tokens: np.ndarray, d_a: int, d_out: int, rank: int) -> np.ndarray:
+    """Stored rank-c rows ``[B, c·(d_a + d_out)]`` (``U`` then ``V``, row-major) from the
+    whitened rotated tokens :func:`map_training` gives for ``"rank"``."""
+    n = tokens.shape[0]
+    t = tokens.shape[1] // (d_a + d_out)
+    left = tokens[:, : t * d_a].reshape(n, t, d_a)
+    right = tokens[:, t * d_a:].reshape(n, t, d_out)
+    u, v = rank_factors(left, right, rank)
+    return np.concatenate([u.reshape(n, -1), v.reshape(n, -1)], axis=-1).astype(np.float32)
+
+
+def rank_factors(left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best rank-``rank`` ``U Vᵀ`` of ``Σ_t l_t r_tᵀ`` per example (``left [B, T, d_a]``,
+    ``right [B, T, d_out]``), zero-padded to ``rank`` columns, each column pair of equal
+    norm. With T ≤ rank the tokens themselves are exact factors; with T below both sizes,
+    the SVD of a T×T core between thin QRs of each side; otherwise the SVD of the
+    ``[d_a, d_out]`` sum. Host LAPACK (numpy, float64, one BLAS thread)."""
+    import threadpoolctl
+
+    left, right = np.asarray(left, np.float64), np.asarray(right, np.float64)
+    tokens, d_a, d_out = left.shape[1], left.shape[2], right.shape[2]
+
+    def pad(x):
+        return np.pad(x, ((0, 0), (0, 0), (0, rank - x.shape[-1])))
+
+    if tokens <= rank:
+        return _balanced(pad(np.swapaxes(left, 1, 2)), pad(np.swapaxes(right, 1, 2)))
+    with threadpoolctl.threadpool_limits(1):
+        if tokens < min(d_a, d_out):
+            q_l, r_l = np.linalg.qr(np.swapaxes(left, 1, 2))  # [B, d_a, T], [B, T, T]
+            q_r, r_r = np.linalg.qr(np.swapaxes(right, 1, 2))
+            u, s, vt = np.linalg.svd(r_l @ np.swapaxes(r_r, 1, 2))  # the T×T core
+            u, v = q_l @ u, q_r @ np.swapaxes(vt, 1, 2)
+        else:
+            u, s, vt = np.linalg.svd(np.einsum("bti,btj->bij", left, right), full_matrices=False)
+            v = np.swapaxes(vt, 1, 2)
+    c = min(rank, s.shape[-1])
+    return _balanced(pad(u[..., :c] * s[:, None, :c]), pad(v[..., :c]))
+
+
+def _balanced(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same ``U Vᵀ`` with each column pair of equal norm, so one int8 scale per row
+    suits both halves."""
+    nu, nv = np.linalg.norm(u, axis=1, keepdims=True), np.linalg.norm(v, axis=1, keepdims=True)
+    alpha = np.where((nu > 0) & (nv > 0), np.sqrt(nv / np.where(nu > 0, nu, 1.0)), 1.0)
+    return u * alpha, v / alpha
+
+
+def map_queries(queries, layer: LayerMap, rank: int = 0) -> jax.Array:
+    """``K [Q, k_a·k_s]`` = ``E_Aᵀ P_q E_S`` of a layer's preconditioned queries (a
+    :class:`~influence.scoring.queries.LayerQueries`, full or rank r). For ``"rank"``
+    (``rank`` = c) the dense ``[Q, d_a·d_out]`` (whitened), which rows of ``U Vᵀ`` are dotted with."""
+    if rank:
+        full = queries.dense()
+        k = jnp.swapaxes(apply_side(jnp.swapaxes(apply_side(full, layer.q_s, None), -1, -2), layer.q_a, None), -1, -2)
+        if layer.wa is not None:
+            k = k * layer.wa[:, None] * layer.ws[None, :]
+        return k.reshape(k.shape[0], -1)
+    if _projects(layer) and layer.w is not None:
+        full = queries.dense()
+        rotated = jnp.swapaxes(apply_side(jnp.swapaxes(apply_side(full, layer.q_s, None), -1, -2), layer.q_a, None),
+                               -1, -2)  # [Q, d_a, d_out]
+        k = jnp.einsum("ia,qij,js->qas", layer.m_a, rotated * layer.w, layer.m_s)
+        return k.reshape(k.shape[0], -1)
+    if queries.full is not None:
+        p = apply_side(queries.full, layer.q_s, layer.m_s)  # [Q, d_a, k_s]
+        k = jnp.swapaxes(apply_side(jnp.swapaxes(p, -1, -2), layer.q_a, layer.m_a), -1, -2)  # [Q, k_a, k_s]
+    else:
+        left = apply_side(jnp.swapaxes(queries.left, -1, -2), layer.q_a, layer.m_a)  # [Q, r, k_a]
+        right = apply_side(jnp.swapaxes(queries.right, -1, -2), layer.q_s, layer.m_s)  # [Q, r, k_s]
+        k = jnp.einsum("qra,qrs->qas", left, right)
+    if layer.w is not None:
+        k = k * layer.w
+    return k.reshape(k.shape[0], -1)
+
+
+def encode(c: jax.Array, dtype: str) -> tuple[jax.Array, ...]:
+    """Stored form of rows ``c [B, D]`` float32: ``(data,)``, or ``(int8 data, scales [B])``."""
+    if dtype == "float32":
+        return (c.astype(jnp.float32),)
+    if dtype == "bfloat16":
+        return (jax.lax.bitcast_convert_type(c.astype(jnp.bfloat16), jnp.uint16),)
+    scale = jnp.max(jnp.abs(c), axis=-1) / 127.0
+    q = jnp.round(c / jnp.where(scale > 0, scale, 1.0)[:, None])
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale.astype(jnp.float32)
+
+
+def encode_numpy(c: np.ndarray, dtype: str) -> tuple[np.ndarray, ...]:
+    """:func:`encode` on the host (the same roundings: to nearest, ties to even)."""
+    c = np.asarray(c, np.float32)
+    if dtype == "float32":
+        return (c,)
+    if dtype == "bfloat16":
+        return (c.astype(jnp.bfloat16).view(np.uint16),)
+    scale = (np.max(np.abs(c), axis=-1) / np.float32(127.0)).astype(np.float32)
+    q = np.round(c / np.where(scale > 0, scale, np.float32(1.0))[:, None])
+    return np.clip(q, -127, 127).astype(np.int8), scale
+
+
+def decode(parts: tuple, dtype: str, shape: tuple[int, int, int] | None = None) -> jax.Array:
+    """Float32 rows ``[B, D]`` of the stored form :func:`encode` returns; with ``shape =
+    (d_a, d_out, c)`` (rank-c rows), the dense ``[B, d_a·d_out]`` of ``U Vᵀ``."""
+    if dtype == "float32":
+        rows = parts[0]
+    elif dtype == "bfloat16":
+        rows = jax.lax.bitcast_convert_type(parts[0], jnp.bfloat16).astype(jnp.float32)
+    else:
+        rows = parts[0].astype(jnp.float32) * parts[1][:, None]
+    if shape is None:
+        return rows
+    d_a, d_out, c = shape
+    u = rows[:, : d_a * c].reshape(-1, d_a, c)
+    v = rows[:, d_a * c:].reshape(-1, d_out, c)
+    return jnp.einsum("nic,njc->nij", u, v).reshape(rows.shape[0], -1)
+
+
+def decode_numpy(data: np.ndarray, scale: np.ndarray | None, dtype: str) -> np.ndarray:
+    """:func:`decode` on the host, in numpy (for checks and readers without JAX)."""
+    if dtype == "float32":
+        return np.asarray(data, np.float32)
+    if dtype == "bfloat16":
+        return (np.asarray(data, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(data, np.float32) * np.asarray(scale, np.float32)[:, None]
+
+
+def reconstruct(c: np.ndarray, maps: dict[str, np.ndarray], d_a: int, d_out: int, rank: int = 0) -> np.ndarray:
+    """Dense rows ``[N, d_a, d_out]`` in the eigenbasis of stored rows ``c [N, k_a·k_s]``
+    (numpy, float64; see the module docstring): what a query's rotated gradient is dotted with."""
+    c = np.asarray(c, np.float64)
+    if rank:
+        u = c[:, : d_a * rank].reshape(-1, d_a, rank)
+        v = c[:, d_a * rank:].reshape(-1, d_out, rank)
+        dense = np.einsum("nic,njc->nij", u, v)
+        if "wa" in maps:
+            dense = dense * np.outer(maps["wa"], maps["ws"])
+        return dense
+    w = maps["w"].astype(np.float64) if "w" in maps else 1.0
+    if "a" not in maps:
+        return c.reshape(-1, d_a, d_out) * w
+    a, s = maps["a"], maps["s"]
+    if np.issubdtype(a.dtype, np.integer):
+        out = np.zeros((c.shape[0], d_a, d_out))
+        out[:, a[:, None], s[None, :]] = c.reshape(-1, len(a), len(s)) * w
+        return out
+    c = c.reshape(-1, a.shape[1], s.shape[1])
+    return np.einsum("ia,nab,jb->nij", a.astype(np.float64), c, s.astype(np.float64)) * w
