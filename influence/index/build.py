@@ -56,7 +56,7 @@ from influence.runtime.driver import Accumulator, run_pass
 from influence.runtime.execution import Execution
 from influence.runtime.io import digest_arrays
 from influence.runtime.mesh import replicate
-from influence.scoring.queries import STEP_STATICS, prepare, scoring_mesh
+from influence.scoring.queries import STEP_STATICS, prepare, scoring_mesh, sized
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,7 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
     assert comp.method != "none" or all(lay["k_a"] == lay["d_a"] for lay in layers)
     on_mesh = device_maps(factors, curvature, maps, mesh)
 
+    run = sized(run, tracked, task, train, mesh)  # batch_size=None: chosen from the memory budget, as for scoring
     source = as_source(train, run.batch_size, task, model)
     own_checkpoint = run.checkpoint_dir is None
     settings = {**origin, "compression": comp.as_dict(), "shard_rows": shard_rows, "segment": segment,

@@ -248,7 +248,10 @@ class Index:
                     + ". Build an index for these (influence.build_index), or score without index=")
 
 
-def check_data(parts: list[Index], train: Any, task: Any, batch_size: int) -> None:
+_CHECK_BATCH = 256
+
+
+def check_data(parts: list[Index], train: Any, task: Any, batch_size: int | None) -> None:
     """Refuse ``train`` unless its rows are those the index parts were built on (their
     shards' row digests; reads the data, computes nothing on the model): a
     :class:`DataError` saying how it differs."""
@@ -259,7 +262,7 @@ def check_data(parts: list[Index], train: Any, task: Any, batch_size: int) -> No
     pending = np.zeros((0, 32), np.uint8)
     shard = 0
     rows = 0
-    for batch in as_source(train, batch_size, task):
+    for batch in as_source(train, batch_size or _CHECK_BATCH, task):  # read only: any batch size hashes the same rows
         rows += batch.n_valid
         pending = np.concatenate([pending, row_digests(batch.arrays, batch.n_valid)])
         while shard < len(bounds) and len(pending) >= bounds[shard][1] - bounds[shard][0]:
