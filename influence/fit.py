@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from influence.capture.objectives import sample_key_mode
+from influence.capture.objectives import fisher_direction_count, sample_key_mode
 from influence.capture.tracking import LayerFilter, track, warn_untracked
 from influence.curvature import LayerCurvature, get_strategy
 from influence.curvature import blocks as blocks_
@@ -258,6 +258,8 @@ def fit_factors(
     on_mesh = dataclasses.replace(tracked, state=replicate(tracked.state, mesh))
 
     def check(arrays):
+        if fisher == "exact":
+            fisher_direction_count(nnx.merge(tracked.graphdef, tracked.state), task, arrays)
         if fisher != "sampled":
             return "example"
         return sample_key_mode(nnx.merge(tracked.graphdef, tracked.state), task, arrays, key)

@@ -103,6 +103,22 @@ def test_loss_with_one_scalar_key_still_works_and_is_warned_about(mlp):
     assert factors.metadata["sample_keys"] == "per batch"
 
 
+@dataclasses.dataclass(frozen=True)
+class _TransposedDirections(tasks.Classification):
+    """Exact Fisher directions returned as ``[B, K]``, the transpose of the contract."""
+
+    def fisher_directions(self, model, batch):
+        return super().fisher_directions(model, batch).T
+
+
+def test_exact_fisher_directions_not_k_by_b_are_refused(mlp):
+    model, data = mlp
+    with pytest.raises(inf.TaskError, match=r"fisher='exact' needs _TransposedDirections\.fisher_directions to "
+                                            r"return pseudo-losses \[K, B\] = \[K, 32\].*returned shape \[32, 10\]"):
+        _fit(model, data, _TransposedDirections(), batch_size=32, fisher="exact")
+    assert _fit(model, data, batch_size=32, fisher="exact", strategy="kfac").metadata["fisher"] == "exact"
+
+
 def test_unhashable_task_is_refused_with_what_to_do(mlp):
     model, data = mlp
 

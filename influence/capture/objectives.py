@@ -89,6 +89,34 @@ def sample_key_mode(model: Any, task: Any, batch: dict[str, Any], key: jax.Array
     return mode
 
 
+def fisher_direction_count(model: Any, task: Any, batch: dict[str, Any]) -> int | None:
+    """Number K of ``task.fisher_directions`` of one batch, checked by tracing (no
+    computation): :class:`TaskError` unless they are ``[K, B]`` pseudo-losses, one column
+    per example (a ``[B, K]`` transpose, a ``[B]`` loss or a ``[K, B, T]`` array would be
+    summed into a wrong Fisher without an error). ``NotImplementedError`` (the task has no
+    exact Fisher) propagates; ``None`` when the forward pass fails to trace, which the pass
+    then reports with the batch's shapes."""
+    graphdef, state = nnx.split(model)
+    size = len(next(iter(batch.values())))
+
+    def directions(state, batch):
+        return task.fisher_directions(nnx.merge(graphdef, state), batch)
+
+    try:
+        shape = tuple(jax.eval_shape(directions, state, batch).shape)
+    except NotImplementedError:
+        raise
+    except Exception:  # the forward fails: the pass runs it and reports the failure in context
+        return None
+    if len(shape) != 2 or shape[1] != size:
+        raise TaskError(
+            f"fisher='exact' needs {type(task).__name__}.fisher_directions to return pseudo-losses [K, B] = "
+            f"[K, {size}] (K directions per example, one column per example, summed over tokens); it returned shape "
+            f"{list(shape)}. For an OutputTask, the family's fisher_directions gets outputs [B, T, K] and must return "
+            "[T*K, B]")
+    return shape[0]
+
+
 def _objective(task, kind: str, batch, example_mask, key):
     if kind == "sampled":
         return lambda model: jnp.sum(task.loss(model, batch, sample_key=key) * example_mask)
