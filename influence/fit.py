@@ -193,8 +193,8 @@ def fit_factors(
         ``fisher_directions``; costs one backward pass per direction: per class of a
         classifier, per output and token). ``None`` (default) chooses by the task, on
         the first batch (:func:`influence.capture.objectives.choose_fisher`): the exact
-        Fisher when it has at most 64 directions per example (classification with up
-        to 64 classes, regression with up to 64 outputs), else 4 sampled draws per
+        Fisher when it has at most 32 directions per example (classification with up
+        to 32 classes, regression with up to 32 outputs), else 4 sampled draws per
         example (language models' vocabularies), else the empirical Fisher (a loss that
         cannot sample; warned). The rule comes from LDS and fit time measured on digits
         (docs/benchmarks.md, "Which Fisher"); an explicit ``fisher`` is used as given.

@@ -155,7 +155,7 @@ def fisher_direction_count(model: Any, task: Any, batch: dict[str, Any]) -> int 
 # The default Fisher (fit_factors(fisher=None)), chosen by measurement (docs/benchmarks.md,
 # "Which Fisher"): the exact Fisher where it costs at most EXACT_MAX_DIRECTIONS backward
 # passes per example, else DEFAULT_SAMPLES sampled draws per example.
-EXACT_MAX_DIRECTIONS = 64
+EXACT_MAX_DIRECTIONS = 32
 DEFAULT_SAMPLES = 4
 
 
