@@ -12,6 +12,11 @@ the two score matrices (Pearson and Spearman per query, averaged; top-10 overlap
 relative Frobenius difference) and the fit + score wall times, ours after compilation and
 including it. With the empirical Fisher both libraries are deterministic; with the
 sampled Fisher each draws its own labels, so the scores differ by sampling noise too.
+
+``--model cnn``: the digits CNN (two 3×3 ``nnx.Conv`` + two ``nnx.Linear``, the same
+weights in PyTorch), empirical Fisher, at a fixed damping and at each library's default;
+also per-layer agreement, and K-FAC with kronfluence's eigenvalue convention
+(:func:`kronfluence_kfac`); ``--out`` writes the JSON docs/benchmarks.md renders.
 """
 
 from __future__ import annotations

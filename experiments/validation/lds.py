@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 from scipy.stats import spearmanr
 
@@ -51,12 +52,15 @@ def reliability(agreement: float, n_seeds: int) -> float:
 
 def fisher_settings(spec: str) -> dict:
     """``fit_factors`` keywords of a Fisher spec: ``"sampled"``, ``"sampled*4"`` (4 draws
-    per example), ``"empirical"``, ``"exact"``, or ``"default"`` (the library's choice)."""
+    per example), ``"empirical"``, ``"exact"``, or ``"default"`` (the library's choice);
+    ``"...@k"`` fits with ``key=jax.random.key(k)`` (another draw of sampled targets)."""
+    spec, _, key = spec.partition("@")
+    settings = {"key": jax.random.key(int(key))} if key else {}
     if spec == "default":
-        return {}
+        return settings
     if spec.startswith("sampled*"):
-        return {"fisher": "sampled", "fisher_samples": int(spec.split("*")[1])}
-    return {"fisher": spec}
+        return {**settings, "fisher": "sampled", "fisher_samples": int(spec.split("*")[1])}
+    return {**settings, "fisher": spec}
 
 
 def _fit(setting, strategy, fisher, progress, repeats):
@@ -165,7 +169,8 @@ def main(argv=None) -> None:
     parser.add_argument("--fraction", type=float, default=0.5, help="α, the subset fraction")
     parser.add_argument("--fishers", default=None,
                         help="comma-separated: sampled, sampled*k (k draws per example), empirical, exact, default "
-                             "(the library's choice) (default: sampled,exact for the MLPs, sampled for lm)")
+                             "(the library's choice), each optionally @k: fitted with key k "
+                             "(default: sampled,exact for the MLPs, sampled for lm)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
     parser.add_argument("--fit-repeats", type=int, default=0,
                         help="time each fit this many times after its first (compiling) one; the best is kept")

@@ -58,7 +58,7 @@ def _load_text(result: dict) -> str:
 
 def _fit_ratio(result: dict, strategy: str, fisher: str) -> str:
     times = {(r["strategy"], r["fisher"]): r["seconds"] for r in result.get("fit_seconds", [])}
-    base = times.get((strategy, "sampled"))
+    base = times.get((strategy, "sampled@1" if fisher.endswith("@1") else "sampled"))
     t = times.get((strategy, fisher))
     return "—" if base is None or t is None else f"{t / base:.1f}×"
 
@@ -72,17 +72,18 @@ def render_fisher(src: Path) -> str:
     for name, measurement, res in loaded:
         out.append(f"`{res['command']}` — {res['date']}, {res['machine']}, load average {_load_text(res)}, "
                    f"{res['seconds']:.0f} s: setting **{name}** ({measurement}; {res['subsets']} subsets × "
-                   f"{len(res['seeds'])} retraining seeds {res['seeds']}; one fitting key, 0).")
+                   f"{len(res['seeds'])} retraining seeds {res['seeds']}; fitting key 0, and key 1 where marked).")
         out.append("")
     out.append("| setting | Fisher | K-FAC | EK-FAC | EK-FAC at λ = 0.1 × mean Λ | EK-FAC fit ÷ 1-draw fit |")
     out.append("|---|---|---|---|---|---|")
     for name, measurement, res in loaded:
         common = [r["damping"] for r in res["rows"] if r["damping"].startswith("0.1×")]
-        for fisher in FISHER_ORDER:
+        for fisher in [f for base in FISHER_ORDER for f in (base, f"{base}@1")]:
             if _row(res["rows"], strategy="ekfac", fisher=fisher) is None:
                 continue
             fixed = _lds(res["rows"], measurement, "ekfac", fisher, common[0]) if common else "—"
-            out.append(f"| {name} | {FISHER_NAMES[fisher]} | {_lds(res['rows'], measurement, 'kfac', fisher)} | "
+            label = FISHER_NAMES[fisher.partition("@")[0]] + (", key 1" if "@" in fisher else "")
+            out.append(f"| {name} | {label} | {_lds(res['rows'], measurement, 'kfac', fisher)} | "
                        f"{_lds(res['rows'], measurement, 'ekfac', fisher)} | {fixed} | "
                        f"{_fit_ratio(res, 'ekfac', fisher)} |")
     out.append("")
