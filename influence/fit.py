@@ -202,7 +202,8 @@ def fit_factors(
         the choice and why.
       fisher_samples: sampled draws per example (an int ≥ 1; only with the sampled
         Fisher): the Fisher is the mean over the draws, draw j of example n keyed by
-        ``fold_in(fold_in(key, n), j)``, so it does not depend on the batching either.
+        ``fold_in(key_n, j)``, ``key_n = fold_in(fold_in(key, pass), n)`` the example's
+        one-draw key, so it does not depend on the batching either.
         Each draw costs one backward pass. Default: 1 with ``fisher="sampled"``, 4 when
         the default rule picks the sampled Fisher.
       key: PRNG key for sampled targets (default ``jax.random.key(0)``).

@@ -28,6 +28,12 @@ FISHER_NAMES = {"sampled": "sampled, 1 draw", "sampled*4": "sampled, 4 draws", "
 STRATEGY_NAMES = {"identity": "identity", "diagonal": "diagonal", "kfac": "K-FAC", "ekfac": "EK-FAC"}
 
 
+def _fisher_label(spec: str) -> str:
+    """``"sampled*4@1"`` → ``"sampled, 4 draws, key 1"``."""
+    base, _, key = spec.partition("@")
+    return FISHER_NAMES.get(base, base) + (f", key {key}" if key else "")
+
+
 def _load(src: Path, name: str) -> dict:
     path = src / name
     if not path.exists():
@@ -82,7 +88,7 @@ def render_fisher(src: Path) -> str:
             if _row(res["rows"], strategy="ekfac", fisher=fisher) is None:
                 continue
             fixed = _lds(res["rows"], measurement, "ekfac", fisher, common[0]) if common else "—"
-            label = FISHER_NAMES[fisher.partition("@")[0]] + (", key 1" if "@" in fisher else "")
+            label = _fisher_label(fisher)
             out.append(f"| {name} | {label} | {_lds(res['rows'], measurement, 'kfac', fisher)} | "
                        f"{_lds(res['rows'], measurement, 'ekfac', fisher)} | {fixed} | "
                        f"{_fit_ratio(res, 'ekfac', fisher)} |")
@@ -109,10 +115,17 @@ def render_fisher(src: Path) -> str:
     kf = {f: _value(digits, "margin", "kfac", f) for f in FISHER_ORDER}
     within = max(cost["rows"], key=lambda r: r["exact_directions"] * (r["exact_directions"]
                                                                        <= objectives.EXACT_MAX_DIRECTIONS))
+    spread = ""
+    if _row(digits, strategy="ekfac", fisher="sampled@1") is not None:
+        ek1 = {f: _value(digits, "margin", "ekfac", f"{f}@1") for f in ("sampled", "sampled*4", "sampled*16")}
+        wider = all(ek["exact"] - max(ek[f], ek1[f]) > abs(ek[f] - ek1[f]) for f in ek1)
+        spread = (f" With fitting key 1 instead of 0 the draws give {ek1['sampled']:.3f}, {ek1['sampled*4']:.3f} and "
+                  f"{ek1['sampled*16']:.3f}" + (": for each, the gap to the exact Fisher is larger than the "
+                                                 "key-to-key spread." if wider else "."))
     out.append(
         f"On digits, more draws per example raise EK-FAC's LDS from {ek['sampled']:.3f} (one draw) to "
         f"{ek['sampled*4']:.3f} (4) and {ek['sampled*16']:.3f} (16); the exact Fisher gives {ek['exact']:.3f} and "
-        f"the empirical {ek['empirical']:.3f}. K-FAC gains more from the draws ({kf['sampled']:.3f} → "
+        f"the empirical {ek['empirical']:.3f}.{spread} K-FAC gains more from the draws ({kf['sampled']:.3f} → "
         f"{kf['sampled*16']:.3f}; exact {kf['exact']:.3f}): its S is the noisy factor. The exact Fisher is the "
         "limit of many draws without their noise, and costs one backward pass per direction, as a draw does: "
         f"with {within['exact_directions']} directions its fit took {within['ratio_to_sampled']['exact']:.1f}× "
@@ -151,7 +164,8 @@ def render_kronfluence_cnn(src: Path) -> str:
 def render_lds_cnn(src: Path) -> str:
     res = _load(src, "lds-cnn.json")
     out = [f"`{res['command'].strip()}` — {res['date']}, {res['machine']}, load average {_load_text(res)}, "
-           f"{res['seconds']:.0f} s (retraining {res['retrain_seconds']:.0f} s). {res['subsets']} subsets × "
+           f"{res['seconds']:.0f} s (retraining {res['retrain_seconds']:.0f} s; 0 when the cache held the retrained "
+           f"models). {res['subsets']} subsets × "
            f"{len(res['seeds'])} retraining seeds {res['seeds']}; α = {res['fraction']}; seed agreement of the "
            f"retrained margins {res['seed_agreement']['margin']:.3f}.", ""]
     fishers = []
@@ -163,9 +177,28 @@ def render_lds_cnn(src: Path) -> str:
     out.append("|---|" + "---|" * len(strategies))
     for fisher in fishers:
         cells = [_lds(res["rows"], "margin", s, "-" if s == "identity" else fisher) for s in strategies]
-        out.append(f"| {FISHER_NAMES.get(fisher, fisher)} | " + " | ".join(cells) + " |")
+        out.append(f"| {_fisher_label(fisher)} | " + " | ".join(cells) + " |")
     out.append("")
     out.append("(margin, default damping; identity has no Fisher, so its column repeats.)")
+    out.append("")
+    rows = res["rows"]
+    v = {s: _value(rows, "margin", s, "-" if s == "identity" else "exact") for s in strategies}
+    se = {s_: _row(rows, measurement="margin", strategy=s_, fisher="-" if s_ == "identity" else "exact",
+                   damping="default")["stderr"] for s_ in strategies}
+    close = abs(v["ekfac"] - v["kfac"]) <= max(se["ekfac"], se["kfac"])
+    out.append(f"With the exact Fisher (the default for this 10-class task), EK-FAC's LDS is {v['ekfac']:.3f} against "
+               f"{v['identity']:.3f} for identity, {v['diagonal']:.3f} for the diagonal and {v['kfac']:.3f} for "
+               "K-FAC" + ("; EK-FAC and K-FAC are within one standard error of each other." if close else "."))
+    if "sampled@1" in fishers:
+        out.append("")
+        ek = [_value(rows, "margin", "ekfac", f) for f in fishers]
+        kf = [_value(rows, "margin", "kfac", f) for f in fishers]
+        keys = [_value(rows, "margin", s_, f) for s_ in ("ekfac", "kfac") for f in ("sampled", "sampled@1")]
+        out.append(
+            f"Across the Fishers, EK-FAC ranges over {min(ek):.3f}–{max(ek):.3f} and K-FAC over "
+            f"{min(kf):.3f}–{max(kf):.3f}; two keys of the one-draw sampled Fisher alone differ by "
+            f"{abs(keys[0] - keys[1]):.3f} (EK-FAC) and {abs(keys[2] - keys[3]):.3f} (K-FAC): on this CNN the "
+            "Fisher moves the LDS by about as much as the sampling key does.")
     return "\n".join(out)
 
 
@@ -174,7 +207,7 @@ SECTIONS: dict[str, Callable[[Path], str]] = {
     "kronfluence-cnn": render_kronfluence_cnn,
     "lds-cnn": render_lds_cnn,
 }
-_BLOCK = re.compile(r"(<!-- begin generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- end generated: (?P=name) -->)",
+_BLOCK = re.compile(r"<!-- begin generated: (?P<name>[\w-]+) -->\n(?P<body>.*?)\n?<!-- end generated: (?P=name) -->",
                     re.S)
 
 
@@ -188,7 +221,8 @@ def render(text: str, src: Path = SRC) -> str:
     def replace(m):
         if m["name"] not in SECTIONS:
             raise KeyError(f"unknown generated section {m['name']!r}; known: {sorted(SECTIONS)}")
-        return m.group(1) + SECTIONS[m["name"]](src) + m.group(4)
+        name = m["name"]
+        return f"<!-- begin generated: {name} -->\n{SECTIONS[name](src)}\n<!-- end generated: {name} -->"
 
     return _BLOCK.sub(replace, text)
 
