@@ -7,8 +7,9 @@ taken mod C, so every class size works), batch 128, for C = 10 … 256, with the
 sampled (1, 4, 16 draws per example), empirical and exact (C directions per example);
 and of a one-block transformer (``influence.testing.TinyLM``, vocabulary V = 16, T = 8,
 so T−1 = 7 predicted positions: 112 exact directions per sequence) on 512 sequences. Each
-time is the best of ``--repeats`` fits after a first, compiling one; the machine's load
-average is recorded (the ratios are measured side by side, so they survive load better
+time is the best of ``--repeats`` fits after a first, compiling one, the Fishers timed in
+turn (round robin) so that a burst of load hits them alike; the machine's load average is
+recorded (the ratios are measured side by side, so they survive load better
 than the seconds).
 """
 
@@ -26,7 +27,6 @@ import numpy as np
 from flax import nnx
 
 import influence as inf
-from benchmarks.speed import timed
 from influence import tasks
 from influence.testing import TinyLM, digits, lm_sequences
 
@@ -50,13 +50,19 @@ class _Deep(nnx.Module):
 
 
 def _row(label, directions, model, task, data, batch_size, repeats) -> dict:
-    times = {}
-    for spec in FISHERS:
-        def fit(spec=spec):
-            factors = inf.fit_factors(model, task, data, strategy="ekfac", batch_size=batch_size, progress=False,
-                                      **_settings(spec))
-            jax.block_until_ready(jax.tree.leaves(factors.layers))
-        times[spec] = timed(fit, repeats)
+    def fit(spec):
+        factors = inf.fit_factors(model, task, data, strategy="ekfac", batch_size=batch_size, progress=False,
+                                  **_settings(spec))
+        jax.block_until_ready(jax.tree.leaves(factors.layers))
+
+    for spec in FISHERS:  # compile each first
+        fit(spec)
+    times = {spec: np.inf for spec in FISHERS}
+    for _ in range(repeats):  # round robin, so that a burst of load on the machine hits every Fisher alike
+        for spec in FISHERS:
+            t0 = time.perf_counter()
+            fit(spec)
+            times[spec] = min(times[spec], time.perf_counter() - t0)
     base = times["sampled"]
     row = {"model": label, "exact_directions": directions, "seconds": times,
            "ratio_to_sampled": {k: v / base for k, v in times.items()}}

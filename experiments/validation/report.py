@@ -131,7 +131,13 @@ def render_fisher(src: Path) -> str:
         "factor the sampling noise hits. The exact Fisher is the "
         "limit of many draws without their noise, and costs one backward pass per direction, as a draw does: "
         f"with {within['exact_directions']} directions its fit took {within['ratio_to_sampled']['exact']:.1f}× "
-        f"the 1-draw fit, against {within['ratio_to_sampled']['sampled*16']:.1f}× for 16 draws.")
+        f"the 1-draw fit, against {within['ratio_to_sampled']['sampled*16']:.1f}× for 16 draws; beyond, it grows "
+        "with the directions (" + ", ".join(f"{r['ratio_to_sampled']['exact']:.1f}× at {r['exact_directions']}"
+                                            for r in cost["rows"] if r["model"].startswith("MLP")
+                                            and r["exact_directions"] > objectives.EXACT_MAX_DIRECTIONS)
+        + "), while 4 draws stay at " + "–".join(f"{v:.1f}×" for v in (
+            min(r["ratio_to_sampled"]["sampled*4"] for r in cost["rows"]),
+            max(r["ratio_to_sampled"]["sampled*4"] for r in cost["rows"]))) + ".")
     lm = [res for name, _, res in loaded if name == "lm"]
     if lm:
         rows = lm[0]["rows"]
