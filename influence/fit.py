@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from influence.capture.objectives import bytes_per_example, sample_key_mode
+from influence.capture.objectives import bytes_per_example, choose_fisher, has_directions
 from influence.capture.tracking import LayerFilter, track, warn_untracked
 from influence.curvature import LayerCurvature, get_strategy
 from influence.curvature import blocks as blocks_
@@ -103,21 +103,22 @@ def _sample_rows(step, mesh: Mesh, mode: str):
     return shard_batch(np.arange(size, dtype=np.int32) + np.int32(max(step.batch.start, 0)), mesh)
 
 
-def _pass_accumulator(curvature_pass: CurvaturePass, zeros, step_args: tuple, tracked, task, fisher: str, mesh: Mesh,
-                      key, layer_blocks: tuple, batch_size: int, key_mode: dict) -> Accumulator:
+def _pass_accumulator(curvature_pass: CurvaturePass, zeros, step_args: tuple, tracked, task, mesh: Mesh,
+                      key, layer_blocks: tuple, batch_size: int, choice: dict) -> Accumulator:
     """The driver's view of one curvature pass: sums over the batches, NaN-checked.
-    ``key_mode["mode"]`` is how the task takes sampled keys (set on the first batch by
-    the caller's check, shared by the passes)."""
+    ``choice["fisher"]`` is the :class:`~influence.capture.objectives.FisherChoice` (the
+    Fisher and how the task takes sampled keys), set on the first batch by the caller's
+    check and shared by the passes."""
     pass_key = replicate(jax.random.fold_in(key, curvature_pass.index), mesh)
-    statics = dict(graphdef=tracked.graphdef, layers=tracked.layers, task=task, fisher=fisher, mesh=mesh,
-                   blocks=layer_blocks)
+    statics = dict(graphdef=tracked.graphdef, layers=tracked.layers, task=task, mesh=mesh, blocks=layer_blocks)
 
     def update(state, step):
-        if "mode" not in key_mode:
-            key_mode["mode"] = key_mode.pop("check")(step.batch.arrays)
-        rows = _sample_rows(step, mesh, key_mode["mode"])
+        if "fisher" not in choice:
+            choice["fisher"] = choice.pop("check")(step.batch.arrays)
+        rows = _sample_rows(step, mesh, choice["fisher"].key_mode)
         sums, counts, value = curvature_pass.step(state.sums, *step_args, tracked.state, step.arrays,
-                                                  step.example_mask, pass_key, rows, **statics)
+                                                  step.example_mask, pass_key, rows, fisher=choice["fisher"].kind,
+                                                  **statics)
         return _Sums(sums, state.n_tokens, state.pending + ((step.index, value, counts),))
 
     def settle(state):
@@ -127,7 +128,8 @@ def _pass_accumulator(curvature_pass: CurvaturePass, zeros, step_args: tuple, tr
             if not np.isfinite(to_host(value)):
                 lo = index * batch_size
                 raise FloatingPointError(
-                    f"the {'objective' if fisher != 'exact' else 'Fisher directions'} is NaN/Inf on batch {index} "
+                    f"the {'Fisher directions' if has_directions(choice['fisher'].kind) else 'objective'} is "
+                    f"NaN/Inf on batch {index} "
                     f"(examples {lo}..{lo + batch_size - 1}); check the inputs and the model's weights"
                 )
             if counts is not None:
@@ -164,7 +166,8 @@ def fit_factors(
     data: Any,
     *,
     strategy: str = "ekfac",
-    fisher: str = "sampled",
+    fisher: str | None = None,
+    fisher_samples: int | None = None,
     key: jax.Array | None = None,
     layers: LayerFilter = None,
     blocks: Any = None,
@@ -188,7 +191,22 @@ def fit_factors(
       fisher: ``"sampled"`` (targets drawn from the model: the true Fisher, which
         equals the Gauss-Newton matrix for the built-in losses), ``"empirical"`` (the
         data's labels) or ``"exact"`` (the exact expectation, when the task provides
-        ``fisher_directions``; costs one backward pass per output).
+        ``fisher_directions``; costs one backward pass per direction: per class of a
+        classifier, per output and token). ``None`` (default) chooses by the task, on
+        the first batch (:func:`influence.capture.objectives.choose_fisher`): the exact
+        Fisher when it has at most 32 directions per example (classification with up
+        to 32 classes, regression with up to 32 outputs), else 4 sampled draws per
+        example (language models' vocabularies), else the empirical Fisher (a loss that
+        cannot sample; warned). The rule comes from LDS and fit time measured on digits
+        (docs/benchmarks.md, "Which Fisher"); an explicit ``fisher`` is used as given.
+        ``metadata["fisher"]``, ``["fisher_samples"]`` and ``["fisher_rule"]`` record
+        the choice and why.
+      fisher_samples: sampled draws per example (an int ≥ 1; only with the sampled
+        Fisher): the Fisher is the mean over the draws, draw j of example n keyed by
+        ``fold_in(key_n, j)``, ``key_n = fold_in(fold_in(key, pass), n)`` the example's
+        one-draw key, so it does not depend on the batching either.
+        Each draw costs one backward pass. Default: 1 with ``fisher="sampled"``, 4 when
+        the default rule picks the sampled Fisher.
       key: PRNG key for sampled targets (default ``jax.random.key(0)``).
       layers: which layers to track (see :func:`influence.capture.track`): by default every
         ``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral`` and ``nnx.Einsum``. Parameters
@@ -212,17 +230,27 @@ def fit_factors(
     """
     run = Execution.of(execution, options)
     chosen = get_strategy(strategy)
-    if fisher not in FISHER_KINDS:
-        raise ValueError(f"unknown fisher {fisher!r}; expected one of {FISHER_KINDS}")
+    if fisher is not None and fisher not in FISHER_KINDS:
+        raise ValueError(f"unknown fisher {fisher!r}; expected one of {FISHER_KINDS} or None (chosen by the task)")
+    if fisher_samples is not None:
+        if isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int | np.integer) or fisher_samples < 1:
+            raise ValueError(f"fisher_samples must be an int >= 1 (sampled draws per example), got {fisher_samples!r}")
+        if fisher not in (None, "sampled"):
+            raise ValueError(f"fisher_samples={fisher_samples} is the number of sampled draws per example; it does "
+                             f"not apply to fisher={fisher!r}")
+        fisher_samples = int(fisher_samples)
     dtype = as_factor_dtype(factor_dtype)
     mesh = data_mesh(run.mesh)
     tracked = track(model, layers)
     check_finite_weights(tracked.state)
     warn_untracked(tracked)
     key = jax.random.key(0) if key is None else key
-    run = run.sized(data, task, lambda row: bytes_per_example(tracked.graphdef, tracked.state, tracked.layers, task,
-                                                              fisher, row), multiple=n_data(mesh),
-                    even_out=not spans_processes(mesh))
+
+    def per_example_bytes(row):  # of the Fisher the fit will use (K exact directions or k draws per example)
+        kind = choose_fisher(nnx.merge(tracked.graphdef, tracked.state), task, row, key, fisher, fisher_samples).kind
+        return bytes_per_example(tracked.graphdef, tracked.state, tracked.layers, task, kind, row)
+
+    run = run.sized(data, task, per_example_bytes, multiple=n_data(mesh), even_out=not spans_processes(mesh))
     source = as_source(data, local_batch_size(run.batch_size, mesh), task, model)
     if len(chosen.passes) > 1 and source.single_pass:
         times = "twice" if len(chosen.passes) == 2 else f"{len(chosen.passes)} times"
@@ -232,6 +260,7 @@ def fit_factors(
     metadata: dict[str, Any] = {
         "layers": [info._asdict() for info in tracked.layers],
         "fisher": fisher,
+        "fisher_rule": "not used: the strategy has no curvature pass" if not chosen.passes else None,
         "fingerprint": tracked.fingerprint,
         "untracked": tracked.untracked.as_metadata(),
         "dtype": dtype.name,
@@ -245,11 +274,12 @@ def fit_factors(
         return Factors(strategy, curvature, {**metadata, "n_examples": source.num_examples, "n_tokens": None})
 
     checkpoint = run.checkpoint("factors", {
-        "strategy": strategy, "fisher": fisher, "batch_size": run.batch_size, "key": _key_settings(key),
+        "strategy": strategy, "fisher": fisher if fisher is not None else "default", "batch_size": run.batch_size,
+        "key": _key_settings(key), **({"fisher_samples": fisher_samples} if fisher_samples is not None else {}),
         "layers": metadata["layers"], "blocks": metadata.get("blocks"), "dtype": dtype.name,
         "model": tracked.fingerprint, "weights": digest_arrays(tracked.state), "processes": jax.process_count(),
         # sampled targets keyed by global row: a snapshot of the per-batch scheme must not be resumed
-        **({"sample_keys": "per example row"} if fisher == "sampled" else {}),
+        **({"sample_keys": "per example row"} if fisher in ("sampled", None) else {}),
     }) if run.checkpoint_dir is not None else None
     resumed = checkpoint.load() if checkpoint is not None else None
     resumed_pass = resumed[0]["pass"] if resumed is not None else None
@@ -263,18 +293,16 @@ def fit_factors(
     on_mesh = dataclasses.replace(tracked, state=replicate(tracked.state, mesh))
 
     def check(arrays):
-        if fisher != "sampled":
-            return "example"
-        return sample_key_mode(nnx.merge(tracked.graphdef, tracked.state), task, arrays, key)
+        return choose_fisher(nnx.merge(tracked.graphdef, tracked.state), task, arrays, key, fisher, fisher_samples)
 
-    key_mode: dict[str, Any] = {"check": check}
+    choice: dict[str, Any] = {"check": check}
     ordered_blocks = tuple(layer_blocks[i.name] for i in tracked.layers)
     for position, curvature_pass in enumerate(chosen.passes):
         if resumed_pass is not None and curvature_pass.index < resumed_pass:
             continue
         zeros = curvature_pass.zeros(tracked.layers, layer_blocks, mesh)
         accumulator = _pass_accumulator(curvature_pass, zeros, curvature_pass.step_args(curvature, mesh), on_mesh, task,
-                                        fisher, mesh, key, ordered_blocks, source.batch_size, key_mode)
+                                        mesh, key, ordered_blocks, source.batch_size, choice)
         result = run_pass(accumulator, source, mesh, checkpoint=checkpoint,
                           resumed=resumed if curvature_pass.index == resumed_pass else None,
                           pass_index=curvature_pass.index,
@@ -288,6 +316,10 @@ def fit_factors(
         curvature = curvature_pass.finish(curvature, totals, n_tokens, n_examples, layer_blocks, dtype)
         del totals
     metadata.update(n_examples=int(n_examples), n_tokens=n_tokens, mesh=describe_mesh(mesh))
-    if fisher == "sampled" and "mode" in key_mode:
-        metadata["sample_keys"] = "per example" if key_mode["mode"] == "example" else "per batch"
+    if "fisher" in choice:
+        used = choice["fisher"]
+        metadata.update(fisher=used.fisher, fisher_rule=used.rule)
+        if used.fisher == "sampled":
+            metadata["fisher_samples"] = used.samples
+            metadata["sample_keys"] = "per example" if used.key_mode == "example" else "per batch"
     return Factors(strategy, curvature, metadata)

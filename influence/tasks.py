@@ -58,6 +58,19 @@ class Task(abc.ABC):
         ignores the key is refused for ``fisher="sampled"``.
         """
 
+    def sampled_losses(self, model: Any, batch: Arrays, sample_keys: jax.Array) -> jax.Array:
+        """Losses ``[k, B]`` of k sampled draws of targets per example, from *one* forward
+        pass (a tracked layer may be called only once per objective). ``sample_keys`` is
+        ``[k, B]`` (draw j of example b: ``sample_keys[j, b]``), or ``[k]`` for a loss that
+        takes one scalar key. Used by ``fit_factors(fisher_samples=k)`` with k > 1;
+        :class:`OutputTask` implements it (one forward, k draws of targets). Default: only
+        k = 1, through :meth:`loss`."""
+        if sample_keys.shape[0] == 1:
+            return self.loss(model, batch, sample_key=sample_keys[0])[None]
+        raise NotImplementedError(
+            f"{type(self).__name__} draws one target per call of its loss; fisher_samples > 1 needs sampled_losses "
+            "(k draws from one forward pass; OutputTask has it). Use fisher_samples=1 or implement it")
+
     def measurement(self, model: Any, batch: Arrays) -> jax.Array:
         """Per-query measurement ``[B]`` whose gradient is preconditioned. Loss-like:
         a positive influence score means upweighting the training example *lowers* it.
@@ -238,6 +251,12 @@ class OutputTask(Task):
         mask = self.output_mask(batch, out)
         targets = self.targets(batch) if sample_key is None else sample_targets(self.family, out, sample_key)
         return self.family.loss(out, targets, mask)
+
+    def sampled_losses(self, model, batch, sample_keys):
+        """``[k, B]``: one forward pass, k draws of targets from the family."""
+        out = self.outputs(model, batch)
+        mask = self.output_mask(batch, out)
+        return jnp.stack([self.family.loss(out, sample_targets(self.family, out, keys), mask) for keys in sample_keys])
 
     def fisher_directions(self, model, batch):
         out = self.outputs(model, batch)

@@ -36,7 +36,7 @@ def test_sampled_fisher_does_not_depend_on_the_batch_size(mlp):
     """Each example's targets are drawn with a key of its row, so batch sizes 7, 32 and 128
     (one padded batch) give the same factors and scores; a per-batch key gave up to 29%."""
     model, data = mlp
-    fits = {bs: _fit(model, data, batch_size=bs) for bs in (7, 32, 128)}
+    fits = {bs: _fit(model, data, batch_size=bs, fisher="sampled") for bs in (7, 32, 128)}
     assert fits[32].metadata["sample_keys"] == "per example"
     queries = {k: v[:3] for k, v in data.items()}
     scores = {bs: inf.pairwise_scores(model, tasks.Classification(), f, queries, data, progress=False).values
@@ -49,7 +49,7 @@ def test_sampled_fisher_does_not_depend_on_the_batch_size(mlp):
             np.testing.assert_allclose(np.abs(np.sum(qa * qa_ref, axis=0)), 1.0, atol=1e-3)
         assert _relative(scores[bs], scores[32]) < 1e-4, bs
     # the draws do depend on the key: another key gives other eigenvalues
-    other = _fit(model, data, batch_size=32, key=jax.random.key(1))
+    other = _fit(model, data, batch_size=32, key=jax.random.key(1), fisher="sampled")
     name = next(iter(other.layers))
     assert _relative(other.layers[name].eigenvalues, fits[32].layers[name].eigenvalues) > 1e-3
 
@@ -91,7 +91,7 @@ def test_loss_not_per_example_is_refused(mlp, mode, shape):
 def test_sampled_loss_that_ignores_its_key_is_refused(mlp):
     model, data = mlp
     with pytest.raises(inf.TaskError, match=r"ignores its sample_key.*empirical Fisher.*fisher='empirical'"):
-        _fit(model, data, _Column(mode="no_key"), batch_size=32)
+        _fit(model, data, _Column(mode="no_key"), batch_size=32, fisher="sampled")
     empirical = _fit(model, data, _Column(mode="no_key"), batch_size=32, fisher="empirical")
     assert empirical.metadata["fisher"] == "empirical"
 
@@ -99,8 +99,24 @@ def test_sampled_loss_that_ignores_its_key_is_refused(mlp):
 def test_loss_with_one_scalar_key_still_works_and_is_warned_about(mlp):
     model, data = mlp
     with pytest.warns(UserWarning, match=r"one scalar sample_key.*depends on batch_size"):
-        factors = _fit(model, data, _Column(mode="scalar_key"), batch_size=32, strategy="kfac")
+        factors = _fit(model, data, _Column(mode="scalar_key"), batch_size=32, strategy="kfac", fisher="sampled")
     assert factors.metadata["sample_keys"] == "per batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class _TransposedDirections(tasks.Classification):
+    """Exact Fisher directions returned as ``[B, K]``, the transpose of the contract."""
+
+    def fisher_directions(self, model, batch):
+        return super().fisher_directions(model, batch).T
+
+
+def test_exact_fisher_directions_not_k_by_b_are_refused(mlp):
+    model, data = mlp
+    with pytest.raises(inf.TaskError, match=r"fisher='exact' needs _TransposedDirections\.fisher_directions to "
+                                            r"return pseudo-losses \[K, B\] = \[K, 32\].*returned shape \[32, 10\]"):
+        _fit(model, data, _TransposedDirections(), batch_size=32, fisher="exact")
+    assert _fit(model, data, batch_size=32, fisher="exact", strategy="kfac").metadata["fisher"] == "exact"
 
 
 def test_unhashable_task_is_refused_with_what_to_do(mlp):

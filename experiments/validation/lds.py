@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 from scipy.stats import spearmanr
 
@@ -49,16 +50,47 @@ def reliability(agreement: float, n_seeds: int) -> float:
     return n_seeds * agreement / (1 + (n_seeds - 1) * agreement)
 
 
-def _score_all(setting, strategies, fishers, damping_factors, extra_dampings, progress=False):
-    """Scores for every (measurement, strategy, fisher, damping label) -> ``[Q, N]``."""
+def fisher_settings(spec: str) -> dict:
+    """``fit_factors`` keywords of a Fisher spec: ``"sampled"``, ``"sampled*4"`` (4 draws
+    per example), ``"empirical"``, ``"exact"``, or ``"default"`` (the library's choice);
+    ``"...@k"`` fits with ``key=jax.random.key(k)`` (another draw of sampled targets)."""
+    spec, _, key = spec.partition("@")
+    settings = {"key": jax.random.key(int(key))} if key else {}
+    if spec == "default":
+        return settings
+    if spec.startswith("sampled*"):
+        return {**settings, "fisher": "sampled", "fisher_samples": int(spec.split("*")[1])}
+    return {**settings, "fisher": spec}
+
+
+def _fit(setting, strategy, fisher, progress, repeats):
+    """Factors, and the best of ``repeats`` fit times after a first (compiling) fit, s."""
+    def fit():
+        return inf.fit_factors(setting.model, setting.task, setting.train, strategy=strategy,
+                               batch_size=setting.batch_size, progress=progress, **fisher_settings(fisher))
+    factors = fit()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fit()
+        times.append(time.perf_counter() - t0)
+    return factors, (min(times) if times else None)
+
+
+def _score_all(setting, strategies, fishers, damping_factors, extra_dampings, progress=False, fit_timing=None,
+               repeats=0):
+    """Scores for every (measurement, strategy, fisher, damping label) -> ``[Q, N]``; fit
+    times (s, after compilation) go to ``fit_timing[(strategy, fisher)]``."""
     out = {}
     fits = {}
     for fisher in fishers:
         for strategy in strategies:
             if strategy == "identity" and fisher != fishers[0]:
                 continue
-            fits[(strategy, fisher)] = inf.fit_factors(setting.model, setting.task, setting.train, strategy=strategy,
-                                                       fisher=fisher, batch_size=setting.batch_size, progress=progress)
+            fits[(strategy, fisher)], seconds = _fit(setting, strategy, fisher, progress,
+                                                     repeats if strategy != "identity" else 0)
+            if fit_timing is not None and seconds is not None:
+                fit_timing[(strategy, fisher)] = seconds
     ekfac = fits.get(("ekfac", fishers[0]))
     mean_lambda = float(np.mean([c.eigenvalues.mean() for c in ekfac.layers.values()])) if ekfac else 1.0
     dampings = {"default": None}
@@ -78,7 +110,7 @@ def _score_all(setting, strategies, fishers, damping_factors, extra_dampings, pr
 
 def evaluate(setting, n_subsets=64, seeds=(0, 1), fraction=0.5, subset_seed=0, strategies=STRATEGIES,
              fishers=("sampled",), damping_factors=(), extra_dampings=None, cache_root=settings_mod.RUNS / "lds-cache",
-             log=print) -> dict:
+             log=print, fit_repeats=0) -> dict:
     """Retrain (cached), score, and compute the LDS of every configuration.
 
     Returns a JSON-serialisable dict: ``rows`` (measurement, strategy, fisher, damping
@@ -93,7 +125,9 @@ def evaluate(setting, n_subsets=64, seeds=(0, 1), fraction=0.5, subset_seed=0, s
     t_retrain = time.perf_counter() - t0
     per_measure = setting.split(measured)  # name -> [M, S, Q]
     t0 = time.perf_counter()
-    scored, mean_lambda = _score_all(setting, strategies, fishers, damping_factors, extra_dampings or {})
+    fit_timing: dict = {}
+    scored, mean_lambda = _score_all(setting, strategies, fishers, damping_factors, extra_dampings or {},
+                                     fit_timing=fit_timing, repeats=fit_repeats)
     t_score = time.perf_counter() - t0
     rows = []
     for (name, strategy, fisher, label), (values, used) in scored.items():
@@ -106,6 +140,8 @@ def evaluate(setting, n_subsets=64, seeds=(0, 1), fraction=0.5, subset_seed=0, s
         "seed_agreement": {name: seed_agreement(m) for name, m in per_measure.items()},
         "rows": rows, "retrain_seconds": round(t_retrain, 1), "score_seconds": round(t_score, 1),
         "cache": str(cache.path),
+        "fit_seconds": [{"strategy": st, "fisher": f, "seconds": t} for (st, f), t in fit_timing.items()],
+        "load_average": list(os.getloadavg()),
     }
 
 
@@ -132,7 +168,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per subset (averaged)")
     parser.add_argument("--fraction", type=float, default=0.5, help="α, the subset fraction")
     parser.add_argument("--fishers", default=None,
-                        help="comma-separated (default: sampled,exact for the MLPs, sampled for lm)")
+                        help="comma-separated: sampled, sampled*k (k draws per example), empirical, exact, default "
+                             "(the library's choice), each optionally @k: fitted with key k "
+                             "(default: sampled,exact for the MLPs, sampled for lm)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated")
+    parser.add_argument("--fit-repeats", type=int, default=0,
+                        help="time each fit this many times after its first (compiling) one; the best is kept")
     parser.add_argument("--damping-sweep", default="0.001,0.01,0.1,1,10", help="factors r of λ = r × mean Λ")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default runs/validation/lds-<setting>.json)")
@@ -145,7 +186,8 @@ def main(argv=None) -> None:
     factors = tuple(float(r) for r in args.damping_sweep.split(",") if r)
     t0 = time.perf_counter()
     result = evaluate(setting, args.subsets, tuple(range(args.seeds)), args.fraction, fishers=fishers,
-                      damping_factors=factors, extra_dampings=extra)
+                      strategies=tuple(args.strategies.split(",")), damping_factors=factors, extra_dampings=extra,
+                      fit_repeats=args.fit_repeats)
     result.update(command="python -m experiments.validation.lds " + " ".join(argv or sys.argv[1:]),
                   machine=f"{platform.machine()}, {os.cpu_count()} cores",
                   date=time.strftime("%Y-%m-%d"), seconds=round(time.perf_counter() - t0, 1))

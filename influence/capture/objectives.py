@@ -4,6 +4,9 @@
 
 * ``"sampled"``: training loss with targets sampled from the model (true Fisher), one
   key per example (:func:`example_keys`), so the draws do not depend on the batching;
+  ``"sampled*k"`` (:func:`sampled_kind`) draws k targets per example, draw j with
+  ``fold_in(example key, j)``, as k Fisher directions ``loss_j / √k`` (so Σ_j g_j g_jᵀ
+  is the mean over the draws);
 * ``"empirical"``: training loss with the data's labels (empirical Fisher, and the
   training gradients that are scored);
 * ``"exact"``: the task's Fisher directions (exact Fisher, several backward passes);
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +32,34 @@ from influence.capture.tracking import LayerInfo
 from influence.errors import TaskError, TrackingError
 
 KINDS = ("sampled", "empirical", "exact", "measurement")
+_DRAWS = "sampled*"
+
+
+def sampled_kind(samples: int) -> str:
+    """The gradient kind of the sampled Fisher with ``samples`` draws per example:
+    ``"sampled"`` for one (no direction axis), ``"sampled*k"`` for k."""
+    return "sampled" if samples == 1 else f"{_DRAWS}{samples}"
+
+
+def sample_count(kind: str) -> int:
+    """Draws per example of a sampled kind (1 for ``"sampled"``), 0 for the other kinds."""
+    if kind == "sampled":
+        return 1
+    return int(kind[len(_DRAWS):]) if kind.startswith(_DRAWS) else 0
+
+
+def has_directions(kind: str) -> bool:
+    """Whether ``kind``'s objective is a vector of K Fisher directions, so ``g`` is
+    ``[K, B, T, d_out]``: the exact Fisher, or several sampled draws."""
+    return kind == "exact" or sample_count(kind) > 1
+
+
+def draw_keys(keys: jax.Array, draw: int) -> jax.Array:
+    """Keys of draw ``draw`` of every example: ``fold_in(key_n, draw)`` for each of the
+    per-example keys ``keys [B]`` (or of one scalar key, for a loss that takes one)."""
+    if keys.ndim == 0:
+        return jax.random.fold_in(keys, draw)
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, draw)
 
 
 def example_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
@@ -68,9 +99,13 @@ def sample_key_mode(model: Any, task: Any, batch: dict[str, Any], key: jax.Array
     keys = example_keys(key, jnp.arange(size, dtype=jnp.int32))
     try:
         closed, mode = jax.make_jaxpr(sampled)(state, batch, keys), "example"
+    except NotImplementedError:  # the task cannot sample: its message says what to use instead
+        raise
     except Exception:  # retried with one key
         try:
             closed, mode = jax.make_jaxpr(sampled)(state, batch, key), "batch"
+        except NotImplementedError:
+            raise
         except Exception:  # the forward fails either way: the pass runs it and reports the failure in context
             return "example"
     shape = tuple(closed.out_avals[0].shape)
@@ -91,16 +126,157 @@ def sample_key_mode(model: Any, task: Any, batch: dict[str, Any], key: jax.Array
     return mode
 
 
+def fisher_direction_count(model: Any, task: Any, batch: dict[str, Any]) -> int | None:
+    """Number K of ``task.fisher_directions`` of one batch, checked by tracing (no
+    computation): :class:`TaskError` unless they are ``[K, B]`` pseudo-losses, one column
+    per example (a ``[B, K]`` transpose, a ``[B]`` loss or a ``[K, B, T]`` array would be
+    summed into a wrong Fisher without an error). ``NotImplementedError`` (the task has no
+    exact Fisher) propagates; ``None`` when the forward pass fails to trace, which the pass
+    then reports with the batch's shapes."""
+    graphdef, state = nnx.split(model)
+    size = len(next(iter(batch.values())))
+
+    def directions(state, batch):
+        return task.fisher_directions(nnx.merge(graphdef, state), batch)
+
+    try:
+        shape = tuple(jax.eval_shape(directions, state, batch).shape)
+    except NotImplementedError:
+        raise
+    except Exception:  # the forward fails: the pass runs it and reports the failure in context
+        return None
+    if len(shape) != 2 or shape[1] != size:
+        raise TaskError(
+            f"fisher='exact' needs {type(task).__name__}.fisher_directions to return pseudo-losses [K, B] = "
+            f"[K, {size}] (K directions per example, one column per example, summed over tokens); it returned shape "
+            f"{list(shape)}. For an OutputTask, the family's fisher_directions gets outputs [B, T, K] and must return "
+            "[T*K, B]")
+    return shape[0]
+
+
+# The default Fisher (fit_factors(fisher=None)), chosen by measurement (docs/benchmarks.md,
+# "Which Fisher"): the exact Fisher where it costs at most EXACT_MAX_DIRECTIONS backward
+# passes per example, else DEFAULT_SAMPLES sampled draws per example.
+EXACT_MAX_DIRECTIONS = 32
+DEFAULT_SAMPLES = 4
+
+
+class FisherChoice(NamedTuple):
+    """The Fisher a fit uses, settled on its first batch.
+
+    Attributes:
+      fisher: ``"sampled"``, ``"empirical"`` or ``"exact"``.
+      samples: draws per example (``None`` unless sampled).
+      kind: the gradient kind of the passes (:func:`sampled_kind` for sampled).
+      key_mode: how the loss takes sample keys (:func:`sample_key_mode`; ``"example"``
+        when not sampled).
+      rule: why this Fisher, in words (``"requested"`` for an explicit ``fisher=``).
+    """
+
+    fisher: str
+    samples: int | None
+    kind: str
+    key_mode: str
+    rule: str
+
+
+def check_sampled_draws(model: Any, task: Any, batch: dict[str, Any], key: jax.Array, samples: int,
+                        mode: str) -> None:
+    """:class:`TaskError` unless ``task.sampled_losses`` gives ``[k, B]`` for ``samples`` = k
+    draws (traced, no computation); ``NotImplementedError`` if the task has none."""
+    graphdef, state = nnx.split(model)
+    size = len(next(iter(batch.values())))
+    keys = example_keys(key, jnp.arange(size, dtype=jnp.int32)) if mode == "example" else key
+    keys = jnp.stack([draw_keys(keys, j) for j in range(samples)])
+
+    def draws(state, batch):
+        return task.sampled_losses(nnx.merge(graphdef, state), batch, keys)
+
+    try:
+        shape = tuple(jax.eval_shape(draws, state, batch).shape)
+    except NotImplementedError:
+        raise
+    except Exception:  # the forward fails: the pass reports it in context
+        return
+    if shape != (samples, size):
+        raise TaskError(f"fisher_samples={samples} needs {type(task).__name__}.sampled_losses to return [k, B] = "
+                        f"[{samples}, {size}] (one loss per draw and example); it returned shape {list(shape)}")
+
+
+def choose_fisher(model: Any, task: Any, batch: dict[str, Any], key: jax.Array, fisher: str | None,
+                  samples: int | None) -> FisherChoice:
+    """The Fisher of a fit, from the request and one batch (traced, not computed).
+
+    An explicit ``fisher`` is used as given, after its first-batch contract checks (the
+    exact Fisher's ``[K, B]`` directions; the sampled loss's use of its key). ``None``
+    chooses by the task, the rule measured on digits (docs/benchmarks.md, "Which Fisher"):
+
+    * the task gives exact directions (:meth:`Task.fisher_directions`, e.g. a
+      classifier with C classes: K = C per example, a regression with K outputs: K) and
+      K ≤ :data:`EXACT_MAX_DIRECTIONS`: ``"exact"`` — noise-free, the best LDS, and K
+      backward passes cost little while K is small;
+    * else, if the loss samples targets: ``"sampled"`` with ``samples`` (default
+      :data:`DEFAULT_SAMPLES`) draws per example (an LM's T·V directions are too many);
+    * else (a loss that ignores its key, a family that cannot sample): ``"empirical"``,
+      with a warning.
+    """
+    if fisher is not None:
+        if fisher == "exact":
+            fisher_direction_count(model, task, batch)
+        if fisher != "sampled":
+            return FisherChoice(fisher, None, fisher, "example", "requested")
+        samples = samples or 1
+        mode = sample_key_mode(model, task, batch, key)
+        if samples > 1:
+            check_sampled_draws(model, task, batch, key, samples, mode)
+        return FisherChoice("sampled", samples, sampled_kind(samples), mode, "requested")
+    try:
+        directions = fisher_direction_count(model, task, batch)
+    except NotImplementedError:
+        directions = None
+    if directions is not None and directions <= EXACT_MAX_DIRECTIONS and samples is None:
+        return FisherChoice("exact", None, "exact", "example",
+                            f"default: exact, the task has {directions} Fisher directions per example "
+                            f"(<= {EXACT_MAX_DIRECTIONS})")
+    samples = samples or DEFAULT_SAMPLES
+    why = ("fisher_samples given" if directions is not None and directions <= EXACT_MAX_DIRECTIONS else
+           f"{directions} exact Fisher directions per example (> {EXACT_MAX_DIRECTIONS})" if directions is not None
+           else "the task has no exact Fisher")
+    try:
+        mode = sample_key_mode(model, task, batch, key)
+    except (TaskError, NotImplementedError) as e:
+        warnings.warn(f"fisher: {why} and its loss cannot sample targets ({e}); using the empirical Fisher (the "
+                      "data's labels). Pass fisher= to choose", stacklevel=4)
+        return FisherChoice("empirical", None, "empirical", "example",
+                            f"default: empirical, {why} and the loss cannot sample targets")
+    if samples > 1:
+        try:
+            check_sampled_draws(model, task, batch, key, samples, mode)
+        except NotImplementedError:  # a custom loss that draws once per call
+            samples, why = 1, why + f"; one draw, since {type(task).__name__} has no sampled_losses"
+    return FisherChoice("sampled", samples, sampled_kind(samples), mode,
+                        f"default: sampled with {samples} draw{'s' if samples > 1 else ''} per example, {why}")
+
+
 def _objective(task, kind: str, batch, example_mask, key):
     if kind == "sampled":
         return lambda model: jnp.sum(task.loss(model, batch, sample_key=key) * example_mask)
+    if sample_count(kind) > 1:
+        draws = sample_count(kind)
+        scale = 1.0 / jnp.sqrt(jnp.float32(draws))
+
+        def sampled_draws(model):  # [k]: one forward pass, k draws of targets
+            keys = jnp.stack([draw_keys(key, j) for j in range(draws)])
+            return (task.sampled_losses(model, batch, keys) @ example_mask) * scale
+
+        return sampled_draws
     if kind == "empirical":
         return lambda model: jnp.sum(task.loss(model, batch) * example_mask)
     if kind == "measurement":
         return lambda model: jnp.sum(task.measurement(model, batch) * example_mask)
     if kind == "exact":
         return lambda model: task.fisher_directions(model, batch) @ example_mask
-    raise ValueError(f"unknown gradient kind {kind!r}; expected one of {KINDS}")
+    raise ValueError(f"unknown gradient kind {kind!r}; expected one of {KINDS} or 'sampled*k'")
 
 
 def layer_gradients(
@@ -168,7 +344,8 @@ def bytes_per_example(graphdef: Any, state: Any, layers: tuple[LayerInfo, ...], 
     per-example gradients ``[d_a, d_out]`` per layer when the step forms them all
     (``per_example_gradients``, the query pass)."""
     a, g = captured_shapes(graphdef, state, layers, task, kind, row)
-    floats = sum(math.prod(a[i.name]) + math.prod(g[i.name]) for i in layers)
+    draws = max(1, sample_count(kind))  # k sampled draws: g gains a draw axis, traced here without it
+    floats = sum(math.prod(a[i.name]) + draws * math.prod(g[i.name]) for i in layers)
     floats *= STEP_MEMORY_FACTOR
     if per_example_gradients:
         floats += sum(i.d_a * i.d_out for i in layers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from influence.capture.objectives import has_directions
 from influence.runtime.mesh import DATA, spec
 
 # Static (hashable) arguments of every pass step.
@@ -45,6 +46,6 @@ class CurvaturePass(NamedTuple):
 
 
 def g_spec(fisher: str):
-    """Partitioning of ``g``: with several Fisher directions it is ``[K, B, T, d_out]``, so
-    the batch axis is second."""
-    return spec(None, DATA) if fisher == "exact" else spec(DATA)
+    """Partitioning of ``g``: with several Fisher directions (exact, or several sampled
+    draws) it is ``[K, B, T, d_out]``, so the batch axis is second."""
+    return spec(None, DATA) if has_directions(fisher) else spec(DATA)

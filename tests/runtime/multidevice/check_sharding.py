@@ -49,8 +49,8 @@ def _case(name):
 def _fitted(case):
     """EK-FAC (sampled Fisher) on one device and on four."""
     model, task, data, queries = _case(case)
-    one = inf.fit_factors(model, task, data, strategy="ekfac", batch_size=8, progress=False)
-    four = inf.fit_factors(model, task, data, strategy="ekfac", batch_size=8, progress=False, mesh=4)
+    one = inf.fit_factors(model, task, data, strategy="ekfac", fisher="sampled", batch_size=8, progress=False)
+    four = inf.fit_factors(model, task, data, strategy="ekfac", fisher="sampled", batch_size=8, progress=False, mesh=4)
     return model, task, data, queries, one, four
 
 
@@ -76,13 +76,23 @@ def test_sampled_fisher_same_for_other_batch_size_and_devices(case):
     """Sampled targets are keyed by each example's row, so a batch of 4 on one device and
     of 16 over four devices draw the same targets: the same factors, to rounding."""
     model, task, data, queries, one, _ = _fitted(case)
-    four = inf.fit_factors(model, task, data, strategy="ekfac", batch_size=16 if case == "lm" else 32,
+    four = inf.fit_factors(model, task, data, strategy="ekfac", fisher="sampled", batch_size=16 if case == "lm" else 32,
                            progress=False, mesh=4)
-    small = inf.fit_factors(model, task, data, strategy="ekfac", batch_size=4, progress=False)
+    small = inf.fit_factors(model, task, data, strategy="ekfac", fisher="sampled", batch_size=4, progress=False)
     for name in one.layers:
         for other in (four, small):
             _close(other.layers[name].eigenvalues, one.layers[name].eigenvalues)
             _close(other.layers[name].a_eigenvalues, one.layers[name].a_eigenvalues)
+
+
+def test_sampled_draws_same_for_other_batch_size_and_devices():
+    """With 3 draws per example (draw j keyed by fold_in(key_n, j)) too."""
+    model, task, data, _ = _case("mlp")
+    fits = [inf.fit_factors(model, task, data, strategy="kfac", fisher="sampled", fisher_samples=3,
+                            batch_size=batch, progress=False, mesh=mesh) for batch, mesh in ((8, None), (32, 4))]
+    for name in fits[0].layers:
+        _close(fits[1].layers[name].s_eigenvalues, fits[0].layers[name].s_eigenvalues)
+        _close(fits[1].layers[name].a_eigenvalues, fits[0].layers[name].a_eigenvalues)
 
 
 @pytest.mark.parametrize("strategy,fisher", [("diagonal", "sampled"), ("kfac", "exact")])
@@ -144,7 +154,8 @@ def test_resume_on_another_number_of_devices(tmp_path):
             yield {k: v[lo : lo + 8] for k, v in data.items()}
 
     resumed = []
-    settings = dict(strategy="ekfac", batch_size=8, progress=False, checkpoint_dir=tmp_path, checkpoint_every=2)
+    settings = dict(strategy="ekfac", fisher="sampled", batch_size=8, progress=False, checkpoint_dir=tmp_path,
+                    checkpoint_every=2)
     with pytest.raises(Stop):
         inf.fit_factors(model, task, stopping, mesh=4, **settings)
     resumed.append(True)
