@@ -41,6 +41,7 @@ from influence.runtime.driver import Accumulator, run_pass
 from influence.runtime.execution import Execution
 from influence.runtime.io import digest_arrays
 from influence.runtime.mesh import (
+    all_processes_gather,
     all_processes_sum,
     data_mesh,
     describe_mesh,
@@ -93,14 +94,36 @@ def _restore_slots(template: Any, arrays: dict[str, np.ndarray], mesh: Mesh) -> 
     return jax.tree.unflatten(treedef, restored)
 
 
-def _sample_rows(step, mesh: Mesh, mode: str):
+def _sample_rows(step, mesh: Mesh, mode: str, row_offset: int = 0):
     """What seeds a batch's sampled targets (:func:`example_keys`): the global row index of
-    each example ``[B]`` (``Batch.start`` + row), so that an example gets the same key
-    whatever batch it falls in; or, for a loss that takes one key, the batch index."""
+    each example ``[B]`` (``row_offset`` + ``Batch.start`` + row), so that an example gets
+    the same key whatever batch, device or host it falls in; or, for a loss that takes one
+    key, the batch index."""
     if mode == "batch":
         return replicate(np.int32(step.index), mesh)
     size = len(step.batch.example_mask)
-    return shard_batch(np.arange(size, dtype=np.int32) + np.int32(max(step.batch.start, 0)), mesh)
+    return shard_batch(np.arange(size, dtype=np.int32) + np.int32(row_offset + max(step.batch.start, 0)), mesh)
+
+
+HOST_ROW_STRIDE = 2**26
+"""Rows set apart per process for the sample keys when some process's data has no
+length: process p's rows are keyed from p × this."""
+
+
+def _global_row_offset(source, mesh: Mesh) -> tuple[int, str]:
+    """Where this process's rows start in the row order that keys the sampled draws, and
+    how that order is defined. One process: 0. Several: the rows of the processes before
+    this one (each process holds a contiguous share, in process order, as
+    :func:`influence.hosts.host_shard` splits), so the draws are those of one process over
+    all the data; when a process's data has no length, ``process index × HOST_ROW_STRIDE``
+    (the draws stay distinct across hosts but depend on the host split)."""
+    if not spans_processes(mesh):
+        return 0, "global row"
+    counts = all_processes_gather(np.array(-1 if source.num_examples is None else source.num_examples, np.int64))
+    if (counts < 0).any():
+        return (jax.process_index() * HOST_ROW_STRIDE,
+                f"host row + process index x {HOST_ROW_STRIDE} (data of unknown length)")
+    return int(counts[:jax.process_index()].sum()), "global row (the processes' rows in process order)"
 
 
 def _pass_accumulator(curvature_pass: CurvaturePass, zeros, step_args: tuple, tracked, task, mesh: Mesh,
@@ -115,7 +138,7 @@ def _pass_accumulator(curvature_pass: CurvaturePass, zeros, step_args: tuple, tr
     def update(state, step):
         if "fisher" not in choice:
             choice["fisher"] = choice.pop("check")(step.batch.arrays)
-        rows = _sample_rows(step, mesh, choice["fisher"].key_mode)
+        rows = _sample_rows(step, mesh, choice["fisher"].key_mode, choice["row_offset"])
         sums, counts, value = curvature_pass.step(state.sums, *step_args, tracked.state, step.arrays,
                                                   step.example_mask, pass_key, rows, fisher=choice["fisher"].kind,
                                                   **statics)
@@ -280,6 +303,7 @@ def fit_factors(
         "model": tracked.fingerprint, "weights": digest_arrays(tracked.state), "processes": jax.process_count(),
         # sampled targets keyed by global row: a snapshot of the per-batch scheme must not be resumed
         **({"sample_keys": "per example row"} if fisher in ("sampled", None) else {}),
+        **({"sample_rows": "offset by the rows of earlier processes"} if spans_processes(mesh) else {}),
     }) if run.checkpoint_dir is not None else None
     resumed = checkpoint.load() if checkpoint is not None else None
     resumed_pass = resumed[0]["pass"] if resumed is not None else None
@@ -295,7 +319,8 @@ def fit_factors(
     def check(arrays):
         return choose_fisher(nnx.merge(tracked.graphdef, tracked.state), task, arrays, key, fisher, fisher_samples)
 
-    choice: dict[str, Any] = {"check": check}
+    row_offset, sample_rows = _global_row_offset(source, mesh)
+    choice: dict[str, Any] = {"check": check, "row_offset": row_offset}
     ordered_blocks = tuple(layer_blocks[i.name] for i in tracked.layers)
     for position, curvature_pass in enumerate(chosen.passes):
         if resumed_pass is not None and curvature_pass.index < resumed_pass:
@@ -322,4 +347,6 @@ def fit_factors(
         if used.fisher == "sampled":
             metadata["fisher_samples"] = used.samples
             metadata["sample_keys"] = "per example" if used.key_mode == "example" else "per batch"
+            if used.key_mode == "example":
+                metadata["sample_rows"] = sample_rows
     return Factors(strategy, curvature, metadata)

@@ -3,7 +3,8 @@
 Usage: python tests/runtime/multihost_worker.py PROCESS_ID PORT OUT_DIR. Two host devices per
 process (four in all), gloo collectives. Writes, under OUT_DIR: the factors fitted
 across both processes (``factors-<pid>.npz``, one per process: they must be equal), the
-factors of an interrupted and resumed fit (``resumed-<pid>.npz``), each host's ranking
+factors of an interrupted and resumed fit (``resumed-<pid>.npz``), a sampled-Fisher fit
+(``sampled-<pid>.npz``), each host's ranking
 and scores parts (``parts/``, ``score-parts/``, ``all-<pid>.npy``).
 """
 
@@ -52,6 +53,9 @@ part, offset = inf.hosts.host_shard(data)
 mesh = jax.make_mesh((jax.device_count(),), ("data",))
 factors = inf.fit_factors(model, task, part, strategy="ekfac", mesh=mesh, batch_size=GLOBAL_BATCH, progress=False)
 factors.save(out / f"factors-{process_id}.npz")
+# The sampled Fisher keys each example by its global row: the same draws as one process on all the data.
+inf.fit_factors(model, task, part, strategy="ekfac", fisher="sampled", mesh=mesh, batch_size=GLOBAL_BATCH,
+                progress=False).save(out / f"sampled-{process_id}.npz")
 
 stream = interrupted_once(part, GLOBAL_BATCH // 2)
 settings = dict(strategy="ekfac", mesh=mesh, batch_size=GLOBAL_BATCH, progress=False, checkpoint_dir=out / "ckpt",

@@ -71,6 +71,17 @@ def test_two_processes_fit_together_and_merge_their_parts(tmp_path):
             a, b = getattr(got, field), getattr(want, field)
             assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), (name, field)
 
+    # Sampled targets are keyed by global row (host 1's rows follow host 0's): one process on
+    # all the data, in its own order and batching, draws the same targets.
+    sampled = inf.fit_factors(model, task, data, strategy="ekfac", fisher="sampled", batch_size=2 * local,
+                              progress=False)
+    for i in (0, 1):
+        got = inf.Factors.load(tmp_path / f"sampled-{i}.npz")
+        assert got.metadata["sample_rows"] == "global row (the processes' rows in process order)"
+        for name, want in sampled.layers.items():
+            a, b = got.layers[name].eigenvalues, want.eigenvalues
+            assert np.abs(a - b).max() <= 5e-5 * np.abs(b).max(), name  # summed in another order
+
     factors = fitted[0]
     full = rank_training(model, task, factors, queries, data, k=5, batch_size=8, progress=False)
     indices, scores = inf.hosts.merge_rankings(tmp_path / "parts", out=tmp_path / "topk.npz",
