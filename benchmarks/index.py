@@ -38,6 +38,7 @@ from flax import nnx
 from scipy.stats import pearsonr, spearmanr
 
 import influence as inf
+from benchmarks.speed import timed
 from influence import testing
 from influence.index.score import read_floor
 
@@ -111,17 +112,6 @@ def fidelity(scores: np.ndarray, reference: np.ndarray) -> dict[str, float]:
             "top10_overlap": float(overlap)}
 
 
-def wall(fn, repeats=1):
-    """Best wall time of ``fn()`` over ``repeats`` runs after one warm-up (compilation)."""
-    fn()
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def measure(name: str, build, workdir: Path, batch_size: int) -> dict:
     model, task, train, queries = build()
     n_train = len(next(iter(train.values())))
@@ -161,29 +151,29 @@ def choose_default(results: dict) -> str:
 def timings(state: dict, default: str, workdir: Path, name: str, batch_size: int) -> dict:
     model, task, train, queries, factors = (state[k] for k in ("model", "task", "train", "queries", "factors"))
     q32 = first(queries, 32)
-    rescan_pass = wall(lambda: inf.rank_training(model, task, factors, q32, train, k=TOP, batch_size=batch_size,
-                                                 **QUIET))
+    rescan_pass = timed(lambda: inf.rank_training(model, task, factors, q32, train, k=TOP, batch_size=batch_size,
+                                                 **QUIET), 1)
     path = workdir / name / "timed-none"
 
     def build_none():
         inf.build_index(model, task, factors, train, path=path, overwrite=True, batch_size=batch_size, **QUIET)
 
-    build = wall(build_none)
+    build = timed(build_none, 1)
     index = inf.index.Index(workdir / name / default.replace(":", "_"))
     latency = []
     for n in (1, 32, 256):
         q = first(queries, n)
-        rescan = wall(lambda q=q: inf.rank_training(model, task, factors, q, train, k=TOP, batch_size=batch_size,
-                                                    **QUIET))
-        unchecked = wall(lambda q=q: inf.rank_training(model, task, factors, q, None, k=TOP, index=index, **QUIET), 3)
-        checked = wall(lambda q=q: inf.rank_training(model, task, factors, q, train, k=TOP, index=index,
+        rescan = timed(lambda q=q: inf.rank_training(model, task, factors, q, train, k=TOP, batch_size=batch_size,
+                                                    **QUIET), 1)
+        unchecked = timed(lambda q=q: inf.rank_training(model, task, factors, q, None, k=TOP, index=index, **QUIET), 3)
+        checked = timed(lambda q=q: inf.rank_training(model, task, factors, q, train, k=TOP, index=index,
                                                      batch_size=batch_size, **QUIET), 3)
         latency.append({"queries": n, "rescan_seconds": rescan, "index_seconds": unchecked,
                         "index_data_checked_seconds": checked, "rescan_over_index": rescan / unchecked,
                         "rescan_over_index_data_checked": rescan / checked})
         print(f"{name:10s} {n:4d} queries: rescan {rescan:.3f} s, index {unchecked:.3f} s "
               f"({rescan / unchecked:.1f}x), with the data check {checked:.3f} s ({rescan / checked:.1f}x)")
-    floor = wall(lambda: read_floor(index), 3)
+    floor = timed(lambda: read_floor(index), 3)
     one_query = next(r for r in latency if r["queries"] == 32)["index_seconds"]
     return {"rescan_pass_seconds_32_queries": rescan_pass, "build_seconds_none": build,
             "build_over_rescan_pass": build / rescan_pass, "latency": latency, "default_compression": default,

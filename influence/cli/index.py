@@ -64,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     import influence as inf
-    from influence.cli.query import find_factors
-    from influence.errors import FileFormatError, ModelMismatch
+    from influence.cli.query import load_factors
     from influence.index.build import DEFAULT_COMPRESSION
     from influence.index.compress import Compression
     from influence.lm.run import load_run
@@ -75,16 +74,10 @@ def run(args: argparse.Namespace) -> int:
         return fail("index", f"--check must be 0 or a positive number of sequences, got {args.check}")
     compression = Compression.parse(args.compression or DEFAULT_COMPRESSION)
     loaded = load_run(args.run)
-    try:
-        folder, note = find_factors(loaded, args.strategy, args.layers, args.factors)
-    except FileNotFoundError as e:
-        return fail("index", str(e))
-    if note:
-        print(note)
-    try:
-        factors = inf.Factors.load(folder, model=loaded.model)
-    except (FileFormatError, ModelMismatch) as e:
-        return fail("index", f"{e}; refit the factors first (influence fit ... --force)")
+    found = load_factors("index", args, loaded)
+    if isinstance(found, int):
+        return found
+    folder, _, factors = found
     path = index_folder(folder, compression)
     if (path / "manifest.json").is_file() and not args.force:
         print(f"index already built: {path} (use --force to rebuild)")

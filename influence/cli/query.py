@@ -140,10 +140,30 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
     raise FileNotFoundError(f"no {strategy} factors for layers '{layers}' in {run}; fit them first with:\n  {line}")
 
 
-def run(args: argparse.Namespace) -> int:
+def load_factors(command: str, args: argparse.Namespace, loaded) -> tuple[Path, dict, object] | int:
+    """``(folder, settings, Factors)`` of the run's factors that ``--strategy/--layers/--factors``
+    choose (loaded against the run's model), or the exit status of a failure, its
+    message printed with the command that fits them."""
     from influence.errors import FileFormatError, ModelMismatch
     from influence.factors import Factors
-    from influence.lm.run import load_run, read_settings
+    from influence.lm.run import read_settings
+
+    try:
+        path, note = find_factors(loaded, args.strategy, args.layers, args.factors)
+    except FileNotFoundError as e:
+        return fail(command, str(e))
+    if note:
+        print(note)
+    settings = read_settings(path) or {"strategy": args.strategy, "layers": args.layers}
+    try:
+        return path, settings, Factors.load(path, model=loaded.model)
+    except (FileFormatError, ModelMismatch) as e:
+        line = fit_command(args.run, settings["strategy"], settings["layers"], settings)
+        return fail(command, f"{e}; refit with:\n  {line} --force")
+
+
+def run(args: argparse.Namespace) -> int:
+    from influence.lm.run import load_run
     from influence.query.engine import Query, QueryEngine, read_queries, write_json
     from influence.query.report import write_html
 
@@ -155,18 +175,10 @@ def run(args: argparse.Namespace) -> int:
     queries = (read_queries(args.queries) if args.queries
                else [Query(_unescape(args.prompt), _unescape(args.completion))])
     loaded = load_run(args.run)
-    try:
-        path, note = find_factors(loaded, args.strategy, args.layers, args.factors)
-    except FileNotFoundError as e:
-        return fail("query", str(e))
-    if note:
-        print(note)
-    settings = read_settings(path) or {"strategy": args.strategy, "layers": args.layers}
-    try:
-        factors = Factors.load(path, model=loaded.model)
-    except (FileFormatError, ModelMismatch) as e:
-        line = fit_command(args.run, settings["strategy"], settings["layers"], settings)
-        return fail("query", f"{e}; refit with:\n  {line} --force")
+    found = load_factors("query", args, loaded)
+    if isinstance(found, int):
+        return found
+    path, settings, factors = found
     from influence.cli.index import choose_index
 
     index, answered_by = choose_index(args, path, loaded, factors)
