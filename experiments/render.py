@@ -55,8 +55,10 @@ def params_label(n: int) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                      *["| " + " | ".join(r) + " |" for r in rows]])
+    def line(cells: Sequence[str]) -> str:  # a "|" inside a cell (e.g. "source | BM25") would split it
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *[line(r) for r in rows]])
 
 
 # --------------------------------------------------------------------------- v2
@@ -78,6 +80,23 @@ SEMANTIC_ROWS = (
     ("corpus share of inserted documents (baseline)", "insertion_all", ("semantic",)),
     ("KJV control: MRR by influence", "semantic_rr", ("semantic_control",)),
     ("KJV control: MRR by BM25", "semantic_bm25_rr", ("semantic_control",)),
+)
+
+# Token-wise attribution of each query's top sequences (experiments/tokenwise.py).
+TOKEN_ROWS = tuple(
+    row for kind, label in (("semantic", "WEB rendering"), ("semantic_control", "KJV control"),
+                            ("memorised", "memorised"), ("style", "style"))
+    for row in ((f"{label}: share of |influence| on the top 10% of positions", "token_top10_share", (kind,)),
+                (f"{label}: lexical enrichment (influence on the query's own tokens ÷ chance)",
+                 "token_lexical_enrichment", (kind,))))
+
+# Mid-training checkpoint against the final weights (scale_v2._mid_training).
+CHECKPOINT_ROWS = (
+    ("WEB rendering: MRR of the KJV source by influence", "semantic_rr", ("semantic",)),
+    ("WEB rendering: partial rank corr. (influence, source | BM25)", "semantic_partial", ("semantic",)),
+    ("KJV control: MRR by influence", "semantic_rr", ("semantic_control",)),
+    ("WEB rendering: top-10 overlap with the final weights' top 10", "final_overlap", ("semantic",)),
+    ("KJV control: top-10 overlap with the final weights' top 10", "final_overlap", ("semantic_control",)),
 )
 
 
@@ -135,6 +154,17 @@ def render_report(results: dict) -> str:
         sem = [_nested_row(label, m, k, cells, n_boot) for label, m, k in SEMANTIC_ROWS]
         parts += [f"\n#### Semantic source — {layer_set} layers\n",
                   _table(["statistic", "n", *[f"{c['scale']} ({params_label(c['params'])})" for c in cells]], sem)]
+        token_rows = [row for row in (_nested_row(label, m, k, cells, n_boot) for label, m, k in TOKEN_ROWS)
+                      if row[1] != "0"]
+        if token_rows:
+            parts += [f"\n#### Token-wise attribution — {layer_set} layers\n",
+                      f"Over each query's top {settings.get('token_k')} sequences; a position's term is mostly "
+                      "the influence of predicting the next token there. Even spread puts 0.1 of |influence| on "
+                      "the top 10% of positions; lexical enrichment 1 = no more influence on the positions that "
+                      "predict one of the query's own tokens than their share of positions.\n",
+                      _table(["statistic", "n", *[f"{c['scale']} ({params_label(c['params'])})" for c in cells]],
+                             token_rows)]
+    parts += _checkpoint_section(runs, n_boot)
     val = [(r["scale"], r["seed"], r["validation"]) for r in runs if r.get("validation")]
     if val:
         rows = []
@@ -151,6 +181,38 @@ def render_report(results: dict) -> str:
                   _table(["run", "tail-patch Δloss top − random", "share of queries top better", "damping sweep"],
                          rows)]
     return "\n".join(parts) + "\n"
+
+
+def _checkpoint_section(runs: Sequence[dict], n_boot: int) -> list[str]:
+    """Semantic statistics at the mid-training checkpoint next to the final weights, for
+    the sizes that have it (nested intervals over queries within seeds)."""
+    with_ckpt = sorted({r["scale"] for r in runs if r.get("checkpoint")},
+                       key=lambda s: next(r["params"]["non_embedding"] for r in runs if r["scale"] == s))
+    if not with_ckpt:
+        return []
+    header, rows = ["statistic", "n"], []
+    columns = []
+    for scale in with_ckpt:
+        seeds = sorted((r for r in runs if r["scale"] == scale and r.get("checkpoint")), key=lambda r: r["seed"])
+        c = seeds[0]["checkpoint"]
+        final = [[x for x in r["variants"][next(iter(r["variants"]))] if not x.get("completion_of")] for r in seeds]
+        columns.append((f"{scale} step {c['step']}", [r["checkpoint"]["records"] for r in seeds]))
+        columns.append((f"{scale} step {c['final_step']} (final)", final))
+    header += [name for name, _ in columns]
+    for label, metric, kinds in CHECKPOINT_ROWS:
+        cells, n = [], "0"
+        for _, recs in columns:
+            m, ids = S.metric_matrix(recs, metric, kinds)
+            if not ids or np.isnan(m).all():
+                cells.append("–")
+                continue
+            n = str(len(ids))
+            cells.append(fmt_ci(S.scale_means([m], n_boot=n_boot)[0].as_dict()))
+        rows.append([label, n, *cells])
+    return ["\n#### Influence over training: mid-training checkpoint vs final weights\n",
+            "EK-FAC refitted at the checkpoint (same data, Fisher key and damping rule); the semantic and "
+            "control queries scored there. Top-10 overlap is with the same query's top 10 at the final "
+            "weights.\n", _table(header, rows)]
 
 
 # --------------------------------------------------------------------------- v1, corrected
@@ -267,6 +329,37 @@ def v2_status(path: Path = V2_RESULTS, what: str = "the `full` ladder (CPU)") ->
     return render_report(json.loads(path.read_text()))
 
 
+def headline(path: Path = V2_RESULTS) -> str:
+    """One line per declared endpoint of a v2 results file: the effect (slope per decade of
+    parameters, or the per-scale means for an every-scale test) with its nested interval,
+    the verdict and whether it reproduces the paper; the semantic-source test first."""
+    if not path.exists():
+        return "No v2 result yet (see [v2 results](#v2-results)).\n"
+    results = json.loads(path.read_text())
+    runs = results["runs"]
+    seeds = {}
+    for r in runs:
+        seeds.setdefault(r["scale"], []).append(r["seed"])
+    sizes = "; ".join(f"{s} ({params_label(next(r['params']['non_embedding'] for r in runs if r['scale'] == s))}"
+                      f" non-embedding parameters, seeds {', '.join(map(str, sorted(k)))})" for s, k in seeds.items())
+    layer_set = next(iter(results["endpoints"]))
+    lines = [f"`--config {results['config']}`, {results['date'][:10]}: {sizes}. EK-FAC on {layer_set} layers; "
+             "95% intervals from the paired bootstrap over queries nested within seeds.\n"]
+    for e in results["endpoints"][layer_set]:
+        if e.get("n_queries", 0) == 0:
+            lines.append(f"- **{e['endpoint']}**: no data.")
+            continue
+        if e["test"] == "every_scale":
+            effect = "per-scale means " + "; ".join(f"{sc} {fmt_ci(p)}" for sc, p in zip(e["scales"], e["per_scale"]))
+            repro = "yes" if e["verdict"] == "reproduces at every scale" else "no"
+        else:
+            effect = f"slope {fmt_ci(e.get('slope_log10_params'))} per decade of parameters"
+            repro = "yes" if e.get("reproduces") else "no"
+        lines.append(f"- **{e['endpoint']}** (`{e['metric']}`, n = {e['n_queries']} queries): {effect}; "
+                     f"{e['verdict']}; reproduces the paper at these sizes: **{repro}**.")
+    return "\n".join(lines) + "\n"
+
+
 def endpoints_table() -> str:
     """The declared endpoints (:data:`experiments.stats.ENDPOINTS`) as a table."""
     rows = []
@@ -292,14 +385,16 @@ def configs_table() -> str:
                      f"semantic {n.semantic}, KJV control {n.semantic_control}, memorised {n.memorised}, "
                      f"style {n.style}, crosslingual {n.crosslingual} pairs, facts {c.insertions[0]} + "
                      f"{c.insertions[1]}, canaries {c.insertions[2]} (copies {'/'.join(map(str, c.canary_copies))})",
-                     ", ".join(c.layer_sets), ", ".join(c.validate_scales) or "–"])
+                     ", ".join(c.layer_sets), ", ".join(c.validate_scales) or "–",
+                     ", ".join(c.checkpoint_scales) or "–"])
     return _table(["config", "scales (d_model × layers)", "seeds", "epochs", "queries", "EK-FAC layers",
-                   "estimator checks at"], rows) + "\n"
+                   "estimator checks at", "mid-training influence at"], rows) + "\n"
 
 
 def doc_blocks(v1: Path = V1_RESULTS, v2: Path = V2_RESULTS, v2_gpu: Path = V2_GPU_RESULTS) -> dict[str, str]:
     """Every generated block of the doc."""
-    return {"v2-configs": configs_table(), "v2-endpoints": endpoints_table(), "v2-results": v2_status(v2),
+    return {"v2-headline": headline(v2), "v2-configs": configs_table(), "v2-endpoints": endpoints_table(),
+            "v2-results": v2_status(v2),
             "v2-gpu-results": v2_status(v2_gpu, "the `gpu` ladder (no accelerator was available to this session)"),
             "v1-summary": render_v1_summary(json.loads(v1.read_text()))}
 

@@ -70,6 +70,13 @@ class V2Config:
     tail_queries: int = 16
     tail_k: int = 10
     tail_lr: float = 1e-2
+    # Token-wise attribution statistics (experiments/tokenwise.py) of these query kinds'
+    # top-``token_k`` sequences, at every run; 0 turns them off.
+    token_kinds: tuple[str, ...] = ("semantic", "semantic_control", "memorised", "style")
+    token_k: int = 5
+    # Sizes whose every seed is also fitted and scored (semantic and control queries) at the
+    # checkpoint halfway through training: influence over the course of training.
+    checkpoint_scales: tuple[str, ...] = ()
 
     @property
     def runs(self) -> tuple[tuple[str, int], ...]:
@@ -90,16 +97,18 @@ TINY = V2Config(
     scales=("tiny", "mini"), seeds=(0, 1), epochs=1.0,
     counts=QueryCounts(semantic=12, semantic_control=6, memorised=6, style=6, crosslingual=4),
     insertions=(4, 4, 6), vocab_size=512, n_boot=200, greedy_kinds=("semantic",),
-    validate_scales=("tiny",), damping_sweep=(0.1, 1.0), tail_queries=4, tail_k=5, top_k=5)
+    validate_scales=("tiny",), damping_sweep=(0.1, 1.0), tail_queries=4, tail_k=5, top_k=5, token_k=3,
+    checkpoint_scales=("mini",))
 
 FULL = V2Config(
     name="full", mixture=_FULL_MIX, scales=("tiny", "mini", "small", "medium"), seeds=(0, 1, 2), epochs=4.0,
-    counts=QueryCounts(), validate_scales=("mini", "medium"))
+    counts=QueryCounts(), validate_scales=("mini", "medium"), checkpoint_scales=("mini", "small"))
 
 # The GPU ladder: the same data and regime, sizes from ~1M to ~30M non-embedding parameters.
 GPU = V2Config(
     name="gpu", mixture=_FULL_MIX, scales=("small", "medium", "large", "xl", "xxl"), seeds=(0, 1, 2), epochs=4.0,
-    counts=QueryCounts(), layer_sets=("mlp", "blocks"), validate_scales=("small", "large"))
+    counts=QueryCounts(), layer_sets=("mlp", "blocks"), validate_scales=("small", "large"),
+    checkpoint_scales=("small", "large"))
 
 V2_CONFIGS = {c.name: c for c in (TINY, FULL, GPU)}
 
@@ -328,6 +337,12 @@ def run_one(cfg: V2Config, out: Path, scale: str, seed: int, train_docs, held, s
         scores = steps.score(run_dir, run, factors, layer_set, all_specs, log)
         records = _records(cfg, run_dir, run, layer_set, scores, all_specs, ctx, key)
         entry["variants"][layer_set] = records
+        if cfg.token_k and layer_set == cfg.layer_sets[0]:
+            steps.check_deadline(deadline, "token-wise attribution")
+            _merge(records, _token_stats(cfg, run_dir, run, factors, layer_set, all_specs, scores, key, log))
+        if scale in cfg.checkpoint_scales and layer_set == cfg.layer_sets[0]:
+            steps.check_deadline(deadline, "influence at the mid-training checkpoint")
+            entry["checkpoint"] = _mid_training(cfg, run_dir, layer_set, all_specs, ctx, key, records, log)
         if scale in cfg.validate_scales and layer_set == cfg.layer_sets[0]:
             steps.check_deadline(deadline, "validation")
             entry["validation"] = _validation(cfg, run_dir, run, factors, layer_set, specs, scores, records, seed, log)
@@ -348,6 +363,66 @@ def _validation(cfg, run_dir, run, factors, layer_set, specs, scores, records, s
               else None}
     path.write_text(json.dumps(result, indent=1))
     log(f"  validation (tail-patch, damping sweep) in {time.perf_counter() - t0:.0f} s")
+    return result
+
+
+def _merge(records: list[dict], extra: Sequence[dict]) -> None:
+    by_id = {r["id"]: r for r in records}
+    for e in extra:
+        by_id[e["id"]].update({k: v for k, v in e.items() if k != "id"})
+
+
+def _token_stats(cfg, run_dir, run, factors, layer_set, specs, scores, key, log) -> list[dict]:
+    """:func:`experiments.tokenwise.attribute_top` for the fixed queries of
+    ``cfg.token_kinds``, cached in ``tokens-<layer set>.json``."""
+    from . import tokenwise
+
+    path = run_dir / f"tokens-{layer_set}.json"
+    key = f"{key}:{cfg.token_k}:{hashlib.sha256(Path(tokenwise.__file__).read_bytes()).hexdigest()[:8]}"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["records"]
+    t0 = time.perf_counter()
+    index = {s.id: i for i, s in enumerate(specs)}
+    chosen = [s for s in specs if s.kind in cfg.token_kinds and not s.completion_of]
+    values = np.stack([scores.values[index[s.id]] for s in chosen]) if chosen else np.zeros((0, len(run.train)))
+    records = tokenwise.attribute_top(run, factors, chosen, values, k=cfg.token_k)
+    path.write_text(json.dumps({"key": key, "records": records}))
+    log(f"  token-wise attribution of {len(chosen)} queries' top {cfg.token_k} in {time.perf_counter() - t0:.0f} s")
+    return records
+
+
+def _mid_training(cfg, run_dir, layer_set, specs, ctx, key, final_records, log) -> dict:
+    """The semantic and control queries scored with EK-FAC fitted at the checkpoint nearest
+    half of training (its own factors, same Fisher key): their records there, with each
+    query's top-k overlap with its top-k at the final weights (``final_overlap``)."""
+    from influence.lm import load_run
+    from influence.lm.checkpoint import list_checkpoints
+
+    from . import scale_runs as steps
+    from .analysis import query_records
+
+    found = sorted(list_checkpoints(run_dir / "checkpoints"))
+    final = found[-1]
+    step = min(found[:-1] or found, key=lambda s: abs(s - final / 2))
+    path = run_dir / f"checkpoint-{layer_set}-step{step}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["result"]
+    run = load_run(run_dir, step=step)
+    subset = [s for s in specs if s.kind in ("semantic", "semantic_control") and not s.completion_of]
+    name = f"{layer_set}-step{step}"
+    factors = steps.fit(run_dir, run, name, LAYER_SETS[layer_set], cfg.fisher_seed, log, fisher=cfg.fisher)
+    scores = steps.score(run_dir, run, factors, name, subset, log)
+    records = query_records(subset, scores.values, scores.per_layer, ctx, n_blocks=run.config.n_layers, k=cfg.top_k,
+                            powerlaw_boot=0, seed=0)
+    top_final = {r["id"]: set(r["top_rows"]) for r in final_records}
+    for r in records:
+        r["final_overlap"] = len(set(r["top_rows"]) & top_final[r["id"]]) / cfg.top_k
+    result = {"step": int(step), "final_step": int(final), "fraction": step / final, "records": records}
+    path.write_text(json.dumps({"key": key, "result": result}, default=float))
     return result
 
 

@@ -59,6 +59,22 @@ def test_tiny_v2_end_to_end_resumable(tmp_path):
         # The KJV control: its own text is among the 10 most influential sequences.
         ctl = [x for x in recs if x["kind"] == "semantic_control"]
         assert np.mean([x["semantic_recall10"] for x in ctl]) >= 0.5
+        # Token-wise statistics of the chosen kinds' fixed queries (their terms were checked
+        # to sum to the scores when computed).
+        tok = [x for x in recs if x["kind"] in TINY.token_kinds and not x.get("completion_of")]
+        shares = [x["token_top10_share"] for x in tok if "token_top10_share" in x]
+        assert len(shares) >= len(tok) - 1 and all(0.1 - 1e-9 <= v <= 1 for v in shares)
+        assert any("token_lexical_enrichment" in x for x in tok)
+        if r["scale"] in TINY.checkpoint_scales:
+            c = r["checkpoint"]
+            assert c["step"] < c["final_step"] and 0 < c["fraction"] < 1
+            ids = {x["id"] for x in c["records"]}
+            assert ids == {x["id"] for x in recs if x["kind"] in ("semantic", "semantic_control")
+                           and not x.get("completion_of")}
+            assert all(0 <= x["final_overlap"] <= 1 for x in c["records"])
+            assert np.mean([x["final_overlap"] for x in c["records"]]) < 1  # other weights, other top 10
+        else:
+            assert "checkpoint" not in r
     # Two runs of a scale differ only by the training seed; the Fisher key is the same.
     assert runs[0]["regime"]["train_loss"] != runs[2]["regime"]["train_loss"]
     val = [r["validation"] for r in runs if r["validation"]]
@@ -77,6 +93,7 @@ def test_tiny_v2_end_to_end_resumable(tmp_path):
     for e in eps.values():
         assert e["verdict"] in report
     assert fmt(runs[0]["regime"]["gap"]) in report
+    assert "#### Token-wise attribution" in report and "mid-training checkpoint vs final weights" in report
     with np.load(out / "scores.npz") as z:
         assert z["tiny-seed0-mlp"].shape == (len(queries) + runs[0]["n_greedy"], runs[0]["n_train"])
     assert (out / "pub" / "results.json").read_bytes() == (out / "results.json").read_bytes()
