@@ -108,7 +108,14 @@ def _nested_row(label: str, metric: str, kinds, cells, n_boot: int) -> list[str]
     if not ids:
         return [label, "0", *["–"] * len(cells)]
     means = S.scale_means(mats, n_boot=n_boot)
-    return [label, str(len(ids)), *[fmt_ci(i.as_dict()) for i in means]]
+    return [label, _n_with_data(mats), *[fmt_ci(i.as_dict()) for i in means]]
+
+
+def _n_with_data(mats: Sequence[np.ndarray]) -> str:
+    """Queries that have the metric (in some seed): one number, or the range over scales
+    when it differs (e.g. the verses BM25 misses in one run but not another)."""
+    counts = sorted({int(np.isfinite(m).any(axis=0).sum()) for m in mats})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
 
 
 def render_report(results: dict) -> str:
@@ -155,7 +162,7 @@ def render_report(results: dict) -> str:
         parts += [f"\n#### Semantic source — {layer_set} layers\n",
                   _table(["statistic", "n", *[f"{c['scale']} ({params_label(c['params'])})" for c in cells]], sem)]
         token_rows = [row for row in (_nested_row(label, m, k, cells, n_boot) for label, m, k in TOKEN_ROWS)
-                      if row[1] != "0"]
+                      if row[1] not in ("0", "0–0")]
         if token_rows:
             parts += [f"\n#### Token-wise attribution — {layer_set} layers\n",
                       f"Over each query's top {settings.get('token_k')} sequences; a position's term is mostly "
@@ -206,7 +213,7 @@ def _checkpoint_section(runs: Sequence[dict], n_boot: int) -> list[str]:
             if not ids or np.isnan(m).all():
                 cells.append("–")
                 continue
-            n = str(len(ids))
+            n = _n_with_data([m])
             cells.append(fmt_ci(S.scale_means([m], n_boot=n_boot)[0].as_dict()))
         rows.append([label, n, *cells])
     return ["\n#### Influence over training: mid-training checkpoint vs final weights\n",
