@@ -219,6 +219,128 @@ def lm_ratios(n_train: int, repeats: int) -> dict:
     return out
 
 
+def _square_matmul(flops: float):
+    """A plain ``[n, n] × [n, n]`` float32 GEMM of about ``flops`` (2n³) FLOPs: this CPU's
+    floor for that much arithmetic. Returns ``(run, flops of the GEMM)``."""
+    import jax
+    import jax.numpy as jnp
+
+    n = max(1, round((flops / 2) ** (1 / 3)))
+    x = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    return (lambda: jax.block_until_ready(mm(x))), 2.0 * n**3
+
+
+def _compiled_flops(jitted, *args, **kwargs) -> float:
+    """FLOPs of one call of ``jitted`` as XLA counts them (its cost analysis)."""
+    cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost["flops"])
+
+
+def lm_step_floor(model, task, factors, queries, train, batch_size: int, repeats: int, layers) -> list[dict]:
+    """The LM's scoring step (captured a, g and the contraction with the queries) and a plain
+    forward+backward step, at ``batch_size``, each against a plain GEMM of the FLOPs XLA
+    counts for it."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from influence.runtime.data import as_source
+    from influence.runtime.execution import Execution
+    from influence.runtime.mesh import shard_batch
+    from influence.scoring.pairwise import _score_step
+    from influence.scoring.queries import prepare_queries
+
+    side = prepare_queries(model, task, factors, queries, execution=Execution(progress=False))
+    tracked = side.tracked
+    source = as_source(train, batch_size, task, model)
+    batch = next(iter(source))
+    arrays, mask = shard_batch(batch.arrays, side.mesh), shard_batch(batch.example_mask, side.mesh)
+    statics = dict(graphdef=tracked.graphdef, layers=tracked.layers, task=task, kind="empirical", mesh=side.mesh,
+                   keep_layers=False)
+
+    def score():
+        jax.block_until_ready(_score_step(side.placed, tracked.state, arrays, mask, **statics))
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def fwd_bwd(state, batch, mask):
+        return jax.value_and_grad(lambda s: jnp.sum(task.loss(nnx.merge(graphdef, s), batch) * mask))(state)
+
+    def plain():
+        jax.block_until_ready(fwd_bwd(state, batch.arrays, batch.example_mask))
+
+    rows = []
+    for name, fn, flops in (
+            ("scoring step", score, _compiled_flops(_score_step, side.placed, tracked.state, arrays, mask,
+                                                    **statics)),
+            ("forward+backward step", plain, _compiled_flops(fwd_bwd, state, batch.arrays, batch.example_mask))):
+        floor, floor_flops = _square_matmul(flops)
+        step_s, floor_s = _best(fn, repeats), _best(floor, repeats)
+        floor_s *= flops / floor_flops  # the GEMM's time scaled to exactly the step's FLOPs
+        rows.append({"step": name, "batch_size": batch_size, "gflop_per_step": flops / 1e9, "step_s": step_s,
+                     "floor_s": floor_s, "ratio": step_s / floor_s})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def lm_run_ratios(path: Path, n_train: int | None, repeats: int) -> dict:
+    """A trained ``influence.lm`` run: fit and 32-query scoring at the defaults on its
+    training sequences (the first ``n_train``, or all), each ÷ one forward+backward pass
+    over the same sequences, and the per-step floor rows of :func:`lm_step_floor`."""
+    import influence as inf
+    from benchmarks.speed import forward_backward
+    from influence.lm import load_run
+
+    run = load_run(path)
+    train = run.train if n_train is None or n_train >= len(run.train) else run.train.select(range(n_train))
+    queries = run.heldout.select(range(32))
+    task = inf.tasks.CausalLM()
+    layers = "mlp"
+    times = {}
+
+    def fit():
+        t0 = time.perf_counter()
+        factors = inf.fit_factors(run.model, task, train, layers=layers, progress=False)
+        times.setdefault("fit", []).append(time.perf_counter() - t0)
+        return factors
+
+    factors = fit()  # the first call compiles; the best of the repeats after it is kept
+    for _ in range(repeats):
+        fit()
+    chosen = factors.metadata["batch_size"]
+    base = _best(forward_backward(run.model, task, train, chosen), repeats)
+
+    def scores():
+        t0 = time.perf_counter()
+        result = inf.pairwise_scores(run.model, task, factors, queries, train, progress=False)
+        result.values  # noqa: B018 (the scores on the host)
+        times.setdefault("scores", []).append(time.perf_counter() - t0)
+        return result
+
+    result = scores()
+    for _ in range(repeats):
+        scores()
+    fit_s, scores_s = min(times["fit"][1:]), min(times["scores"][1:])
+    floor = lm_step_floor(run.model, task, factors, queries, train, result.metadata["batch_size"], max(repeats, 3),
+                          layers)
+    cfg = run.config
+    out = {"config": {**cfg.to_dict(), "scale": run.train_config["scale"], "trained": True},
+           "run": {"path": str(path), "step": run.step, "seed": run.train_config["seed"],
+                   "made_by": "python -m experiments.scale_comparison --config full (the small rung, seed 0)",
+                   "train_sequences": len(run.train)},
+           "fisher": factors.metadata.get("fisher"), "fisher_samples": factors.metadata.get("fisher_samples"),
+           "layers": list(factors.layer_names), "n_train": len(train), "n_query": len(queries),
+           "tokens": cfg.context_length, "batch_size": {"fit": chosen, "scores": result.metadata["batch_size"]},
+           "forward_backward_s": base, "fit_s": fit_s, "scores_s": scores_s, "first_fit_s": times["fit"][0],
+           "first_scores_s": times["scores"][0], "fit_ratio": fit_s / base, "scores_ratio": scores_s / base,
+           "floor": floor}
+    print(json.dumps(out), flush=True)
+    return out
+
+
 GOALS = {"steady": 10.0, "fresh": 3.0, "floor": 1.5, "lm_fit": 2.5, "lm_scores": 1.2}
 
 

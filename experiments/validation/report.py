@@ -159,8 +159,11 @@ def render_fisher(src: Path) -> str:
         f"**The default** (`fit_factors(fisher=None)`): the exact Fisher when the task has at most "
         f"{objectives.EXACT_MAX_DIRECTIONS} Fisher directions per example (classification with up to "
         f"{objectives.EXACT_MAX_DIRECTIONS} classes, regression with up to {objectives.EXACT_MAX_DIRECTIONS} "
-        f"outputs), else {objectives.DEFAULT_SAMPLES} sampled draws per example (a language model's T × V "
-        "directions), else the empirical Fisher (a loss that cannot sample; warned). `metadata[\"fisher\"]`, "
+        f"outputs), else the sampled Fisher with ⌈{objectives.DEFAULT_SAMPLES} / T⌉ draws per example for T "
+        f"target tokens ({objectives.default_draws(1)} for one output per example, "
+        f"{objectives.default_draws(127)} for a language model, whose T × V directions are too many and each of "
+        "whose draws samples every token: see the tiny LM above), else the empirical Fisher (a loss that "
+        "cannot sample; warned). `metadata[\"fisher\"]`, "
         "`[\"fisher_samples\"]` and `[\"fisher_rule\"]` record the choice; an explicit `fisher=` is used as given.")
     return "\n".join(out)
 
