@@ -18,12 +18,17 @@ Measured, all in one run (so the ratios share the machine's load, which is recor
   tracked parameters): the contraction's arithmetic on this CPU.
 * **First-call times** — a fresh process's first ``fit_factors`` + ``pairwise_scores``
   with the compilation cache off, cold (empty folder) and warm.
-* **LM** — the ``small`` rung of the ladder (d = 128, 3 blocks, 4 heads, T = 128, a
-  4,096-token vocabulary), *untrained* (random initial weights: the times do not depend on
-  the weights, and a trained ``small`` run takes hours on this CPU), the MLP layers of
-  every block tracked (``influence fit``'s default ``--layers mlp``), random token
-  sequences: EK-FAC fit (sampled Fisher) ÷ one forward+backward pass over the same
-  sequences, and pairwise scores of 32 queries ÷ the same, at the defaults.
+* **LM** — with ``--lm-run PATH``, a trained ``influence.lm`` run (e.g. the ``small`` rung
+  of ``python -m experiments.scale_comparison --config full``) on its training sequences
+  (all, or the first ``--lm-run-sequences``), 32 held-out sequences as queries; without
+  it, the ``small`` rung (d = 128, 3 blocks, 4 heads, T = 128, a 4,096-token vocabulary)
+  *untrained* on random token sequences (what a fresh machine can run). The MLP layers of
+  every block are tracked (``influence fit``'s default ``--layers mlp``): EK-FAC fit at
+  the default Fisher ÷ one forward+backward pass over the same sequences, and pairwise
+  scores of 32 queries ÷ the same, at the defaults; on a run, also a scoring step and a
+  plain forward+backward step against a GEMM of the FLOPs XLA counts for them.
+
+  nice python -m benchmarks.defaults --lm-run /work/small-run-perf --lm-run-sequences 2048
 """
 
 from __future__ import annotations
@@ -394,17 +399,40 @@ def render(results: dict) -> str:
         lines.append(f"| {row['batch_size']} | {row['steps']} | {row['step_s'] * 1e3:.2f} | "
                      f"{row['floor_s'] * 1e3:.2f} | {row['gflop_per_step']:.2f} | {row['ratio']:.2f} |")
     cfg = lm["config"]
+    if cfg.get("trained"):
+        run = lm["run"]
+        subset = ("all" if lm["n_train"] == run["train_sequences"] else "the first") + f" {lm['n_train']:,}"
+        where = (f"**trained** (the `{cfg['scale']}` run of `{run['made_by']}`, step {run['step']}); {subset} of "
+                 f"its {run['train_sequences']:,} training sequences, {lm['n_query']} of its held-out sequences as "
+                 f"queries, EK-FAC with the default Fisher ({lm['fisher']}, {lm['fisher_samples']} draw"
+                 f"{'s' if lm['fisher_samples'] != 1 else ''} per sequence)")
+    else:
+        where = f"untrained (random weights); {lm['n_train']} random sequences, {lm['n_query']} queries"
     lines += [
         "",
         f"LM: the `small` rung (d = {cfg['d_model']}, {cfg['n_layers']} blocks, {cfg['n_heads']} heads, "
-        f"T = {lm['tokens']}, vocabulary {cfg['vocab_size']:,}), untrained, layers {', '.join(lm['layers'])}; "
-        f"{lm['n_train']} random sequences, {lm['n_query']} queries, batch sizes chosen "
-        f"{lm['batch_size']['fit']} (fit) and {lm['batch_size']['scores']} (scores):",
+        f"T = {lm['tokens']}, vocabulary {cfg['vocab_size']:,}), layers {', '.join(lm['layers'])}, {where}; "
+        f"batch sizes chosen {lm['batch_size']['fit']} (fit) and {lm['batch_size']['scores']} (scores); best "
+        "after a first call:",
         "",
         "| one forward+backward pass (s) | EK-FAC fit (s) | fit ÷ fwd+bwd | pairwise scores (s) | scores ÷ fwd+bwd |",
         "|---|---|---|---|---|",
         f"| {lm['forward_backward_s']:.2f} | {lm['fit_s']:.2f} | {lm['fit_ratio']:.2f}× | {lm['scores_s']:.2f} | "
         f"{lm['scores_ratio']:.2f}× |",
+    ]
+    if "floor" in lm:
+        lines += [
+            "",
+            "LM steps against the FLOP floor (a plain square float32 GEMM timed and scaled to the FLOPs XLA "
+            "counts for the step):",
+            "",
+            "| step | batch size | GFLOP per step | ms per step | floor (ms) | step ÷ floor |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in lm["floor"]:
+            lines.append(f"| {row['step']} | {row['batch_size']} | {row['gflop_per_step']:.1f} | "
+                         f"{row['step_s'] * 1e3:.0f} | {row['floor_s'] * 1e3:.0f} | {row['ratio']:.2f} |")
+    lines += [
         "",
         "Goals (issue 14) against this run:",
         "",
@@ -418,6 +446,11 @@ def render(results: dict) -> str:
         f"{_met(lm['fit_ratio'] <= GOALS['lm_fit'])} ({lm['fit_ratio']:.2f}), scoring "
         f"{_met(lm['scores_ratio'] <= GOALS['lm_scores'])} ({lm['scores_ratio']:.2f}).",
     ]
+    if "floor" in lm:
+        score_step, plain_step = lm["floor"][0], lm["floor"][1]
+        lines.append(f"- the LM's scoring step within {GOALS['floor']:g}× of the floor: "
+                     f"{_met(score_step['ratio'] <= GOALS['floor'])} ({score_step['ratio']:.2f}×; a plain "
+                     f"forward+backward step of the same model runs at {plain_step['ratio']:.2f}× of its floor).")
     return "\n".join(lines) + "\n"
 
 
@@ -431,7 +464,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--matched", default="128,512", help="batch sizes given to both libraries")
-    parser.add_argument("--lm-sequences", type=int, default=256)
+    parser.add_argument("--lm-sequences", type=int, default=256, help="random sequences of the untrained LM")
+    parser.add_argument("--lm-run", type=Path, help="a trained influence.lm run folder: measure the LM on it "
+                        "instead of the untrained small model")
+    parser.add_argument("--lm-run-sequences", type=int, help="the first N of the run's training sequences "
+                        "(default: all)")
+    parser.add_argument("--lm-repeats", type=int, help="repeats of the LM times (default: --repeats)")
     parser.add_argument("--render", type=Path, help="print the markdown of a results file and stop")
     args = parser.parse_args(argv)
     if args.render:
@@ -439,13 +477,16 @@ def main(argv=None) -> None:
         return
     os.environ.setdefault("TQDM_DISABLE", "1")
     t0 = time.perf_counter()
-    results = {"command": "python -m benchmarks.defaults", "machine": machine(), "load_start": os.getloadavg()}
+    command = " ".join(["python -m benchmarks.defaults", *(argv if argv is not None else sys.argv[1:])])
+    results = {"command": command, "machine": machine(), "load_start": os.getloadavg()}
     matched = tuple(int(b) for b in args.matched.split(",") if b)
     results["mlp"] = mlp_against_kronfluence(args.kron_python, args.repeats, matched)
     results["first_calls"] = first_calls()
     chosen = results["mlp"]["rows"][0]["ours_chosen"]["scores"]
     results["floor"] = step_floor(tuple(dict.fromkeys((chosen, 32))))
-    results["lm"] = lm_ratios(args.lm_sequences, args.repeats)
+    lm_repeats = args.lm_repeats or args.repeats
+    results["lm"] = (lm_run_ratios(args.lm_run, args.lm_run_sequences, lm_repeats) if args.lm_run else
+                     lm_ratios(args.lm_sequences, lm_repeats))
     results["load_end"] = os.getloadavg()
     results["seconds"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
