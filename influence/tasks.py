@@ -157,6 +157,12 @@ def check_labels(name: str, labels: np.ndarray, n_classes: int | None, first_row
         raise ValueError(f"{name} must be {expected}; row {first_row + row} has {flat[row][bad[row]][0]}")
 
 
+CATEGORICAL_SAMPLER = "inverse-cdf"
+"""How :meth:`Categorical.sample` draws (results files record it: files without it were
+measured with the earlier sampler, ``jax.random.categorical``'s Gumbel draw, whose
+draws, and so sampled-Fisher factors, differ draw by draw for the same key)."""
+
+
 def categorical_inverse_cdf(key: jax.Array, logits: jax.Array) -> jax.Array:
     """One class per row of ``logits [..., K]``, int32 ``[...]``, drawn from softmax(logits)
     by inverting its cumulative distribution: one uniform u per row, the class k with
