@@ -334,7 +334,7 @@ def lm_run_ratios(path: Path, n_train: int | None, repeats: int) -> dict:
     cfg = run.config
     out = {"config": {**cfg.to_dict(), "scale": run.train_config["scale"], "trained": True},
            "run": {"path": str(path), "step": run.step, "seed": run.train_config["seed"],
-                   "made_by": "python -m experiments.scale_comparison --config full (the small rung, seed 0)",
+                   "made_by": "python -m experiments.scale_comparison --config full",
                    "train_sequences": len(run.train)},
            "fisher": factors.metadata.get("fisher"), "fisher_samples": factors.metadata.get("fisher_samples"),
            "layers": list(factors.layer_names), "n_train": len(train), "n_query": len(queries),
@@ -402,7 +402,8 @@ def render(results: dict) -> str:
     if cfg.get("trained"):
         run = lm["run"]
         subset = ("all" if lm["n_train"] == run["train_sequences"] else "the first") + f" {lm['n_train']:,}"
-        where = (f"**trained** (the `{cfg['scale']}` run of `{run['made_by']}`, step {run['step']}); {subset} of "
+        where = (f"**trained** (the `{cfg['scale']}` rung, seed {run['seed']}, of `{run['made_by']}`, final step "
+                 f"{run['step']}); {subset} of "
                  f"its {run['train_sequences']:,} training sequences, {lm['n_query']} of its held-out sequences as "
                  f"queries, EK-FAC with the default Fisher ({lm['fisher']}, {lm['fisher_samples']} draw"
                  f"{'s' if lm['fisher_samples'] != 1 else ''} per sequence)")
