@@ -115,7 +115,10 @@ def render_fisher(src: Path) -> str:
     cost = _load(src, "fisher-cost.json")
     out.append(f"`{cost['command'].strip()}` — {cost['date']}, {cost['machine']}, jax {cost['jax']}, load average "
                f"{_load_text(cost)}, {cost['seconds']:.0f} s. EK-FAC fit time ÷ the 1-draw sampled fit (best of "
-               f"{cost['repeats']} after compilation, side by side in one run):")
+               f"{cost['repeats']} after compilation, side by side in one run)"
+               + (". Measured with the earlier sampler of the sampled Fisher (`jax.random.categorical`, a Gumbel "
+                  "draw per class, whose cost grew with the classes), not re-run since the inverse-CDF sampler "
+                  "replaced it:" if cost.get("sampler") != inf.tasks.CATEGORICAL_SAMPLER else ":"))
     out.append("")
     out.append("| model | exact directions per example | " + " | ".join(FISHER_NAMES[f] for f in FISHER_ORDER) + " |")
     out.append("|---|---|" + "---|" * len(FISHER_ORDER))
