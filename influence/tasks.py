@@ -169,9 +169,10 @@ def categorical_inverse_cdf(key: jax.Array, logits: jax.Array) -> jax.Array:
     cdf[k-1] ≤ u·cdf[K-1] < cdf[k] (cdf of the unnormalised exp(logits − max)).
 
     Exact up to float32 rounding, and cheap: ``jax.random.categorical`` draws K Gumbel
-    numbers (K random bits and two logarithms each) per row, which for an LM's
-    vocabulary cost more than the forward pass (docs/benchmarks.md, "Speed at the
-    defaults"). The search is two-level, since a cumulative sum over K is slow on CPU:
+    numbers (random bits and two logarithms each) per row, which for an LM's vocabulary
+    made sampling a large share of a sampled-Fisher fit; here a row costs one exp per
+    class and a few comparisons. The search is two-level, since a cumulative sum over K
+    is slow on CPU:
     blocks of ⌈√K⌉ classes, the block from the cumulative block sums, then the class
     within it. A class whose probability is 0 in float32 (an underflowed exp) is never
     drawn: rounding that would step past the block's last class with positive mass
