@@ -18,12 +18,17 @@ Measured, all in one run (so the ratios share the machine's load, which is recor
   tracked parameters): the contraction's arithmetic on this CPU.
 * **First-call times** — a fresh process's first ``fit_factors`` + ``pairwise_scores``
   with the compilation cache off, cold (empty folder) and warm.
-* **LM** — the ``small`` rung of the ladder (d = 128, 3 blocks, 4 heads, T = 128, a
-  4,096-token vocabulary), *untrained* (random initial weights: the times do not depend on
-  the weights, and a trained ``small`` run takes hours on this CPU), the MLP layers of
-  every block tracked (``influence fit``'s default ``--layers mlp``), random token
-  sequences: EK-FAC fit (sampled Fisher) ÷ one forward+backward pass over the same
-  sequences, and pairwise scores of 32 queries ÷ the same, at the defaults.
+* **LM** — with ``--lm-run PATH``, a trained ``influence.lm`` run (e.g. the ``small`` rung
+  of ``python -m experiments.scale_comparison --config full``) on its training sequences
+  (all, or the first ``--lm-run-sequences``), 32 held-out sequences as queries; without
+  it, the ``small`` rung (d = 128, 3 blocks, 4 heads, T = 128, a 4,096-token vocabulary)
+  *untrained* on random token sequences (what a fresh machine can run). The MLP layers of
+  every block are tracked (``influence fit``'s default ``--layers mlp``): EK-FAC fit at
+  the default Fisher ÷ one forward+backward pass over the same sequences, and pairwise
+  scores of 32 queries ÷ the same, at the defaults; on a run, also a scoring step and a
+  plain forward+backward step against a GEMM of the FLOPs XLA counts for them.
+
+  nice python -m benchmarks.defaults --lm-run /work/small-run-perf --lm-run-sequences 2048
 """
 
 from __future__ import annotations
@@ -219,6 +224,128 @@ def lm_ratios(n_train: int, repeats: int) -> dict:
     return out
 
 
+def _square_matmul(flops: float):
+    """A plain ``[n, n] × [n, n]`` float32 GEMM of about ``flops`` (2n³) FLOPs: this CPU's
+    floor for that much arithmetic. Returns ``(run, flops of the GEMM)``."""
+    import jax
+    import jax.numpy as jnp
+
+    n = max(1, round((flops / 2) ** (1 / 3)))
+    x = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    return (lambda: jax.block_until_ready(mm(x))), 2.0 * n**3
+
+
+def _compiled_flops(jitted, *args, **kwargs) -> float:
+    """FLOPs of one call of ``jitted`` as XLA counts them (its cost analysis)."""
+    cost = jitted.lower(*args, **kwargs).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost["flops"])
+
+
+def lm_step_floor(model, task, factors, queries, train, batch_size: int, repeats: int, layers) -> list[dict]:
+    """The LM's scoring step (captured a, g and the contraction with the queries) and a plain
+    forward+backward step, at ``batch_size``, each against a plain GEMM of the FLOPs XLA
+    counts for it."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from influence.runtime.data import as_source
+    from influence.runtime.execution import Execution
+    from influence.runtime.mesh import shard_batch
+    from influence.scoring.pairwise import _score_step
+    from influence.scoring.queries import prepare_queries
+
+    side = prepare_queries(model, task, factors, queries, execution=Execution(progress=False))
+    tracked = side.tracked
+    source = as_source(train, batch_size, task, model)
+    batch = next(iter(source))
+    arrays, mask = shard_batch(batch.arrays, side.mesh), shard_batch(batch.example_mask, side.mesh)
+    statics = dict(graphdef=tracked.graphdef, layers=tracked.layers, task=task, kind="empirical", mesh=side.mesh,
+                   keep_layers=False)
+
+    def score():
+        jax.block_until_ready(_score_step(side.placed, tracked.state, arrays, mask, **statics))
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def fwd_bwd(state, batch, mask):
+        return jax.value_and_grad(lambda s: jnp.sum(task.loss(nnx.merge(graphdef, s), batch) * mask))(state)
+
+    def plain():
+        jax.block_until_ready(fwd_bwd(state, batch.arrays, batch.example_mask))
+
+    rows = []
+    for name, fn, flops in (
+            ("scoring step", score, _compiled_flops(_score_step, side.placed, tracked.state, arrays, mask,
+                                                    **statics)),
+            ("forward+backward step", plain, _compiled_flops(fwd_bwd, state, batch.arrays, batch.example_mask))):
+        floor, floor_flops = _square_matmul(flops)
+        step_s, floor_s = _best(fn, repeats), _best(floor, repeats)
+        floor_s *= flops / floor_flops  # the GEMM's time scaled to exactly the step's FLOPs
+        rows.append({"step": name, "batch_size": batch_size, "gflop_per_step": flops / 1e9, "step_s": step_s,
+                     "floor_s": floor_s, "ratio": step_s / floor_s})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def lm_run_ratios(path: Path, n_train: int | None, repeats: int) -> dict:
+    """A trained ``influence.lm`` run: fit and 32-query scoring at the defaults on its
+    training sequences (the first ``n_train``, or all), each ÷ one forward+backward pass
+    over the same sequences, and the per-step floor rows of :func:`lm_step_floor`."""
+    import influence as inf
+    from benchmarks.speed import forward_backward
+    from influence.lm import load_run
+
+    run = load_run(path)
+    train = run.train if n_train is None or n_train >= len(run.train) else run.train.select(range(n_train))
+    queries = run.heldout.select(range(32))
+    task = inf.tasks.CausalLM()
+    layers = "mlp"
+    times = {}
+
+    def fit():
+        t0 = time.perf_counter()
+        factors = inf.fit_factors(run.model, task, train, layers=layers, progress=False)
+        times.setdefault("fit", []).append(time.perf_counter() - t0)
+        return factors
+
+    factors = fit()  # the first call compiles; the best of the repeats after it is kept
+    for _ in range(repeats):
+        fit()
+    chosen = factors.metadata["batch_size"]
+    base = _best(forward_backward(run.model, task, train, chosen), repeats)
+
+    def scores():
+        t0 = time.perf_counter()
+        result = inf.pairwise_scores(run.model, task, factors, queries, train, progress=False)
+        result.values  # noqa: B018 (the scores on the host)
+        times.setdefault("scores", []).append(time.perf_counter() - t0)
+        return result
+
+    result = scores()
+    for _ in range(repeats):
+        scores()
+    fit_s, scores_s = min(times["fit"][1:]), min(times["scores"][1:])
+    floor = lm_step_floor(run.model, task, factors, queries, train, result.metadata["batch_size"], max(repeats, 3),
+                          layers)
+    cfg = run.config
+    out = {"config": {**cfg.to_dict(), "scale": run.train_config["scale"], "trained": True},
+           "run": {"path": str(path), "step": run.step, "seed": run.train_config["seed"],
+                   "made_by": "python -m experiments.scale_comparison --config full",
+                   "train_sequences": len(run.train)},
+           "fisher": factors.metadata.get("fisher"), "fisher_samples": factors.metadata.get("fisher_samples"),
+           "layers": list(factors.layer_names), "n_train": len(train), "n_query": len(queries),
+           "tokens": cfg.context_length, "batch_size": {"fit": chosen, "scores": result.metadata["batch_size"]},
+           "forward_backward_s": base, "fit_s": fit_s, "scores_s": scores_s, "first_fit_s": times["fit"][0],
+           "first_scores_s": times["scores"][0], "fit_ratio": fit_s / base, "scores_ratio": scores_s / base,
+           "floor": floor}
+    print(json.dumps(out), flush=True)
+    return out
+
+
 GOALS = {"steady": 10.0, "fresh": 3.0, "floor": 1.5, "lm_fit": 2.5, "lm_scores": 1.2}
 
 
@@ -272,17 +399,41 @@ def render(results: dict) -> str:
         lines.append(f"| {row['batch_size']} | {row['steps']} | {row['step_s'] * 1e3:.2f} | "
                      f"{row['floor_s'] * 1e3:.2f} | {row['gflop_per_step']:.2f} | {row['ratio']:.2f} |")
     cfg = lm["config"]
+    if cfg.get("trained"):
+        run = lm["run"]
+        subset = ("all" if lm["n_train"] == run["train_sequences"] else "the first") + f" {lm['n_train']:,}"
+        where = (f"**trained** (the `{cfg['scale']}` rung, seed {run['seed']}, of `{run['made_by']}`, final step "
+                 f"{run['step']}); {subset} of "
+                 f"its {run['train_sequences']:,} training sequences, {lm['n_query']} of its held-out sequences as "
+                 f"queries, EK-FAC with the default Fisher ({lm['fisher']}, {lm['fisher_samples']} draw"
+                 f"{'s' if lm['fisher_samples'] != 1 else ''} per sequence)")
+    else:
+        where = f"untrained (random weights); {lm['n_train']} random sequences, {lm['n_query']} queries"
     lines += [
         "",
         f"LM: the `small` rung (d = {cfg['d_model']}, {cfg['n_layers']} blocks, {cfg['n_heads']} heads, "
-        f"T = {lm['tokens']}, vocabulary {cfg['vocab_size']:,}), untrained, layers {', '.join(lm['layers'])}; "
-        f"{lm['n_train']} random sequences, {lm['n_query']} queries, batch sizes chosen "
-        f"{lm['batch_size']['fit']} (fit) and {lm['batch_size']['scores']} (scores):",
+        f"T = {lm['tokens']}, vocabulary {cfg['vocab_size']:,}), layers {', '.join(lm['layers'])}, {where}; "
+        f"batch sizes chosen {lm['batch_size']['fit']} (fit) and {lm['batch_size']['scores']} (scores); best "
+        "after a first call:",
         "",
         "| one forward+backward pass (s) | EK-FAC fit (s) | fit ÷ fwd+bwd | pairwise scores (s) | scores ÷ fwd+bwd |",
         "|---|---|---|---|---|",
         f"| {lm['forward_backward_s']:.2f} | {lm['fit_s']:.2f} | {lm['fit_ratio']:.2f}× | {lm['scores_s']:.2f} | "
         f"{lm['scores_ratio']:.2f}× |",
+    ]
+    if "floor" in lm:
+        lines += [
+            "",
+            "LM steps against the FLOP floor (a plain square float32 GEMM timed and scaled to the FLOPs XLA "
+            "counts for the step):",
+            "",
+            "| step | batch size | GFLOP per step | ms per step | floor (ms) | step ÷ floor |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in lm["floor"]:
+            lines.append(f"| {row['step']} | {row['batch_size']} | {row['gflop_per_step']:.1f} | "
+                         f"{row['step_s'] * 1e3:.0f} | {row['floor_s'] * 1e3:.0f} | {row['ratio']:.2f} |")
+    lines += [
         "",
         "Goals (issue 14) against this run:",
         "",
@@ -296,6 +447,11 @@ def render(results: dict) -> str:
         f"{_met(lm['fit_ratio'] <= GOALS['lm_fit'])} ({lm['fit_ratio']:.2f}), scoring "
         f"{_met(lm['scores_ratio'] <= GOALS['lm_scores'])} ({lm['scores_ratio']:.2f}).",
     ]
+    if "floor" in lm:
+        score_step, plain_step = lm["floor"][0], lm["floor"][1]
+        lines.append(f"- the LM's scoring step within {GOALS['floor']:g}× of the floor: "
+                     f"{_met(score_step['ratio'] <= GOALS['floor'])} ({score_step['ratio']:.2f}×; a plain "
+                     f"forward+backward step of the same model runs at {plain_step['ratio']:.2f}× of its floor).")
     return "\n".join(lines) + "\n"
 
 
@@ -309,7 +465,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--matched", default="128,512", help="batch sizes given to both libraries")
-    parser.add_argument("--lm-sequences", type=int, default=256)
+    parser.add_argument("--lm-sequences", type=int, default=256, help="random sequences of the untrained LM")
+    parser.add_argument("--lm-run", type=Path, help="a trained influence.lm run folder: measure the LM on it "
+                        "instead of the untrained small model")
+    parser.add_argument("--lm-run-sequences", type=int, help="the first N of the run's training sequences "
+                        "(default: all)")
+    parser.add_argument("--lm-repeats", type=int, help="repeats of the LM times (default: --repeats)")
     parser.add_argument("--render", type=Path, help="print the markdown of a results file and stop")
     args = parser.parse_args(argv)
     if args.render:
@@ -317,13 +478,16 @@ def main(argv=None) -> None:
         return
     os.environ.setdefault("TQDM_DISABLE", "1")
     t0 = time.perf_counter()
-    results = {"command": "python -m benchmarks.defaults", "machine": machine(), "load_start": os.getloadavg()}
+    command = " ".join(["python -m benchmarks.defaults", *(argv if argv is not None else sys.argv[1:])])
+    results = {"command": command, "machine": machine(), "load_start": os.getloadavg()}
     matched = tuple(int(b) for b in args.matched.split(",") if b)
     results["mlp"] = mlp_against_kronfluence(args.kron_python, args.repeats, matched)
     results["first_calls"] = first_calls()
     chosen = results["mlp"]["rows"][0]["ours_chosen"]["scores"]
     results["floor"] = step_floor(tuple(dict.fromkeys((chosen, 32))))
-    results["lm"] = lm_ratios(args.lm_sequences, args.repeats)
+    lm_repeats = args.lm_repeats or args.repeats
+    results["lm"] = (lm_run_ratios(args.lm_run, args.lm_run_sequences, lm_repeats) if args.lm_run else
+                     lm_ratios(args.lm_sequences, lm_repeats))
     results["load_end"] = os.getloadavg()
     results["seconds"] = time.perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)

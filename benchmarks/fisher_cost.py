@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def main(argv=None) -> None:
     sequences = lm_sequences(512)
     rows.append(_row("TinyLM V=16, T=8", 7 * 16, TinyLM(rngs=nnx.Rngs(0)), tasks.CausalLM(), sequences, 64,
                      args.repeats))
-    result = {"command": "python -m benchmarks.fisher_cost " + " ".join(argv or []), "rows": rows,
+    result = {"command": "python -m benchmarks.fisher_cost " + " ".join(sys.argv[1:] if argv is None else argv),
+              "sampler": inf.tasks.CATEGORICAL_SAMPLER, "rows": rows,
               "repeats": args.repeats, "load_average": list(os.getloadavg()),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d"), "seconds": round(time.perf_counter() - t0, 1)}

@@ -218,10 +218,12 @@ def fit_factors(
         classifier, per output and token). ``None`` (default) chooses by the task, on
         the first batch (:func:`influence.capture.objectives.choose_fisher`): the exact
         Fisher when it has at most 32 directions per example (classification with up
-        to 32 classes, regression with up to 32 outputs), else 4 sampled draws per
-        example (language models' vocabularies), else the empirical Fisher (a loss that
-        cannot sample; warned). The rule comes from LDS and fit time measured on digits
-        (docs/benchmarks.md, "Which Fisher"); an explicit ``fisher`` is used as given.
+        to 32 classes, regression with up to 32 outputs), else the sampled Fisher with
+        4 draws per example for one output per example, 1 for a sequence of T ≥ 4
+        target tokens (a language model: each draw samples every token), else the
+        empirical Fisher (a loss that cannot sample; warned). The rule comes from LDS
+        and fit time measured on digits and a tiny LM (docs/benchmarks.md, "Which
+        Fisher"); an explicit ``fisher`` is used as given.
         ``metadata["fisher"]``, ``["fisher_samples"]`` and ``["fisher_rule"]`` record
         the choice and why.
       fisher_samples: sampled draws per example (an int ≥ 1; only with the sampled

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from typing import Any, Literal
 
 import jax
@@ -156,6 +157,54 @@ def check_labels(name: str, labels: np.ndarray, n_classes: int | None, first_row
         raise ValueError(f"{name} must be {expected}; row {first_row + row} has {flat[row][bad[row]][0]}")
 
 
+CATEGORICAL_SAMPLER = "inverse-cdf"
+"""How :meth:`Categorical.sample` draws (results files record it: files without it were
+measured with the earlier sampler, ``jax.random.categorical``'s Gumbel draw, whose
+draws, and so sampled-Fisher factors, differ draw by draw for the same key)."""
+
+
+def categorical_inverse_cdf(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """One class per row of ``logits [..., K]``, int32 ``[...]``, drawn from softmax(logits)
+    by inverting its cumulative distribution: one uniform u per row, the class k with
+    cdf[k-1] ≤ u·cdf[K-1] < cdf[k] (cdf of the unnormalised exp(logits − max)).
+
+    Exact up to float32 rounding, and cheap: ``jax.random.categorical`` draws K Gumbel
+    numbers (random bits and two logarithms each) per row, which for an LM's vocabulary
+    made sampling a large share of a sampled-Fisher fit; here a row costs one exp per
+    class and a few comparisons. The search is two-level, since a cumulative sum over K
+    is slow on CPU:
+    blocks of ⌈√K⌉ classes, the block from the cumulative block sums, then the class
+    within it. A class whose probability is 0 in float32 (an underflowed exp) is never
+    drawn: rounding that would step past the block's last class with positive mass
+    stops on that class. Deterministic in ``key`` (``[...]`` uniforms from it)."""
+    return categorical_from_uniform(logits, jax.random.uniform(key, logits.shape[:-1], jnp.float32))
+
+
+def categorical_from_uniform(logits: jax.Array, u: jax.Array) -> jax.Array:
+    """The class of each row of ``logits [..., K]`` at quantile ``u [...]`` in [0, 1) of
+    softmax(logits), int32 ``[...]`` (:func:`categorical_inverse_cdf` with given uniforms)."""
+    logits = logits.astype(jnp.float32)
+    n_classes = logits.shape[-1]
+    block = math.isqrt(n_classes - 1) + 1 if n_classes > 1 else 1  # ⌈√K⌉
+    n_blocks = -(-n_classes // block)
+    p = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # the largest is 1: the total is ≥ 1
+    pad = [(0, 0)] * (p.ndim - 1) + [(0, n_blocks * block - n_classes)]
+    p = jnp.pad(p, pad).reshape(*p.shape[:-1], n_blocks, block)  # padding has mass 0: never drawn
+    block_cdf = jnp.cumsum(jnp.sum(p, axis=-1), axis=-1)  # [..., n_blocks]
+    total = block_cdf[..., -1:]
+    # u·total rounded up to total would fall off the end: the largest float below it instead
+    x = jnp.minimum(u[..., None].astype(jnp.float32) * total, jnp.nextafter(total, 0.0))
+    j = jnp.sum(block_cdf <= x, axis=-1, dtype=jnp.int32)  # the first block whose cdf exceeds x: mass > 0
+    j = jnp.minimum(j, n_blocks - 1)
+    before = jnp.take_along_axis(block_cdf, jnp.maximum(j - 1, 0)[..., None], axis=-1)[..., 0]
+    before = jnp.where(j > 0, before, 0.0)
+    inner = jnp.take_along_axis(p, j[..., None, None], axis=-2)[..., 0, :]  # [..., block]
+    k = jnp.sum(before[..., None] + jnp.cumsum(inner, axis=-1) <= x, axis=-1, dtype=jnp.int32)
+    last_positive = block - 1 - jnp.argmax(inner[..., ::-1] > 0, axis=-1).astype(jnp.int32)
+    # (the clip to K − 1 only guards against a cumulative sum that rounding made non-monotone)
+    return jnp.minimum(j * block + jnp.minimum(k, last_positive), n_classes - 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Categorical(LossFamily):
     """Softmax cross-entropy: outputs are logits ``[B, T, K]``, targets labels ``[B, T]``."""
@@ -166,7 +215,9 @@ class Categorical(LossFamily):
         return jnp.sum(per_token * mask, axis=1)
 
     def sample(self, outputs, key):
-        return jax.random.categorical(key, jax.lax.stop_gradient(outputs), axis=-1)
+        """Labels ``[B, T]`` drawn from softmax(outputs) by :func:`categorical_inverse_cdf`
+        (one uniform per token, not the V Gumbel numbers of ``jax.random.categorical``)."""
+        return categorical_inverse_cdf(key, jax.lax.stop_gradient(outputs))
 
     def fisher_directions(self, outputs, mask):
         """``[T*K, B]``. For direction (t, k) the gradient with respect to outputs[:, t] is

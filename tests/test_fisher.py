@@ -147,6 +147,22 @@ def test_default_samples_draws_when_the_output_is_large():
     assert _fit(model, data, strategy="kfac", fisher_samples=2).metadata["fisher_samples"] == 2
 
 
+def test_default_is_one_draw_for_sequences_of_many_target_tokens():
+    """A language model: every draw samples each of its T target tokens, so the default is
+    ⌈DEFAULT_SAMPLES / T⌉ draws (one for T ≥ 4), recorded in the rule; the same factors as
+    asking for one draw."""
+    model = testing.TinyLM(vocab=40, d=8, context=9, rngs=nnx.Rngs(0))
+    ids = np.random.default_rng(0).integers(0, 40, (12, 9)).astype(np.int32)
+    data = {"input_ids": ids}
+    default = _fit(model, data, tasks.CausalLM(), strategy="kfac")
+    assert default.metadata["fisher"] == "sampled" and default.metadata["fisher_samples"] == 1
+    assert "8 target tokens per example, 1 draw" in default.metadata["fisher_rule"]
+    asked = _fit(model, data, tasks.CausalLM(), strategy="kfac", fisher="sampled", fisher_samples=1)
+    for name, layer in asked.layers.items():
+        np.testing.assert_array_equal(default.layers[name].s_eigenvalues, layer.s_eigenvalues)
+    assert [objectives.default_draws(t) for t in (1, 2, 3, 4, 127)] == [4, 2, 2, 1, 1]
+
+
 @dataclasses.dataclass(frozen=True)
 class _LabelsOnly(tasks.Task):
     """A custom task whose loss never samples (no key use) and has no exact Fisher."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from influence import tasks
+from influence.testing import seed_offset
 
 B, T, K = 3, 4, 5
 
@@ -86,6 +87,61 @@ def test_categorical_samples_follow_the_softmax():
     assert labels.shape == (2, n)
     freq = np.stack([np.bincount(labels[b], minlength=4) / n for b in range(2)])
     np.testing.assert_allclose(freq, jax.nn.softmax(logits, -1), atol=0.015)
+
+
+def test_inverse_cdf_maps_quantiles_to_the_softmax_classes():
+    """On a uniform grid of N quantiles, class k gets the grid points in
+    [cdf[k-1], cdf[k]): its count is N·p_k to within one point, for every class, with K
+    not a square (the last block padded) and a class of float32 probability 0 (exp
+    underflows) that no quantile reaches, including the end points 0 and the largest
+    float32 below 1."""
+    logits = jnp.log(jnp.arange(1.0, 38.0)).at[5].set(-200.0)  # K = 37: blocks of 7, class 5 has mass 0
+    n = 37 * 1000
+    u = (jnp.arange(n, dtype=jnp.float32) + 0.5) / n
+    u = jnp.concatenate([u, jnp.asarray([0.0, np.nextafter(np.float32(1), np.float32(0))], jnp.float32)])
+    labels = np.asarray(tasks.categorical_from_uniform(jnp.broadcast_to(logits, (len(u), 37)), u))
+    p = np.asarray(jax.nn.softmax(logits), np.float64)
+    counts = np.bincount(labels[:n], minlength=37)
+    assert counts[5] == 0 and labels.max() < 37
+    np.testing.assert_allclose(counts, n * p, atol=1.01)
+    assert labels[n] == 0 and labels[n + 1] == 36  # u = 0: the first class; u → 1: the last
+
+
+@pytest.mark.parametrize("n_classes", [1, 2, 10, 37, 4096])
+def test_inverse_cdf_draws_pass_a_chi_square_test_against_the_softmax(n_classes):
+    """Random draws of :meth:`Categorical.sample` (an exact inverse-CDF sampler, one uniform
+    per token) against softmax: Pearson's χ² over the classes with expected count ≥ 5
+    (the rest pooled) stays below its 0.99999 quantile; an off-by-one class, a wrong
+    block or a missing normalisation gives χ² in the thousands. K = 4096 is an LM's
+    vocabulary (blocks of 64)."""
+    from scipy import stats
+
+    rng = np.random.default_rng(11 + seed_offset())
+    logits = jnp.asarray(2.0 * rng.normal(size=n_classes).astype(np.float32))
+    n = 200_000 if n_classes < 100 else 10_000  # n·K floats in memory
+    key = jax.random.key(seed_offset())
+    labels = np.asarray(tasks.Categorical().sample(jnp.broadcast_to(logits, (1, n, n_classes)), key))[0]
+    assert labels.shape == (n,) and labels.min() >= 0 and labels.max() < n_classes
+    expected = n * np.asarray(jax.nn.softmax(logits), np.float64)
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    keep = expected > 0
+    observed, expected = observed[keep], expected[keep]
+    if len(expected) == 1:
+        assert observed[0] == n
+        return
+    chi2 = float(np.sum((observed - expected) ** 2 / expected))
+    assert chi2 < stats.chi2.ppf(0.99999, len(expected) - 1), chi2
+
+
+def test_categorical_draws_are_deterministic_in_the_key():
+    outputs = jnp.asarray(np.random.default_rng(5).normal(size=(2, 50, 300)).astype(np.float32))
+    family = tasks.Categorical()
+    first = np.asarray(family.sample(outputs, jax.random.key(3)))
+    np.testing.assert_array_equal(first, np.asarray(jax.jit(family.sample)(outputs, jax.random.key(3))))
+    assert (first != np.asarray(family.sample(outputs, jax.random.key(4)))).mean() > 0.5
 
 
 def test_gaussian_samples_are_unit_normal_around_the_outputs():

@@ -142,6 +142,7 @@ def evaluate(setting, n_subsets=64, seeds=(0, 1), fraction=0.5, subset_seed=0, s
         "cache": str(cache.path),
         "fit_seconds": [{"strategy": st, "fisher": f, "seconds": t} for (st, f), t in fit_timing.items()],
         "load_average": list(os.getloadavg()),
+        "sampler": inf.tasks.CATEGORICAL_SAMPLER,  # how sampled targets of a softmax were drawn
     }
 
 

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import influence as inf
 from influence.capture import objectives
 
 DOCS = Path("docs/benchmarks.md")
@@ -39,6 +40,17 @@ def _load(src: Path, name: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run the command the section names to write it")
     return json.loads(path.read_text())
+
+
+def _sampler_note(res: dict) -> str:
+    """Which sampler drew a softmax's sampled targets, when not the current one: results
+    files written before ``CATEGORICAL_SAMPLER`` was recorded used ``jax.random.categorical``
+    (a Gumbel draw); their sampled-Fisher rows are not what this code draws for the same
+    key. Empty for a regression (its Gaussian draws did not change) or a current file."""
+    if res.get("sampler") == inf.tasks.CATEGORICAL_SAMPLER or res.get("setting") == "diabetes":
+        return ""
+    return (" Sampled-Fisher rows measured with the earlier sampler (`jax.random.categorical`, a Gumbel draw "
+            "per class), not re-run since the inverse-CDF sampler replaced it.")
 
 
 def _row(rows, **match) -> dict | None:
@@ -78,7 +90,8 @@ def render_fisher(src: Path) -> str:
     for name, measurement, res in loaded:
         out.append(f"`{res['command']}` — {res['date']}, {res['machine']}, load average {_load_text(res)}, "
                    f"{res['seconds']:.0f} s: setting **{name}** ({measurement}; {res['subsets']} subsets × "
-                   f"{len(res['seeds'])} retraining seeds {res['seeds']}; fitting key 0, and key 1 where marked).")
+                   f"{len(res['seeds'])} retraining seeds {res['seeds']}; fitting key 0, and key 1 where marked)."
+                   + _sampler_note(res))
         out.append("")
     out.append("| setting | Fisher | K-FAC | EK-FAC | EK-FAC at λ = 0.1 × mean Λ | EK-FAC fit ÷ 1-draw fit |")
     out.append("|---|---|---|---|---|---|")
@@ -102,7 +115,10 @@ def render_fisher(src: Path) -> str:
     cost = _load(src, "fisher-cost.json")
     out.append(f"`{cost['command'].strip()}` — {cost['date']}, {cost['machine']}, jax {cost['jax']}, load average "
                f"{_load_text(cost)}, {cost['seconds']:.0f} s. EK-FAC fit time ÷ the 1-draw sampled fit (best of "
-               f"{cost['repeats']} after compilation, side by side in one run):")
+               f"{cost['repeats']} after compilation, side by side in one run)"
+               + (". Measured with the earlier sampler of the sampled Fisher (`jax.random.categorical`, a Gumbel "
+                  "draw per class, whose cost grew with the classes), not re-run since the inverse-CDF sampler "
+                  "replaced it:" if cost.get("sampler") != inf.tasks.CATEGORICAL_SAMPLER else ":"))
     out.append("")
     out.append("| model | exact directions per example | " + " | ".join(FISHER_NAMES[f] for f in FISHER_ORDER) + " |")
     out.append("|---|---|" + "---|" * len(FISHER_ORDER))
@@ -159,8 +175,11 @@ def render_fisher(src: Path) -> str:
         f"**The default** (`fit_factors(fisher=None)`): the exact Fisher when the task has at most "
         f"{objectives.EXACT_MAX_DIRECTIONS} Fisher directions per example (classification with up to "
         f"{objectives.EXACT_MAX_DIRECTIONS} classes, regression with up to {objectives.EXACT_MAX_DIRECTIONS} "
-        f"outputs), else {objectives.DEFAULT_SAMPLES} sampled draws per example (a language model's T × V "
-        "directions), else the empirical Fisher (a loss that cannot sample; warned). `metadata[\"fisher\"]`, "
+        f"outputs), else the sampled Fisher with ⌈{objectives.DEFAULT_SAMPLES} / T⌉ draws per example for T "
+        f"target tokens ({objectives.default_draws(1)} for one output per example, "
+        f"{objectives.default_draws(127)} for a language model, whose T × V directions are too many and each of "
+        "whose draws samples every token: see the tiny LM above), else the empirical Fisher (a loss that "
+        "cannot sample; warned). `metadata[\"fisher\"]`, "
         "`[\"fisher_samples\"]` and `[\"fisher_rule\"]` record the choice; an explicit `fisher=` is used as given.")
     return "\n".join(out)
 
@@ -191,7 +210,7 @@ def render_lds_cnn(src: Path) -> str:
            f"{res['seconds']:.0f} s (retraining {res['retrain_seconds']:.0f} s; 0 when the cache held the retrained "
            f"models). {res['subsets']} subsets × "
            f"{len(res['seeds'])} retraining seeds {res['seeds']}; α = {res['fraction']}; seed agreement of the "
-           f"retrained margins {res['seed_agreement']['margin']:.3f}.", ""]
+           f"retrained margins {res['seed_agreement']['margin']:.3f}.{_sampler_note(res)}", ""]
     fishers = []
     for r in res["rows"]:
         if r["fisher"] != "-" and r["fisher"] not in fishers:

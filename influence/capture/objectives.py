@@ -156,9 +156,33 @@ def fisher_direction_count(model: Any, task: Any, batch: dict[str, Any]) -> int 
 
 # The default Fisher (fit_factors(fisher=None)), chosen by measurement (docs/benchmarks.md,
 # "Which Fisher"): the exact Fisher where it costs at most EXACT_MAX_DIRECTIONS backward
-# passes per example, else DEFAULT_SAMPLES sampled draws per example.
+# passes per example, else enough sampled draws per example for DEFAULT_SAMPLES sampled
+# targets: 4 draws for one output per example (a classifier), one for a sequence of T ≥ 4
+# target tokens (an LM: each draw samples every token; on the tiny LM 4 draws were within
+# the standard error of one, at 3× the fit time — lds-fisher-lm.json).
 EXACT_MAX_DIRECTIONS = 32
 DEFAULT_SAMPLES = 4
+
+
+def target_tokens(model: Any, task: Any, batch: dict[str, Any]) -> int:
+    """Target positions T per example of an :class:`~influence.tasks.OutputTask` (its
+    outputs are ``[B, T, K]``), traced on one batch without computing it; 1 for another
+    task or when the outputs fail to trace (the pass then reports the failure)."""
+    outputs = getattr(task, "outputs", None)
+    if outputs is None:
+        return 1
+    graphdef, state = nnx.split(model)
+    try:
+        shape = jax.eval_shape(lambda state, batch: outputs(nnx.merge(graphdef, state), batch), state, batch).shape
+    except Exception:  # the forward fails: the pass reports it in context
+        return 1
+    return int(shape[1]) if len(shape) == 3 else 1
+
+
+def default_draws(tokens: int) -> int:
+    """Sampled draws per example by default: ⌈DEFAULT_SAMPLES / T⌉ for T target tokens
+    per example (each draw samples all T)."""
+    return max(1, -(-DEFAULT_SAMPLES // max(1, tokens)))
 
 
 class FisherChoice(NamedTuple):
@@ -215,8 +239,9 @@ def choose_fisher(model: Any, task: Any, batch: dict[str, Any], key: jax.Array, 
       classifier with C classes: K = C per example, a regression with K outputs: K) and
       K ≤ :data:`EXACT_MAX_DIRECTIONS`: ``"exact"`` — noise-free, the best LDS, and K
       backward passes cost little while K is small;
-    * else, if the loss samples targets: ``"sampled"`` with ``samples`` (default
-      :data:`DEFAULT_SAMPLES`) draws per example (an LM's T·V directions are too many);
+    * else, if the loss samples targets: ``"sampled"`` with ``samples`` draws per example
+      (default :func:`default_draws`: 4 for one output per example, 1 for an LM, whose
+      T·V directions are too many and whose every draw samples T tokens);
     * else (a loss that ignores its key, a family that cannot sample): ``"empirical"``,
       with a warning.
     """
@@ -238,7 +263,8 @@ def choose_fisher(model: Any, task: Any, batch: dict[str, Any], key: jax.Array, 
         return FisherChoice("exact", None, "exact", "example",
                             f"default: exact, the task has {directions} Fisher directions per example "
                             f"(<= {EXACT_MAX_DIRECTIONS})")
-    samples = samples or DEFAULT_SAMPLES
+    tokens = target_tokens(model, task, batch) if samples is None else None
+    samples = samples or default_draws(tokens)
     why = ("fisher_samples given" if directions is not None and directions <= EXACT_MAX_DIRECTIONS else
            f"{directions} exact Fisher directions per example (> {EXACT_MAX_DIRECTIONS})" if directions is not None
            else "the task has no exact Fisher")
@@ -254,6 +280,9 @@ def choose_fisher(model: Any, task: Any, batch: dict[str, Any], key: jax.Array, 
             check_sampled_draws(model, task, batch, key, samples, mode)
         except NotImplementedError:  # a custom loss that draws once per call
             samples, why = 1, why + f"; one draw, since {type(task).__name__} has no sampled_losses"
+    if tokens is not None:
+        why += (f"; {tokens} target tokens per example, {samples} draw{'s' if samples > 1 else ''} for at least "
+                f"{DEFAULT_SAMPLES} sampled targets")
     return FisherChoice("sampled", samples, sampled_kind(samples), mode,
                         f"default: sampled with {samples} draw{'s' if samples > 1 else ''} per example, {why}")
 
