@@ -364,7 +364,30 @@ def headline(path: Path = V2_RESULTS) -> str:
             repro = "yes" if e.get("reproduces") else "no"
         lines.append(f"- **{e['endpoint']}** (`{e['metric']}`, n = {e['n_queries']} queries): {effect}; "
                      f"{e['verdict']}; reproduces the paper at these sizes: **{repro}**.")
+    lines += _secondary_lines(results, layer_set)
     return "\n".join(lines) + "\n"
+
+
+def _secondary_lines(results: dict, layer_set: str) -> list[str]:
+    """The token-wise statistics of the semantic queries as a secondary reading of the
+    headline question (no declared endpoint): smallest against largest scale."""
+    from .scale_v2 import endpoint_cells
+
+    cells = endpoint_cells(results["runs"], layer_set)
+    n_boot = int(results["settings"]["n_boot"])
+    out = []
+    for metric, what in (("token_lexical_enrichment", "lexical enrichment of the top sequences' influence"),
+                         ("token_top10_share", "share of |influence| on the top 10% of positions")):
+        mats = [S.metric_matrix(c["records"], metric, ("semantic",))[0] for c in cells]
+        if len(cells) < 2 or not all(np.isfinite(m).any() for m in mats):
+            continue
+        lo, hi = (S.scale_means([mats[0], mats[-1]], n_boot=n_boot)[i] for i in (0, 1))
+        trend = ("higher at the largest size" if lo.high < hi.low else "lower at the largest size"
+                 if hi.high < lo.low else "not resolved between the smallest and largest size")
+        out.append(f"- Secondary (no declared endpoint), WEB renderings: {what}, {cells[0]['scale']} "
+                   f"{fmt_ci(lo.as_dict())} → {cells[-1]['scale']} {fmt_ci(hi.as_dict())}: {trend} (intervals "
+                   f"{'disjoint' if lo.high < hi.low or hi.high < lo.low else 'overlap'}).")
+    return out
 
 
 def endpoints_table() -> str:
