@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence.curvature.blocks import matmul_last
+from influence.curvature.blocks import is_blocked, matmul_last
 from influence.errors import InfluenceError
 
 METHODS = ("none", "truncate", "project", "rank")
@@ -207,7 +207,11 @@ def _projects(layer: LayerMap) -> bool:
 
 
 def apply_side(x: jax.Array, q: Any, m: jax.Array | None) -> jax.Array:
-    """``x @ Q @ M`` over the last axis of ``x`` ``[..., d]`` → ``[..., k]``."""
+    """``x @ Q @ M`` over the last axis of ``x`` ``[..., d]`` → ``[..., k]``. With a dense
+    rotation and a selection, only the kept columns of ``Q`` are multiplied (a
+    truncation's build and query cost scale with the directions kept, not with ``d``)."""
+    if q is not None and m is not None and jnp.issubdtype(m.dtype, jnp.integer) and not is_blocked(q):
+        return x @ jnp.take(q, m, axis=1)
     if q is not None:
         x = matmul_last(x, q)
     if m is None:
