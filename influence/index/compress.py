@@ -22,7 +22,8 @@ stored as
 * ``"rank"``: the best rank-c approximation ``U Vᵀ`` (``U [d_a, c]``, ``V [d_out, c]``, a
   SVD on the host) of each sequence's whitened rotated gradient (LoRIF-style:
   ``Σ_t ā_t g_tᵀ`` has rank ≤ T, so c ≥ T is exact, and for T < d the SVD is of a T×T
-  core between thin QRs); ``c·(d_a + d_out)`` numbers per layer.
+  core between thin QRs); ``c·(d_a + d_out)`` numbers per layer, with c capped at
+  ``min(c, T, d_a, d_out)`` per layer (the manifest's ``rank``): beyond that the columns are zeros.
   Its whitening is separable, ``W = w_A w_Sᵀ`` (so a rank-T gradient stays rank T).
 
 ``fraction`` is the share of each side's directions kept (so about ``fraction²`` of the
