@@ -249,6 +249,7 @@ def timings(state: dict, default: str, workdir: Path, name: str, batch_size: int
     from influence.scoring.queries import prepare_queries
 
     model, task, train, queries, factors = (state[k] for k in ("model", "task", "train", "queries", "factors"))
+    started = os.getloadavg()
     big = "run" in state["record"]
     warm = first(train, 2 * batch_size)
 
@@ -273,7 +274,11 @@ def timings(state: dict, default: str, workdir: Path, name: str, batch_size: int
         inf.build_index(model, task, factors, train, path=path, overwrite=True, compression=built,
                         batch_size=batch_size, **QUIET)
 
-    if big:
+    if big and not (default_path / "manifest.json").is_file():  # --timings-only: build it here, once
+        t0 = time.perf_counter()
+        build()
+        build_seconds = time.perf_counter() - t0
+    elif big:
         build_seconds = next(r for r in state["record"]["curve"] if r["compression"] == default)["build_seconds_first"]
     else:
         build_seconds = timed(build, 1)
@@ -315,7 +320,7 @@ def timings(state: dict, default: str, workdir: Path, name: str, batch_size: int
             "latency": latency, "default_compression": default, "index_bytes": index.bytes,
             "index_bytes_per_parameter": index.bytes_per_sequence / state["record"]["tracked_parameters"],
             "io_floor_seconds": floor, "matmul_flops_per_second": rate, "index_32_over_io_floor": at_32 / floor,
-            "loadavg_end": os.getloadavg()}
+            "loadavg_start": started, "loadavg_end": os.getloadavg()}
 
 
 def main(argv=None) -> None:
@@ -331,6 +336,9 @@ def main(argv=None) -> None:
                         help="comma-separated settings to measure (default: all; 'small' etc. names the run by its "
                              "scale); the others are kept from --out")
     parser.add_argument("--render-only", action="store_true", help="write docs/index.md and the plot from --out")
+    parser.add_argument("--timings-only", action="store_true",
+                        help="for --settings, keep their fidelity curves from --out and measure only the build and "
+                             "latency at the default chosen from --out")
     parser.add_argument("--merge", type=Path, default=None, metavar="JSON",
                         help="take the settings measured in JSON (another run's --out) into --out, choose the default "
                              "again, and render")
@@ -366,14 +374,26 @@ def main(argv=None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="index-bench-"))
     try:
         states = {}
+        previous = json.loads(args.out.read_text())["settings"] if args.timings_only else {}
         for name in chosen:
             build, compressions, batch_size = builders[name]
-            states[name] = measure(name, build(), workdir, batch_size, compressions)
+            if args.timings_only:
+                model, task, train, queries, *given = build()
+                factors = given[0] if given else inf.fit_factors(model, task, train, strategy="ekfac",
+                                                                 batch_size=batch_size, **QUIET)
+                record = dict(previous[name])
+                if args.run_note and "run" in record:
+                    record["run"] = {**record["run"], "note": args.run_note}
+                states[name] = {"model": model, "task": task, "train": train, "queries": queries,
+                                "factors": factors, "record": record}
+            else:
+                states[name] = measure(name, build(), workdir, batch_size, compressions)
         default = choose_default({**kept, **{n: s["record"] for n, s in states.items()}})
         print(f"default compression by the curve: {default}")
         for name, state in states.items():
             state["record"]["timings"] = timings(state, default, workdir, name, builders[name][2])
-            state["record"]["measured"] = {
+            where = state["record"]["timings"] if args.timings_only else state["record"]
+            where["measured"] = {
                 "command": "python -m benchmarks.index " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "platform": f"jax {jax.__version__} {jax.devices()[0].platform} ({platform.machine()}), "
                             f"{os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"),
@@ -498,15 +518,19 @@ def render(results: dict) -> str:
                     + (f"all {s['n_train']} training sequences" if s["n_train"] == r["n_train_run"]
                        else f"the first {s['n_train']} of its {r['n_train_run']} training sequences")
                     + f"; queries: {r['queries']} (fidelity: the first 32).", ""]
-        out += [f"`{m['command']}` ({m['platform']}; load average {_setting_load(s)}). Tracked parameters: "
-                f"{params:,}; the full float32 gradient is {s['full_gradient_bytes_per_sequence']:,} bytes per "
-                "sequence.", "",
-                "| compression | bytes / sequence | ÷ full | bytes / parameter | Pearson | Spearman | top-10 overlap |",
-                "|---|---|---|---|---|---|---|"]
+        tm = s.get("timings", {}).get("measured")
+        out += [f"`{m['command']}` ({m['platform']}; load average {_setting_load(s)})"
+                + (f"; its build and latency: `{tm['command']}` ({tm['date']})" if tm else "")
+                + f". Tracked parameters: {params:,}; the full float32 gradient is "
+                f"{s['full_gradient_bytes_per_sequence']:,} bytes per sequence.", "",
+                "| compression | bytes / sequence | ÷ full | bytes / parameter | Pearson | Spearman | top-10 overlap | "
+                "build ÷ rescan of 32 queries |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in s["curve"]:
+            build = r.get("build_over_rescan_32")
             out.append(f"| `{r['compression']}` | {r['bytes_per_sequence']:.0f} | {r['fraction_of_full']:.3f} | "
                        f"{r['bytes_per_sequence'] / params:.3f} | {r['pearson']:.4f} | {r['spearman']:.4f} | "
-                       f"{r['top10_overlap']:.2f} |")
+                       f"{r['top10_overlap']:.2f} | " + ("—" if build is None else f"{build:.2f}") + " |")
         out.append("")
     default = results["default_compression"]
     out += [
@@ -540,8 +564,11 @@ def render(results: dict) -> str:
                        + ("—" if own is None else f"{own / r['index_seconds']:.2f}") + " |")
     out += [
         "",
-        "The compression timed is the one built for the build ratio / the one queried (the default). The build "
-        "ratio includes hashing every training row and writing the shards with fsync. The I/O floor is the time "
+        "The compression timed is the one built for the build ratio / the one queried (the default). A build "
+        "includes hashing every training row and writing the shards with fsync; a `rank` build also factorises "
+        "each sequence's gradient on the host (an exact SVD of a T×T core per layer, float64, one thread), "
+        "which the curve's last column shows dominating on a ladder run. Each build in the curve is the first "
+        "of its compression in the process, so it includes compilation. The I/O floor is the time "
         "to read every stored byte of the index once (from the page cache here); the FLOP floor is the "
         "index's scoring arithmetic (each query's key against every stored row, and expanding rank-c rows to "
         "dense `U Vᵀ`) at the float32 matmul rate measured in the same process; the queries' own cost is their "
