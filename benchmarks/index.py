@@ -530,7 +530,7 @@ def render(results: dict) -> str:
             build = r.get("build_over_rescan_32")
             out.append(f"| `{r['compression']}` | {r['bytes_per_sequence']:.0f} | {r['fraction_of_full']:.3f} | "
                        f"{r['bytes_per_sequence'] / params:.3f} | {r['pearson']:.4f} | {r['spearman']:.4f} | "
-                       f"{r['top10_overlap']:.2f} | " + ("—" if build is None else f"{build:.2f}") + " |")
+                       f"{r['top10_overlap']:.3f} | " + ("—" if build is None else f"{build:.2f}") + " |")
         out.append("")
     default = results["default_compression"]
     out += [
@@ -620,13 +620,15 @@ def _smallest_passing(results: dict) -> list[str]:
              f"{goal} (÷ full) | best top-10 overlap at ≤ 1/16 of the full bytes |", "|---|---|---|"]
     missed = []
     for name, s in results["settings"].items():
-        passing = sorted((r["fraction_of_full"], r["compression"]) for r in s["curve"] if r["top10_overlap"] >= goal)
+        passing = sorted(((r["fraction_of_full"], i, r["compression"]) for i, r in enumerate(s["curve"])
+                          if r["top10_overlap"] >= goal))
+        passing = [(f, c) for f, _, c in passing]
         small = [r for r in s["curve"] if r["fraction_of_full"] <= SIXTEENTH]
         best = max(small, key=lambda r: r["top10_overlap"]) if small else None
         if not passing or passing[0][0] > SIXTEENTH:
             missed.append(name)
         lines.append(f"| {name} | " + (f"`{passing[0][1]}` ({passing[0][0]:.3f})" if passing else "none measured")
-                     + " | " + (f"{best['top10_overlap']:.2f} (`{best['compression']}`, "
+                     + " | " + (f"{best['top10_overlap']:.3f} (`{best['compression']}`, "
                                 f"{best['fraction_of_full']:.3f})" if best else "none measured") + " |")
     lines.append("")
     if missed:
@@ -669,11 +671,12 @@ def _cost_notes(results: dict) -> list[str]:
             f"against an I/O floor of {t['io_floor_seconds']:.3g} s ({r['index_over_io_floor']:.0f}×; goal 2×: "
             f"{'met' if r['index_over_io_floor'] <= 2 else 'missed'}: the queries' own cost alone is "
             f"{r['query_side_seconds'] / t['io_floor_seconds']:.0f}× the I/O floor) and a FLOP floor of "
-            f"{r['flop_floor_seconds']:.3g} s at {t['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s. "
-            + ("The scan is bounded by arithmetic, not by reading: for `none` and `rank` rows each query's key "
-               "has every number of the full gradient (and rank rows are expanded to dense), so the scan's work "
-               "per row is the query product a rescan does too, without the rescan's forward and backward pass "
-               "and per-sequence gradients; its bytes are read far faster than they are multiplied."
+            f"{r['flop_floor_seconds']:.3g} s at {t['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s (the scan: "
+            f"{scan / r['flop_floor_seconds']:.1f}× its FLOP floor). "
+            + ("For `none` and `rank` rows each query's key has every number of the full gradient (and rank rows "
+               "are expanded to dense), so the scan's arithmetic per row is the query product a rescan does too, "
+               "without the rescan's forward and backward pass and per-sequence gradients: reading the index "
+               "costs less than multiplying it, and the queries' own cost does not shrink with the index."
                if inf.index.Compression.parse(t["default_compression"]).method in ("none", "rank") else ""), ""]
     return lines
 
