@@ -282,6 +282,9 @@ def timings(state: dict, default: str, workdir: Path, name: str, batch_size: int
         build_seconds = next(r for r in state["record"]["curve"] if r["compression"] == default)["build_seconds_first"]
     else:
         build_seconds = timed(build, 1)
+        if not (default_path / "manifest.json").is_file():  # --timings-only
+            inf.build_index(model, task, factors, train, path=default_path, compression=default,
+                            batch_size=batch_size, **QUIET)
     index = inf.index.Index(default_path)
     floor = timed(lambda: read_floor(index), 3)
     rate = matmul_rate(max(la["d_a"] * la["d_out"] if la["rank"] else la["width"] for la in index.layers))
