@@ -11,12 +11,22 @@ then, in one process:
 * latency of 1, 32 and 256 queries, index (default compression) vs rescan, as ratios,
   and the index's I/O floor (reading every stored byte once, from the page cache).
 
+With ``--run PATH``, a trained ``influence.lm`` run (its final weights, its fitted EK-FAC
+factors, its training set, or the first ``--n-train`` sequences of it; queries are its
+held-out sequences, then its last training sequences for more than it holds) is measured
+the same way, and also: bytes per tracked parameter, the FLOP floor of the index's
+scoring (its multiply-adds at the matmul rate measured in the same process) and the
+queries' own cost (their gradients and preconditioning, which a rescan pays too).
+``--settings`` measures only some settings; the others are kept from ``--out``.
+
 The default compression (``influence.index.build.DEFAULT_COMPRESSION``) is the smallest
 one whose top-10 overlap is at least 0.9 in every setting; tests hold the code and
 docs/index.md to the JSON this writes.
 
   nice python -m benchmarks.index                 # writes docs/benchmarks/index.json, .png, docs/index.md
+  nice python -m benchmarks.index --run runs/small --settings small   # adds the run, keeps the others
   python -m benchmarks.index --render-only        # docs/index.md and the plot from the JSON
+  python -m benchmarks.index --merge other.json   # settings measured in another run (its --out) into --out
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,18 +51,23 @@ from scipy.stats import pearsonr, spearmanr
 import influence as inf
 from benchmarks.speed import timed
 from influence import testing
+from influence.index.build import DEFAULT_COMPRESSION as DEFAULT
 from influence.index.score import read_floor
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "benchmarks" / "index.json"
 PLOT = ROOT / "docs" / "benchmarks" / "index.png"
 DOC = ROOT / "docs" / "index.md"
+LDS = ROOT / "docs" / "benchmarks" / "lds-lm-index.json"
 COMPRESSIONS = (
     "none", "none:bfloat16", "none:int8",
     "truncate:0.5", "truncate:0.5:int8", "truncate:0.25", "truncate:0.25:int8",
     "project:0.5", "project:0.25",
     "rank:1", "rank:1:int8", "rank:2:int8", "rank:4", "rank:4:int8", "rank:8:int8",
+    "rank:16:int8", "rank:32:int8", "rank:64:int8",
 )
+RUN_COMPRESSIONS = ("truncate:0.5:int8", "rank:32:int8", "rank:64:int8", "none:int8")
+"""Those measured on a ``--run`` (no ``none``: its full gradient is gigabytes; the rescan is the reference)."""
 OVERLAP_GOAL = 0.9
 TOP = 10
 QUIET = {"progress": False}
@@ -100,6 +116,45 @@ def lm_setting():
 SETTINGS = {"digits-mlp": digits_setting, "tiny-lm": lm_setting}
 
 
+def run_setting(path: Path, n_train: int | None, factors_folder: str | None = None, n_queries: int = 256,
+                note: str | None = None):
+    """A trained ``influence.lm`` run: its model, fitted factors, training sequences (the
+    first ``n_train``) and ``n_queries`` queries (held-out sequences, then the last training
+    sequences), with a description of where each comes from."""
+    from influence.factors import Factors
+    from influence.lm.run import FACTORS, load_run
+
+    run = load_run(path)
+    folders = sorted(p.parent for p in (run.path / FACTORS).glob("*/factors.npz"))
+    if factors_folder is not None:
+        folders = [run.path / FACTORS / factors_folder]
+    if len(folders) != 1:
+        raise SystemExit(f"{len(folders)} factor folders in {run.path / FACTORS}; choose one with --factors")
+    factors = Factors.load(folders[0], model=run.model)
+
+    def arrays(table, rows):
+        table = table.with_format("numpy")
+        return {k: np.asarray(table[k][rows]).astype(np.int32) for k in ("input_ids", "loss_mask")}
+
+    n_all = len(run.train)
+    n = n_all if n_train is None else min(n_train, n_all)
+    train = arrays(run.train, slice(0, n))
+    held = min(n_queries, len(run.heldout))
+    queries = arrays(run.heldout, slice(0, held))
+    if held < n_queries:
+        extra = arrays(run.train, slice(n_all - (n_queries - held), n_all))
+        queries = {k: np.concatenate([queries[k], extra[k]]) for k in queries}
+    cfg, model_cfg = run.info["train_config"], run.info["model_config"]
+    about = {"run": str(path), "step": run.step, "scale": cfg.get("scale"), "seed": cfg.get("seed"),
+             "factors": folders[0].name, "strategy": factors.strategy, "n_train_run": n_all, "note": note,
+             "parameters": run.info.get("parameters", {}).get("total"),
+             "model": f"{model_cfg['n_layers']} blocks, d = {model_cfg['d_model']}, T = {model_cfg['context_length']}, "
+                      f"vocab {model_cfg['vocab_size']}",
+             "queries": f"{held} held-out sequences" + (f", then the last {n_queries - held} training sequences"
+                                                       if held < n_queries else "")}
+    return run.model, inf.tasks.CausalLM(), train, queries, factors, about
+
+
 def first(queries, n):
     return {k: v[:n] for k, v in queries.items()}
 
@@ -112,15 +167,23 @@ def fidelity(scores: np.ndarray, reference: np.ndarray) -> dict[str, float]:
             "top10_overlap": float(overlap)}
 
 
-def measure(name: str, build, workdir: Path, batch_size: int) -> dict:
-    model, task, train, queries = build()
+def measure(name: str, built, workdir: Path, batch_size: int, compressions=COMPRESSIONS) -> dict:
+    """The fidelity curve of one setting; ``built`` is ``(model, task, train, queries)``, or
+    that with fitted factors and a description (a ``--run``)."""
+    model, task, train, queries, *given = built
     n_train = len(next(iter(train.values())))
-    factors = inf.fit_factors(model, task, train, strategy="ekfac", batch_size=batch_size, **QUIET)
+    if given:
+        factors, about = given
+    else:
+        factors, about = inf.fit_factors(model, task, train, strategy="ekfac", batch_size=batch_size, **QUIET), None
     q32 = first(queries, 32)
+    t0 = time.perf_counter()
     reference = inf.pairwise_scores(model, task, factors, q32, train, batch_size=batch_size, **QUIET).values
+    reference_seconds = time.perf_counter() - t0
+    print(f"{name:10s} rescan of 32 queries over {n_train} sequences: {reference_seconds:.1f} s", flush=True)
     full_bytes = 4 * sum(i.d_a * i.d_out for i in factors.layer_infos)
     curve = []
-    for comp in COMPRESSIONS:
+    for comp in compressions:
         path = workdir / name / comp.replace(":", "_")
         t0 = time.perf_counter()
         index = inf.build_index(model, task, factors, train, path=path, compression=comp, batch_size=batch_size,
@@ -129,63 +192,168 @@ def measure(name: str, build, workdir: Path, batch_size: int) -> dict:
         scores = inf.pairwise_scores(model, task, factors, q32, None, index=index, **QUIET).values
         curve.append({"compression": comp, "bytes_per_sequence": index.bytes_per_sequence,
                       "fraction_of_full": index.bytes_per_sequence / full_bytes, "build_seconds_first": seconds,
-                      **fidelity(scores, reference)})
+                      "build_over_rescan_32": seconds / reference_seconds, **fidelity(scores, reference)})
         print(f"{name:10s} {comp:22s} {index.bytes_per_sequence:9.0f} B/seq "
-              f"({index.bytes_per_sequence / full_bytes:6.3f} of full)  " + "  ".join(
-                  f"{k} {v:.3f}" for k, v in curve[-1].items() if k in ("pearson", "spearman", "top10_overlap")))
-    return {"model": model, "task": task, "train": train, "queries": queries, "factors": factors,
-            "record": {"n_train": n_train, "layers": [dict(i._asdict()) for i in factors.layer_infos],
-                       "full_gradient_bytes_per_sequence": full_bytes, "curve": curve}}
+              f"({index.bytes_per_sequence / full_bytes:6.3f} of full), build {seconds:.1f} s  " + "  ".join(
+                  f"{k} {v:.3f}" for k, v in curve[-1].items() if k in ("pearson", "spearman", "top10_overlap")),
+              flush=True)
+    record = {"n_train": n_train, "layers": [dict(i._asdict()) for i in factors.layer_infos],
+              "full_gradient_bytes_per_sequence": full_bytes, "tracked_parameters": full_bytes // 4,
+              "rescan_seconds_32_pairwise": reference_seconds, "curve": curve,
+              "loadavg_start": os.getloadavg()}
+    if about is not None:
+        record["run"] = about
+    return {"model": model, "task": task, "train": train, "queries": queries, "factors": factors, "record": record}
 
 
 def choose_default(results: dict) -> str:
-    """The smallest compression whose top-10 overlap reaches the goal in every setting."""
+    """The smallest compression (by its largest share of the full gradient) measured in
+    every setting whose top-10 overlap reaches the goal in all of them."""
+    common = set.intersection(*({r["compression"] for r in s["curve"]} for s in results.values()))
     ok = []
-    for comp in COMPRESSIONS:
-        rows = [next(r for r in s["curve"] if r["compression"] == comp) for s in results.values()]
+    for comp in sorted(common):
+        rows = [r for s in results.values() for r in s["curve"] if r["compression"] == comp]
         if all(r["top10_overlap"] >= OVERLAP_GOAL for r in rows):
             ok.append((max(r["fraction_of_full"] for r in rows), comp))
     return min(ok)[1] if ok else "none"
 
 
+def matmul_rate(width: int, rows: int = 2048, n_query: int = 256) -> float:
+    """Multiply-adds ×2 per second of a float32 ``[n_query, width] × [width, rows]`` matmul
+    at the scoring's precision, on the default device (best of 3, after a warm-up)."""
+    a = jnp.ones((n_query, width), jnp.float32)
+    b = jnp.ones((rows, width), jnp.float32)
+    product = jax.jit(lambda a, b: jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST))
+    return 2.0 * n_query * width * rows / timed(lambda: product(a, b).block_until_ready(), 3)
+
+
+def scoring_flops(index, n_query: int) -> float:
+    """Floating-point operations of answering ``n_query`` queries from ``index``: the
+    keys against every stored row, plus expanding rank-c rows to dense (``U Vᵀ``)."""
+    flops = 0.0
+    for layer in index.layers:
+        dense = layer["d_a"] * layer["d_out"]
+        key = dense if layer["rank"] else layer["width"]
+        flops += 2.0 * n_query * index.n_rows * key
+        if layer["rank"]:
+            flops += 2.0 * index.n_rows * layer["rank"] * dense
+    return flops
+
+
 def timings(state: dict, default: str, workdir: Path, name: str, batch_size: int) -> dict:
+    """Build cost and latency at ``default``. On a ``--run`` the rescans are timed once
+    after a warm-up on a few rows (a second full pass each would double the benchmark) and
+    the build timed is the default compression's first build in :func:`measure` (the full
+    gradient is gigabytes; that build's compilation is a few seconds of minutes)."""
+    from influence.runtime.execution import Execution
+    from influence.scoring.queries import prepare_queries
+
     model, task, train, queries, factors = (state[k] for k in ("model", "task", "train", "queries", "factors"))
-    q32 = first(queries, 32)
-    rescan_pass = timed(lambda: inf.rank_training(model, task, factors, q32, train, k=TOP, batch_size=batch_size,
-                                                 **QUIET), 1)
+    started = os.getloadavg()
+    big = "run" in state["record"]
+    warm = first(train, 2 * batch_size)
+
+    def rescan(q, data):
+        return inf.rank_training(model, task, factors, q, data, k=TOP, batch_size=batch_size, **QUIET)
+
+    def rescan_seconds(q):
+        if not big:
+            return timed(lambda: rescan(q, train), 1)
+        rescan(q, warm)  # compiles the steps of this query batch
+        t0 = time.perf_counter()
+        rescan(q, train)
+        return time.perf_counter() - t0
+
+    default_path = workdir / name / default.replace(":", "_")
+    built = "none"
     path = workdir / name / "timed-none"
+    if big:
+        built, path = default, default_path
 
-    def build_none():
-        inf.build_index(model, task, factors, train, path=path, overwrite=True, batch_size=batch_size, **QUIET)
+    def build():
+        inf.build_index(model, task, factors, train, path=path, overwrite=True, compression=built,
+                        batch_size=batch_size, **QUIET)
 
-    build = timed(build_none, 1)
-    index = inf.index.Index(workdir / name / default.replace(":", "_"))
+    if big and not (default_path / "manifest.json").is_file():  # --timings-only: build it here, once
+        t0 = time.perf_counter()
+        build()
+        build_seconds = time.perf_counter() - t0
+    elif big:
+        build_seconds = next(r for r in state["record"]["curve"] if r["compression"] == default)["build_seconds_first"]
+    else:
+        build_seconds = timed(build, 1)
+        if not (default_path / "manifest.json").is_file():  # --timings-only
+            inf.build_index(model, task, factors, train, path=default_path, compression=default,
+                            batch_size=batch_size, **QUIET)
+    index = inf.index.Index(default_path)
+    floor = timed(lambda: read_floor(index), 3)
+    rate = matmul_rate(max(la["d_a"] * la["d_out"] if la["rank"] else la["width"] for la in index.layers))
     latency = []
     for n in (1, 32, 256):
         q = first(queries, n)
-        rescan = timed(lambda q=q: inf.rank_training(model, task, factors, q, train, k=TOP, batch_size=batch_size,
-                                                    **QUIET), 1)
-        unchecked = timed(lambda q=q: inf.rank_training(model, task, factors, q, None, k=TOP, index=index, **QUIET), 3)
-        checked = timed(lambda q=q: inf.rank_training(model, task, factors, q, train, k=TOP, index=index,
-                                                     batch_size=batch_size, **QUIET), 3)
-        latency.append({"queries": n, "rescan_seconds": rescan, "index_seconds": unchecked,
-                        "index_data_checked_seconds": checked, "rescan_over_index": rescan / unchecked,
-                        "rescan_over_index_data_checked": rescan / checked})
-        print(f"{name:10s} {n:4d} queries: rescan {rescan:.3f} s, index {unchecked:.3f} s "
-              f"({rescan / unchecked:.1f}x), with the data check {checked:.3f} s ({rescan / checked:.1f}x)")
-    floor = timed(lambda: read_floor(index), 3)
-    one_query = next(r for r in latency if r["queries"] == 32)["index_seconds"]
-    return {"rescan_pass_seconds_32_queries": rescan_pass, "build_seconds_none": build,
-            "build_over_rescan_pass": build / rescan_pass, "latency": latency, "default_compression": default,
-            "index_bytes": index.bytes, "io_floor_seconds": floor, "index_32_over_io_floor": one_query / floor}
+        rescan_s = rescan_seconds(q)
+        unchecked = timed(lambda q=q: inf.rank_training(model, task, factors, q, None, k=TOP, index=index, **QUIET),
+                          1 if big else 3)
+        def check(q=q):
+            return inf.rank_training(model, task, factors, q, train, k=TOP, index=index, batch_size=batch_size,
+                                     **QUIET)
+
+        checked = timed(check, 1 if big else 3)
+
+        def prepare(q=q):
+            side = prepare_queries(model, task, factors, q, execution=Execution(progress=False))
+            jax.block_until_ready(side.queries)
+
+        query_side = timed(prepare, 1 if big else 3)
+        flop_floor = scoring_flops(index, n) / rate
+        latency.append({"queries": n, "rescan_seconds": rescan_s, "index_seconds": unchecked,
+                        "index_data_checked_seconds": checked, "rescan_over_index": rescan_s / unchecked,
+                        "rescan_over_index_data_checked": rescan_s / checked, "query_side_seconds": query_side,
+                        "scoring_flops": scoring_flops(index, n), "flop_floor_seconds": flop_floor,
+                        "index_over_io_floor": unchecked / floor,
+                        "index_over_flop_floor_plus_query_side": unchecked / (flop_floor + query_side)})
+        print(f"{name:10s} {n:4d} queries: rescan {rescan_s:.3f} s, index {unchecked:.3f} s "
+              f"({rescan_s / unchecked:.1f}x), with the data check {checked:.3f} s ({rescan_s / checked:.1f}x); "
+              f"queries' own gradients {query_side:.3f} s, FLOP floor {flop_floor:.3f} s, I/O floor {floor:.3f} s",
+              flush=True)
+    rescan_pass = next(r for r in latency if r["queries"] == 32)["rescan_seconds"]
+    at_32 = next(r for r in latency if r["queries"] == 32)["index_seconds"]
+    return {"rescan_pass_seconds_32_queries": rescan_pass, "build_compression": built,
+            "build_seconds": build_seconds, "build_over_rescan_pass": build_seconds / rescan_pass,
+            "latency": latency, "default_compression": default, "index_bytes": index.bytes,
+            "index_bytes_per_parameter": index.bytes_per_sequence / state["record"]["tracked_parameters"],
+            "io_floor_seconds": floor, "matmul_flops_per_second": rate, "index_32_over_io_floor": at_32 / floor,
+            "loadavg_start": started, "loadavg_end": os.getloadavg()}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--run", type=Path, default=None, help="also measure this trained influence.lm run")
+    parser.add_argument("--factors", default=None, help="the run's factors folder (default: its only one)")
+    parser.add_argument("--n-train", type=int, default=None, help="the run's first N training sequences (default: all)")
+    parser.add_argument("--run-note", default=None, help="where the run comes from, for the doc")
+    parser.add_argument("--run-batch-size", type=int, default=32, help="sequences per step on the run")
+    parser.add_argument("--settings", default=None,
+                        help="comma-separated settings to measure (default: all; 'small' etc. names the run by its "
+                             "scale); the others are kept from --out")
     parser.add_argument("--render-only", action="store_true", help="write docs/index.md and the plot from --out")
+    parser.add_argument("--timings-only", action="store_true",
+                        help="for --settings, keep their fidelity curves from --out and measure only the build and "
+                             "latency at the default chosen from --out")
+    parser.add_argument("--merge", type=Path, default=None, metavar="JSON",
+                        help="take the settings measured in JSON (another run's --out) into --out, choose the default "
+                             "again, and render")
     args = parser.parse_args(argv)
+    if args.merge is not None:
+        results = json.loads(args.out.read_text())
+        taken = json.loads(args.merge.read_text())["settings"]
+        merged = {**results["settings"], **taken}
+        results["settings"] = {n: merged[n] for n in [*SETTINGS, *sorted(set(merged) - set(SETTINGS))] if n in merged}
+        results["default_compression"] = choose_default(results["settings"])
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        args.render_only = True
     if args.render_only:
         results = json.loads(args.out.read_text())
         plot(results, PLOT)
@@ -193,23 +361,57 @@ def main(argv=None) -> None:
         return
     started = time.time()
     load = {"start": os.getloadavg()}
+    builders = {name: (build, COMPRESSIONS, args.batch_size) for name, build in SETTINGS.items()}
+    if args.run is not None:
+        scale = json.loads((args.run / "run.json").read_text())["train_config"]["scale"]
+        builders[scale] = (lambda: run_setting(args.run, args.n_train, args.factors, note=args.run_note),
+                           RUN_COMPRESSIONS,
+                           args.run_batch_size)
+    chosen = list(builders) if args.settings is None else args.settings.split(",")
+    unknown = [c for c in chosen if c not in builders]
+    if unknown:
+        raise SystemExit(f"unknown settings {unknown}; choose from {list(builders)} (a run needs --run)")
+    kept = {}
+    if args.settings is not None and args.out.is_file():
+        kept = {n: s for n, s in json.loads(args.out.read_text())["settings"].items() if n not in chosen}
     workdir = Path(tempfile.mkdtemp(prefix="index-bench-"))
     try:
-        states = {name: measure(name, build, workdir, args.batch_size) for name, build in SETTINGS.items()}
-        default = choose_default({n: s["record"] for n, s in states.items()})
+        states = {}
+        previous = json.loads(args.out.read_text())["settings"] if args.timings_only else {}
+        for name in chosen:
+            build, compressions, batch_size = builders[name]
+            if args.timings_only:
+                model, task, train, queries, *given = build()
+                factors = given[0] if given else inf.fit_factors(model, task, train, strategy="ekfac",
+                                                                 batch_size=batch_size, **QUIET)
+                record = dict(previous[name])
+                if args.run_note and "run" in record:
+                    record["run"] = {**record["run"], "note": args.run_note}
+                states[name] = {"model": model, "task": task, "train": train, "queries": queries,
+                                "factors": factors, "record": record}
+            else:
+                states[name] = measure(name, build(), workdir, batch_size, compressions)
+        default = choose_default({**kept, **{n: s["record"] for n, s in states.items()}})
         print(f"default compression by the curve: {default}")
         for name, state in states.items():
-            state["record"]["timings"] = timings(state, default, workdir, name, args.batch_size)
+            state["record"]["timings"] = timings(state, default, workdir, name, builders[name][2])
+            where = state["record"]["timings"] if args.timings_only else state["record"]
+            where["measured"] = {
+                "command": "python -m benchmarks.index " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "platform": f"jax {jax.__version__} {jax.devices()[0].platform} ({platform.machine()}), "
+                            f"{os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d"),
+                "batch_size": builders[name][2]}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     load["end"] = os.getloadavg()
+    settings = {**kept, **{n: s["record"] for n, s in states.items()}}
     results = {
-        "command": "python -m benchmarks.index",
+        "command": "python -m benchmarks.index " + " ".join(argv if argv is not None else sys.argv[1:]),
         "platform": f"jax {jax.__version__} {jax.devices()[0].platform} ({platform.machine()}), "
                     f"{os.cpu_count()} CPUs",
         "loadavg": load, "seconds": time.time() - started, "batch_size": args.batch_size,
-        "overlap_goal": OVERLAP_GOAL, "default_compression": default,
-        "settings": {n: s["record"] for n, s in states.items()},
+        "overlap_goal": OVERLAP_GOAL, "default_compression": choose_default(settings),
+        "settings": {n: settings[n] for n in [*SETTINGS, *sorted(set(settings) - set(SETTINGS))] if n in settings},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
@@ -280,8 +482,10 @@ def render(results: dict) -> str:
         "row and column sums of Λ | the rescan's terms in that block |",
         "| `project:f` | a Gaussian projection of each side to `f·d` (LoGra-style), in the eigenbasis | an "
         "unbiased estimate |",
-        "| `rank:c` | the best rank-c `U Vᵀ` of each sequence's gradient (LoRIF-style; exact for c ≥ T "
-        "tokens), `c·(d_a + d_out)` numbers per layer | the rescan's with the gradient's rank-c approximation |",
+        "| `rank:c` | the best rank-c `U Vᵀ` of each sequence's gradient (LoRIF-style), `c·(d_a + d_out)` "
+        "numbers per layer, c capped per layer at `min(c, T, d_a, d_out)` (T the tokens per sequence: a "
+        "gradient of T tokens has rank ≤ T, so the cap is exact) | the rescan's with the gradient's rank-c "
+        "approximation |",
         "| `…:bfloat16`, `…:int8` | the storage dtype (int8 with one float32 scale per row and layer) | |",
         "",
         "Except for `none` in float32, the stored coordinates are whitened, divided elementwise by "
@@ -292,11 +496,12 @@ def render(results: dict) -> str:
         "A compressed index's scores equal its own dense reconstruction `M_A C M_Sᵀ` dotted with the "
         "rotated query, computed in numpy (tested).",
         "",
-        f"## Measured ({results['platform']}; load average {_load(results)})",
+        "## Measured",
         "",
-        f"`{results['command']}`, {results['seconds']:.0f} s. Fidelity against the rescan's scores of 32 queries "
-        f"(Pearson over all pairs, mean Spearman per query, mean top-{TOP} overlap), over bytes per sequence "
-        "as a share of the full float32 gradient.",
+        f"Fidelity against the rescan's scores of 32 queries (Pearson over all pairs, mean Spearman per "
+        f"query, mean top-{TOP} overlap), over bytes per sequence as a share of the full float32 gradient; "
+        "per setting, the command, machine and load average (1-minute, at its start and end) it was measured "
+        "under.",
         "",
         "![fidelity per byte](benchmarks/index.png)",
         "",
@@ -304,44 +509,76 @@ def render(results: dict) -> str:
     for name, s in results["settings"].items():
         layers = ", ".join(f"{i['name']} [{i['d_in']}{' + 1' if i['has_bias'] else ''}, {i['d_out']}]"
                            for i in s["layers"])
-        out += [f"### {name}: {s['n_train']} training sequences; layers {layers}", "",
-                "| compression | bytes / sequence | ÷ full | Pearson | Spearman | top-10 overlap |",
-                "|---|---|---|---|---|---|"]
+        m = s.get("measured", {"command": results["command"], "platform": results["platform"]})
+        params = s.get("tracked_parameters", s["full_gradient_bytes_per_sequence"] // 4)
+        out += [f"### {name}: {s['n_train']} training sequences; layers {layers}", ""]
+        if "run" in s:
+            r = s["run"]
+            out += [f"A trained `{r['scale']}` ladder run of `influence.lm` (`{r['model']}`, {r['parameters']:,} "
+                    f"parameters; seed {r['seed']}; its final weights, step {r['step']}){_note(r)}; its EK-FAC "
+                    f"factors `{r['factors']}` ({', '.join(i['name'] for i in s['layers'][:2])}, … : "
+                    f"{len(s['layers'])} layers); "
+                    + (f"all {s['n_train']} training sequences" if s["n_train"] == r["n_train_run"]
+                       else f"the first {s['n_train']} of its {r['n_train_run']} training sequences")
+                    + f"; queries: {r['queries']} (fidelity: the first 32).", ""]
+        tm = s.get("timings", {}).get("measured")
+        out += [f"`{m['command']}` ({m['platform']}; load average {_setting_load(s)})"
+                + (f"; its build and latency: `{tm['command']}` ({tm['date']})" if tm else "")
+                + f". Tracked parameters: {params:,}; the full float32 gradient is "
+                f"{s['full_gradient_bytes_per_sequence']:,} bytes per sequence.", "",
+                "| compression | bytes / sequence | ÷ full | bytes / parameter | Pearson | Spearman | top-10 overlap | "
+                "build ÷ rescan of 32 queries |",
+                "|---|---|---|---|---|---|---|---|"]
         for r in s["curve"]:
+            build = r.get("build_over_rescan_32")
             out.append(f"| `{r['compression']}` | {r['bytes_per_sequence']:.0f} | {r['fraction_of_full']:.3f} | "
-                       f"{r['pearson']:.4f} | {r['spearman']:.4f} | {r['top10_overlap']:.2f} |")
+                       f"{r['bytes_per_sequence'] / params:.3f} | {r['pearson']:.4f} | {r['spearman']:.4f} | "
+                       f"{r['top10_overlap']:.3f} | " + ("—" if build is None else f"{build:.2f}") + " |")
         out.append("")
     default = results["default_compression"]
     out += [
         "## The default",
         "",
-        f"`build_index`'s default compression is the smallest whose top-{TOP} overlap is at least "
-        f"{results['overlap_goal']} in every setting above: **`{default}`** "
-        f"({_share(results, default)} of the full gradient's bytes). These are small models and one set of "
-        "32 queries each (no intervals): the choice is a starting point, not a guarantee at other scales; "
-        "measure on your own run (`compression=\"none\"` is the exact reference).",
+        f"`build_index`'s default compression is the smallest (by its largest share of the full gradient) "
+        f"of those measured in every setting whose top-{TOP} overlap is at least {results['overlap_goal']} in "
+        f"all of them: **`{default}`** ({_share(results, default)} of the full gradient's bytes). "
+        "One set of 32 queries per setting (no intervals): measure on your own run (`influence index --check N`; "
+        "`compression=\"none\"` is the exact reference).",
         "",
+        *_smallest_passing(results),
         "## Cost (ratios measured in one run)",
         "",
-        "| setting | build (none) ÷ one rescan ranking pass | queries | rescan ÷ index | rescan ÷ index with the "
-        "data check | index ÷ I/O floor (32 queries) |",
-        "|---|---|---|---|---|---|",
+        "| setting | compression timed | build ÷ one rescan pass (32 queries) | queries | rescan ÷ index | rescan ÷ "
+        "index with the data check | index ÷ I/O floor | index ÷ (FLOP floor + the queries' own cost) | the "
+        "queries' own cost ÷ index |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in results["settings"].items():
         t = s["timings"]
         for r in t["latency"]:
-            out.append(f"| {name} | {t['build_over_rescan_pass']:.2f} | {r['queries']} | "
+            floor = r.get("index_over_io_floor", t["index_32_over_io_floor"] if r["queries"] == 32 else None)
+            flop = r.get("index_over_flop_floor_plus_query_side")
+            own = r.get("query_side_seconds")
+            out.append(f"| {name} | `{t.get('build_compression', 'none')}` / `{t['default_compression']}` | "
+                       f"{t['build_over_rescan_pass']:.2f} | {r['queries']} | "
                        f"{r['rescan_over_index']:.1f}× | {r['rescan_over_index_data_checked']:.1f}× | "
-                       f"{t['index_32_over_io_floor']:.0f}× |")
+                       + ("—" if floor is None else f"{floor:.0f}×") + " | "
+                       + ("—" if flop is None else f"{flop:.1f}×") + " | "
+                       + ("—" if own is None else f"{own / r['index_seconds']:.2f}") + " |")
     out += [
         "",
-        f"The I/O floor is the time to read every stored byte of the `{default}` index once (from the page "
-        "cache here). These indexes are a few megabytes and the models tiny, so both paths' times are "
-        "dominated by fixed costs (the query gradients, which both compute, tracking and digests, dispatch), "
-        "not by the training set: the ratios say little about large runs. The build's ratio includes hashing "
-        "every training row and writing the shards with fsync. The issue's `small` ladder run, the LDS of the "
-        "index's scores and the FLOP floor were not measured here.",
+        "The compression timed is the one built for the build ratio / the one queried (the default). A build "
+        "includes hashing every training row and writing the shards with fsync; a `rank` build also factorises "
+        "each sequence's gradient on the host (an exact SVD of a T×T core per layer, float64, one thread), "
+        "which the curve's last column shows dominating on a ladder run. Each build in the curve is the first "
+        "of its compression in the process, so it includes compilation. The I/O floor is the time "
+        "to read every stored byte of the index once (from the page cache here); the FLOP floor is the "
+        "index's scoring arithmetic (each query's key against every stored row, and expanding rank-c rows to "
+        "dense `U Vᵀ`) at the float32 matmul rate measured in the same process; the queries' own cost is their "
+        "gradients and preconditioning, which a rescan pays as well.",
         "",
+        *_cost_notes(results),
+        *_lds_section(),
         "## Layout",
         "",
         "```",
@@ -364,9 +601,113 @@ def render(results: dict) -> str:
     return "\n".join(out)
 
 
-def _load(results: dict) -> str:
-    load = results["loadavg"]
-    return f"{load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end (1-minute)"
+def _note(run: dict) -> str:
+    return f" ({run['note']})" if run.get("note") else ""
+
+
+def _setting_load(s: dict) -> str:
+    start, end = s.get("loadavg_start"), s.get("timings", {}).get("loadavg_end")
+    if start is None or end is None:
+        return "not recorded"
+    return f"{start[0]:.1f} → {end[0]:.1f}"
+
+
+SIXTEENTH = 1 / 16
+
+
+def _smallest_passing(results: dict) -> list[str]:
+    """Per setting: the smallest compression reaching the overlap goal, and the best overlap
+    at ≤ 1/16 of the full gradient's bytes."""
+    goal = results["overlap_goal"]
+    lines = ["| setting | smallest compression with top-10 overlap ≥ "
+             f"{goal} (÷ full) | best top-10 overlap at ≤ 1/16 of the full bytes |", "|---|---|---|"]
+    missed = []
+    for name, s in results["settings"].items():
+        passing = sorted(((r["fraction_of_full"], i, r["compression"]) for i, r in enumerate(s["curve"])
+                          if r["top10_overlap"] >= goal))
+        passing = [(f, c) for f, _, c in passing]
+        small = [r for r in s["curve"] if r["fraction_of_full"] <= SIXTEENTH]
+        best = max(small, key=lambda r: r["top10_overlap"]) if small else None
+        if not passing or passing[0][0] > SIXTEENTH:
+            missed.append(name)
+        lines.append(f"| {name} | " + (f"`{passing[0][1]}` ({passing[0][0]:.3f})" if passing else "none measured")
+                     + " | " + (f"{best['top10_overlap']:.3f} (`{best['compression']}`, "
+                                f"{best['fraction_of_full']:.3f})" if best else "none measured") + " |")
+    lines.append("")
+    if missed:
+        lines += [f"The goal of top-{TOP} overlap ≥ {goal} at ≤ 1/16 of the full gradient's bytes is missed on "
+                  f"{', '.join(missed)}. The measured cause: the whitened gradient's weight is spread over "
+                  "directions and over rank, so every map that keeps a quarter of its numbers or fewer drops score "
+                  "that reorders the top ten (the table's `truncate:0.5` keeps the quarter of eigen-directions of "
+                  "largest curvature, `rank:c` the best rank-c part of each sequence's gradient; a sequence of T "
+                  "tokens has a gradient of rank ≤ T, so the rank needed grows with T).", ""]
+    return lines
+
+
+def _cost_notes(results: dict) -> list[str]:
+    """What bounds the index's latency on each ``--run`` setting (numbers from the JSON)."""
+    tiny = [name for name, s in results["settings"].items() if "run" not in s]
+    lines = [f"On {' and '.join(tiny)} the indexes are a few megabytes and the models tiny: both paths' times "
+             "are fixed costs (the query gradients, which both compute, dispatch, tracking, digests) that the load "
+             "of the machine moves by as much as the ratios, which say little about large runs.", ""] if tiny else []
+    default = results["default_compression"]
+    for name, s in results["settings"].items():
+        t = s["timings"]
+        if t["default_compression"] != default:
+            lines += [f"On {name} the latency was measured with `{t['default_compression']}`, the default chosen "
+                      "from the settings measured when it ran, not with the present default "
+                      f"`{default}`"
+                      + (f" (whose scan also expands each rank-c row to dense: (Q + c)/Q times the arithmetic of "
+                         f"`{t['default_compression']}`'s at Q queries)"
+                         if inf.index.Compression.parse(default).method == "rank"
+                         and inf.index.Compression.parse(t["default_compression"]).method == "none" else "")
+                      + ".", ""]
+        if "run" not in s:
+            continue
+        r = next(x for x in t["latency"] if x["queries"] == 32)
+        scan = r["index_seconds"] - r["query_side_seconds"]
+        lines += [
+            f"On {name}, 32 queries: the rescan took {r['rescan_seconds']:.1f} s and the index "
+            f"{r['index_seconds']:.1f} s ({r['rescan_over_index']:.1f}×; goal 20×: "
+            f"{'met' if r['rescan_over_index'] >= 20 else 'missed'}), of which the queries' own gradients and "
+            f"preconditioning {r['query_side_seconds']:.1f} s and the scan of the stored rows {scan:.1f} s, "
+            f"against an I/O floor of {t['io_floor_seconds']:.3g} s ({r['index_over_io_floor']:.0f}×; goal 2×: "
+            f"{'met' if r['index_over_io_floor'] <= 2 else 'missed'}: the queries' own cost alone is "
+            f"{r['query_side_seconds'] / t['io_floor_seconds']:.0f}× the I/O floor) and a FLOP floor of "
+            f"{r['flop_floor_seconds']:.3g} s at {t['matmul_flops_per_second'] / 1e9:.0f} GFLOP/s (the scan: "
+            f"{scan / r['flop_floor_seconds']:.1f}× its FLOP floor). "
+            + ("For `none` and `rank` rows each query's key has every number of the full gradient (and rank rows "
+               "are expanded to dense), so the scan's arithmetic per row is the query product a rescan does too, "
+               "without the rescan's forward and backward pass and per-sequence gradients: reading the index "
+               "costs less than multiplying it, and the queries' own cost does not shrink with the index."
+               if inf.index.Compression.parse(t["default_compression"]).method in ("none", "rank") else ""), ""]
+    return lines
+
+
+def _lds_section() -> list[str]:
+    """The LDS of index scores next to the rescan's (docs/benchmarks/lds-lm-index.json)."""
+    if not LDS.is_file():
+        return []
+    lds = json.loads(LDS.read_text())
+    rows = [r for r in lds["rows"] if r["strategy"] == "ekfac" and r["damping"] == "default"
+            or r["damping"].startswith("index ")]
+    rescan = next(r for r in rows if r["damping"] == "default")
+    out = ["## LDS of the index's scores", "",
+           f"`{lds['command']}` — {lds['date']}, {lds['machine']}, load average "
+           f"{', '.join(f'{x:.1f}' for x in lds['load_average'])}; the tiny-LM validation setting "
+           f"({lds['n_train']} training sequences, {lds['n_queries']} queries, {lds['subsets']} subsets × "
+           f"{len(lds['seeds'])} retraining seeds, α = {lds['fraction']}); EK-FAC at the default damping, "
+           "scored by a rescan and from an index of each compression (built on the setting's training set).", "",
+           "| scores | LDS | ± s.e. | − rescan |", "|---|---|---|---|"]
+    for r in rows:
+        label = "rescan" if r["damping"] == "default" else f"index `{r['damping'][len('index '):]}`"
+        out.append(f"| {label} | {r['lds']:.3f} | {r['stderr']:.3f} | {r['lds'] - rescan['lds']:+.3f} |")
+    within = all(abs(r["lds"] - rescan["lds"]) <= 0.02 for r in rows if r["damping"] == f"index {DEFAULT}")
+    out += ["", f"The s.e. is over queries; every row uses the same subsets and retrained models. At the default "
+            f"compression `{DEFAULT}` the goal (within 0.02 of the rescan) is "
+            + ("met." if within else "missed.") if any(r["damping"] == f"index {DEFAULT}" for r in rows)
+            else f"The default compression `{DEFAULT}` was not among those measured.", ""]
+    return out
 
 
 def _share(results: dict, comp: str) -> str:

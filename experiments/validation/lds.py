@@ -78,9 +78,11 @@ def _fit(setting, strategy, fisher, progress, repeats):
 
 
 def _score_all(setting, strategies, fishers, damping_factors, extra_dampings, progress=False, fit_timing=None,
-               repeats=0):
+               repeats=0, indexes=()):
     """Scores for every (measurement, strategy, fisher, damping label) -> ``[Q, N]``; fit
-    times (s, after compilation) go to ``fit_timing[(strategy, fisher)]``."""
+    times (s, after compilation) go to ``fit_timing[(strategy, fisher)]``. For each
+    compression in ``indexes``, EK-FAC's scores at the default damping are also answered
+    from a gradient index of that compression (label ``"index <compression>"``)."""
     out = {}
     fits = {}
     for fisher in fishers:
@@ -105,17 +107,34 @@ def _score_all(setting, strategies, fishers, damping_factors, extra_dampings, pr
                                              damping=damping, batch_size=setting.batch_size, progress=progress).values
                 used = factors.damping(factors.layer_names[0], damping) if strategy != "identity" else None
                 out[(name, strategy, fisher if strategy != "identity" else "-", label)] = (values, used)
+            if strategy == "ekfac":
+                for compression in indexes:
+                    out[(name, strategy, fisher, f"index {compression}")] = (
+                        _index_scores(setting, task, factors, compression), factors.damping(factors.layer_names[0]))
     return out, mean_lambda
+
+
+def _index_scores(setting, task, factors, compression) -> np.ndarray:
+    """``[Q, N]`` scores at the default damping answered from a gradient index (built in a
+    temporary folder) instead of a rescan."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lds-index-") as folder:
+        index = inf.build_index(setting.model, task, factors, setting.train, path=Path(folder) / "index",
+                                compression=compression, batch_size=setting.batch_size, progress=False)
+        return inf.pairwise_scores(setting.model, task, factors, setting.queries, None, index=index,
+                                   progress=False).values
 
 
 def evaluate(setting, n_subsets=64, seeds=(0, 1), fraction=0.5, subset_seed=0, strategies=STRATEGIES,
              fishers=("sampled",), damping_factors=(), extra_dampings=None, cache_root=settings_mod.RUNS / "lds-cache",
-             log=print, fit_repeats=0) -> dict:
+             log=print, fit_repeats=0, indexes=()) -> dict:
     """Retrain (cached), score, and compute the LDS of every configuration.
 
     Returns a JSON-serialisable dict: ``rows`` (measurement, strategy, fisher, damping
-    label, λ of the first layer, LDS mean, stderr), the retraining's seed agreement, the
-    setting's key and timings.
+    label, λ of the first layer, LDS mean, stderr; the label ``"index <compression>"``
+    marks EK-FAC's default-damping scores answered from an index), the retraining's seed
+    agreement, the setting's key and timings.
     """
     masks = sample_subsets(setting.n_train, n_subsets, fraction, subset_seed)
     cache = MeasurementCache(cache_root, {**setting.key, "fraction": fraction, "subset_seed": subset_seed})
@@ -127,7 +146,7 @@ def evaluate(setting, n_subsets=64, seeds=(0, 1), fraction=0.5, subset_seed=0, s
     t0 = time.perf_counter()
     fit_timing: dict = {}
     scored, mean_lambda = _score_all(setting, strategies, fishers, damping_factors, extra_dampings or {},
-                                     fit_timing=fit_timing, repeats=fit_repeats)
+                                     fit_timing=fit_timing, repeats=fit_repeats, indexes=indexes)
     t_score = time.perf_counter() - t0
     rows = []
     for (name, strategy, fisher, label), (values, used) in scored.items():
@@ -176,6 +195,9 @@ def main(argv=None) -> None:
     parser.add_argument("--fit-repeats", type=int, default=0,
                         help="time each fit this many times after its first (compiling) one; the best is kept")
     parser.add_argument("--damping-sweep", default="0.001,0.01,0.1,1,10", help="factors r of λ = r × mean Λ")
+    parser.add_argument("--index", default="", metavar="COMPRESSIONS",
+                        help="comma-separated index compressions (e.g. rank:8:int8,none): EK-FAC's default-damping "
+                             "scores are also answered from a gradient index of each (rows 'index <compression>')")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output (default runs/validation/lds-<setting>.json)")
     args = parser.parse_args(argv)
@@ -188,7 +210,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     result = evaluate(setting, args.subsets, tuple(range(args.seeds)), args.fraction, fishers=fishers,
                       strategies=tuple(args.strategies.split(",")), damping_factors=factors, extra_dampings=extra,
-                      fit_repeats=args.fit_repeats)
+                      fit_repeats=args.fit_repeats, indexes=tuple(c for c in args.index.split(",") if c))
     result.update(command="python -m experiments.validation.lds " + " ".join(argv or sys.argv[1:]),
                   machine=f"{platform.machine()}, {os.cpu_count()} cores",
                   date=time.strftime("%Y-%m-%d"), seconds=round(time.perf_counter() - t0, 1))

@@ -22,7 +22,8 @@ stored as
 * ``"rank"``: the best rank-c approximation ``U Vᵀ`` (``U [d_a, c]``, ``V [d_out, c]``, a
   SVD on the host) of each sequence's whitened rotated gradient (LoRIF-style:
   ``Σ_t ā_t g_tᵀ`` has rank ≤ T, so c ≥ T is exact, and for T < d the SVD is of a T×T
-  core between thin QRs); ``c·(d_a + d_out)`` numbers per layer.
+  core between thin QRs); ``c·(d_a + d_out)`` numbers per layer, with c capped at
+  ``min(c, T, d_a, d_out)`` per layer (the manifest's ``rank``): beyond that the columns are zeros.
   Its whitening is separable, ``W = w_A w_Sᵀ`` (so a rank-T gradient stays rank T).
 
 ``fraction`` is the share of each side's directions kept (so about ``fraction²`` of the
@@ -52,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence.curvature.blocks import matmul_last
+from influence.curvature.blocks import is_blocked, matmul_last
 from influence.errors import InfluenceError
 
 METHODS = ("none", "truncate", "project", "rank")
@@ -207,7 +208,11 @@ def _projects(layer: LayerMap) -> bool:
 
 
 def apply_side(x: jax.Array, q: Any, m: jax.Array | None) -> jax.Array:
-    """``x @ Q @ M`` over the last axis of ``x`` ``[..., d]`` → ``[..., k]``."""
+    """``x @ Q @ M`` over the last axis of ``x`` ``[..., d]`` → ``[..., k]``. With a dense
+    rotation and a selection, only the kept columns of ``Q`` are multiplied (a
+    truncation's build and query cost scale with the directions kept, not with ``d``)."""
+    if q is not None and m is not None and jnp.issubdtype(m.dtype, jnp.integer) and not is_blocked(q):
+        return x @ jnp.take(q, m, axis=1)
     if q is not None:
         x = matmul_last(x, q)
     if m is None:

@@ -91,6 +91,13 @@ def test_rank_one_is_exact_for_one_token_per_example(mlp, tmp_path):
     rescan = inf.pairwise_scores(model, task, factors, queries, data, batch_size=32, **QUIET)
     _close(inf.pairwise_scores(model, task, factors, queries, data, index=index, **QUIET).values, rescan.values, 1e-4)
     assert index.bytes_per_sequence == 4 * sum(i.d_a + i.d_out for i in factors.layer_infos)
+    # rank:c stores min(c, T, d_a, d_out) columns: with T = 1 token, rank:5 is rank:1 (no zero columns)
+    wide = inf.build_index(model, task, factors, data, path=tmp_path / "w", compression="rank:5", batch_size=32,
+                           **QUIET)
+    assert [la["rank"] for la in wide.layers] == [1] * len(wide.layers)
+    assert wide.bytes_per_sequence == index.bytes_per_sequence
+    np.testing.assert_array_equal(inf.pairwise_scores(model, task, factors, queries, None, index=wide, **QUIET).values,
+                                  inf.pairwise_scores(model, task, factors, queries, None, index=index, **QUIET).values)
 
 
 def test_stored_rows_are_the_gradients_in_the_eigenbasis(mlp, tmp_path):
