@@ -9,3 +9,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The CLI turns on the persistent compilation cache: never in the user's home from the tests
 # (tests/runtime/test_compilation.py turns it on in temporary folders).
 os.environ.setdefault("INFLUENCE_COMPILATION_CACHE", "0")
+
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def small_classifier():
+    """``(model, train)``: a hidden-8 digits MLP trained briefly on 96 examples, for the
+    tests of what a fit accepts and which Fisher it uses (tests/test_fisher.py,
+    tests/test_contracts.py)."""
+    from influence import testing
+
+    model, train, _ = testing.trained_mlp(hidden=8, n_train=96, steps=60)
+    return model, train

@@ -16,26 +16,17 @@ from flax import nnx
 import influence as inf
 from influence import tasks, testing
 
-
-@pytest.fixture(scope="module")
-def mlp():
-    model, train, _ = testing.trained_mlp(hidden=8, n_train=96, steps=60)
-    return model, train
-
-
-def _fit(model, data, task=None, **kw):
-    kw.setdefault("progress", False)
-    return inf.fit_factors(model, task or tasks.Classification(), data, **kw)
+_fit = testing.fit_quietly
 
 
 def _relative(a, b) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def test_sampled_fisher_does_not_depend_on_the_batch_size(mlp):
+def test_sampled_fisher_does_not_depend_on_the_batch_size(small_classifier):
     """Each example's targets are drawn with a key of its row, so batch sizes 7, 32 and 128
     (one padded batch) give the same factors and scores; a per-batch key gave up to 29%."""
-    model, data = mlp
+    model, data = small_classifier
     fits = {bs: _fit(model, data, batch_size=bs, fisher="sampled") for bs in (7, 32, 128)}
     assert fits[32].metadata["sample_keys"] == "per example"
     queries = {k: v[:3] for k, v in data.items()}
@@ -78,8 +69,8 @@ class _Column(tasks.Classification):
 
 
 @pytest.mark.parametrize("mode,shape", [("column", "[32, 1]"), ("mean", "[]")])
-def test_loss_not_per_example_is_refused(mlp, mode, shape):
-    model, data = mlp
+def test_loss_not_per_example_is_refused(small_classifier, mode, shape):
+    model, data = small_classifier
     with pytest.raises(inf.TaskError, match=rf"one number per example, shape \[B\] = \[32\]; it returned shape "
                                             rf"{re.escape(shape)}.*per-example sums"):
         _fit(model, data, _Column(mode=mode), batch_size=32, fisher="empirical")
@@ -88,16 +79,16 @@ def test_loss_not_per_example_is_refused(mlp, mode, shape):
         inf.pairwise_scores(model, _Column(mode=mode), factors, data, data, batch_size=32, progress=False)
 
 
-def test_sampled_loss_that_ignores_its_key_is_refused(mlp):
-    model, data = mlp
+def test_sampled_loss_that_ignores_its_key_is_refused(small_classifier):
+    model, data = small_classifier
     with pytest.raises(inf.TaskError, match=r"ignores its sample_key.*empirical Fisher.*fisher='empirical'"):
         _fit(model, data, _Column(mode="no_key"), batch_size=32, fisher="sampled")
     empirical = _fit(model, data, _Column(mode="no_key"), batch_size=32, fisher="empirical")
     assert empirical.metadata["fisher"] == "empirical"
 
 
-def test_loss_with_one_scalar_key_still_works_and_is_warned_about(mlp):
-    model, data = mlp
+def test_loss_with_one_scalar_key_still_works_and_is_warned_about(small_classifier):
+    model, data = small_classifier
     with pytest.warns(UserWarning, match=r"one scalar sample_key.*depends on batch_size"):
         factors = _fit(model, data, _Column(mode="scalar_key"), batch_size=32, strategy="kfac", fisher="sampled")
     assert factors.metadata["sample_keys"] == "per batch"
@@ -111,16 +102,16 @@ class _TransposedDirections(tasks.Classification):
         return super().fisher_directions(model, batch).T
 
 
-def test_exact_fisher_directions_not_k_by_b_are_refused(mlp):
-    model, data = mlp
+def test_exact_fisher_directions_not_k_by_b_are_refused(small_classifier):
+    model, data = small_classifier
     with pytest.raises(inf.TaskError, match=r"fisher='exact' needs _TransposedDirections\.fisher_directions to "
                                             r"return pseudo-losses \[K, B\] = \[K, 32\].*returned shape \[32, 10\]"):
         _fit(model, data, _TransposedDirections(), batch_size=32, fisher="exact")
     assert _fit(model, data, batch_size=32, fisher="exact", strategy="kfac").metadata["fisher"] == "exact"
 
 
-def test_unhashable_task_is_refused_with_what_to_do(mlp):
-    model, data = mlp
+def test_unhashable_task_is_refused_with_what_to_do(small_classifier):
+    model, data = small_classifier
 
     @dataclasses.dataclass
     class Plain(tasks.Task):
@@ -145,15 +136,15 @@ def test_all_zero_query_mask_names_the_query_rows():
         inf.pairwise_scores(model, task, factors, queries, train, progress=False)
 
 
-def test_tuple_of_arrays_is_refused_with_the_dict_to_pass(mlp):
-    model, data = mlp
+def test_tuple_of_arrays_is_refused_with_the_dict_to_pass(small_classifier):
+    model, data = small_classifier
     with pytest.raises(inf.DataError, match=r"tuple of 2 arrays.*pass a dict \{'x': X, 'y': y\}.*fields \['x', 'y'\]"):
         _fit(model, (data["x"], data["y"]), fisher="empirical")
 
 
-def test_pandas_dataframe_is_read_by_column(mlp):
+def test_pandas_dataframe_is_read_by_column(small_classifier):
     pandas = pytest.importorskip("pandas")
-    model, data = mlp
+    model, data = small_classifier
     task = tasks.Regression(y_key="t")
     frame = pandas.DataFrame({"x": list(data["x"][:, :1].astype(np.float32).ravel()),
                               "t": data["y"].astype(np.float32), "name": ["row"] * len(data["y"])})
@@ -193,10 +184,10 @@ class _Regularised(nnx.Module):
         return self.out(self.dropout(jax.nn.relu(self.norm(self.hidden(x)))))
 
 
-def test_model_in_train_mode_is_scored_in_eval_mode_and_left_untouched(mlp):
+def test_model_in_train_mode_is_scored_in_eval_mode_and_left_untouched(small_classifier):
     """Dropout off and BatchNorm on its running statistics: the scores are those of the
     eval-mode model (deterministic), and the user's model keeps its mode and state."""
-    _, data = mlp
+    _, data = small_classifier
     model = _Regularised()
     model.norm.mean.value = jnp.linspace(-0.5, 0.5, 12)  # running statistics that differ from the batch's
     model.norm.var.value = jnp.linspace(0.5, 2.0, 12)

@@ -18,26 +18,19 @@ from influence.capture import objectives
 from influence.capture.tracking import track
 
 
-@pytest.fixture(scope="module")
-def mlp():
-    model, train, _ = testing.trained_mlp(hidden=8, n_train=96, steps=60)
-    return model, train
-
-
 def _fit(model, data, task=None, **kw):
-    kw.setdefault("progress", False)
     kw.setdefault("batch_size", 32)
-    return inf.fit_factors(model, task or tasks.Classification(), data, **kw)
+    return testing.fit_quietly(model, data, task, **kw)
 
 
 def _relative(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
-def test_draws_are_the_single_draw_gradients_with_folded_keys_over_root_k(mlp):
+def test_draws_are_the_single_draw_gradients_with_folded_keys_over_root_k(small_classifier):
     """g of ``"sampled*3"`` is, for draw j, the one-draw g with keys fold_in(key_n, j),
     divided by √3 (so that Σ_j g_j g_jᵀ is the mean over draws); a the same."""
-    model, data = mlp
+    model, data = small_classifier
     tracked = track(model)
     task = tasks.Classification()
     batch = {k: jnp.asarray(v[:16]) for k, v in data.items()}
@@ -58,10 +51,10 @@ def test_draws_are_the_single_draw_gradients_with_folded_keys_over_root_k(mlp):
     assert _relative(g[name][0], g[name][1]) > 1e-2
 
 
-def test_more_draws_approach_the_exact_fisher(mlp):
+def test_more_draws_approach_the_exact_fisher(small_classifier):
     """K-FAC's S with 64 draws per example is within sampling error of the exact S, and
     much closer than one draw (error ∝ 1/√k: 8× at k = 64; asserted 3×)."""
-    model, data = mlp
+    model, data = small_classifier
     exact = _fit(model, data, strategy="kfac", fisher="exact")
     one = _fit(model, data, strategy="kfac", fisher="sampled")
     many = _fit(model, data, strategy="kfac", fisher="sampled", fisher_samples=64)
@@ -78,8 +71,8 @@ def test_more_draws_approach_the_exact_fisher(mlp):
         assert err_many < 0.1, (name, err_many)
 
 
-def test_draws_do_not_depend_on_the_batch_size(mlp):
-    model, data = mlp
+def test_draws_do_not_depend_on_the_batch_size(small_classifier):
+    model, data = small_classifier
     fits = {bs: _fit(model, data, fisher="sampled", fisher_samples=4, batch_size=bs) for bs in (7, 96)}
     for name, layer in fits[96].layers.items():
         assert _relative(fits[7].layers[name].eigenvalues, layer.eigenvalues) < 1e-5, name
@@ -87,21 +80,21 @@ def test_draws_do_not_depend_on_the_batch_size(mlp):
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 2.5, "4"])
-def test_fisher_samples_must_be_a_positive_int(mlp, bad):
-    model, data = mlp
+def test_fisher_samples_must_be_a_positive_int(small_classifier, bad):
+    model, data = small_classifier
     with pytest.raises(ValueError, match=r"fisher_samples must be an int >= 1"):
         _fit(model, data, fisher="sampled", fisher_samples=bad)
 
 
 @pytest.mark.parametrize("fisher", ["exact", "empirical"])
-def test_fisher_samples_only_with_the_sampled_fisher(mlp, fisher):
-    model, data = mlp
+def test_fisher_samples_only_with_the_sampled_fisher(small_classifier, fisher):
+    model, data = small_classifier
     with pytest.raises(ValueError, match=rf"fisher_samples=4 is the number of sampled draws.*fisher='{fisher}'"):
         _fit(model, data, fisher=fisher, fisher_samples=4)
 
 
-def test_unknown_fisher_is_refused(mlp):
-    model, data = mlp
+def test_unknown_fisher_is_refused(small_classifier):
+    model, data = small_classifier
     with pytest.raises(ValueError, match=r"unknown fisher 'true'.*or None \(chosen by the task\)"):
         _fit(model, data, fisher="true")
 
@@ -109,8 +102,8 @@ def test_unknown_fisher_is_refused(mlp):
 # --- the default, per task kind ------------------------------------------------------
 
 
-def test_default_is_exact_for_a_small_classifier_and_equals_fisher_exact(mlp):
-    model, data = mlp
+def test_default_is_exact_for_a_small_classifier_and_equals_fisher_exact(small_classifier):
+    model, data = small_classifier
     default, exact = _fit(model, data), _fit(model, data, fisher="exact")
     assert default.metadata["fisher"] == "exact" and "fisher_samples" not in default.metadata
     assert default.metadata["fisher_rule"].startswith("default: exact, the task has 10 Fisher directions")
@@ -179,8 +172,8 @@ class _OneDrawPerCall(tasks.Task):
         return tasks.Classification().loss(model, batch, sample_key)
 
 
-def test_default_for_a_loss_that_cannot_sample_is_empirical_and_warned(mlp):
-    model, data = mlp
+def test_default_for_a_loss_that_cannot_sample_is_empirical_and_warned(small_classifier):
+    model, data = small_classifier
     with pytest.warns(UserWarning, match=r"the task has no exact Fisher and its loss cannot sample targets.*"
                                          r"using the empirical Fisher"):
         factors = _fit(model, data, _LabelsOnly(), strategy="kfac")
@@ -191,8 +184,8 @@ def test_default_for_a_loss_that_cannot_sample_is_empirical_and_warned(mlp):
         _fit(model, data, _LabelsOnly(), strategy="kfac", fisher="sampled")
 
 
-def test_default_for_a_loss_with_one_draw_per_call_is_one_draw(mlp):
-    model, data = mlp
+def test_default_for_a_loss_with_one_draw_per_call_is_one_draw(small_classifier):
+    model, data = small_classifier
     factors = _fit(model, data, _OneDrawPerCall(), strategy="kfac")
     assert factors.metadata["fisher"] == "sampled" and factors.metadata["fisher_samples"] == 1
     assert "_OneDrawPerCall has no sampled_losses" in factors.metadata["fisher_rule"]
@@ -200,8 +193,8 @@ def test_default_for_a_loss_with_one_draw_per_call_is_one_draw(mlp):
         _fit(model, data, _OneDrawPerCall(), strategy="kfac", fisher="sampled", fisher_samples=3)
 
 
-def test_identity_records_that_no_fisher_is_used(mlp):
-    model, data = mlp
+def test_identity_records_that_no_fisher_is_used(small_classifier):
+    model, data = small_classifier
     factors = _fit(model, data, strategy="identity")
     assert factors.metadata["fisher"] is None
     assert factors.metadata["fisher_rule"].startswith("not used")
