@@ -179,13 +179,3 @@ def _trained_lm(n_train: int, steps: int, offset: int):
     queries = lm_sequences(6, seed=2 * offset + 1)
     queries["loss_mask"][:, :4] = 0  # measure only the completion after a 4-token prompt
     return (*nnx.split(model), data, queries)
-
-
-def fit_quietly(model, data, task=None, **options):
-    """:func:`influence.fit_factors` without a progress bar, for a classifier unless
-    ``task`` is given (tests and benchmarks)."""
-    import influence as inf
-    from influence import tasks
-
-    options.setdefault("progress", False)
-    return inf.fit_factors(model, task or tasks.Classification(), data, **options)

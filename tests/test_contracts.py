@@ -15,8 +15,9 @@ from flax import nnx
 
 import influence as inf
 from influence import tasks, testing
+from tests.helpers import fit_quietly
 
-_fit = testing.fit_quietly
+_fit = fit_quietly
 
 
 def _relative(a, b) -> float:

@@ -16,11 +16,12 @@ import influence as inf
 from influence import tasks, testing
 from influence.capture import objectives
 from influence.capture.tracking import track
+from tests.helpers import fit_quietly
 
 
 def _fit(model, data, task=None, **kw):
     kw.setdefault("batch_size", 32)
-    return testing.fit_quietly(model, data, task, **kw)
+    return fit_quietly(model, data, task, **kw)
 
 
 def _relative(a, b) -> float:
