@@ -60,13 +60,15 @@ PLOT = ROOT / "docs" / "benchmarks" / "index.png"
 DOC = ROOT / "docs" / "index.md"
 LDS = ROOT / "docs" / "benchmarks" / "lds-lm-index.json"
 COMPRESSIONS = (
-    "none", "none:bfloat16", "none:int8",
-    "truncate:0.5", "truncate:0.5:int8", "truncate:0.25", "truncate:0.25:int8",
+    "none", "none:bfloat16", "none:int8", "none:int4",
+    "truncate:0.5", "truncate:0.5:int8", "truncate:0.5:int4", "truncate:0.25", "truncate:0.25:int8",
+    "select:0.5", "select:0.5:int8", "select:0.5:int4", "select:0.375:int4", "select:0.25:int8", "select:0.25:int4",
     "project:0.5", "project:0.25",
     "rank:1", "rank:1:int8", "rank:2:int8", "rank:4", "rank:4:int8", "rank:8:int8",
     "rank:16:int8", "rank:32:int8", "rank:64:int8",
 )
-RUN_COMPRESSIONS = ("truncate:0.5:int8", "rank:32:int8", "rank:64:int8", "none:int8")
+RUN_COMPRESSIONS = ("truncate:0.5:int8", "select:0.25:int8", "select:0.375:int4", "select:0.5:int4", "none:int4",
+                    "rank:32:int8", "rank:64:int8", "none:int8")
 """Those measured on a ``--run`` (no ``none``: its full gradient is gigabytes; the rescan is the reference)."""
 OVERLAP_GOAL = 0.9
 TOP = 10
@@ -427,8 +429,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results["settings"]), figsize=(5 * len(results["settings"]), 4), squeeze=False)
-    markers = {"none": "o", "truncate": "s", "project": "^", "rank": "D"}
-    colours = {"float32": "C0", "bfloat16": "C1", "int8": "C2"}
+    markers = {"none": "o", "truncate": "s", "select": "P", "project": "^", "rank": "D"}
+    colours = {"float32": "C0", "bfloat16": "C1", "int8": "C2", "int4": "C3"}
     for ax, (name, s) in zip(axes[0], results["settings"].items()):
         for row in s["curve"]:
             comp = inf.index.Compression.parse(row["compression"])
@@ -472,21 +474,26 @@ def render(results: dict) -> str:
         "",
         "## Compressions",
         "",
-        "Each option is a pair of maps, one per side of a layer, in the eigenbasis: `C = M_Aᵀ (Q_Aᵀ DW Q_S) "
-        "M_S`, and the query is mapped the same way, so a score is `⟨M_Aᵀ Q_Aᵀ P Q_S M_S, C⟩`.",
+        "Each option is a map of the rotated gradient `Q_Aᵀ DW Q_S` (a pair of maps, one per side of a layer, "
+        "`C = M_Aᵀ (Q_Aᵀ DW Q_S) M_S`, or a selection of its coordinates), and the query is mapped the same "
+        "way, so a score is the dot product of the two maps.",
         "",
         "| compression | stores | score |",
         "|---|---|---|",
         "| `none` | the full rotated gradient | the rescan's, to float rounding (tested) |",
         "| `truncate:f` | the block of the leading `f·d_a` × `f·d_out` eigen-directions, chosen by the "
         "row and column sums of Λ | the rescan's terms in that block |",
+        "| `select:f` | the share `f` of all the tracked coordinates `(i, j)` (across layers) of largest "
+        "whitened variance `Λ_ij / (Λ_ij + λ₀)`, at least one per layer | the rescan's terms on those "
+        "coordinates |",
         "| `project:f` | a Gaussian projection of each side to `f·d` (LoGra-style), in the eigenbasis | an "
         "unbiased estimate |",
         "| `rank:c` | the best rank-c `U Vᵀ` of each sequence's gradient (LoRIF-style), `c·(d_a + d_out)` "
         "numbers per layer, c capped per layer at `min(c, T, d_a, d_out)` (T the tokens per sequence: a "
         "gradient of T tokens has rank ≤ T, so the cap is exact) | the rescan's with the gradient's rank-c "
         "approximation |",
-        "| `…:bfloat16`, `…:int8` | the storage dtype (int8 with one float32 scale per row and layer) | |",
+        "| `…:bfloat16`, `…:int8`, `…:int4` | the storage dtype (the integers with one float32 scale per row "
+        "and layer, `max|C| / 127` or `/ 7`; int4 packed two to a byte) | |",
         "",
         "Except for `none` in float32, the stored coordinates are whitened, divided elementwise by "
         "`sqrt(Λ + λ₀)` (λ₀ the default damping; separably for `rank`) with the query multiplied by it: scores "

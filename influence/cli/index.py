@@ -34,7 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_factor_arguments(parser)
     parser.add_argument("--factors", metavar="FOLDER", help="a folder of RUN/factors to use")
     parser.add_argument("--compression", default=None,
-                        help="method[:fraction|rank][:dtype], e.g. none, rank:4:bfloat16, truncate:0.5:int8 "
+                        help="method[:fraction|rank][:dtype], e.g. none, select:0.5:int4, rank:4:bfloat16, "
+                             "truncate:0.5:int8 "
                              "(default: the library's measured default)")
     parser.add_argument("--check", type=int, default=8, metavar="N",
                         help="measure fidelity against a rescan on N held-out sequences (default: 8; 0: skip)")

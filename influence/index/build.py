@@ -28,13 +28,14 @@ from influence.capture.objectives import layer_gradients
 from influence.errors import CheckpointMismatch, InfluenceError
 from influence.factors import Factors, curvature_arrays
 from influence.index.compress import (
+    MAP_KEYS,
     Compression,
     LayerMap,
+    compression_maps,
     encode,
     encode_numpy,
     map_training,
     rank_rows,
-    side_maps,
 )
 from influence.index.store import (
     FORMAT,
@@ -98,7 +99,7 @@ def device_maps(factors: Factors, curvature, maps: dict[str, dict[str, np.ndarra
         m = maps.get(name, {})
         out[name] = LayerMap(curvature[name].q_a, curvature[name].q_s,
                              *(None if side not in m else replicate(jnp.asarray(m[side]), mesh)
-                               for side in ("a", "s", "w", "wa", "ws")))
+                               for side in MAP_KEYS))
     return out
 
 
@@ -265,9 +266,8 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
             (path / MANIFEST).unlink()  # from here on the folder is not an index until the new manifest is written
             shutil.rmtree(path / SHARDS, ignore_errors=True)
         comp = Compression.parse(DEFAULT_COMPRESSION if compression is None else compression)
-        infos = {info.name: info for info in tracked.layers}
-        maps = {name: side_maps(comp, factors.layers[name].eigenvalues, infos[name].d_a, infos[name].d_out, i, name)
-                for i, name in enumerate(tracked.layer_names)}
+        maps = compression_maps(comp, [(info.name, factors.layers[info.name].eigenvalues, info.d_a, info.d_out)
+                                       for info in tracked.layers])
         segment, row_start = 0, 0
     (path / SHARDS).mkdir(parents=True, exist_ok=True)
     if previous is None:
@@ -280,7 +280,8 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
             k_a = info.d_a if "a" not in m else (len(m["a"]) if m["a"].ndim == 1 else m["a"].shape[1])
             k_s = info.d_out if "s" not in m else (len(m["s"]) if m["s"].ndim == 1 else m["s"].shape[1])
             rank = ranks.get(info.name, min(comp.rank, info.d_a, info.d_out)) if comp.method == "rank" else 0
-            width = rank * (info.d_a + info.d_out) if comp.method == "rank" else int(k_a) * int(k_s)
+            width = (rank * (info.d_a + info.d_out) if comp.method == "rank"
+                     else len(m["keep"]) if "keep" in m else int(k_a) * int(k_s))
             layers.append({"name": info.name, "d_a": info.d_a, "d_out": info.d_out, "k_a": int(k_a),
                            "k_s": int(k_s), "rank": rank, "width": width})
         assert comp.method != "none" or all(lay["k_a"] == lay["d_a"] for lay in layers)

@@ -17,6 +17,15 @@ stored as
   the row and column sums of Λ (for K-FAC these order as A's and S's eigenvalues; for
   EK-FAC they are the curvature each direction carries). The score keeps the terms of
   ``⟨Q_Aᵀ P Q_S, Q_Aᵀ DW Q_S⟩`` in the kept block.
+* ``"select"``: keeps single eigen-coordinates ``(i, j)`` rather than whole directions:
+  the ``fraction`` of all tracked coordinates (across layers) whose whitened variance
+  ``Λ_ij / (Λ_ij + λ₀)`` is largest (at least one per layer). Both a stored row and a
+  query key are ``G̃ / sqrt(Λ + λ₀)`` in whitened coordinates, so a score is a plain dot
+  product over every layer's coordinates and this variance is what each one adds to the
+  score's (for independent query and training gradients, coordinate by coordinate):
+  the selection keeps the coordinates that carry the most score, where a truncation keeps
+  a rectangle of them. The flat indices ``keep [k]`` into the row-major ``[d_a, d_out]``
+  are the map; a score is the rescan's terms on the kept coordinates.
 * ``"project"``: ``M`` is a Gaussian matrix ``N(0, 1/k)`` (LoGra-style, one per side, drawn
   from ``seed``): ``⟨K_q, C⟩`` is an unbiased estimate of the score.
 * ``"rank"``: the best rank-c approximation ``U Vᵀ`` (``U [d_a, c]``, ``V [d_out, c]``, a
@@ -27,8 +36,10 @@ stored as
   Its whitening is separable, ``W = w_A w_Sᵀ`` (so a rank-T gradient stays rank T).
 
 ``fraction`` is the share of each side's directions kept (so about ``fraction²`` of the
-full gradient's numbers are stored). The storage ``dtype`` is ``float32``, ``bfloat16``
-or ``int8`` with one float32 scale per stored row and layer (``max|C| / 127``).
+full gradient's numbers are stored), except for ``"select"``, where it is the share of
+the coordinates kept. The storage ``dtype`` is ``float32``, ``bfloat16``,
+``int8`` or ``int4`` (two to a byte), the integers with one float32 scale per stored row
+and layer (``max|C| / 127`` or ``/ 7``).
 
 Whitening: except for ``"none"`` in float32 (the exact reference), the stored
 coordinates are divided elementwise by ``W = sqrt(Λ + λ₀)`` (λ₀ = the default damping,
@@ -40,7 +51,7 @@ projection ``W`` applies before projecting, so the build forms each sequence's r
 gradient ``[d_a, d_out]`` (never a per-position one).
 
 The dense reconstruction of a stored row in the eigenbasis (:func:`reconstruct`) is
-``scatter(C ⊙ W)`` (truncation) or ``W ⊙ (M_A C M_Sᵀ)`` (projection), ``[d_a, d_out]``;
+``scatter(C ⊙ W)`` (truncation, selection) or ``W ⊙ (M_A C M_Sᵀ)`` (projection), ``[d_a, d_out]``;
 a score is the query's rotated gradient ``Q_Aᵀ P Q_S`` dotted with it.
 """
 
@@ -56,11 +67,16 @@ import numpy as np
 from influence.curvature.blocks import is_blocked, matmul_last
 from influence.errors import InfluenceError
 
-METHODS = ("none", "truncate", "project", "rank")
-DTYPES = ("float32", "bfloat16", "int8")
-# Bytes per stored number, and the dtype a shard file holds (bfloat16 is kept as its bits).
-ITEM_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
-FILE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8}
+METHODS = ("none", "truncate", "select", "project", "rank")
+MAP_KEYS = ("a", "s", "w", "wa", "ws", "keep")
+"""The arrays a layer's maps may hold (see :func:`compression_maps`)."""
+DTYPES = ("float32", "bfloat16", "int8", "int4")
+# Bytes per column of a shard file, and the dtype it holds (bfloat16 kept as its bits; int4
+# packed two numbers to a byte).
+ITEM_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1, "int4": 1}
+FILE_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "int8": np.int8, "int4": np.uint8}
+LEVELS = {"int8": 127, "int4": 7}
+"""The integer dtypes, stored with one float32 scale per row and layer (``max|C| / levels``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +84,12 @@ class Compression:
     """What an index stores per training sequence and tracked layer.
 
     Attributes:
-      method: ``"none"``, ``"truncate"`` or ``"project"`` (see the module docstring).
-      fraction: share of each side's directions kept (0 < fraction ≤ 1; 1 for ``"none"``).
-      dtype: ``"float32"``, ``"bfloat16"`` or ``"int8"`` (with per-row scales).
+      method: ``"none"``, ``"truncate"``, ``"select"``, ``"project"`` or ``"rank"`` (see
+        the module docstring).
+      fraction: share of each side's directions kept (0 < fraction ≤ 1; 1 for ``"none"``
+        and ``"rank"``); for ``"select"`` the share of all coordinates kept.
+      dtype: ``"float32"``, ``"bfloat16"``, ``"int8"`` or ``"int4"`` (the integers with
+        one scale per row and layer).
       seed: the projections' seed (``"project"`` only).
       rank: c, the rank kept per sequence and layer (``"rank"`` only; 0 otherwise).
     """
@@ -102,7 +121,7 @@ class Compression:
     def parse(cls, spec: Any) -> Compression:
         """A :class:`Compression` from itself, a dict of its fields, or a string
         ``method[:fraction][:dtype]``: ``"none"``, ``"none:bfloat16"``, ``"truncate:0.25"``,
-        ``"project:0.125:int8"``, ``"rank:4:bfloat16"`` (for ``rank`` the number is c)."""
+        ``"select:0.25:int8"``, ``"project:0.125:int8"``, ``"rank:4:bfloat16"`` (for ``rank`` the number is c)."""
         if isinstance(spec, Compression):
             return spec
         if isinstance(spec, dict):
@@ -146,12 +165,53 @@ def whitened(compression: Compression) -> bool:
     return not (compression.method == "none" and compression.dtype == "float32")
 
 
+def compression_maps(compression: Compression, layers: list[tuple[str, np.ndarray | None, int, int]]
+                     ) -> dict[str, dict[str, np.ndarray]]:
+    """Every layer's maps, from ``(name, eigenvalues [d_a, d_out] or None, d_a, d_out)`` in
+    tracking order: :func:`side_maps` per layer, or the selection across all of them."""
+    if compression.method == "select":
+        return select_maps(compression.fraction, layers)
+    return {name: side_maps(compression, lam, d_a, d_out, i, name) for i, (name, lam, d_a, d_out) in enumerate(layers)}
+
+
+def select_maps(fraction: float, layers: list[tuple[str, np.ndarray | None, int, int]]
+                ) -> dict[str, dict[str, np.ndarray]]:
+    """``"select"``: per layer the sorted flat indices ``keep [k]`` (int32, into the
+    row-major ``[d_a, d_out]``) of the ``round(fraction · Σ d_a·d_out)`` coordinates of
+    largest whitened variance ``Λ / (Λ + λ₀)`` over all layers (λ₀ = 0.1 × the layer's mean
+    Λ; ties keep the earlier layer and index; at least one per layer), and the whitening
+    ``w = sqrt(Λ + λ₀)`` on them ``[k]``."""
+    variances, whitening = [], []
+    for name, lam, _, _ in layers:
+        if lam is None:
+            raise InfluenceError(f"layer {name!r}: selection keeps the eigen-coordinates of largest curvature, but the "
+                                 "factors (identity strategy) have no eigenvalues; use 'project' or 'none'")
+        lam = np.maximum(np.asarray(lam, np.float64), 0.0).ravel()
+        damp = 0.1 * max(float(lam.mean()), np.finfo(np.float32).tiny)
+        variances.append(lam / (lam + damp))
+        whitening.append(np.sqrt(lam + damp))
+    sizes = np.array([len(v) for v in variances])
+    total = int(sizes.sum())
+    k = max(1, min(total, int(round(fraction * total))))
+    chosen = np.zeros(total, bool)
+    chosen[np.argsort(-np.concatenate(variances), kind="stable")[:k]] = True
+    out, start = {}, 0
+    for (name, *_), v, w, size in zip(layers, variances, whitening, sizes):
+        mine = chosen[start:start + size]
+        keep = np.flatnonzero(mine) if mine.any() else np.argsort(-v, kind="stable")[:1]
+        out[name] = {"keep": keep.astype(np.int32), "w": w[keep].astype(np.float32)}
+        start += size
+    return out
+
+
 def side_maps(compression: Compression, eigenvalues: np.ndarray | None, d_a: int, d_out: int,
               layer_index: int, name: str = "") -> dict[str, np.ndarray]:
     """The maps of one layer as arrays for a file: ``M_A``, ``M_S`` (absent for ``"none"``;
     sorted int32 indices ``a [k_a]``, ``s [k_s]`` for ``"truncate"``; float32 matrices
     ``a [d_a, k_a]``, ``s [d_out, k_s]`` for ``"project"``) and the whitening ``w``
     (``[k_a, k_s]`` on the kept block, ``[d_a, d_out]`` before a projection)."""
+    if compression.method == "select":
+        raise ValueError("'select' chooses coordinates across all layers at once: use compression_maps")
     maps = _side_maps(compression, eigenvalues, d_a, d_out, layer_index, name)
     if compression.method == "rank":
         if eigenvalues is not None:  # separable: w_A w_Sᵀ ≈ sqrt(Λ + λ₀) (exactly so for K-FAC's Λ)
@@ -201,6 +261,7 @@ class LayerMap(NamedTuple):
     w: jax.Array | None = None
     wa: jax.Array | None = None  # rank-c: separable whitening w_A [d_a]
     ws: jax.Array | None = None  # and w_S [d_out]
+    keep: jax.Array | None = None  # selection: flat indices [k] into the rotated [d_a, d_out]
 
 
 def _projects(layer: LayerMap) -> bool:
@@ -232,8 +293,11 @@ def map_training(a: jax.Array, g: jax.Array, layer: LayerMap, rank: int = 0) -> 
         if layer.wa is not None:
             left, right = left / layer.wa, right / layer.ws
         return jnp.concatenate([left.reshape(left.shape[0], -1), right.reshape(right.shape[0], -1)], axis=-1)
-    if _projects(layer) and layer.w is not None:  # whiten the rotated gradient [B, d_a, d_out], then project
+    if layer.keep is not None or (_projects(layer) and layer.w is not None):  # the rotated gradient [B, d_a, d_out]
         rotated = jnp.einsum("bti,btj->bij", apply_side(a, layer.q_a, None), apply_side(g, layer.q_s, None))
+        if layer.keep is not None:  # the selected coordinates, whitened
+            return jnp.take(rotated.reshape(rotated.shape[0], -1), layer.keep, axis=1) / layer.w
+        # whiten, then project
         c = jnp.einsum("ia,bij,js->bas", layer.m_a, rotated / layer.w, layer.m_s)
         return c.reshape(c.shape[0], -1)
     left = apply_side(a, layer.q_a, layer.m_a)  # [B, T, k_a]
@@ -297,15 +361,15 @@ def map_queries(queries, layer: LayerMap, rank: int = 0) -> jax.Array:
     :class:`~influence.scoring.queries.LayerQueries`, full or rank r). For ``"rank"``
     (``rank`` = c) the dense ``[Q, d_a·d_out]`` (whitened), which rows of ``U Vᵀ`` are dotted with."""
     if rank:
-        full = queries.dense()
-        k = jnp.swapaxes(apply_side(jnp.swapaxes(apply_side(full, layer.q_s, None), -1, -2), layer.q_a, None), -1, -2)
+        k = _rotated_queries(queries, layer)
         if layer.wa is not None:
             k = k * layer.wa[:, None] * layer.ws[None, :]
         return k.reshape(k.shape[0], -1)
+    if layer.keep is not None:
+        k = _rotated_queries(queries, layer)
+        return jnp.take(k.reshape(k.shape[0], -1), layer.keep, axis=1) * layer.w
     if _projects(layer) and layer.w is not None:
-        full = queries.dense()
-        rotated = jnp.swapaxes(apply_side(jnp.swapaxes(apply_side(full, layer.q_s, None), -1, -2), layer.q_a, None),
-                               -1, -2)  # [Q, d_a, d_out]
+        rotated = _rotated_queries(queries, layer)
         k = jnp.einsum("ia,qij,js->qas", layer.m_a, rotated * layer.w, layer.m_s)
         return k.reshape(k.shape[0], -1)
     if queries.full is not None:
@@ -320,15 +384,26 @@ def map_queries(queries, layer: LayerMap, rank: int = 0) -> jax.Array:
     return k.reshape(k.shape[0], -1)
 
 
+def _rotated_queries(queries, layer: LayerMap) -> jax.Array:
+    """The preconditioned queries in the eigenbasis, dense: ``Q_Aᵀ P_q Q_S [Q, d_a, d_out]``."""
+    full = queries.dense()
+    return jnp.swapaxes(apply_side(jnp.swapaxes(apply_side(full, layer.q_s, None), -1, -2), layer.q_a, None), -1, -2)
+
+
 def encode(c: jax.Array, dtype: str) -> tuple[jax.Array, ...]:
-    """Stored form of rows ``c [B, D]`` float32: ``(data,)``, or ``(int8 data, scales [B])``."""
+    """Stored form of rows ``c [B, D]`` float32: ``(data,)``, or ``(integer data, scales
+    [B])`` (int8 ``[B, D]``; int4 packed two to a byte, ``uint8 [B, ⌈D/2⌉]``: column j's low
+    nibble is number j, its high nibble number j + ⌈D/2⌉)."""
     if dtype == "float32":
         return (c.astype(jnp.float32),)
     if dtype == "bfloat16":
         return (jax.lax.bitcast_convert_type(c.astype(jnp.bfloat16), jnp.uint16),)
-    scale = jnp.max(jnp.abs(c), axis=-1) / 127.0
-    q = jnp.round(c / jnp.where(scale > 0, scale, 1.0)[:, None])
-    return jnp.clip(q, -127, 127).astype(jnp.int8), scale.astype(jnp.float32)
+    top = LEVELS[dtype]
+    scale = jnp.max(jnp.abs(c), axis=-1) / float(top)
+    q = jnp.clip(jnp.round(c / jnp.where(scale > 0, scale, 1.0)[:, None]), -top, top).astype(jnp.int8)
+    if dtype == "int4":
+        q = _pack4(q, jnp)
+    return q, scale.astype(jnp.float32)
 
 
 def encode_numpy(c: np.ndarray, dtype: str) -> tuple[np.ndarray, ...]:
@@ -338,35 +413,71 @@ def encode_numpy(c: np.ndarray, dtype: str) -> tuple[np.ndarray, ...]:
         return (c,)
     if dtype == "bfloat16":
         return (c.astype(jnp.bfloat16).view(np.uint16),)
-    scale = (np.max(np.abs(c), axis=-1) / np.float32(127.0)).astype(np.float32)
-    q = np.round(c / np.where(scale > 0, scale, np.float32(1.0))[:, None])
-    return np.clip(q, -127, 127).astype(np.int8), scale
+    top = LEVELS[dtype]
+    scale = (np.max(np.abs(c), axis=-1) / np.float32(top)).astype(np.float32)
+    q = np.clip(np.round(c / np.where(scale > 0, scale, np.float32(1.0))[:, None]), -top, top).astype(np.int8)
+    return (_pack4(q, np) if dtype == "int4" else q), scale
 
 
-def decode(parts: tuple, dtype: str, shape: tuple[int, int, int] | None = None) -> jax.Array:
-    """Float32 rows ``[B, D]`` of the stored form :func:`encode` returns; with ``shape =
-    (d_a, d_out, c)`` (rank-c rows), the dense ``[B, d_a·d_out]`` of ``U Vᵀ``."""
+def _pack4(q, xp):
+    """int8 ``[B, D]`` in [-7, 7] → uint8 ``[B, ⌈D/2⌉]``, low nibbles the first half."""
+    half = -(-q.shape[-1] // 2)
+    q = xp.pad(q, ((0, 0), (0, 2 * half - q.shape[-1]))).astype(xp.uint8)
+    return (q[:, :half] & 0xF) | (q[:, half:] << 4)
+
+
+def _unpack4(packed, xp):
+    """uint8 ``[B, h]`` → the signed numbers ``int8 [B, 2h]`` (:func:`_pack4`'s order)."""
+    signed = packed.astype(xp.int8) if xp is jnp else packed.view(np.int8)
+    low = xp.left_shift(signed, 4) if xp is jnp else (signed << 4).astype(np.int8)
+    return xp.concatenate([xp.right_shift(low, 4), xp.right_shift(signed, 4)], axis=-1)
+
+
+def stored_width(width: int, dtype: str) -> int:
+    """Columns of a shard file for ``width`` numbers per row (int4 packs two per byte)."""
+    return -(-width // 2) if dtype == "int4" else width
+
+
+def row_bytes(width: int, dtype: str) -> int:
+    """Stored bytes of one row of one layer, its scale included."""
+    return stored_width(width, dtype) * ITEM_BYTES[dtype] + (4 if dtype in LEVELS else 0)
+
+
+def levels(parts: tuple, dtype: str) -> jax.Array:
+    """The stored numbers of integer rows as float32 ``[B, D']`` before their scale (int4:
+    ``D'`` = 2⌈D/2⌉, the last column a zero pad for odd D)."""
+    return (_unpack4(parts[0], jnp) if dtype == "int4" else parts[0]).astype(jnp.float32)
+
+
+def decode(parts: tuple, dtype: str, shape: tuple[int, int, int] | None = None, width: int | None = None
+           ) -> jax.Array:
+    """Float32 rows ``[B, D]`` of the stored form :func:`encode` returns (``width`` = D,
+    needed for int4 of odd D); with ``shape = (d_a, d_out, c)`` (rank-c rows), the dense
+    ``[B, d_a·d_out]`` of ``U Vᵀ``."""
     if dtype == "float32":
         rows = parts[0]
     elif dtype == "bfloat16":
         rows = jax.lax.bitcast_convert_type(parts[0], jnp.bfloat16).astype(jnp.float32)
     else:
-        rows = parts[0].astype(jnp.float32) * parts[1][:, None]
+        rows = levels(parts, dtype) * parts[1][:, None]
     if shape is None:
-        return rows
+        return rows if width is None else rows[:, :width]
     d_a, d_out, c = shape
     u = rows[:, : d_a * c].reshape(-1, d_a, c)
-    v = rows[:, d_a * c:].reshape(-1, d_out, c)
+    v = rows[:, d_a * c: d_a * c + d_out * c].reshape(-1, d_out, c)
     return jnp.einsum("nic,njc->nij", u, v).reshape(rows.shape[0], -1)
 
 
-def decode_numpy(data: np.ndarray, scale: np.ndarray | None, dtype: str) -> np.ndarray:
+def decode_numpy(data: np.ndarray, scale: np.ndarray | None, dtype: str, width: int | None = None) -> np.ndarray:
     """:func:`decode` on the host, in numpy (for checks and readers without JAX)."""
     if dtype == "float32":
-        return np.asarray(data, np.float32)
-    if dtype == "bfloat16":
-        return (np.asarray(data, np.uint16).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(data, np.float32) * np.asarray(scale, np.float32)[:, None]
+        rows = np.asarray(data, np.float32)
+    elif dtype == "bfloat16":
+        rows = (np.asarray(data, np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        ints = _unpack4(np.ascontiguousarray(data, np.uint8), np) if dtype == "int4" else data
+        rows = np.asarray(ints, np.float32) * np.asarray(scale, np.float32)[:, None]
+    return rows if width is None else rows[:, :width]
 
 
 def reconstruct(c: np.ndarray, maps: dict[str, np.ndarray], d_a: int, d_out: int, rank: int = 0) -> np.ndarray:
@@ -381,6 +492,10 @@ def reconstruct(c: np.ndarray, maps: dict[str, np.ndarray], d_a: int, d_out: int
             dense = dense * np.outer(maps["wa"], maps["ws"])
         return dense
     w = maps["w"].astype(np.float64) if "w" in maps else 1.0
+    if "keep" in maps:
+        out = np.zeros((c.shape[0], d_a * d_out))
+        out[:, maps["keep"]] = c * w
+        return out.reshape(-1, d_a, d_out)
     if "a" not in maps:
         return c.reshape(-1, d_a, d_out) * w
     a, s = maps["a"], maps["s"]

@@ -24,7 +24,7 @@ from influence.curvature.layer import map_arrays
 from influence.errors import DataError, InfluenceError
 from influence.factors import Factors
 from influence.index.build import built_from
-from influence.index.compress import ITEM_BYTES, LayerMap, decode, map_queries
+from influence.index.compress import LEVELS, MAP_KEYS, LayerMap, decode, levels, map_queries, row_bytes
 from influence.index.store import Index, check_data, open_parts
 from influence.runtime import io
 from influence.runtime.execution import Execution
@@ -58,12 +58,12 @@ class _Context:
             curv = map_arrays(factors.layers[name], jnp.asarray)
             m = first.maps[name]
             layer = LayerMap(curv.q_a, curv.q_s,
-                             *(jnp.asarray(m[s]) if s in m else None for s in ("a", "s", "w", "wa", "ws")))
+                             *(jnp.asarray(m[s]) if s in m else None for s in MAP_KEYS))
             keys.append(_keys(self.side.queries[name], layer, rank=first.compression.rank))
         self.keys = tuple(keys)
         # rank-c rows are expanded to dense [rows, d_a·d_out] on the device, chunk by chunk
         self.shapes = tuple((la["d_a"], la["d_out"], la["rank"]) if la["rank"] else None for la in first.layers)
-        width = sum(max(la["width"] * ITEM_BYTES[self.dtype], 4 * la["d_a"] * la["d_out"] if la["rank"] else 0)
+        width = sum(max(row_bytes(la["width"], self.dtype), 4 * la["d_a"] * la["d_out"] if la["rank"] else 0)
                     for la in first.layers)
         self.chunk_rows = max(1, CHUNK_BYTES // max(width, 1))
         self.n_rows = sum(p.n_rows for p in self.parts)
@@ -90,20 +90,39 @@ def _keys(queries, layer: LayerMap, *, rank):
     return map_queries(queries, layer, rank)
 
 
+BLOCK_BYTES = 1 << 24
+"""Float32 bytes of stored rows decoded at once (16 MiB), a block of a chunk at a time.
+Measured on a ladder run's int4 selection (XLA on CPU, 32 MiB L3): decoding a whole
+64 MiB chunk before its product ran at 0.4 GB/s of stored bytes; blocks of 8–16 MiB
+that stay in cache ran 4–10× faster, at 1 and at 32 queries."""
+
+
 def _layer_scores(keys, chunk, dtype: str, shapes) -> list[jax.Array]:
-    """Scores ``[Q, rows]`` per layer of one chunk. Measured on a ladder run's int8 index
-    (XLA on CPU): ``keys @ rowsᵀ`` ran up to 70× slower than ``(rows @ keysᵀ)ᵀ`` at one
-    query; decoding fused into the product lost its fast path too (the barrier keeps it
-    apart); and int8 rows are scaled after the product (one multiply per score, not per
-    stored number)."""
+    """Scores ``[Q, rows]`` per layer of one chunk, decoded and multiplied a block of
+    rows at a time. Measured on a ladder run's int8 index (XLA on CPU): ``keys @ rowsᵀ``
+    ran up to 70× slower than ``(rows @ keysᵀ)ᵀ`` at one query; decoding fused into the
+    product lost its fast path too (the barrier keeps it apart); and integer rows are
+    scaled after the product (one multiply per score, not per stored number; int4's
+    padding column meets a zero of the key)."""
     out = []
     for k, parts, shape in zip(keys, chunk, shapes):
-        if dtype == "int8" and shape is None:
-            rows = jax.lax.optimization_barrier(parts[0].astype(jnp.float32))
-            scores = jnp.matmul(rows, k.T, precision=jax.lax.Precision.HIGHEST) * parts[1][:, None]
+        n = parts[0].shape[0]
+        decoded = shape[0] * shape[1] if shape is not None else parts[0].shape[1] * (2 if dtype == "int4" else 1)
+        size = max(1, min(n, BLOCK_BYTES // (4 * decoded)))
+        count = -(-n // size)
+        blocks = tuple(jnp.pad(p, [(0, count * size - n)] + [(0, 0)] * (p.ndim - 1)).reshape(count, size, *p.shape[1:])
+                       for p in parts)
+        if dtype in LEVELS and shape is None:
+            key = jnp.pad(k, ((0, 0), (0, decoded - k.shape[1])))
+
+            def block_scores(block, key=key):
+                rows = jax.lax.optimization_barrier(levels(block, dtype))
+                return jnp.matmul(rows, key.T, precision=jax.lax.Precision.HIGHEST) * block[1][:, None]
         else:
-            rows = jax.lax.optimization_barrier(decode(parts, dtype, shape))
-            scores = jnp.matmul(rows, k.T, precision=jax.lax.Precision.HIGHEST)
+            def block_scores(block, k=k, shape=shape):
+                rows = jax.lax.optimization_barrier(decode(block, dtype, shape))
+                return jnp.matmul(rows, k.T, precision=jax.lax.Precision.HIGHEST)
+        scores = jax.lax.map(block_scores, blocks).reshape(count * size, -1)[:n]
         out.append(scores.T)
     return out
 

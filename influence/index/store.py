@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from influence.errors import DataError, FileFormatError, InfluenceError, ModelMismatch
-from influence.index.compress import FILE_DTYPES, ITEM_BYTES, Compression
+from influence.index.compress import FILE_DTYPES, LEVELS, MAP_KEYS, Compression, row_bytes, stored_width
 from influence.runtime import io
 from influence.runtime.data import as_source
 
@@ -94,7 +94,8 @@ class Index:
       path: the index folder.
       manifest: its parsed ``manifest.json``.
       compression: the :class:`~influence.index.compress.Compression` it was built with.
-      maps: ``{layer: {"a": ..., "s": ...}}`` side maps (empty for ``"none"``).
+      maps: ``{layer: {"a": ..., "s": ..., ...}}`` the compression's maps (keys among
+        :data:`~influence.index.compress.MAP_KEYS`; empty for ``"none"``).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -114,7 +115,7 @@ class Index:
         self.manifest = manifest
         self.compression = Compression(**manifest["compression"])
         arrays, _ = io.load_arrays(self.path / MAPS, MAPS_KIND)
-        self.maps = {info["name"]: {side: arrays[f"{info['name']}/{side}"] for side in ("a", "s", "w", "wa", "ws")
+        self.maps = {info["name"]: {side: arrays[f"{info['name']}/{side}"] for side in MAP_KEYS
                                     if f"{info['name']}/{side}" in arrays} for info in self.layers}
         self._check_files()
 
@@ -125,7 +126,8 @@ class Index:
     @property
     def layers(self) -> list[dict[str, Any]]:
         """Per tracked layer: ``name``, ``d_a``, ``d_out``, ``k_a``, ``k_s``, ``rank`` (c, or 0)
-        and ``width`` (numbers stored per row: ``k_a·k_s``, or ``c·(d_a + d_out)``)."""
+        and ``width`` (numbers stored per row: ``k_a·k_s``, ``c·(d_a + d_out)``, or the
+        coordinates a selection keeps, with ``k_a = d_a``, ``k_s = d_out``)."""
         return self.manifest["layers"]
 
     @property
@@ -149,8 +151,7 @@ class Index:
     def bytes_per_sequence(self) -> float:
         """Stored bytes per training sequence (data and scales, headers excluded)."""
         dtype = self.compression.dtype
-        per = sum(layer["width"] for layer in self.layers) * ITEM_BYTES[dtype]
-        return float(per + (4 * len(self.layers) if dtype == "int8" else 0))
+        return float(sum(row_bytes(layer["width"], dtype) for layer in self.layers))
 
     def _check_files(self) -> None:
         expected = 0
@@ -202,15 +203,15 @@ class Index:
                     scale = arr
                 else:
                     data = arr
-            width = layer["width"]
+            width = stored_width(layer["width"], self.compression.dtype)
             if (data is None or data.shape != (rows, width)
                     or data.dtype != np.dtype(FILE_DTYPES[self.compression.dtype])):
                 raise FileFormatError(f"{self.path}: shard rows {shard['rows']} of layer {layer['name']!r}: expected "
                                       f"{FILE_DTYPES[self.compression.dtype].__name__} [{rows}, {width}], found "
                                       f"{None if data is None else (data.dtype, data.shape)}")
-            if self.compression.dtype == "int8" and (scale is None or scale.shape != (rows,)):
+            if self.compression.dtype in LEVELS and (scale is None or scale.shape != (rows,)):
                 raise FileFormatError(f"{self.path}: shard rows {shard['rows']} of layer {layer['name']!r} has no "
-                                      "int8 scales of its rows")
+                                      f"{self.compression.dtype} scales of its rows")
             out.append((data, scale))
         return out
 

@@ -117,7 +117,8 @@ def test_stored_rows_are_the_gradients_in_the_eigenbasis(mlp, tmp_path):
 
 
 @pytest.mark.parametrize("compression", ["truncate:0.5", "project:0.5:int8", "truncate:0.75:int8",
-                                         "none:bfloat16", "rank:2", "rank:3:bfloat16"])
+                                         "none:bfloat16", "rank:2", "rank:3:bfloat16", "select:0.3",
+                                         "select:0.5:int4", "none:int4", "rank:3:int4"])
 def test_compressed_index_scores_its_own_reconstruction(compression, lm, tmp_path):
     """Scores = ⟨Q_Aᵀ P_q Q_S, M_A C_n M_Sᵀ⟩, computed here in numpy from the stored rows."""
     model, task, factors, data, queries = lm
@@ -129,7 +130,7 @@ def test_compressed_index_scores_its_own_reconstruction(compression, lm, tmp_pat
     expected = 0
     for i, layer in enumerate(index.layers):
         name = layer["name"]
-        stored = np.concatenate([decode_numpy(*index.layer_arrays(s)[i], index.compression.dtype)
+        stored = np.concatenate([decode_numpy(*index.layer_arrays(s)[i], index.compression.dtype, layer["width"])
                                  for s in index.shards])
         dense = reconstruct(stored, index.maps[name], layer["d_a"], layer["d_out"], layer["rank"])  # [N, d_a, d_out]
         curv = factors.layers[name]
@@ -325,3 +326,35 @@ def test_rank_factors_are_the_best_rank_c_approximation(tokens):
         best = (su[:, :3] * s[:3]) @ svt[:3]
         _close(u[b] @ v[b].T, best, 1e-10)
         np.testing.assert_allclose(np.linalg.norm(u[b], axis=0), np.linalg.norm(v[b], axis=0))
+
+
+def test_selection_keeps_the_coordinates_of_largest_whitened_variance_across_layers(lm, tmp_path):
+    """select:1 keeps every coordinate (the rescan's scores); select:f keeps round(f·P) of
+    the P tracked coordinates, every kept one of whitened variance Λ/(Λ + λ₀) at least that
+    of every dropped one in any layer, and stores its whitened value G̃ / sqrt(Λ + λ₀)."""
+    model, task, factors, data, queries = lm
+    rescan = inf.pairwise_scores(model, task, factors, queries, data, batch_size=8, **QUIET)
+    every = inf.build_index(model, task, factors, data, path=tmp_path / "all", compression="select:1", batch_size=8,
+                            **QUIET)
+    _close(inf.pairwise_scores(model, task, factors, queries, None, index=every, **QUIET).values, rescan.values)
+    index = inf.build_index(model, task, factors, data, path=tmp_path / "sel", compression="select:0.3:int4",
+                            batch_size=8, **QUIET)
+    total = sum(layer["d_a"] * layer["d_out"] for layer in index.layers)
+    assert sum(layer["width"] for layer in index.layers) == round(0.3 * total)
+    assert index.bytes_per_sequence == sum(-(-layer["width"] // 2) + 4 for layer in index.layers)
+    kept, dropped, shares = [], [], []
+    for layer in index.layers:
+        lam = np.asarray(factors.layers[layer["name"]].eigenvalues, np.float64).ravel()
+        variance = lam / (lam + 0.1 * lam.mean())
+        mask = np.zeros(lam.size, bool)
+        mask[index.maps[layer["name"]]["keep"]] = True
+        assert 0 < mask.sum() < lam.size
+        kept.append(variance[mask].min())
+        dropped.append(variance[~mask].max())
+        shares.append(mask.mean())
+        np.testing.assert_allclose(index.maps[layer["name"]]["w"], np.sqrt(lam + 0.1 * lam.mean())[mask], rtol=1e-6)
+    assert min(kept) >= max(dropped)
+    assert max(shares) - min(shares) > 0.05, shares  # one threshold across layers, not a per-layer quota
+    ((stored, _), *_), first = index.layer_arrays(index.shards[0]), index.layers[0]
+    assert stored.dtype == np.uint8 and stored.shape[1] == -(-first["width"] // 2)
+    assert str(Compression.parse("select:0.3:int4")) == "select:0.3:int4"
