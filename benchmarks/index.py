@@ -592,8 +592,9 @@ def render(results: dict) -> str:
         "manifest.json   model fingerprint and weights digest, task, factors digest, compression, layers,",
         "                shards (rows, per file its bytes and SHA-256, a digest of its training rows),",
         "                row r = training sequence row_offset + r",
-        "maps.npz        the compression's side maps (checksummed)",
-        "shards/s<segment>-<shard>-l<layer>.npy   [rows, k_a·k_s] (+ .scale.npy for int8)",
+        "maps.npz        the compression's maps: side maps, or a selection's kept coordinates (checksummed)",
+        "shards/s<segment>-<shard>-l<layer>.npy   [rows, width] (int4: [rows, ⌈width/2⌉] uint8, two to a byte;",
+        "                                         + .scale.npy [rows] for int8 and int4)",
         "```",
         "",
         "Shards are written atomically every `shard_rows` rows and the manifest last: a folder without a "
@@ -620,6 +621,8 @@ def _setting_load(s: dict) -> str:
 
 
 SIXTEENTH = 1 / 16
+DECODED_PER_STORED = {"float32": 1, "bfloat16": 2, "int8": 4, "int4": 8}
+"""Bytes of float32 the scan decodes per stored byte."""
 
 
 def _smallest_passing(results: dict) -> list[str]:
@@ -643,11 +646,35 @@ def _smallest_passing(results: dict) -> list[str]:
     lines.append("")
     if missed:
         lines += [f"The goal of top-{TOP} overlap ≥ {goal} at ≤ 1/16 of the full gradient's bytes is missed on "
-                  f"{', '.join(missed)}. The measured cause: the whitened gradient's weight is spread over "
-                  "directions and over rank, so every map that keeps a quarter of its numbers or fewer drops score "
-                  "that reorders the top ten (the table's `truncate:0.5` keeps the quarter of eigen-directions of "
-                  "largest curvature, `rank:c` the best rank-c part of each sequence's gradient; a sequence of T "
-                  "tokens has a gradient of rank ≤ T, so the rank needed grows with T).", ""]
+                  f"{', '.join(missed)}.", ""]
+    else:
+        lines += [f"The goal of top-{TOP} overlap ≥ {goal} at ≤ 1/16 of the full gradient's bytes is met in every "
+                  "setting.", ""]
+    lines += _curve_notes(results)
+    return lines
+
+
+def _row(s: dict, comp: str) -> dict | None:
+    return next((r for r in s["curve"] if r["compression"] == comp), None)
+
+
+def _curve_notes(results: dict) -> list[str]:
+    """What the curve shows about the maps, from the measured rows (any setting that has them)."""
+    lines = []
+    for name, s in results["settings"].items():
+        pairs = [(_row(s, a), _row(s, b)) for a, b in (("select:0.25:int8", "truncate:0.5:int8"),
+                                                       ("select:0.5:int4", "select:0.25:int8"))]
+        if any(x is None or y is None for pair in pairs for x, y in [pair]):
+            continue
+        (sel, trunc), (half4, quarter8) = pairs
+        more = half4["top10_overlap"] > quarter8["top10_overlap"]
+        lines += (
+            f"On {name}, at one sixteenth of the bytes, top-{TOP} overlap: {sel['top10_overlap']:.3f} for the "
+            f"quarter of the coordinates of largest whitened variance (`select:0.25:int8`), "
+            f"{trunc['top10_overlap']:.3f} for the quarter in the leading block (`truncate:0.5:int8`), and "
+            f"{half4['top10_overlap']:.3f} for half of the coordinates at four bits (`select:0.5:int4`): "
+            + ("keeping more coordinates, rounded more coarsely, does better here." if more else
+               "here the quarter at int8 does at least as well as the half at four bits."), "")
     return lines
 
 
@@ -675,9 +702,10 @@ def _cost_notes(results: dict) -> list[str]:
         scan = r["index_seconds"] - r["query_side_seconds"]
         lines += [
             f"On {name}, 32 queries: the rescan took {r['rescan_seconds']:.1f} s and the index "
-            f"{r['index_seconds']:.1f} s ({r['rescan_over_index']:.1f}×; goal 20×: "
+            f"{r['index_seconds']:.2f} s ({r['rescan_over_index']:.1f}×; goal 20×: "
             f"{'met' if r['rescan_over_index'] >= 20 else 'missed'}), of which the queries' own gradients and "
-            f"preconditioning {r['query_side_seconds']:.1f} s and the scan of the stored rows {scan:.1f} s, "
+            f"preconditioning {r['query_side_seconds']:.2f} s and the scan of the stored rows {scan:.2f} s "
+            f"({scan / t['io_floor_seconds']:.0f}× the I/O floor), "
             f"against an I/O floor of {t['io_floor_seconds']:.3g} s ({r['index_over_io_floor']:.0f}×; goal 2×: "
             f"{'met' if r['index_over_io_floor'] <= 2 else 'missed'}: the queries' own cost alone is "
             f"{r['query_side_seconds'] / t['io_floor_seconds']:.0f}× the I/O floor) and a FLOP floor of "
@@ -687,7 +715,12 @@ def _cost_notes(results: dict) -> list[str]:
                "are expanded to dense), so the scan's arithmetic per row is the query product a rescan does too, "
                "without the rescan's forward and backward pass and per-sequence gradients: reading the index "
                "costs less than multiplying it, and the queries' own cost does not shrink with the index."
-               if inf.index.Compression.parse(t["default_compression"]).method in ("none", "rank") else ""), ""]
+               if inf.index.Compression.parse(t["default_compression"]).method in ("none", "rank") else
+               "The scan decodes each block of stored rows to float32 before its product (see "
+               "`influence.index.score.BLOCK_BYTES`), so it writes and reads "
+               f"{DECODED_PER_STORED[inf.index.Compression.parse(t['default_compression']).dtype]} bytes of "
+               "float32 for every stored byte; the queries' own cost (their gradients and "
+               "preconditioning) does not shrink with the index."), ""]
     return lines
 
 
@@ -720,7 +753,8 @@ def _lds_section() -> list[str]:
 def _share(results: dict, comp: str) -> str:
     shares = [next(r for r in s["curve"] if r["compression"] == comp)["fraction_of_full"]
               for s in results["settings"].values()]
-    return f"{min(shares):.3f}–{max(shares):.3f}" if len(set(shares)) > 1 else f"{shares[0]:.3f}"
+    low, high = f"{min(shares):.3f}", f"{max(shares):.3f}"
+    return f"{low}–{high}" if low != high else low
 
 
 if __name__ == "__main__":

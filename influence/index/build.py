@@ -62,13 +62,13 @@ from influence.scoring.queries import STEP_STATICS, prepare, scoring_mesh, sized
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_ROWS = 4096
-DEFAULT_COMPRESSION = "rank:64:int8"
+DEFAULT_COMPRESSION = "select:0.375:int4"
 """The compression of a new index when none is given: chosen by the fidelity-per-byte
 curve of ``python -m benchmarks.index`` (docs/index.md; tests/index/test_docs.py holds
 this to docs/benchmarks/index.json): the smallest reaching top-10 overlap 0.9 on the
-digits MLP, a TinyLM and a trained ``small`` ladder run. Its rank is capped per layer at
-``min(64, T, d_a, d_out)`` (T tokens per sequence), so short sequences store their exact
-gradient at T·(d_a + d_out) numbers."""
+digits MLP, a TinyLM and a trained ``small`` ladder run. It keeps the 37.5% of the
+whitened eigen-coordinates of largest variance, at four bits each (about 1/21 of the
+full float32 gradient's bytes)."""
 _BUFFER_KIND = "influence-index-buffer"
 _BUILD_DIR = ".build"
 
