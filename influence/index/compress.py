@@ -44,11 +44,11 @@ and layer (``max|C| / 127`` or ``/ 7``).
 Whitening: except for ``"none"`` in float32 (the exact reference), the stored
 coordinates are divided elementwise by ``W = sqrt(Λ + λ₀)`` (λ₀ = the default damping,
 0.1 × mean Λ) and the query's multiplied by it, which leaves every score unchanged,
-``⟨K ⊙ W, C ⊘ W⟩ = ⟨K, C⟩``, but spreads the rounding of bfloat16/int8 and the noise of
+``⟨K ⊙ W, C ⊘ W⟩ = ⟨K, C⟩``, but spreads the rounding of bfloat16/int8/int4 and the noise of
 a projection evenly over what the preconditioned score weighs (unwhitened, the
 directions of small Λ, which the preconditioner amplifies, are rounded away). For a
 projection ``W`` applies before projecting, so the build forms each sequence's rotated
-gradient ``[d_a, d_out]`` (never a per-position one).
+gradient ``[d_a, d_out]`` (never a per-position one), as it does for a selection.
 
 The dense reconstruction of a stored row in the eigenbasis (:func:`reconstruct`) is
 ``scatter(C ⊙ W)`` (truncation, selection) or ``W ⊙ (M_A C M_Sᵀ)`` (projection), ``[d_a, d_out]``;
@@ -428,9 +428,8 @@ def _pack4(q, xp):
 
 def _unpack4(packed, xp):
     """uint8 ``[B, h]`` → the signed numbers ``int8 [B, 2h]`` (:func:`_pack4`'s order)."""
-    signed = packed.astype(xp.int8) if xp is jnp else packed.view(np.int8)
-    low = xp.left_shift(signed, 4) if xp is jnp else (signed << 4).astype(np.int8)
-    return xp.concatenate([xp.right_shift(low, 4), xp.right_shift(signed, 4)], axis=-1)
+    signed = packed.view(xp.int8)  # arithmetic shifts sign-extend each nibble
+    return xp.concatenate([xp.right_shift(xp.left_shift(signed, 4), 4), xp.right_shift(signed, 4)], axis=-1)
 
 
 def stored_width(width: int, dtype: str) -> int:
@@ -449,10 +448,9 @@ def levels(parts: tuple, dtype: str) -> jax.Array:
     return (_unpack4(parts[0], jnp) if dtype == "int4" else parts[0]).astype(jnp.float32)
 
 
-def decode(parts: tuple, dtype: str, shape: tuple[int, int, int] | None = None, width: int | None = None
-           ) -> jax.Array:
-    """Float32 rows ``[B, D]`` of the stored form :func:`encode` returns (``width`` = D,
-    needed for int4 of odd D); with ``shape = (d_a, d_out, c)`` (rank-c rows), the dense
+def decode(parts: tuple, dtype: str, shape: tuple[int, int, int] | None = None) -> jax.Array:
+    """Float32 rows ``[B, D]`` of the stored form :func:`encode` returns (int4 of odd D: a
+    zero column after them); with ``shape = (d_a, d_out, c)`` (rank-c rows), the dense
     ``[B, d_a·d_out]`` of ``U Vᵀ``."""
     if dtype == "float32":
         rows = parts[0]
@@ -461,7 +459,7 @@ def decode(parts: tuple, dtype: str, shape: tuple[int, int, int] | None = None, 
     else:
         rows = levels(parts, dtype) * parts[1][:, None]
     if shape is None:
-        return rows if width is None else rows[:, :width]
+        return rows
     d_a, d_out, c = shape
     u = rows[:, : d_a * c].reshape(-1, d_a, c)
     v = rows[:, d_a * c: d_a * c + d_out * c].reshape(-1, d_out, c)
@@ -469,7 +467,8 @@ def decode(parts: tuple, dtype: str, shape: tuple[int, int, int] | None = None, 
 
 
 def decode_numpy(data: np.ndarray, scale: np.ndarray | None, dtype: str, width: int | None = None) -> np.ndarray:
-    """:func:`decode` on the host, in numpy (for checks and readers without JAX)."""
+    """:func:`decode` on the host, in numpy (for checks and readers without JAX); ``width``
+    drops int4's padding column of odd widths."""
     if dtype == "float32":
         rows = np.asarray(data, np.float32)
     elif dtype == "bfloat16":
