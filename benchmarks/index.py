@@ -717,7 +717,8 @@ def _cost_notes(results: dict) -> list[str]:
                "costs less than multiplying it, and the queries' own cost does not shrink with the index."
                if inf.index.Compression.parse(t["default_compression"]).method in ("none", "rank") else
                "The scan decodes each block of stored rows to float32 before its product (see "
-               "`influence.index.score.BLOCK_BYTES`), so it writes and reads "
+               "`influence.index.score.BLOCK_BYTES`; `python -m benchmarks.index_scan` times the block sizes "
+               "on a machine), so it writes and reads "
                f"{DECODED_PER_STORED[inf.index.Compression.parse(t['default_compression']).dtype]} bytes of "
                "float32 for every stored byte; the queries' own cost (their gradients and "
                "preconditioning) does not shrink with the index."), ""]

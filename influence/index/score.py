@@ -91,10 +91,10 @@ def _keys(queries, layer: LayerMap, *, rank):
 
 
 BLOCK_BYTES = 1 << 24
-"""Float32 bytes of stored rows decoded at once (16 MiB), a block of a chunk at a time.
-Measured on a ladder run's int4 selection (XLA on CPU, 32 MiB L3): decoding a whole
-64 MiB chunk before its product ran at 0.4 GB/s of stored bytes; blocks of 8–16 MiB
-that stay in cache ran 4–10× faster, at 1 and at 32 queries."""
+"""Float32 bytes of stored rows decoded at once (16 MiB), a block of a chunk at a time:
+decoding a whole 64 MiB chunk before its product spills the float32 rows out of cache,
+which ran 2–4× slower at 1 and at 32 queries on the 2-core development machine (32 MiB
+L3). ``python -m benchmarks.index_scan`` measures the block sizes on yours."""
 
 
 def _layer_scores(keys, chunk, dtype: str, shapes) -> list[jax.Array]:
