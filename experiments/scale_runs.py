@@ -150,8 +150,16 @@ def fit(run_dir: Path, run, layer_set: str, pattern: str, seed: int, log: Log,
         fisher: str = "sampled") -> inf.Factors:
     """EK-FAC factors of the layers matching ``pattern``, fitted on the run's training set
     with the ``fisher`` passed explicitly (the library default may change) and sample key
-    ``jax.random.key(seed)`` (reused from ``factors/ekfac-<layer_set>``)."""
+    ``jax.random.key(seed)`` (reused from ``factors/ekfac-<layer_set>``). The folder's
+    ``settings.json`` says what they were fitted with, the checkpoint's step included,
+    so ``influence query/index --factors ekfac-<layer_set>`` can use them and refuses them
+    for other weights."""
+    from influence.lm.run import SETTINGS, factor_settings
+
     path = run_dir / "factors" / f"ekfac-{layer_set}"
+    settings = factor_settings(run_dir, "ekfac", pattern, fisher=fisher, seed=seed, step=run.step)
+    if not (path / SETTINGS).is_file():  # written first, as influence.lm.fit_run_factors does
+        io.atomic_write_json(path / SETTINGS, settings)
     if (path / "factors.npz").exists():
         return inf.Factors.load(path, model=run.model)
     log(f"  fitting EK-FAC on {layer_set} layers ({len(run.train)} sequences)")

@@ -109,7 +109,10 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
             line = fit_command(run, settings["strategy"], settings["layers"], settings)
             raise ValueError(f"--factors {folder} were fitted on the weights of step {settings.get('step')}, the run "
                              f"is at step {loaded.step}; refit with:\n  {line} --force")
-        return folder, f"using the factors in {folder}" + (f" ({describe_settings(settings)})" if settings else "")
+        if settings is None:
+            return folder, (f"using the factors in {folder}, which has no settings.json: the Fisher, seed and weights "
+                            "they were fitted with are unknown, so check they are this run's final weights")
+        return folder, f"using the factors in {folder} ({describe_settings(settings)})"
     own = loaded.factors_dir(strategy, layers)
     expected = factor_settings(run, strategy, layers, step=loaded.step)
     if (own / "factors.npz").is_file() and read_settings(own) == expected:
@@ -130,13 +133,19 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
     # Earlier versions named the folder <strategy>-<layers, sanitised> and kept no settings.
     old = run / FACTORS / f"{strategy}-{re.sub(r'[^A-Za-z0-9_-]', '_', layers)}"
     if (old / "factors.npz").is_file() and read_settings(old) is None:
-        raise FileNotFoundError(f"{old}: factors fitted by an older version, without the settings.json that says "
-                                f"what they were fitted with, so they are not used; fit them again with:\n  {line}\n"
-                                f"(and remove the old folder)")
+        raise FileNotFoundError(f"{old}: factors without the settings.json that says what they were fitted with (an "
+                                f"older version wrote them), so they are not used unless chosen with --factors "
+                                f"{old.name}; fit them again with:\n  {line}\n(and remove the old folder)")
     if same:
         steps = sorted({s.get("step") for _, s in same})
         raise FileNotFoundError(f"the {strategy} factors for layers '{layers}' in {run} were fitted on the weights "
                                 f"of step {steps}, the run is at step {loaded.step}; fit them again with:\n  {line}")
+    others = [(d, s) for d, s in found if s is not None and s["strategy"] == strategy and s.get("step") == loaded.step]
+    if others:  # e.g. the scale experiments' factors, fitted for the pattern '\.mlp\.'
+        options = "\n".join(f"  --factors {d.name}   (layers '{s['layers']}', {describe_settings(s)})"
+                             for d, s in others)
+        raise FileNotFoundError(f"no {strategy} factors for layers '{layers}' in {run}, but some for other layer "
+                                f"selections on these weights; choose one:\n{options}\nor fit them with:\n  {line}")
     raise FileNotFoundError(f"no {strategy} factors for layers '{layers}' in {run}; fit them first with:\n  {line}")
 
 

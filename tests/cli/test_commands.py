@@ -140,8 +140,39 @@ def test_old_style_factors_folder_is_not_reused(run_dir, tmp_path, capsys):
     capsys.readouterr()
     assert _query(run, "--strategy", "kfac") == 2
     err = capsys.readouterr().err
-    assert "kfac-mlp: factors fitted by an older version" in err
+    assert "kfac-mlp: factors without the settings.json" in err and "unless chosen with --factors kfac-mlp" in err
     assert f"fit them again with:\n  influence fit --run {run} --strategy kfac --layers mlp" in err
+    # Chosen by name they are used, with a note that what they were fitted with is unknown.
+    assert _query(run, "--strategy", "kfac", "--factors", "kfac-mlp") == 0
+    assert "kfac-mlp, which has no settings.json" in capsys.readouterr().out
+
+
+def test_scale_experiment_factors_say_what_they_hold_and_the_cli_offers_them(run_dir, tmp_path, capsys):
+    """experiments.scale_runs.fit writes settings.json (layers '\\.mlp\\.', the weights' step):
+    a query for the CLI's default layer selection names them as a --factors choice, and
+    factors of another checkpoint's weights are refused."""
+    import shutil
+
+    from experiments import scale_runs
+    from influence.lm import load_run
+    from influence.lm.run import factor_settings, read_settings
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("factors"))
+    loaded = load_run(run)
+    scale_runs.fit(run, loaded, "mlp", r"\.mlp\.", 0, lambda *a: None)
+    assert read_settings(run / "factors" / "ekfac-mlp") == factor_settings(run, "ekfac", r"\.mlp\.",
+                                                                           step=loaded.step)
+    capsys.readouterr()
+    assert _query(run) == 2
+    err = capsys.readouterr().err
+    assert "--factors ekfac-mlp   (layers '\\.mlp\\.'" in err
+    assert _query(run, "--factors", "ekfac-mlp") == 0
+    assert f"using the factors in {run / 'factors' / 'ekfac-mlp'} (fisher=sampled" in capsys.readouterr().out
+    settings = run / "factors" / "ekfac-mlp" / "settings.json"  # as a mid-training checkpoint's factors say
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "step": loaded.step - 1}))
+    assert _query(run, "--factors", "ekfac-mlp") == 2
+    assert f"were fitted on the weights of step {loaded.step - 1}" in capsys.readouterr().err
 
 
 def test_interrupted_fit_can_be_restarted(run_dir, monkeypatch, capsys):
