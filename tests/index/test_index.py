@@ -308,8 +308,9 @@ def test_candidates_scores_file_and_refusals_on_the_index_path(lm, tmp_path):
     with pytest.raises(ValueError, match="fraction"):
         Compression.parse("truncate:1.5")
     identity = inf.fit_factors(model, task, data, strategy="identity", batch_size=8, **QUIET)
-    with pytest.raises(inf.InfluenceError, match="no eigenvalues"):
-        inf.build_index(model, task, identity, data, path=tmp_path / "id", compression="truncate:0.5", **QUIET)
+    for compression in ("truncate:0.5", "select:0.5:int4"):
+        with pytest.raises(inf.InfluenceError, match="no eigenvalues"):
+            inf.build_index(model, task, identity, data, path=tmp_path / "id", compression=compression, **QUIET)
 
 
 @pytest.mark.parametrize("tokens", [2, 5, 12])  # T ≤ c (tokens are the factors), T < d (QR core), T ≥ d (SVD)
@@ -337,6 +338,9 @@ def test_selection_keeps_the_coordinates_of_largest_whitened_variance_across_lay
     every = inf.build_index(model, task, factors, data, path=tmp_path / "all", compression="select:1", batch_size=8,
                             **QUIET)
     _close(inf.pairwise_scores(model, task, factors, queries, None, index=every, **QUIET).values, rescan.values)
+    low_rank = inf.pairwise_scores(model, task, factors, queries, data, query_rank=2, batch_size=8, **QUIET)
+    _close(inf.pairwise_scores(model, task, factors, queries, None, query_rank=2, index=every, **QUIET).values,
+           low_rank.values)  # rank-r query batching answered from a selection
     index = inf.build_index(model, task, factors, data, path=tmp_path / "sel", compression="select:0.3:int4",
                             batch_size=8, **QUIET)
     total = sum(layer["d_a"] * layer["d_out"] for layer in index.layers)
