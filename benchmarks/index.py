@@ -281,7 +281,7 @@ def timings(state: dict, default: str, workdir: Path, name: str, batch_size: int
         build()
         build_seconds = time.perf_counter() - t0
     elif big:
-        build_seconds = next(r for r in state["record"]["curve"] if r["compression"] == default)["build_seconds_first"]
+        build_seconds = _row(state["record"], default)["build_seconds_first"]
     else:
         build_seconds = timed(build, 1)
         if not (default_path / "manifest.json").is_file():  # --timings-only
@@ -664,7 +664,7 @@ def _curve_notes(results: dict) -> list[str]:
     for name, s in results["settings"].items():
         pairs = [(_row(s, a), _row(s, b)) for a, b in (("select:0.25:int8", "truncate:0.5:int8"),
                                                        ("select:0.5:int4", "select:0.25:int8"))]
-        if any(x is None or y is None for pair in pairs for x, y in [pair]):
+        if any(r is None for pair in pairs for r in pair):
             continue
         (sel, trunc), (half4, quarter8) = pairs
         more = half4["top10_overlap"] > quarter8["top10_overlap"]
@@ -752,8 +752,7 @@ def _lds_section() -> list[str]:
 
 
 def _share(results: dict, comp: str) -> str:
-    shares = [next(r for r in s["curve"] if r["compression"] == comp)["fraction_of_full"]
-              for s in results["settings"].values()]
+    shares = [_row(s, comp)["fraction_of_full"] for s in results["settings"].values()]
     low, high = f"{min(shares):.3f}", f"{max(shares):.3f}"
     return f"{low}–{high}" if low != high else low
 

@@ -64,13 +64,17 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 # --------------------------------------------------------------------------- v2
 
 
+SEMANTIC_MRR = ("WEB rendering: MRR of the KJV source by influence", "semantic_rr", ("semantic",))
+SEMANTIC_PARTIAL = ("WEB rendering: partial rank corr. (influence, source | BM25)", "semantic_partial", ("semantic",))
+CONTROL_MRR = ("KJV control: MRR by influence", "semantic_rr", ("semantic_control",))
+
 SEMANTIC_ROWS = (
-    ("WEB rendering: MRR of the KJV source by influence", "semantic_rr", ("semantic",)),
+    SEMANTIC_MRR,
     ("WEB rendering: MRR by BM25", "semantic_bm25_rr", ("semantic",)),
     ("WEB rendering: influence MRR − BM25 MRR (paired)", "semantic_rr_minus_bm25", ("semantic",)),
     ("WEB rendering: recall@10 by influence", "semantic_recall10", ("semantic",)),
     ("WEB rendering: recall@10 by BM25", "semantic_bm25_recall10", ("semantic",)),
-    ("WEB rendering: partial rank corr. (influence, source | BM25)", "semantic_partial", ("semantic",)),
+    SEMANTIC_PARTIAL,
     ("WEB rendering, verses BM25 misses (source not in its top 10): MRR by influence", "semantic_rr_bm25_miss",
      ("semantic",)),
     ("WEB rendering: MRR by influence through the lower third of the layers only", "semantic_rr_lower", ("semantic",)),
@@ -78,7 +82,7 @@ SEMANTIC_ROWS = (
     ("… upper third only", "semantic_rr_upper", ("semantic",)),
     ("WEB rendering: share of the top-k that are inserted documents", "insertion_top", ("semantic",)),
     ("corpus share of inserted documents (baseline)", "insertion_all", ("semantic",)),
-    ("KJV control: MRR by influence", "semantic_rr", ("semantic_control",)),
+    CONTROL_MRR,
     ("KJV control: MRR by BM25", "semantic_bm25_rr", ("semantic_control",)),
 )
 
@@ -92,9 +96,9 @@ TOKEN_ROWS = tuple(
 
 # Mid-training checkpoint against the final weights (scale_v2._mid_training).
 CHECKPOINT_ROWS = (
-    ("WEB rendering: MRR of the KJV source by influence", "semantic_rr", ("semantic",)),
-    ("WEB rendering: partial rank corr. (influence, source | BM25)", "semantic_partial", ("semantic",)),
-    ("KJV control: MRR by influence", "semantic_rr", ("semantic_control",)),
+    SEMANTIC_MRR,
+    SEMANTIC_PARTIAL,
+    CONTROL_MRR,
     ("WEB rendering: top-10 overlap with the final weights' top 10", "final_overlap", ("semantic",)),
     ("KJV control: top-10 overlap with the final weights' top 10", "final_overlap", ("semantic_control",)),
 )

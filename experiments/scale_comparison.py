@@ -171,19 +171,17 @@ def _analysis_key(cfg: ExperimentConfig, scores) -> str:
 
 def _records(cfg: ExperimentConfig, run_dir: Path, run, layer_set: str, scores, specs, ctx, seed: int) -> list[dict]:
     """Per-query metric records of one run and layer set, cached in ``metrics-<layer set>.json``."""
-    path = run_dir / f"metrics-{layer_set}.json"
-    key = _analysis_key(cfg, scores)
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["records"]
-    t0 = time.perf_counter()
-    records = query_records(specs, scores.values, scores.per_layer, ctx, n_blocks=run.config.n_layers,
-                            k=cfg.top_k, powerlaw_boot=cfg.powerlaw_boot, seed=seed)
-    derived_fields(records, len(run.train))
-    path.write_text(json.dumps({"key": key, "records": records}, default=float))
-    _log(f"  metrics ({layer_set}) in {time.perf_counter() - t0:.0f} s")
-    return records
+    from . import scale_runs as steps
+
+    def compute():
+        t0 = time.perf_counter()
+        records = query_records(specs, scores.values, scores.per_layer, ctx, n_blocks=run.config.n_layers,
+                                k=cfg.top_k, powerlaw_boot=cfg.powerlaw_boot, seed=seed)
+        derived_fields(records, len(run.train))
+        _log(f"  metrics ({layer_set}) in {time.perf_counter() - t0:.0f} s")
+        return records
+
+    return steps.cached_json(run_dir / f"metrics-{layer_set}.json", _analysis_key(cfg, scores), "records", compute)
 
 
 def _gallery_tops(entries, variant: str, per_cell: int = 3) -> dict:

@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -45,6 +46,19 @@ def _record_time(run_dir: Path, step: str, seconds: float) -> None:
 def timings(run_dir: Path) -> dict[str, float]:
     path = Path(run_dir) / "timings.json"
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def cached_json(path: Path, key: str, field: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept in ``path`` as ``{"key": key, field: value}`` (written
+    atomically) and reused while the stored key is ``key``: a step's results survive an
+    interrupted run, and a change of what they depend on recomputes them."""
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored[field]
+    value = compute()
+    io.atomic_write_bytes(path, json.dumps({"key": key, field: value}, default=float).encode())
+    return value
 
 
 class OutOfTime(Exception):

@@ -267,19 +267,17 @@ def damping_sweep(run_dir: Path, run, factors, layer_set: str, specs: Sequence[Q
 
 
 def _records(cfg: V2Config, run_dir: Path, run, layer_set: str, scores, specs, ctx, key: str) -> list[dict]:
+    from . import scale_runs as steps
     from .analysis import query_records
     from .summary import derived_fields
 
-    path = run_dir / f"metrics-{layer_set}.json"
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["records"]
-    records = query_records(specs, scores.values, scores.per_layer, ctx, n_blocks=run.config.n_layers, k=cfg.top_k,
-                            powerlaw_boot=cfg.powerlaw_boot, seed=0)
-    derived_fields(records, len(run.train))
-    path.write_text(json.dumps({"key": key, "records": records}, default=float))
-    return records
+    def compute():
+        records = query_records(specs, scores.values, scores.per_layer, ctx, n_blocks=run.config.n_layers,
+                                k=cfg.top_k, powerlaw_boot=cfg.powerlaw_boot, seed=0)
+        derived_fields(records, len(run.train))
+        return records
+
+    return steps.cached_json(run_dir / f"metrics-{layer_set}.json", key, "records", compute)
 
 
 def _source_hash() -> str:
@@ -375,22 +373,21 @@ def _merge(records: list[dict], extra: Sequence[dict]) -> None:
 def _token_stats(cfg, run_dir, run, factors, layer_set, specs, scores, key, log) -> list[dict]:
     """:func:`experiments.tokenwise.attribute_top` for the fixed queries of
     ``cfg.token_kinds``, cached in ``tokens-<layer set>.json``."""
+    from . import scale_runs as steps
     from . import tokenwise
 
-    path = run_dir / f"tokens-{layer_set}.json"
     key = f"{key}:{cfg.token_k}:{hashlib.sha256(Path(tokenwise.__file__).read_bytes()).hexdigest()[:8]}"
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["records"]
-    t0 = time.perf_counter()
-    index = {s.id: i for i, s in enumerate(specs)}
-    chosen = [s for s in specs if s.kind in cfg.token_kinds and not s.completion_of]
-    values = np.stack([scores.values[index[s.id]] for s in chosen]) if chosen else np.zeros((0, len(run.train)))
-    records = tokenwise.attribute_top(run, factors, chosen, values, k=cfg.token_k)
-    path.write_text(json.dumps({"key": key, "records": records}))
-    log(f"  token-wise attribution of {len(chosen)} queries' top {cfg.token_k} in {time.perf_counter() - t0:.0f} s")
-    return records
+
+    def compute():
+        t0 = time.perf_counter()
+        index = {s.id: i for i, s in enumerate(specs)}
+        chosen = [s for s in specs if s.kind in cfg.token_kinds and not s.completion_of]
+        values = np.stack([scores.values[index[s.id]] for s in chosen]) if chosen else np.zeros((0, len(run.train)))
+        records = tokenwise.attribute_top(run, factors, chosen, values, k=cfg.token_k)
+        log(f"  token-wise attribution of {len(chosen)} queries' top {cfg.token_k} in {time.perf_counter() - t0:.0f} s")
+        return records
+
+    return steps.cached_json(run_dir / f"tokens-{layer_set}.json", key, "records", compute)
 
 
 def _mid_training(cfg, run_dir, layer_set, specs, ctx, key, final_records, log) -> dict:
@@ -406,24 +403,21 @@ def _mid_training(cfg, run_dir, layer_set, specs, ctx, key, final_records, log) 
     found = sorted(list_checkpoints(run_dir / "checkpoints"))
     final = found[-1]
     step = min(found[:-1] or found, key=lambda s: abs(s - final / 2))
-    path = run_dir / f"checkpoint-{layer_set}-step{step}.json"
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["result"]
-    run = load_run(run_dir, step=step)
-    subset = [s for s in specs if s.kind in ("semantic", "semantic_control") and not s.completion_of]
-    name = f"{layer_set}-step{step}"
-    factors = steps.fit(run_dir, run, name, LAYER_SETS[layer_set], cfg.fisher_seed, log, fisher=cfg.fisher)
-    scores = steps.score(run_dir, run, factors, name, subset, log)
-    records = query_records(subset, scores.values, scores.per_layer, ctx, n_blocks=run.config.n_layers, k=cfg.top_k,
-                            powerlaw_boot=0, seed=0)
-    top_final = {r["id"]: set(r["top_rows"]) for r in final_records}
-    for r in records:
-        r["final_overlap"] = len(set(r["top_rows"]) & top_final[r["id"]]) / cfg.top_k
-    result = {"step": int(step), "final_step": int(final), "fraction": step / final, "records": records}
-    path.write_text(json.dumps({"key": key, "result": result}, default=float))
-    return result
+
+    def compute():
+        run = load_run(run_dir, step=step)
+        subset = [s for s in specs if s.kind in ("semantic", "semantic_control") and not s.completion_of]
+        name = f"{layer_set}-step{step}"
+        factors = steps.fit(run_dir, run, name, LAYER_SETS[layer_set], cfg.fisher_seed, log, fisher=cfg.fisher)
+        scores = steps.score(run_dir, run, factors, name, subset, log)
+        records = query_records(subset, scores.values, scores.per_layer, ctx, n_blocks=run.config.n_layers,
+                                k=cfg.top_k, powerlaw_boot=0, seed=0)
+        top_final = {r["id"]: set(r["top_rows"]) for r in final_records}
+        for r in records:
+            r["final_overlap"] = len(set(r["top_rows"]) & top_final[r["id"]]) / cfg.top_k
+        return {"step": int(step), "final_step": int(final), "fraction": step / final, "records": records}
+
+    return steps.cached_json(run_dir / f"checkpoint-{layer_set}-step{step}.json", key, "result", compute)
 
 
 # --------------------------------------------------------------------------- across runs
