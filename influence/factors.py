@@ -25,7 +25,6 @@ from influence.curvature.layer import arrays_of
 from influence.errors import FileFormatError, ModelMismatch
 from influence.runtime import io
 
-FISHER_KINDS = ("sampled", "empirical", "exact")
 _FILE_KIND = "influence-factors"
 _FIELDS = LayerCurvature._fields
 FACTOR_DTYPES = ("float32", "bfloat16")

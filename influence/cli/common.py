@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -19,7 +20,9 @@ from influence.lm.run import factors_dir
 # factors_dir lives in influence.lm.run; it stays importable from here for benchmarks/query_engine.py.
 __all__ = ["DISTRIBUTION", "EXIT_ERROR", "EXIT_NUMERICAL", "EXIT_INTERRUPTED", "OutputPathError",
            "add_factor_arguments", "check_layers", "check_output_dir", "check_output_file", "factors_dir", "fail",
-           "fit_command", "install_hint", "missing_extra", "terminal_text"]
+           "fit_command", "install_hint", "missing_extra", "terminal_text",
+           # helpers of both `influence index` and `influence query`
+           "FIDELITY", "INDEXES", "choose_index", "find_factors", "find_index", "load_factors", "read_fidelity"]
 
 # Exit statuses (documented in influence.cli and docs/lm.md): bad input of any kind
 # (arguments, files, data, settings) is 2, like argparse's usage errors; a numerical
@@ -159,3 +162,136 @@ def missing_extra(command: str, extra: str, modules: Sequence[str]) -> str | Non
     if not missing:
         return None
     return f"influence {command} needs {' and '.join(missing)}: {install_hint(extra)}"
+
+
+# Shared by `influence index` and `influence query` (kept here so neither verb imports the other).
+INDEXES = "index"
+FIDELITY = "fidelity.json"
+
+
+def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) -> tuple[Path, str | None]:
+    """The factors folder a query on ``loaded`` uses, and a note to print when it is not
+    the one of the default settings.
+
+    Raises:
+      FileNotFoundError: none fits (or several do); the message says which ``influence fit``
+        line to run, or which folders to choose from with ``--factors``.
+    """
+    from influence.lm.run import FACTORS, describe_settings, factor_settings, fitted_factors, read_settings
+
+    run = loaded.path
+    if chosen is not None:
+        folder = Path(chosen)
+        if not (folder / "factors.npz").is_file() and (run / FACTORS / chosen / "factors.npz").is_file():
+            folder = run / FACTORS / chosen
+        if not (folder / "factors.npz").is_file():
+            raise FileNotFoundError(f"--factors {chosen}: no factors.npz there (fitted sets are in {run / FACTORS})")
+        settings = read_settings(folder)
+        if settings is not None and settings.get("step") != loaded.step:
+            line = fit_command(run, settings["strategy"], settings["layers"], settings)
+            raise ValueError(f"--factors {folder} were fitted on the weights of step {settings.get('step')}, the run "
+                             f"is at step {loaded.step}; refit with:\n  {line} --force")
+        if settings is None:
+            return folder, (f"using the factors in {folder}, which has no settings.json: the Fisher, seed and weights "
+                            "they were fitted with are unknown, so check they are this run's final weights")
+        return folder, f"using the factors in {folder} ({describe_settings(settings)})"
+    own = loaded.factors_dir(strategy, layers)
+    expected = factor_settings(run, strategy, layers, step=loaded.step)
+    if (own / "factors.npz").is_file() and read_settings(own) == expected:
+        return own, None
+    found = fitted_factors(run)
+    same = [(d, s) for d, s in found if s is not None and s["strategy"] == strategy and s["layers"] == layers]
+    current = [(d, s) for d, s in same if s.get("step") == loaded.step]
+    if len(current) == 1:
+        folder, settings = current[0]
+        return folder, (f"using the only {strategy} factors fitted for layers '{layers}': "
+                        f"{describe_settings(settings)} ({folder})")
+    line = fit_command(run, strategy, layers)
+    if len(current) > 1:
+        options = "\n".join(f"  --factors {d.name}   ({describe_settings(s)})" for d, s in current)
+        raise FileNotFoundError(f"{len(current)} sets of {strategy} factors for layers '{layers}' are fitted in {run} "
+                                f"with other settings than the defaults; choose one:\n{options}\nor fit the "
+                                f"default ones with:\n  {line}")
+    # Earlier versions named the folder <strategy>-<layers, sanitised> and kept no settings.
+    old = run / FACTORS / f"{strategy}-{re.sub(r'[^A-Za-z0-9_-]', '_', layers)}"
+    if (old / "factors.npz").is_file() and read_settings(old) is None:
+        raise FileNotFoundError(f"{old}: factors without the settings.json that says what they were fitted with (an "
+                                f"older version wrote them), so they are not used unless chosen with --factors "
+                                f"{old.name}; fit them again with:\n  {line}\n(and remove the old folder)")
+    if same:
+        steps = sorted({s.get("step") for _, s in same})
+        raise FileNotFoundError(f"the {strategy} factors for layers '{layers}' in {run} were fitted on the weights "
+                                f"of step {steps}, the run is at step {loaded.step}; fit them again with:\n  {line}")
+    others = [(d, s) for d, s in found if s is not None and s["strategy"] == strategy and s.get("step") == loaded.step]
+    if others:  # e.g. the scale experiments' factors, fitted for the pattern '\.mlp\.'
+        options = "\n".join(f"  --factors {d.name}   (layers '{s['layers']}', {describe_settings(s)})"
+                             for d, s in others)
+        raise FileNotFoundError(f"no {strategy} factors for layers '{layers}' in {run}, but some for other layer "
+                                f"selections on these weights; choose one:\n{options}\nor fit them with:\n  {line}")
+    raise FileNotFoundError(f"no {strategy} factors for layers '{layers}' in {run}; fit them first with:\n  {line}")
+
+
+def load_factors(command: str, args: argparse.Namespace, loaded) -> tuple[Path, dict, object] | int:
+    """``(folder, settings, Factors)`` of the run's factors that ``--strategy/--layers/--factors``
+    choose (loaded against the run's model), or the exit status of a failure, its
+    message printed with the command that fits them."""
+    from influence.errors import FileFormatError, ModelMismatch
+    from influence.factors import Factors
+    from influence.lm.run import read_settings
+
+    try:
+        path, note = find_factors(loaded, args.strategy, args.layers, args.factors)
+    except FileNotFoundError as e:
+        return fail(command, str(e))
+    if note:
+        print(note)
+    settings = read_settings(path) or {"strategy": args.strategy, "layers": args.layers}
+    try:
+        return path, settings, Factors.load(path, model=loaded.model)
+    except (FileFormatError, ModelMismatch) as e:
+        line = fit_command(args.run, settings["strategy"], settings["layers"], settings)
+        return fail(command, f"{e}; refit with:\n  {line} --force")
+
+
+def find_index(factors_folder: Path) -> Path | None:
+    """The index of a factors folder that `influence query` uses: the uncompressed one if
+    built, else the one built last."""
+    found = sorted((p for p in (Path(factors_folder) / INDEXES).glob("*") if (p / "manifest.json").is_file()),
+                   key=lambda p: (p.name != "none", -(p / "manifest.json").stat().st_mtime))
+    return found[0] if found else None
+
+
+def read_fidelity(index_path: Path) -> dict | None:
+    file = Path(index_path) / FIDELITY
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def choose_index(args, factors_folder: Path, loaded, factors) -> tuple[Path | None, str]:
+    """The index `influence query` answers from (``None``: rescan) and what the report says
+    answered. A found index that does not match the run's model, factors or data is named
+    and passed over (the query rescans)."""
+    import influence as inf
+    from influence.index.build import built_from
+    from influence.index.store import Index
+
+    if getattr(args, "no_index", False):
+        return None, "rescan (--no-index)"
+    found = find_index(factors_folder)
+    if found is None:
+        return None, "rescan (no index; build one with `influence index`)"
+    try:
+        index = Index(found)
+        tracked = inf.track(loaded.model, list(factors.layer_names))
+        index.check(built_from(tracked, factors, inf.tasks.CausalLM()))
+        if index.n_rows != len(loaded.train):
+            raise inf.DataError(f"it holds {index.n_rows} sequences, the run has {len(loaded.train)}")
+    except inf.InfluenceError as e:
+        print(f"not using the index at {found}: {' '.join(str(e).split())}; rescanning (rebuild it with "
+              "`influence index --force`)")
+        return None, f"rescan (the index at {found} does not match)"
+    fidelity = read_fidelity(found)
+    measured = (f"; fidelity vs rescan on {fidelity['queries']}: Pearson {fidelity['pearson']:.4f}, Spearman "
+                f"{fidelity['spearman']:.4f}, top-10 overlap {fidelity['top10_overlap']:.2f}" if fidelity
+                else "; fidelity not measured (influence index --check N)")
+    print(f"answering from the index at {found} ({index.compression}); --no-index rescans")
+    return found, f"index {found} ({index.compression}, {index.bytes_per_sequence:.0f} bytes per sequence{measured})"

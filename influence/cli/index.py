@@ -17,16 +17,13 @@ examples:
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
 from pathlib import Path
 
-from influence.cli.common import add_factor_arguments, check_layers, fail
+from influence.cli.common import FIDELITY, INDEXES, add_factor_arguments, check_layers, fail, load_factors
 
 REQUIRES = ("lm", ("tokenizers",))
-INDEXES = "index"
-FIDELITY = "fidelity.json"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -48,24 +45,10 @@ def index_folder(factors_folder: Path, compression) -> Path:
     return Path(factors_folder) / INDEXES / re.sub(r"[^A-Za-z0-9_.-]", "_", str(compression))
 
 
-def find_index(factors_folder: Path) -> Path | None:
-    """The index of a factors folder that `influence query` uses: the uncompressed one if
-    built, else the one built last."""
-    found = sorted((p for p in (Path(factors_folder) / INDEXES).glob("*") if (p / "manifest.json").is_file()),
-                   key=lambda p: (p.name != "none", -(p / "manifest.json").stat().st_mtime))
-    return found[0] if found else None
-
-
-def read_fidelity(index_path: Path) -> dict | None:
-    file = Path(index_path) / FIDELITY
-    return json.loads(file.read_text()) if file.is_file() else None
-
-
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     import influence as inf
-    from influence.cli.query import load_factors
     from influence.index.build import DEFAULT_COMPRESSION
     from influence.index.compress import Compression
     from influence.lm.run import load_run
@@ -123,34 +106,3 @@ def measure_fidelity(scores, reference, top: int = 10) -> dict:
     return {"pearson": float(pearsonr(scores.ravel(), reference.ravel())[0]),
             "spearman": float(np.mean([spearmanr(a, b)[0] for a, b in zip(scores, reference)])),
             "top10_overlap": float(overlap)}
-
-
-def choose_index(args, factors_folder: Path, loaded, factors) -> tuple[Path | None, str]:
-    """The index `influence query` answers from (``None``: rescan) and what the report says
-    answered. A found index that does not match the run's model, factors or data is named
-    and passed over (the query rescans)."""
-    import influence as inf
-    from influence.index.build import built_from
-    from influence.index.store import Index
-
-    if getattr(args, "no_index", False):
-        return None, "rescan (--no-index)"
-    found = find_index(factors_folder)
-    if found is None:
-        return None, "rescan (no index; build one with `influence index`)"
-    try:
-        index = Index(found)
-        tracked = inf.track(loaded.model, list(factors.layer_names))
-        index.check(built_from(tracked, factors, inf.tasks.CausalLM()))
-        if index.n_rows != len(loaded.train):
-            raise inf.DataError(f"it holds {index.n_rows} sequences, the run has {len(loaded.train)}")
-    except inf.InfluenceError as e:
-        print(f"not using the index at {found}: {' '.join(str(e).split())}; rescanning (rebuild it with "
-              "`influence index --force`)")
-        return None, f"rescan (the index at {found} does not match)"
-    fidelity = read_fidelity(found)
-    measured = (f"; fidelity vs rescan on {fidelity['queries']}: Pearson {fidelity['pearson']:.4f}, Spearman "
-                f"{fidelity['spearman']:.4f}, top-10 overlap {fidelity['top10_overlap']:.2f}" if fidelity
-                else "; fidelity not measured (influence index --check N)")
-    print(f"answering from the index at {found} ({index.compression}); --no-index rescans")
-    return found, f"index {found} ({index.compression}, {index.bytes_per_sequence:.0f} bytes per sequence{measured})"

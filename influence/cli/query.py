@@ -20,16 +20,15 @@ settings, it is used and named; --factors picks a folder of RUN/factors explicit
 from __future__ import annotations
 
 import argparse
-import re
 import time
-from pathlib import Path
 
 from influence.cli.common import (
     add_factor_arguments,
     check_layers,
     check_output_file,
+    choose_index,
     fail,
-    fit_command,
+    load_factors,
     terminal_text,
 )
 
@@ -87,90 +86,6 @@ def print_results(results, max_chars: int = 110) -> None:
                   f"{terminal_text(text[:max_chars])}")
 
 
-def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) -> tuple[Path, str | None]:
-    """The factors folder a query on ``loaded`` uses, and a note to print when it is not
-    the one of the default settings.
-
-    Raises:
-      FileNotFoundError: none fits (or several do); the message says which ``influence fit``
-        line to run, or which folders to choose from with ``--factors``.
-    """
-    from influence.lm.run import FACTORS, describe_settings, factor_settings, fitted_factors, read_settings
-
-    run = loaded.path
-    if chosen is not None:
-        folder = Path(chosen)
-        if not (folder / "factors.npz").is_file() and (run / FACTORS / chosen / "factors.npz").is_file():
-            folder = run / FACTORS / chosen
-        if not (folder / "factors.npz").is_file():
-            raise FileNotFoundError(f"--factors {chosen}: no factors.npz there (fitted sets are in {run / FACTORS})")
-        settings = read_settings(folder)
-        if settings is not None and settings.get("step") != loaded.step:
-            line = fit_command(run, settings["strategy"], settings["layers"], settings)
-            raise ValueError(f"--factors {folder} were fitted on the weights of step {settings.get('step')}, the run "
-                             f"is at step {loaded.step}; refit with:\n  {line} --force")
-        if settings is None:
-            return folder, (f"using the factors in {folder}, which has no settings.json: the Fisher, seed and weights "
-                            "they were fitted with are unknown, so check they are this run's final weights")
-        return folder, f"using the factors in {folder} ({describe_settings(settings)})"
-    own = loaded.factors_dir(strategy, layers)
-    expected = factor_settings(run, strategy, layers, step=loaded.step)
-    if (own / "factors.npz").is_file() and read_settings(own) == expected:
-        return own, None
-    found = fitted_factors(run)
-    same = [(d, s) for d, s in found if s is not None and s["strategy"] == strategy and s["layers"] == layers]
-    current = [(d, s) for d, s in same if s.get("step") == loaded.step]
-    if len(current) == 1:
-        folder, settings = current[0]
-        return folder, (f"using the only {strategy} factors fitted for layers '{layers}': "
-                        f"{describe_settings(settings)} ({folder})")
-    line = fit_command(run, strategy, layers)
-    if len(current) > 1:
-        options = "\n".join(f"  --factors {d.name}   ({describe_settings(s)})" for d, s in current)
-        raise FileNotFoundError(f"{len(current)} sets of {strategy} factors for layers '{layers}' are fitted in {run} "
-                                f"with other settings than the defaults; choose one:\n{options}\nor fit the "
-                                f"default ones with:\n  {line}")
-    # Earlier versions named the folder <strategy>-<layers, sanitised> and kept no settings.
-    old = run / FACTORS / f"{strategy}-{re.sub(r'[^A-Za-z0-9_-]', '_', layers)}"
-    if (old / "factors.npz").is_file() and read_settings(old) is None:
-        raise FileNotFoundError(f"{old}: factors without the settings.json that says what they were fitted with (an "
-                                f"older version wrote them), so they are not used unless chosen with --factors "
-                                f"{old.name}; fit them again with:\n  {line}\n(and remove the old folder)")
-    if same:
-        steps = sorted({s.get("step") for _, s in same})
-        raise FileNotFoundError(f"the {strategy} factors for layers '{layers}' in {run} were fitted on the weights "
-                                f"of step {steps}, the run is at step {loaded.step}; fit them again with:\n  {line}")
-    others = [(d, s) for d, s in found if s is not None and s["strategy"] == strategy and s.get("step") == loaded.step]
-    if others:  # e.g. the scale experiments' factors, fitted for the pattern '\.mlp\.'
-        options = "\n".join(f"  --factors {d.name}   (layers '{s['layers']}', {describe_settings(s)})"
-                             for d, s in others)
-        raise FileNotFoundError(f"no {strategy} factors for layers '{layers}' in {run}, but some for other layer "
-                                f"selections on these weights; choose one:\n{options}\nor fit them with:\n  {line}")
-    raise FileNotFoundError(f"no {strategy} factors for layers '{layers}' in {run}; fit them first with:\n  {line}")
-
-
-def load_factors(command: str, args: argparse.Namespace, loaded) -> tuple[Path, dict, object] | int:
-    """``(folder, settings, Factors)`` of the run's factors that ``--strategy/--layers/--factors``
-    choose (loaded against the run's model), or the exit status of a failure, its
-    message printed with the command that fits them."""
-    from influence.errors import FileFormatError, ModelMismatch
-    from influence.factors import Factors
-    from influence.lm.run import read_settings
-
-    try:
-        path, note = find_factors(loaded, args.strategy, args.layers, args.factors)
-    except FileNotFoundError as e:
-        return fail(command, str(e))
-    if note:
-        print(note)
-    settings = read_settings(path) or {"strategy": args.strategy, "layers": args.layers}
-    try:
-        return path, settings, Factors.load(path, model=loaded.model)
-    except (FileFormatError, ModelMismatch) as e:
-        line = fit_command(args.run, settings["strategy"], settings["layers"], settings)
-        return fail(command, f"{e}; refit with:\n  {line} --force")
-
-
 def run(args: argparse.Namespace) -> int:
     from influence.lm.run import load_run
     from influence.query.engine import Query, QueryEngine, read_queries, write_json
@@ -188,7 +103,6 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(found, int):
         return found
     path, settings, factors = found
-    from influence.cli.index import choose_index
 
     index, answered_by = choose_index(args, path, loaded, factors)
     engine = QueryEngine(loaded.model, loaded.tokenizer, loaded.train, factors,

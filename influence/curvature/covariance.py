@@ -20,7 +20,7 @@ import threadpoolctl
 from influence.capture.objectives import example_keys, layer_gradients, token_weights
 from influence.curvature.blocks import LayerBlocks, slices
 from influence.curvature.layer import LayerCurvature
-from influence.curvature.passes import STEP_STATICS, CurvaturePass, g_spec
+from influence.curvature.passes import CURVATURE_STATICS, CurvaturePass, g_spec
 from influence.errors import DataError
 from influence.runtime.mesh import DATA, local, spec, to_host, zeros_per_device
 
@@ -45,7 +45,7 @@ def covariance_block_sums(a: jax.Array, g: jax.Array, weights: jax.Array, layer_
     return a_sums, s_sums
 
 
-@functools.partial(jax.jit, static_argnames=STEP_STATICS, donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=CURVATURE_STATICS, donate_argnums=(0,))
 def covariance_step(sums, state, batch, example_mask, key, index, *, graphdef, layers, task, fisher, mesh, blocks):
     """Add one batch's token covariance sums to each device's slot.
 

@@ -18,7 +18,7 @@ import numpy as np
 from influence.capture.objectives import example_keys, layer_gradients
 from influence.capture.per_example import sum_over_example_chunks, weight_gradients
 from influence.curvature.blocks import matmul_last
-from influence.curvature.passes import STEP_STATICS, CurvaturePass, g_spec
+from influence.curvature.passes import CURVATURE_STATICS, CurvaturePass, g_spec
 from influence.runtime.mesh import (
     DATA,
     local,
@@ -55,7 +55,7 @@ def eigenvalue_sums(a, g, example_weights, q_a=None, q_s=None) -> jax.Array:
     return sum_over_example_chunks(chunk_sum, a, g, example_weights)
 
 
-@functools.partial(jax.jit, static_argnames=STEP_STATICS, donate_argnums=(0,))
+@functools.partial(jax.jit, static_argnames=CURVATURE_STATICS, donate_argnums=(0,))
 def eigenvalue_step(sums, rotations, state, batch, example_mask, key, index, *, graphdef, layers, task, fisher, mesh,
                      blocks):
     """Add one batch's Σ_b (Q_Aᵀ DW_b Q_S)² ``[n_data, d_a, d_out]`` to each device's slot

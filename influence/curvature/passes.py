@@ -15,7 +15,7 @@ from influence.capture.objectives import has_directions
 from influence.runtime.mesh import DATA, spec
 
 # Static (hashable) arguments of every pass step.
-STEP_STATICS = ("graphdef", "layers", "task", "fisher", "mesh", "blocks")
+CURVATURE_STATICS = ("graphdef", "layers", "task", "fisher", "mesh", "blocks")
 
 
 class CurvaturePass(NamedTuple):

@@ -57,7 +57,7 @@ from influence.runtime.driver import Accumulator, run_pass
 from influence.runtime.execution import Execution
 from influence.runtime.io import digest_arrays
 from influence.runtime.mesh import replicate
-from influence.scoring.queries import STEP_STATICS, prepare, scoring_mesh, sized
+from influence.scoring.queries import GRADIENT_STATICS, prepare, scoring_batch, scoring_mesh
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ _BUFFER_KIND = "influence-index-buffer"
 _BUILD_DIR = ".build"
 
 
-@functools.partial(jax.jit, static_argnames=STEP_STATICS + ("dtype", "rank"))
+@functools.partial(jax.jit, static_argnames=GRADIENT_STATICS + ("dtype", "rank"))
 def _build_step(maps, state, batch, example_mask, *, graphdef, layers, task, kind, dtype, rank):
     """Stored rows of one batch per layer (``encode`` d), and whether each row is finite."""
     _, a, g = layer_gradients(graphdef, state, layers, task, kind, batch, example_mask)
@@ -289,7 +289,7 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
 
     on_mesh = device_maps(factors, curvature, maps, mesh)
 
-    run = sized(run, tracked, task, train, mesh)  # batch_size=None: chosen from the memory budget, as for scoring
+    run = scoring_batch(run, tracked, task, train, mesh)  # batch_size=None: from the memory budget, as for scoring
     source = as_source(train, run.batch_size, task, model)
     own_checkpoint = run.checkpoint_dir is None
     settings = {**origin, "compression": comp.as_dict(), "shard_rows": shard_rows, "segment": segment,

@@ -5,15 +5,17 @@ The queries' preconditioned gradients are computed as for a rescan
 query batching), mapped like the stored rows, ``K_q = E_Aᵀ P_q E_S`` per layer
 (:mod:`influence.index.compress`), and each chunk of the index scores ``K C_chunkᵀ``
 ``[Q, rows]``. The index is streamed from its memory-mapped shards, a chunk at a time,
-so memory does not grow with its size; the running top-k is merged on the device with
-the rescan's tie rule (the lower row first).
+so memory does not grow with its size.
+
+This module is only a *block source* (:mod:`influence.scoring.blocks`): it yields one
+score block ``[L|1, Q, rows]`` per chunk, and the scoring's one consumer turns them into
+a ranking (the rescan's top-k, tie rule, candidates and score file) or into
+:class:`~influence.Scores`. It registers itself there on import.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,25 +23,25 @@ import jax.numpy as jnp
 import numpy as np
 
 from influence.curvature.layer import map_arrays
-from influence.errors import DataError, InfluenceError
 from influence.factors import Factors
 from influence.index.build import built_from
 from influence.index.compress import LEVELS, MAP_KEYS, LayerMap, decode, levels, map_queries, row_bytes
 from influence.index.store import Index, check_data, open_parts
-from influence.runtime import io
 from influence.runtime.execution import Execution
 from influence.runtime.mesh import describe_mesh
+from influence.scoring.blocks import register_index_source
+from influence.scoring.finite import RowCheck
 from influence.scoring.queries import prepare_queries
-from influence.scoring.ranking import Ranking
-from influence.scoring.results import Scores, check_k
-from influence.scoring.topk import merge_top_k
 
 CHUNK_BYTES = 1 << 26
 """Stored bytes read per chunk (64 MiB): what the scoring holds of the index at once."""
 
 
-class _Context:
-    """The opened parts, the prepared queries and their keys ``K [Q, D]`` per layer."""
+class IndexSource:
+    """The score blocks of ``queries`` against an index: the opened parts, the prepared
+    queries and their keys ``K [Q, D]`` per layer (the block source that
+    :func:`influence.pairwise_scores` and :func:`influence.rank_training` open for
+    ``index=``)."""
 
     def __init__(self, model, task, factors: Factors, queries, train, index, damping, query_rank, run: Execution):
         self.parts = open_parts(index)
@@ -73,6 +75,17 @@ class _Context:
         for part in self.parts:
             for start, n, arrays in part.chunks(self.chunk_rows):
                 yield part.row_offset + start, n, tuple((d,) if s is None else (d, s) for d, s in arrays)
+
+    def blocks(self, keep_layers: bool):
+        """``(first row, rows, scores)`` per chunk, in row order: ``[L, Q, rows]`` per
+        layer with ``keep_layers``, else ``[1, Q, rows]`` summed (device arrays)."""
+        for start, n, chunk in self.chunks():
+            yield start, n, _chunk_scores(self.keys, chunk, dtype=self.dtype, keep_layers=keep_layers,
+                                          shapes=self.shapes)
+
+    def row_check(self) -> RowCheck:
+        """The NaN/Inf check of the blocks: a non-finite score is a damaged index."""
+        return RowCheck(1, what="index score", advice="verify the index (Index.verify()) and rebuild it")
 
     def metadata(self, factors: Factors, query_rank) -> dict[str, Any]:
         first = self.parts[0]
@@ -134,111 +147,6 @@ def _chunk_scores(keys, chunk, *, dtype, keep_layers, shapes):
     return jnp.stack(per) if keep_layers else functools.reduce(jnp.add, per)[None]
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "k", "shapes"))
-def _rank_chunk(best_scores, best_rows, keys, chunk, rows, allowed, *, dtype, k, shapes):
-    """Merge one chunk into the running top-k ``[Q, k]``; also its scores ``[Q, rows]``."""
-    scores = functools.reduce(jnp.add, _layer_scores(keys, chunk, dtype, shapes))
-    ranked = jnp.where(allowed, scores, -jnp.inf)
-    merged = jnp.concatenate([best_scores, ranked], axis=1)
-    merged_rows = jnp.concatenate([best_rows, jnp.broadcast_to(rows, ranked.shape)], axis=1)
-    top, pos = jax.lax.top_k(merged, k)  # ties: the earlier position, i.e. the lower row
-    return top, jnp.take_along_axis(merged_rows, pos, axis=1), scores
-
-
-def index_pairwise_scores(model, task, factors: Factors, queries, train, index, *, damping=None,
-                          per_layer: bool = False, per_token: bool = False, query_rank=None,
-                          execution: Execution | None = None) -> Scores:
-    """:func:`influence.pairwise_scores` answered from ``index`` (no pass over ``train``;
-    ``train``, if given, is only read to check it is the data the index holds)."""
-    if per_token:
-        raise InfluenceError("per_token=True needs each training position's terms, which an index does not keep: "
-                             "score without index= (a rescan), or rank_training(..., index=) and attribute(...) for "
-                             "the per-token terms of the top pairs")
-    run = Execution() if execution is None else execution
-    ctx = _Context(model, task, factors, queries, train, index, damping, query_rank, run)
-    outputs, pending = [], None
-    for _, _, chunk in ctx.chunks():
-        out = _chunk_scores(ctx.keys, chunk, dtype=ctx.dtype, keep_layers=per_layer, shapes=ctx.shapes)
-        if pending is not None:
-            outputs.append(np.asarray(pending))  # fetched one chunk late: the device runs ahead of the reads
-        pending = out
-    outputs.append(np.asarray(pending))
-    collected = np.concatenate(outputs, axis=-1)
-    _check_finite(collected)
-    per = {name: collected[i] for i, name in enumerate(ctx.names)} if per_layer else None
-    return Scores(collected.sum(axis=0), per, ctx.metadata(factors, query_rank))
-
-
-def _check_finite(scores: np.ndarray) -> None:
-    if not np.all(np.isfinite(scores)):
-        row = int(np.argmin(np.all(np.isfinite(scores.reshape(-1, scores.shape[-1])), axis=0)))
-        raise FloatingPointError(f"the index scores of training row {row} are NaN/Inf; verify the index "
-                                 "(Index.verify()) and rebuild it")
-
-
-def index_rank_training(model, task, factors: Factors, queries, train, index, *, k: int = 10, damping=None,
-                        query_rank=None, candidates=None, scores_path: str | os.PathLike | None = None,
-                        execution: Execution | None = None):
-    """:func:`influence.rank_training` answered from ``index``: the same
-    :class:`~influence.Ranking` (top-k, tie rule, candidates, ``scores_path``)."""
-    check_k(k)
-    run = Execution() if execution is None else execution
-    ctx = _Context(model, task, factors, queries, train, index, damping, query_rank, run)
-    n_query = ctx.side.n_query
-    if candidates is not None:
-        if len(candidates) != n_query:
-            raise ValueError(f"candidates has {len(candidates)} entries for {n_query} queries")
-        candidates = [np.asarray(c, np.int64) for c in candidates]
-    k_eff = min(k, ctx.n_rows)
-    best = (jnp.full((n_query, k_eff), -jnp.inf, jnp.float32), jnp.full((n_query, k_eff), -1, jnp.int32))
-    writer = _AllScores(scores_path, n_query, ctx.n_rows) if scores_path is not None else None
-    try:
-        for start, n, chunk in ctx.chunks():
-            rows = np.arange(start, start + n)
-            allowed = (np.ones((n_query, n), bool) if candidates is None
-                       else np.stack([np.isin(rows, c) for c in candidates]))
-            *best, scores = _rank_chunk(*best, ctx.keys, chunk, rows.astype(np.int32), allowed, dtype=ctx.dtype,
-                                        k=k_eff, shapes=ctx.shapes)
-            if writer is not None:
-                writer.array[:, start:start + n] = np.where(allowed, np.asarray(scores), -np.inf)
-        top = np.asarray(best[0])
-        finite_or_masked = np.isfinite(top) | (top == -np.inf)
-        if not finite_or_masked.all():
-            raise FloatingPointError("the index scores hold NaN/Inf; verify the index (Index.verify()) and rebuild it")
-        if writer is not None:
-            writer.close()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        raise
-    idx, values = merge_top_k(top, np.asarray(best[1]), k_eff)
-    return Ranking(idx, values, ctx.side.queries, ctx.side.damping, int(ctx.n_rows))
-
-
-class _AllScores:
-    """A ``[Q, N]`` float32 ``.npy`` written chunk by chunk, renamed into place on close."""
-
-    def __init__(self, path, n_query: int, n_rows: int):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.context = io.atomic_path(self.path)
-        tmp = self.context.__enter__()
-        self.array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_query, n_rows))
-
-    def close(self):
-        self.array.flush()
-        del self.array
-        self.context.__exit__(None, None, None)
-
-    def abort(self):
-        if hasattr(self, "array"):
-            del self.array
-        try:
-            self.context.__exit__(DataError, DataError("aborted"), None)
-        except DataError:
-            pass
-
-
 def read_floor(index: Any) -> float:
     """Seconds to read every stored byte of ``index`` once (the I/O floor of a query)."""
     import time
@@ -253,4 +161,6 @@ def read_floor(index: Any) -> float:
     return time.perf_counter() - t0
 
 
-__all__ = ["Index", "index_pairwise_scores", "index_rank_training", "read_floor"]
+register_index_source(IndexSource)
+
+__all__ = ["Index", "IndexSource", "read_floor"]

@@ -22,7 +22,7 @@ from influence.runtime.data import as_source, select_rows
 from influence.runtime.driver import concatenate, run_pass
 from influence.runtime.execution import Execution
 from influence.scoring.contractions import token_scores
-from influence.scoring.queries import scoring_mesh, sized
+from influence.scoring.queries import scoring_batch, scoring_mesh
 from influence.scoring.ranking import Ranking
 
 
@@ -69,7 +69,7 @@ def attribute(model, task, factors: Factors, ranking: Ranking, train: Any, pairs
     tracked = track(model, list(factors.layer_names))
     check_finite_weights(tracked.state)
     rows = select_rows(train, pairs[:, 1])
-    run = sized(run, tracked, task, rows, mesh, per_example_gradients=True)  # one query [d_a, d_out] per row
+    run = scoring_batch(run, tracked, task, rows, mesh, per_example_gradients=True)  # one query [d_a, d_out] per row
     source = as_source(rows, run.batch_size, task, model)
 
     def terms(step):

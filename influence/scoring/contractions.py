@@ -14,11 +14,10 @@ the representation it is given; they differ in cost only.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-from influence.scoring.queries import LayerQueries
 
 CONTRACTION_CHUNK_ELEMENTS = 2**21
 """Most float32 numbers (8 MiB) of a dense contraction's intermediate held for one chunk
@@ -29,6 +28,32 @@ larger, see :func:`rows_per_chunk`)."""
 
 ACCELERATOR_CHUNK_ELEMENTS = 2**26
 """The same on an accelerator (256 MiB): there memory, not a cache, bounds the chunk."""
+
+
+class LayerQueries(NamedTuple):
+    """One layer's preconditioned query gradients: ``full`` or (``left``, ``right``)."""
+
+    full: jax.Array | None = None  # [Q, d_a, d_out]
+    left: jax.Array | None = None  # [Q, d_a, r], singular values folded in
+    right: jax.Array | None = None  # [Q, d_out, r]
+
+    @property
+    def num_queries(self) -> int:
+        return (self.full if self.full is not None else self.left).shape[0]
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.left is None else self.left.shape[-1]
+
+    def dense(self) -> jax.Array:
+        """``[Q, d_a, d_out]`` (reconstructed from the factors when low-rank)."""
+        if self.full is not None:
+            return self.full
+        return jnp.einsum("qik,qjk->qij", self.left, self.right)
+
+    def take(self, index: jax.Array) -> LayerQueries:
+        """The queries at ``index`` (e.g. one per training row for attribution)."""
+        return LayerQueries(*(None if x is None else x[index] for x in self))
 
 
 def chunk_elements() -> int:

@@ -68,12 +68,15 @@ class RowCheck:
 
     ``batch_size``: rows per batch (to name the batch); ``to_row``: maps a row of the
     pass to the training row it is (e.g. through a candidate prefilter's row map);
-    ``what``: what the outputs are, for the message."""
+    ``what``: what the outputs are, for the message; ``advice``: what to do instead of
+    checking the row's inputs (e.g. rebuild an index whose stored rows are not finite)."""
 
-    def __init__(self, batch_size: int, to_row: Callable[[int], int] | None = None, what: str = "score"):
+    def __init__(self, batch_size: int, to_row: Callable[[int], int] | None = None, what: str = "score",
+                 advice: str | None = None):
         self.batch_size = batch_size
         self.to_row = to_row
         self.what = what
+        self.advice = advice
         self.found = None
 
     def update(self, out: jax.Array, batch: Batch) -> None:
@@ -90,6 +93,8 @@ class RowCheck:
             return
         batch = row // self.batch_size
         name = row if self.to_row is None else self.to_row(row)
+        if self.advice is not None:
+            raise FloatingPointError(f"the {self.what} of training row {name} is NaN/Inf: {self.advice}")
         raise FloatingPointError(
             f"the {self.what} of training row {name} (batch {batch}, rows {batch * self.batch_size}.."
             f"{(batch + 1) * self.batch_size - 1} of the pass) is NaN/Inf: its loss or training gradient is not "

@@ -34,22 +34,23 @@ from influence.runtime.data import as_source
 from influence.runtime.driver import concatenate, run_pass
 from influence.runtime.execution import Execution
 from influence.runtime.mesh import DATA, describe_mesh, local, query_axis, spec
+from influence.scoring.blocks import collect_scores, open_index_source, scores_result
 from influence.scoring.contractions import layer_scores, query_token_scores, stack_layers
 from influence.scoring.finite import RowCheck
-from influence.scoring.queries import STEP_STATICS, prepare_queries, score_checkpoint, sized
+from influence.scoring.queries import GRADIENT_STATICS, prepare_queries, score_checkpoint, scoring_batch
 from influence.scoring.results import Scores
 
 MAX_PER_TOKEN = 2**26
 """Most floats ``Q·N·T`` that ``per_token=True`` keeps (256 MiB of float32)."""
 
 
-@functools.partial(jax.jit, static_argnames=STEP_STATICS + ("mesh", "keep_layers", "per_token"))
-def _score_step(preconditioned, state, batch, example_mask, *, graphdef, layers, task, kind, mesh, keep_layers,
+@functools.partial(jax.jit, static_argnames=GRADIENT_STATICS + ("mesh", "keep_layers", "per_token"))
+def score_step(preconditioned, state, batch, example_mask, *, graphdef, layers, task, kind, mesh, keep_layers,
                 per_token=False):
-    """Scores ``[L, Q, B]`` per layer (or ``[1, Q, B]`` summed) of one training batch; each
-    device scores its rows (against its queries, with a query axis). With ``per_token``,
-    the per-token terms ``[Q, T, B]`` summed over layers follow, packed as one array
-    ``[L·Q + Q·T, B]`` (the pass concatenates one array per batch)."""
+    """The score block of one training batch (:mod:`influence.scoring.blocks`): ``[L, Q, B]``
+    per layer (or ``[1, Q, B]`` summed); each device scores its rows (against its queries,
+    with a query axis). With ``per_token``, the per-token terms ``[Q, T, B]`` summed over
+    layers follow, packed as one array ``[L·Q + Q·T, B]`` (the pass concatenates one array per batch)."""
     _, a, g = layer_gradients(graphdef, state, layers, task, kind, batch, example_mask)
 
     def per_device(a, g, queries):
@@ -118,14 +119,18 @@ def pairwise_scores(
       :class:`~influence.Scores` with ``values [n_query, n_train]``.
     """
     run = Execution.of(execution, options)
-    if index is not None:  # the index path (influence/index): imported here, so scoring does not depend on it
-        from influence.index.score import index_pairwise_scores
-
-        return index_pairwise_scores(model, task, factors, queries, train, index, damping=damping, per_layer=per_layer,
-                                     per_token=per_token, query_rank=query_rank, execution=run)
+    if index is not None:  # the index's score blocks, collected as a rescan's are (scoring.blocks)
+        if per_token:
+            raise InfluenceError("per_token=True needs each training position's terms, which an index does not "
+                                 "keep: score without index= (a rescan), or rank_training(..., index=) and "
+                                 "attribute(...) for the per-token terms of the top pairs")
+        source = open_index_source(model, task, factors, queries, train, index, damping, query_rank, run)
+        collected = collect_scores(source.blocks(per_layer), source.row_check())
+        return scores_result(collected, source.side.n_query, source.names, per_layer,
+                             source.metadata(factors, query_rank))
     side = prepare_queries(model, task, factors, queries, damping=damping, rank=query_rank, execution=run)
     mesh, tracked, dampings = side.mesh, side.tracked, side.damping
-    run = sized(run, tracked, task, train, mesh, queries=side.placed)
+    run = scoring_batch(run, tracked, task, train, mesh, queries=side.placed)
     source = as_source(train, run.batch_size, task, model)
     settings = {"per_layer": per_layer, **({"per_token": True} if per_token else {})}
     checkpoint = score_checkpoint("scores", run, tracked, factors, dampings, lambda: settings, queries=side.queries)
@@ -136,7 +141,7 @@ def pairwise_scores(
     n_layers = len(tracked.layer_names) if per_layer else 1
 
     def score(step):
-        out = _score_step(side.placed, tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
+        out = score_step(side.placed, tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
                           layers=tracked.layers, task=task, kind="empirical", mesh=mesh, keep_layers=per_layer,
                           per_token=per_token)
         if per_token:
@@ -155,23 +160,20 @@ def pairwise_scores(
         tokens = collected[split:].reshape(padded, -1, collected.shape[-1])[: side.n_query]  # [Q, T, N]
         tokens = np.ascontiguousarray(np.moveaxis(tokens, 1, -1))  # [Q, N, T]
         collected = collected[:split].reshape(n_layers, padded, -1)
-    collected = collected[:, :side.n_query]
-    values = collected.sum(axis=0)
     metadata = {
         "strategy": factors.strategy,
         "damping": dampings,
         "layers": list(tracked.layer_names),
-        "n_query": int(values.shape[0]),
-        "n_train": int(values.shape[1]),
+        "n_query": side.n_query,
+        "n_train": int(collected.shape[-1]),
         "query_rank": query_rank,
         "fingerprint": tracked.fingerprint,
         "mesh": describe_mesh(mesh),
         "batch_size": run.batch_size,
     }
-    per = {name: collected[i] for i, name in enumerate(tracked.layer_names)} if per_layer else None
     if per_token:
         metadata["per_token"] = {"tokens": int(tokens.shape[-1]), "limit_floats": MAX_PER_TOKEN}
-    return Scores(values, per, metadata, per_token=tokens)
+    return scores_result(collected, side.n_query, list(tracked.layer_names), per_layer, metadata, per_token=tokens)
 
 
 def _check_per_token_size(shapes: dict, out, side, n_layers: int, source, rows: list, n_valid: int) -> None:

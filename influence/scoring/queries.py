@@ -39,35 +39,11 @@ from influence.runtime.mesh import (
     spans_processes,
     spec,
 )
+from influence.scoring.contractions import LayerQueries, rows_per_chunk
 from influence.scoring.finite import check_query_gradients
 
-STEP_STATICS = ("graphdef", "layers", "task", "kind")
-
-
-class LayerQueries(NamedTuple):
-    """One layer's preconditioned query gradients: ``full`` or (``left``, ``right``)."""
-
-    full: jax.Array | None = None  # [Q, d_a, d_out]
-    left: jax.Array | None = None  # [Q, d_a, r], singular values folded in
-    right: jax.Array | None = None  # [Q, d_out, r]
-
-    @property
-    def num_queries(self) -> int:
-        return (self.full if self.full is not None else self.left).shape[0]
-
-    @property
-    def rank(self) -> int | None:
-        return None if self.left is None else self.left.shape[-1]
-
-    def dense(self) -> jax.Array:
-        """``[Q, d_a, d_out]`` (reconstructed from the factors when low-rank)."""
-        if self.full is not None:
-            return self.full
-        return jnp.einsum("qik,qjk->qij", self.left, self.right)
-
-    def take(self, index: jax.Array) -> LayerQueries:
-        """The queries at ``index`` (e.g. one per training row for attribution)."""
-        return LayerQueries(*(None if x is None else x[index] for x in self))
+GRADIENT_STATICS = ("graphdef", "layers", "task", "kind")
+"""Static arguments of a jitted step that takes layer gradients (``layer_gradients``)."""
 
 
 def low_rank(full: jax.Array, rank: int) -> LayerQueries:
@@ -83,7 +59,7 @@ def low_rank(full: jax.Array, rank: int) -> LayerQueries:
     return LayerQueries(left=jnp.asarray(left), right=jnp.asarray(right))
 
 
-@functools.partial(jax.jit, static_argnames=STEP_STATICS)
+@functools.partial(jax.jit, static_argnames=GRADIENT_STATICS)
 def _gradient_step(state, batch, example_mask, *, graphdef, layers, task, kind):
     """Per-example gradients ``{name: [B, d_a, d_out]}`` of one batch (partitioned over
     the batch's devices by ``jit``)."""
@@ -111,7 +87,7 @@ def scoring_mesh(mesh: MeshLike, batch_size: int | None):
     return mesh
 
 
-def sized(run: Execution, tracked: TrackedModel, task, data, mesh, kind: str = "empirical", *,
+def scoring_batch(run: Execution, tracked: TrackedModel, task, data, mesh, kind: str = "empirical", *,
           per_example_gradients: bool = False, queries: dict[str, LayerQueries] | None = None) -> Execution:
     """``run`` with the batch size of a scoring pass over ``data`` set (chosen from its
     memory budget when it has none: :meth:`influence.Execution.sized`). With ``queries``,
@@ -123,8 +99,6 @@ def sized(run: Execution, tracked: TrackedModel, task, data, mesh, kind: str = "
                                  per_example_gradients=per_example_gradients)
 
     def max_rows(row):
-        from influence.scoring.contractions import rows_per_chunk  # it imports LayerQueries from here
-
         a, _ = captured_shapes(tracked.graphdef, tracked.state, tracked.layers, task, kind, row)
         per_device = min(rows_per_chunk(queries[i.name], a[i.name][1]) for i in tracked.layers)
         return per_device * n_data(mesh)
@@ -175,7 +149,7 @@ def _query_gradients(model, task, prepared, queries, rank, run: Execution, mesh)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     tracked, curvature, dampings = prepared
-    run = sized(run, tracked, task, queries, mesh, "measurement", per_example_gradients=True)
+    run = scoring_batch(run, tracked, task, queries, mesh, "measurement", per_example_gradients=True)
     source = as_source(queries, run.batch_size, task, model, queries=True)
 
     def update(grads, step):

@@ -26,11 +26,11 @@ from influence.runtime.mesh import DATA, describe_mesh, local, spec
 from influence.scoring.contractions import stack_layers
 from influence.scoring.finite import RowCheck
 from influence.scoring.queries import (
-    STEP_STATICS,
+    GRADIENT_STATICS,
     prepare,
     score_checkpoint,
+    scoring_batch,
     scoring_mesh,
-    sized,
 )
 from influence.scoring.results import SelfScores
 
@@ -52,7 +52,7 @@ def _self_layer_scores(a, g, curvature: LayerCurvature, damping) -> jax.Array:
     return jax.lax.map(one_example, (a, g), batch_size=chunk)
 
 
-@functools.partial(jax.jit, static_argnames=STEP_STATICS + ("mesh", "keep_layers"))
+@functools.partial(jax.jit, static_argnames=GRADIENT_STATICS + ("mesh", "keep_layers"))
 def _self_step(curvature, damping, state, batch, example_mask, *, graphdef, layers, task, kind, mesh, keep_layers):
     _, a, g = layer_gradients(graphdef, state, layers, task, kind, batch, example_mask)
 
@@ -78,7 +78,7 @@ def self_scores(model: nnx.Module, task: Any, factors: Factors, train: Any, *, d
     run = Execution.of(execution, options)
     mesh = scoring_mesh(run.mesh, run.batch_size)
     tracked, curvature, dampings = prepare(model, factors, damping, mesh)
-    run = sized(run, tracked, task, train, mesh)
+    run = scoring_batch(run, tracked, task, train, mesh)
     source = as_source(train, run.batch_size, task, model)
     checkpoint = score_checkpoint("self-scores", run, tracked, factors, dampings, lambda: {"per_layer": per_layer})
 

@@ -72,7 +72,7 @@ def test_merged_host_parts_equal_one_run_on_all_the_data(tmp_path):
 
 
 def test_merging_top_k_lists_ties_and_resumed_slots():
-    from influence.scoring.ranking import _restore_best
+    from influence.scoring.blocks import restore_best as _restore_best
     from influence.scoring.topk import merge_slots
 
     # two slots (devices or hosts), 1 query, k = 3; equal scores go to the lower row

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import influence as inf
-import influence.scoring.ranking as ranking_module
+import influence.scoring.blocks as blocks_module
 from influence import tasks
 from influence.curvature import strategies
 from influence.runtime.checkpoint import CheckpointMismatch
@@ -164,7 +164,7 @@ def test_ranking_resumes_with_its_top_k_and_score_file(lm, tmp_path, monkeypatch
     # The score file needs a training set of known size (a dict here), so the failure is
     # injected inside the loop instead of in the data: at the sixth batch, before scoring it.
     calls = []
-    original = ranking_module._candidate_mask
+    original = blocks_module.candidate_mask
 
     def failing(*args):
         calls.append(1)
@@ -172,7 +172,7 @@ def test_ranking_resumes_with_its_top_k_and_score_file(lm, tmp_path, monkeypatch
             raise Interrupted("simulated failure while ranking")
         return original(*args)
 
-    monkeypatch.setattr(ranking_module, "_candidate_mask", failing)
+    monkeypatch.setattr(blocks_module, "candidate_mask", failing)
     with pytest.raises(Interrupted):
         rank()
     assert not (tmp_path / "all.npy").exists()  # only the partial file, kept for the resumption
