@@ -26,15 +26,14 @@ ALLOWED = {
     "curvature": {"capture", "runtime", "errors"},
     "factors": {"curvature", "capture", "runtime", "errors"},
     "fit": {"factors", "curvature", "capture", "runtime", "errors"},
-    "scoring": {"factors", "curvature", "capture", "runtime", "errors", "index"},
-    # the gradient index builds on the scoring's query side and result types
+    "scoring": {"factors", "curvature", "capture", "runtime", "errors"},
+    # the gradient index builds on the scoring: its query side, and it is a source of score blocks
     "index": {"scoring", "factors", "curvature", "capture", "runtime", "errors", "_version"},
     "reference": {"capture", "curvature", "runtime", "errors", "tasks"},
-    "lm": {"errors", "runtime", "tasks", "fit", "factors"},  # a run fits its own factors (lm.run)
+    "lm": {"errors", "runtime", "tasks", "fit"},  # a run fits its own factors (lm.run)
     "query": {"scoring", "factors", "tasks", "runtime", "errors", "lm"},
 }
-LAZY_ONLY = {("query", "lm"),  # token offsets of influence.lm runs, imported inside a function
-             ("scoring", "index")}  # the index= dispatch of pairwise_scores / rank_training: no import cycle
+LAZY_ONLY = {("query", "lm")}  # token offsets of influence.lm runs, imported inside a function
 
 
 def _package(path: Path) -> str:
@@ -75,6 +74,119 @@ def test_module_imports_only_what_its_layer_may(path):
         )
 
 
+def test_every_allowed_import_is_used():
+    """The table claims no more than the code does: each allowed edge is an import
+    (``errors`` aside: any package may raise the library's errors)."""
+    used = {(_package(p), imported) for p in MODULES for imported, _ in _imports(p)}
+    unused = {(own, other) for own, others in ALLOWED.items() for other in others if other != "errors"} - used
+    assert not unused, f"ALLOWED lists imports no module makes: {sorted(unused)}; remove them"
+
+
+# docs/architecture.md's layering table is generated from ALLOWED and LAZY_ONLY
+# (`python -m tests.test_architecture` rewrites it) and held to them here.
+DOC = ROOT.parent / "docs" / "architecture.md"
+BEGIN, END = "<!-- imports:begin (python -m tests.test_architecture) -->", "<!-- imports:end -->"
+FIXED_ROWS = ["| `cli/` | anything |",
+              "| `influence/__init__.py` | the core eagerly; `lm`, `query`, `reference`, `scoring.hosts`, `index`, "
+              "`testing` lazily |"]
+
+
+def _name(package: str) -> str:
+    return f"`{package}.py`" if (ROOT / f"{package}.py").is_file() else f"`{package}/`"
+
+
+def import_table() -> str:
+    """The markdown table of who may import whom (from :data:`ALLOWED`, :data:`LAZY_ONLY`)."""
+    rows = ["| package | may import |", "|---|---|"]
+    for own, others in ALLOWED.items():
+        names = [f"`{o}`" + (" (only inside a function)" if (own, o) in LAZY_ONLY else "") for o in sorted(others)]
+        rows.append(f"| {_name(own)} | {', '.join(names) or 'nothing of `influence`'} |")
+    return "\n".join(rows + FIXED_ROWS)
+
+
+def _doc_with_table(text: str) -> str:
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    return f"{head}{BEGIN}\n{import_table()}\n{END}{tail}"
+
+
+def test_the_documented_import_table_is_the_checked_one():
+    text = DOC.read_text()
+    assert _doc_with_table(text) == text, "stale import table (docs/architecture.md): python -m tests.test_architecture"
+
+
+def _module_graph(roots):
+    """``{module: modules of the same tree it imports}`` (any depth, function-local too)."""
+    files = {}
+    for root in roots:
+        for path in root.rglob("*.py"):
+            parts = list(path.relative_to(root.parent).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            files[".".join(parts)] = path
+    graph = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            for name in names:
+                while name and name not in files:
+                    name = name.rpartition(".")[0]
+                if name and name != module and files[name].name != "__init__.py":  # package faces hand names on
+                    targets.add(name)
+        graph[module] = targets
+    return graph
+
+
+def _loops(graph):
+    """Strongly connected groups of more than one module (Tarjan)."""
+    index, low, stack, on, loops = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                loops.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return loops
+
+
+def test_no_import_loops():
+    roots = [ROOT] + [ROOT.parent / d for d in ("experiments", "benchmarks") if (ROOT.parent / d).is_dir()]
+    assert _loops(_module_graph(roots)) == []
+
+
+def test_the_loop_check_finds_a_loop():
+    assert _loops({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
 def test_importing_the_library_loads_no_application():
     import subprocess
     import sys
@@ -82,3 +194,8 @@ def test_importing_the_library_loads_no_application():
     code = ("import sys, influence; loaded = [m for m in sys.modules if m.split('.')[:2] in "
             f"[['influence', a] for a in {APPLICATIONS!r}]]; print(loaded); assert not loaded")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+if __name__ == "__main__":
+    DOC.write_text(_doc_with_table(DOC.read_text()))
+    print(f"wrote the import table of {DOC}")

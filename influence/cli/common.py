@@ -271,8 +271,8 @@ def choose_index(args, factors_folder: Path, loaded, factors) -> tuple[Path | No
     answered. A found index that does not match the run's model, factors or data is named
     and passed over (the query rescans)."""
     import influence as inf
-    from influence.index.build import built_from
     from influence.index.store import Index
+    from influence.index.write import built_from
 
     if getattr(args, "no_index", False):
         return None, "rescan (--no-index)"

@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"indexed {index.n_rows} sequences in {seconds:.1f} s: {index.bytes_per_sequence:.0f} bytes per sequence "
           f"({index.bytes_per_sequence / full:.3f} of the full float32 gradient), {index.bytes / 2**20:.1f} MiB")
     print(f"index: {path}")
+    if index.chosen:  # a fidelity choice: what its probe measured
+        c = index.chosen
+        print(f"chosen from a probe of {c['probe_queries']} {c['probe']} ranked among {c['sample_rows']} training "
+              f"rows: top-10 agreement {c['top10']:.3f} (least query {c['least_top10']:.2f}, target {c['target']:g}"
+              f"{'' if c['reached'] else ', NOT reached'}) in {c['dtype']}")
     n = min(args.check, len(loaded.heldout))
     if args.check and not n:
         print("fidelity not measured: the run has no held-out sequences")

@@ -28,6 +28,9 @@ stored as
   are the map; a score is the rescan's terms on the kept coordinates.
 * ``"project"``: ``M`` is a Gaussian matrix ``N(0, 1/k)`` (LoGra-style, one per side, drawn
   from ``seed``): ``⟨K_q, C⟩`` is an unbiased estimate of the score.
+* ``"fidelity"``: a selection (the same maps as ``"select"``) whose share of each layer's
+  coordinates is chosen at build time from a probe's measured top-10 agreement with exact
+  scores (``fraction`` is the target agreement; :mod:`influence.index.choose`).
 * ``"rank"``: the best rank-c approximation ``U Vᵀ`` (``U [d_a, c]``, ``V [d_out, c]``, a
   SVD on the host) of each sequence's whitened rotated gradient (LoRIF-style:
   ``Σ_t ā_t g_tᵀ`` has rank ≤ T, so c ≥ T is exact, and for T < d the SVD is of a T×T
@@ -67,7 +70,7 @@ import numpy as np
 from influence.curvature.blocks import is_blocked, matmul_last
 from influence.errors import InfluenceError
 
-METHODS = ("none", "truncate", "select", "project", "rank")
+METHODS = ("none", "truncate", "select", "project", "rank", "fidelity")
 MAP_KEYS = ("a", "s", "w", "wa", "ws", "keep")
 """The arrays a layer's maps may hold (see :func:`compression_maps`)."""
 DTYPES = ("float32", "bfloat16", "int8", "int4")
@@ -171,6 +174,8 @@ def compression_maps(compression: Compression, layers: list[tuple[str, np.ndarra
     tracking order: :func:`side_maps` per layer, or the selection across all of them."""
     if compression.method == "select":
         return select_maps(compression.fraction, layers)
+    if compression.method == "fidelity":
+        raise ValueError("'fidelity' chooses its coordinates from a probe: use influence.index.choose")
     return {name: side_maps(compression, lam, d_a, d_out, i, name) for i, (name, lam, d_a, d_out) in enumerate(layers)}
 
 

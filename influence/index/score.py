@@ -24,9 +24,9 @@ import numpy as np
 
 from influence.curvature.layer import map_arrays
 from influence.factors import Factors
-from influence.index.build import built_from
 from influence.index.compress import LEVELS, MAP_KEYS, LayerMap, decode, levels, map_queries, row_bytes
 from influence.index.store import Index, check_data, open_parts
+from influence.index.write import built_from
 from influence.runtime.execution import Execution
 from influence.runtime.mesh import describe_mesh
 from influence.scoring.blocks import register_index_source

@@ -144,8 +144,17 @@ class Index:
 
     @property
     def bytes(self) -> int:
-        """Bytes of every shard file."""
-        return sum(f["bytes"] for shard in self.shards for f in shard["files"])
+        """Bytes of every file the index writes: its shards, maps and manifest."""
+        shards = sum(f["bytes"] for shard in self.shards for f in shard["files"])
+        return shards + (self.path / MAPS).stat().st_size + (self.path / MANIFEST).stat().st_size
+
+    @property
+    def chosen(self) -> dict[str, Any] | None:
+        """What a ``"fidelity"`` choice measured at build time (``None`` otherwise): the
+        target, the probe's mean and least top-10 agreement with exact scores, whether the
+        target was reached, bytes per sequence and each layer's kept share and agreement
+        (:mod:`influence.index.choose`)."""
+        return self.manifest.get("chosen")
 
     @property
     def bytes_per_sequence(self) -> float:

@@ -1,0 +1,63 @@
+"""The fidelity-chosen compression (influence.index.choose): what it measures on its
+probe is what the written index then scores, and it records it."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import influence as inf
+from influence import tasks
+from influence.index.choose import MIN_QUERY
+from influence.testing import trained_mlp
+
+QUIET = {"progress": False}
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    model, data, queries = trained_mlp(n_train=96)
+    task = tasks.Classification()
+    factors = inf.fit_factors(model, task, data, strategy="ekfac", batch_size=32, **QUIET)
+    return model, task, factors, data, queries
+
+
+def _top10(approx, reference):
+    a = np.argsort(-approx, axis=1, kind="stable")[:, :10]
+    r = np.argsort(-reference, axis=1, kind="stable")[:, :10]
+    return np.array([len(set(x) & set(y)) / 10 for x, y in zip(a, r)])
+
+
+def test_fidelity_index_scores_as_its_probe_measured(mlp, tmp_path):
+    model, task, factors, data, queries = mlp
+    index = inf.build_index(model, task, factors, data, path=tmp_path / "index", compression="fidelity:0.9:int4",
+                            probe=queries, batch_size=32, **QUIET)
+    chosen = index.chosen
+    assert chosen["reached"] and chosen["top10"] >= 0.9 and chosen["least_top10"] >= MIN_QUERY
+    assert chosen["sample_rows"] == 96 and chosen["probe_queries"] == len(queries["x"])
+    # The probe ranked every training row (96 < SAMPLE_ROWS): the written index must reproduce
+    # the agreement the choice simulated, query by query (same selection, same int4 rounding).
+    rescan = inf.pairwise_scores(model, task, factors, queries, data, batch_size=32, **QUIET).values
+    answered = inf.pairwise_scores(model, task, factors, queries, None, index=index, **QUIET).values
+    measured = _top10(answered, rescan)
+    assert abs(measured.mean() - chosen["top10"]) <= 0.02, (measured.mean(), chosen)
+    assert measured.min() >= MIN_QUERY - 0.1
+    # it stores less than the full gradient, and each layer what the manifest says
+    assert index.bytes_per_sequence == chosen["bytes_per_sequence"] < chosen["full_bytes_per_sequence"]
+    for layer in index.layers:
+        assert layer["width"] == round(chosen["layers"][layer["name"]]["share"] * layer["d_a"] * layer["d_out"])
+    # Index.bytes counts every file the index wrote
+    on_disk = sum(f.stat().st_size for f in Path(index.path).rglob("*") if f.is_file())
+    assert index.bytes == on_disk
+
+
+@pytest.mark.slow
+def test_a_stricter_target_stores_more(mlp, tmp_path):
+    model, task, factors, data, queries = mlp
+    loose = inf.build_index(model, task, factors, data, path=tmp_path / "a", compression="fidelity:0.6:int4",
+                            batch_size=32, **QUIET)
+    strict = inf.build_index(model, task, factors, data, path=tmp_path / "b", compression="fidelity:1:int8",
+                             batch_size=32, **QUIET)
+    assert loose.chosen["probe"] == "held-out training rows"
+    assert loose.chosen["bytes_per_sequence"] < strict.chosen["bytes_per_sequence"]
+    assert strict.chosen["top10"] == 1.0 or not strict.chosen["reached"]
