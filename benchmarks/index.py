@@ -49,6 +49,8 @@ from flax import nnx
 from scipy.stats import pearsonr, spearmanr
 
 import influence as inf
+from benchmarks.index_heldout import OUT as HELDOUT
+from benchmarks.index_heldout import render as heldout_section
 from benchmarks.speed import timed
 from influence import testing
 from influence.index.build import DEFAULT_COMPRESSION as DEFAULT
@@ -606,6 +608,8 @@ def render(results: dict) -> str:
         "`index=` the parent folder merges their top-k exactly (tested).",
         "",
     ]
+    if HELDOUT.is_file():  # issue 28: the compressions on model kinds that did not set the default
+        out += heldout_section(json.loads(HELDOUT.read_text()))
     return "\n".join(out)
 
 
