@@ -240,6 +240,11 @@ def render(results: dict) -> list[str]:
             r = s["compressions"][comp]
             cells.append(f"{r['top10']:.3f} ({r['least_top10']:.1f}), r {r['pearson']:.3f} / {r['share']:.3f}")
         lines.append(f"| {name} | {s['layers']} | " + " | ".join(cells) + " |")
+    rows = {name: s["compressions"]["fidelity:0.95:int4"] for name, s in results["settings"].items()}
+    met = [n for n, r in rows.items() if r["top10"] >= 0.95 and r["share"] <= 1 / 16]
+    missed = ", ".join(f"{n} (top-10 {r['top10']:.3f} at {r['share']:.3f})" for n, r in rows.items() if n not in met)
+    lines += ["", f"The issue's bar (top-10 ≥ 0.95 within 1/16 of the full bytes) holds for `fidelity:0.95:int4` on "
+              f"{len(met)} of {len(rows)} settings" + (f"; not on {missed}." if missed else ".")]
     lines += ["", "What the fidelity choice measured on its own probe (held-out training rows) at build time:", ""]
     for name, s in results["settings"].items():
         c = s["chosen"]
