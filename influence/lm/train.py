@@ -93,9 +93,10 @@ class TrainConfig:
         return {max(1, round(total * (i + 1) / n)) for i in range(n)}
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig, eps_root: float = 0.0) -> optax.GradientTransformation:
     """Clip the global gradient norm, then AdamW (b2 = 0.95) on a warmup + cosine schedule;
-    weight decay applies to matrices only (not biases, LayerNorm scales)."""
+    weight decay applies to matrices only (not biases, LayerNorm scales). ``eps_root`` goes
+    inside Adam's √ν (metagradients need it > 0: see :func:`influence.unrolled.lm_run`)."""
     total = cfg.total_steps
     warmup = max(1, int(cfg.warmup_fraction * total))
     schedule = optax.warmup_cosine_decay_schedule(
@@ -106,7 +107,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         return jax.tree.map(lambda p: p.ndim >= 2, params)
 
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask))
+                       optax.adamw(schedule, b1=0.9, b2=0.95, eps_root=eps_root, weight_decay=cfg.weight_decay,
+                                   mask=decay_mask))
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
