@@ -8,10 +8,10 @@ from influence.unrolled.metagradient import (
     mean_loss_run,
     metagradient_scores,
     metagradients,
+    states_at,
     train,
     train_many,
-    trajectory,
 )
 
 __all__ = ["TrainingRun", "full_batch", "lm_run", "mean_loss_run", "metagradient_scores", "metagradients", "train",
-           "train_many", "trajectory"]
+           "train_many", "states_at"]

@@ -58,6 +58,8 @@ class TrainingRun:
         depends on the seed (re-seeded retraining).
       merge: optional ``params -> nnx.Module`` (trajectory scoring needs a model).
       name: a label for metadata.
+      schedule: optional ``step (0-based) -> learning rate``, for the learning-rate-share
+        weights of :func:`influence.unrolled.trajectory.trajectory_scores`.
     """
 
     init: Callable[[int], Params]
@@ -67,6 +69,7 @@ class TrainingRun:
     order: np.ndarray | Callable[[int], np.ndarray]
     merge: Callable[[Params], nnx.Module] | None = None
     name: str = "run"
+    schedule: Callable[[int], Any] | None = None
 
     @property
     def n_train(self) -> int:
@@ -154,7 +157,7 @@ def train_many(run: TrainingRun, weights, seeds: Sequence[int]) -> Params:
     return fn(params, weights.astype(jax.tree.leaves(params)[0].dtype), orders)
 
 
-def trajectory(run: TrainingRun, steps: Sequence[int], w=None, seed: int = 0) -> list[tuple[Params, Any]]:
+def states_at(run: TrainingRun, steps: Sequence[int], w=None, seed: int = 0) -> list[tuple[Params, Any]]:
     """``(θ_t, optimizer state_t)`` after each of ``steps`` (sorted, in ``1..T``; ``0`` is
     the initialisation), for checkpoint-based methods."""
     w = _check_weights(run, w)
@@ -236,7 +239,7 @@ def full_batch(n_train: int, steps: int) -> np.ndarray:
 
 def mean_loss_run(make_model: Callable[[int], nnx.Module], task: Any, data: dict, tx: optax.GradientTransformation,
                   steps: int, weight_decay: float = 0.0, order: np.ndarray | None = None,
-                  dtype: Any = None) -> TrainingRun:
+                  dtype: Any = None, schedule: Callable[[int], Any] | None = None) -> TrainingRun:
     """The digits trainer (:func:`influence.reference.training.fit_many` with
     ``weighted_mean_loss``) as a :class:`TrainingRun`: objective ``Σ_b w_b L_b / Σ_b w_b +
     weight_decay · ‖θ‖²`` of the task's per-example losses, full batch unless ``order``
@@ -261,11 +264,11 @@ def mean_loss_run(make_model: Callable[[int], nnx.Module], task: Any, data: dict
         return jnp.sum(task.loss(merge(params), batch) * weights) / jnp.sum(weights) + weight_decay * reg
 
     return TrainingRun(init, tx, objective, data, full_batch(n, steps) if order is None else order, merge,
-                       name="mean-loss")
+                       name="mean-loss", schedule=schedule)
 
 
 def lm_run(cfg: Any, train_ids: np.ndarray, train_mask: np.ndarray, eps_root: float = 1e-16,
-           steps: int | None = None) -> TrainingRun:
+           steps: int | None = None, vocab_size: int | None = None) -> TrainingRun:
     """An ``influence train`` run (:class:`influence.lm.Trainer`) as a :class:`TrainingRun`:
     the same model initialisation per seed, the same batches (a per-epoch permutation from
     ``(seed, epoch)``), the mean next-token loss per target token, and the same clipped
@@ -281,12 +284,13 @@ def lm_run(cfg: Any, train_ids: np.ndarray, train_mask: np.ndarray, eps_root: fl
         only through :meth:`TrainingRun.steps` (seeds are explicit).
       train_ids, train_mask: int ``[N, T]`` the run's training sequences.
       steps: stop after this many steps (default the run's total).
+      vocab_size: the tokenizer's (``run.tokenizer.vocab_size``; default ``cfg.vocab_size``).
     """
     from influence.lm.model import get_scale, init_model, token_losses
-    from influence.lm.train import make_optimizer
+    from influence.lm.train import learning_rate_schedule, make_optimizer
 
     cfg = cfg.resolved()
-    model_config = get_scale(cfg.scale).config(cfg.vocab_size, cfg.seq_len)
+    model_config = get_scale(cfg.scale).config(vocab_size or cfg.vocab_size, cfg.seq_len)
     graphdef, _, rest = nnx.split(init_model(model_config, 0), nnx.Param, ...)
     total = cfg.total_steps if steps is None else int(steps)
     b = cfg.batch_size
@@ -313,5 +317,6 @@ def lm_run(cfg: Any, train_ids: np.ndarray, train_mask: np.ndarray, eps_root: fl
 
     data = {"input_ids": jnp.asarray(train_ids), "loss_mask": jnp.asarray(train_mask)}
     return TrainingRun(lambda seed: nnx.split(init_model(model_config, seed), nnx.Param, ...)[1], tx, objective,
-                       data, order, merge, name=f"lm-{cfg.scale}")
+                       data, order, merge, name=f"lm-{cfg.scale}",
+                       schedule=learning_rate_schedule(cfg))
 

@@ -139,3 +139,39 @@ class _DigitsMLP(nnx.Module):
 
     def __call__(self, x):
         return self.l2(jnp.tanh(self.l1(x)))
+
+
+@pytest.mark.slow
+def test_influence_train_runs_are_reproduced(tmp_path):
+    """``lm_run`` steps as ``influence.lm.Trainer`` (same init, batches, clipped AdamW on its
+    schedule); its metagradients are finite (eps_root) and match a finite difference."""
+    from influence.lm import Trainer
+    from influence.unrolled import lm_run
+    from tests.lm.helpers import docs, tiny_config
+
+    trainer = Trainer(tiny_config(tokens=8 * 32 * 6), tmp_path, docs())
+    for _ in range(trainer.cfg.total_steps):
+        trainer.step()
+    ids, mask = trainer.train_ids[:40], trainer.train_mask[:40]
+    # the trainer's batches come from all its sequences: compare on the full set
+    run = lm_run(trainer.cfg, trainer.train_ids, trainer.train_mask, vocab_size=trainer.tokenizer.vocab_size)
+    got = train(run, seed=trainer.cfg.seed)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, trainer.params)
+
+    small = lm_run(trainer.cfg, ids, mask, vocab_size=trainer.tokenizer.vocab_size)
+    queries = {"input_ids": jnp.asarray(trainer.held_ids[:2]), "loss_mask": jnp.asarray(trainer.held_mask[:2])}
+    task = tasks.CausalLM()
+
+    def measure(params, q):
+        return task.loss(small.model(params), q)
+
+    mg = metagradients(small, measure, queries)
+    assert np.all(np.isfinite(mg))
+    n = int(small.steps(0)[0, 0])  # an example of the first batch
+    eps = 1e-2
+    w = np.ones((2, 40), np.float32)
+    w[0, n] += eps
+    w[1, n] -= eps
+    m = np.asarray(jax.vmap(lambda p: measure(p, queries))(train_many(small, w, [0, 0])))
+    fd = (m[0] - m[1]) / (2 * eps)
+    np.testing.assert_allclose(mg[:, n], fd, rtol=0.05, atol=0.02 * np.abs(fd).max())
