@@ -52,7 +52,8 @@ _LAZY = {"lm": "influence.lm", "query": "influence.query", "reference": "influen
          "hosts": "influence.scoring.hosts", "testing": "influence.testing", "index": "influence.index",
          "unrolled": "influence.unrolled"}
 _LAZY_NAMES = {"build_index": ("influence.index.build", "build_index"),
-               "metagradient_scores": ("influence.unrolled.metagradient", "metagradient_scores")}
+               "metagradient_scores": ("influence.unrolled.metagradient", "metagradient_scores"),
+               "validate": ("influence.reference.validate", "validate")}
 
 
 def __getattr__(name):
@@ -73,4 +74,4 @@ __all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "Dege
            "Ranking", "Scores", "SelfScores", "Task", "TaskError", "TrackingError", "UntrackedParametersWarning",
            "__version__", "attribute", "build_index", "enable_compilation_cache", "fit_factors", "hosts", "index",
            "lm", "pairwise_scores", "query", "rank_training", "reference", "self_scores", "tasks", "testing", "track",
-           "metagradient_scores", "unrolled"]
+           "metagradient_scores", "unrolled", "validate"]

@@ -261,7 +261,9 @@ def mean_loss_run(make_model: Callable[[int], nnx.Module], task: Any, data: dict
 
     def objective(params, batch, weights):
         reg = sum(jnp.sum(x**2) for x in jax.tree.leaves(params))
-        return jnp.sum(task.loss(merge(params), batch) * weights) / jnp.sum(weights) + weight_decay * reg
+        # a mini-batch whose examples all have weight 0 (a removal) contributes only the L2 term
+        total = jnp.maximum(jnp.sum(weights), 1e-12)
+        return jnp.sum(task.loss(merge(params), batch) * weights) / total + weight_decay * reg
 
     return TrainingRun(init, tx, objective, data, full_batch(n, steps) if order is None else order, merge,
                        name="mean-loss", schedule=schedule)
