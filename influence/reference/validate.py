@@ -163,7 +163,8 @@ def _retrainer(run, measure, queries):
 def validate(run: Any, task: Any, queries: dict, *, methods: Sequence[str] = METHODS, n_subsets: int = 32,
              fraction: float = 0.5, reseeds: Sequence[int] = (1, 2), seed: int = 0, n_checkpoints: int = 4,
              top_k_fraction: float = 0.01, cache_dir: str | Path | None = None, run_key: dict | None = None,
-             batch_size: int = 64, key: jax.Array | None = None, progress: bool = False) -> Validation:
+             batch_size: int = 64, key: jax.Array | None = None, progress: bool = False,
+             reuse: Validation | None = None) -> Validation:
     """LDS of each method on ``run`` under deterministic and re-seeded retraining.
 
     Args:
@@ -179,6 +180,8 @@ def validate(run: Any, task: Any, queries: dict, *, methods: Sequence[str] = MET
       cache_dir, run_key: retrained measurements are cached under ``cache_dir`` keyed by
         ``run_key`` (JSON naming everything that determines the run and the queries) and
         the sampling settings; both or neither.
+      reuse: an earlier :class:`Validation` of the same run and queries whose scores (and
+        their cost) are reused, e.g. to measure LDS at another ``fraction``.
     """
     from influence.fit import fit_factors
     from influence.scoring.pairwise import pairwise_scores
@@ -205,6 +208,9 @@ def validate(run: Any, task: Any, queries: dict, *, methods: Sequence[str] = MET
 
     scores, cost, skipped = {}, {}, {}
     for method in methods:
+        if reuse is not None and method in reuse.scores:
+            scores[method], cost[method] = reuse.scores[method], reuse.cost[method]
+            continue
         t0 = time.perf_counter()
         if method in ("ekfac", "identity"):
             factors = fit_factors(model, task, train_data, strategy=method, key=key, batch_size=batch_size,
