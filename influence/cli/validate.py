@@ -41,10 +41,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def digits_run(n_train: int, n_queries: int, steps: int, hidden: int = 32, lr: float = 1e-2,
-               weight_decay: float = 1e-3):
+               weight_decay: float = 1e-3, dtype=None):
     """``(run, task, queries, key)``: a tanh MLP 64-hidden-10 on the first ``n_train``
     digits, full-batch Adam (eps_root 1e-16, see :func:`influence.unrolled.lm_run`),
-    queries from the held-out tail (images 1500 on)."""
+    queries from the held-out tail (images 1500 on); ``dtype`` e.g. float64 (needs
+    ``jax_enable_x64``)."""
     import jax.numpy as jnp
     import optax
     from flax import nnx
@@ -63,10 +64,10 @@ def digits_run(n_train: int, n_queries: int, steps: int, hidden: int = 32, lr: f
 
     x, y = digits()
     run = mean_loss_run(DigitsMLP, tasks.Classification(), {"x": x[:n_train], "y": y[:n_train]},
-                        optax.adam(lr, eps_root=1e-16), steps, weight_decay)
+                        optax.adam(lr, eps_root=1e-16), steps, weight_decay, dtype=dtype)
     queries = {"x": x[1500:1500 + n_queries], "y": y[1500:1500 + n_queries]}
     key = {"setting": "digits-mlp", "n_train": n_train, "n_queries": n_queries, "steps": steps, "hidden": hidden,
-           "lr": lr, "weight_decay": weight_decay}
+           "lr": lr, "weight_decay": weight_decay, **({} if dtype is None else {"dtype": str(dtype)})}
     return run, tasks.Classification(), queries, key
 
 

@@ -37,6 +37,7 @@ def setting():
     return run, tasks.Classification(), train_data, queries
 
 
+@pytest.mark.slow
 def test_one_checkpoint_is_final_weights_ekfac(setting):
     run, task, train_data, queries = setting
     got = trajectory_scores(run, task, queries, checkpoints=[T], strategy="ekfac", batch_size=16)
