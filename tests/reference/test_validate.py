@@ -67,3 +67,21 @@ def test_validate_command_refuses_bad_arguments(tmp_path, capsys):
     assert "either a run folder or --digits" in capsys.readouterr().err
     assert main(["validate", "--digits", "--methods", "ekfac,magic", "--out", str(tmp_path)]) == 2
     assert "unknown --methods ['magic']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_validate_command_on_an_influence_train_run(tmp_path, capsys):
+    """`influence validate RUN`: a subset of a trained LM run's sequences, retrained with its recipe."""
+    from influence.lm import Trainer
+    from tests.lm.helpers import docs, tiny_config
+
+    run_dir = tmp_path / "run"
+    Trainer(tiny_config(tokens=8 * 32 * 4), run_dir, docs()).run(progress=False)
+    out = tmp_path / "out"
+    code = main(["validate", str(run_dir), "--n-train", "16", "--queries", "2", "--steps", "4", "--subsets", "4",
+                 "--reseeds", "1", "--methods", "identity,metagradient", "--top-k", "0", "--out", str(out),
+                 "--quiet"])
+    assert code == 0
+    data = json.loads((out / "validate.json").read_text())
+    assert data["settings"]["n_train"] == 16 and data["settings"]["steps"] == 4
+    assert {r["method"] for r in data["rows"]} == {"identity", "metagradient"}
