@@ -21,6 +21,9 @@ import numpy as np
 
 from influence.reference.validate import METHODS
 
+# The plot is drawn with matplotlib; --digits reads scikit-learn's bundled digits.
+REQUIRES = ("experiments", ("sklearn", "matplotlib"))
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", nargs="?", type=Path, help="an `influence train` run folder (or use --digits)")
