@@ -181,6 +181,11 @@ def render(results: dict) -> str:
             out.append(f"| {method} | {_cell(_row(e, method, 'deterministic'))} | "
                        f"{_cell(_row(e, method, 'reseeded'))} | {cost['seconds']:.1f} | "
                        f"{cost['training_runs']:.1f} | {tk} |")
+        mg = e["cost"].get("metagradient", {})
+        if mg.get("metagradient_bytes"):
+            out.append(f"\nMemory (XLA's compiled programs: arguments, outputs, temporaries): metagradients of one "
+                       f"chunk of queries {mg['metagradient_bytes'] / 2**20:.1f} MiB, one training run "
+                       f"{mg['training_bytes'] / 2**20:.1f} MiB ({mg['memory_vs_training']:.1f}×).")
         for method, why in e.get("skipped", {}).items():
             out.append(f"\n{method} skipped: {why}")
         out.append("")

@@ -59,7 +59,9 @@ class Validation:
       rows: one dict per (method, retraining): ``method``, ``retraining``
         (``"deterministic"`` / ``"reseeded"``), ``lds`` (mean over queries), ``low``,
         ``high`` (bootstrap 95 % interval), ``n_queries`` (queries with a defined LDS).
-      cost: method -> ``{"seconds", "training_runs"}``.
+      cost: method -> ``{"seconds", "training_runs"}``; the metagradient's also has
+        ``metagradient_bytes``, ``training_bytes`` and their ratio ``memory_vs_training``
+        (compiled programs' memory as XLA reports it).
       top_k: method -> ``{"k", "top_k", "random"}``: mean change of the query's
         measurement when its top-k / k random examples are removed and the run retrained.
       settings: the sizes and seeds used; ``skipped``: method -> why it was left out.
@@ -206,7 +208,7 @@ def validate(run: Any, task: Any, queries: dict, *, methods: Sequence[str] = MET
     one_run = time.perf_counter() - t0
     model = run.model(params)
 
-    scores, cost, skipped = {}, {}, {}
+    scores, cost, skipped, memory = {}, {}, {}, {}
     for method in methods:
         if reuse is not None and method in reuse.scores:
             scores[method], cost[method] = reuse.scores[method], reuse.cost[method]
@@ -218,7 +220,9 @@ def validate(run: Any, task: Any, queries: dict, *, methods: Sequence[str] = MET
             values = pairwise_scores(model, task, factors, queries, train_data, batch_size=batch_size,
                                      progress=progress).values
         elif method == "metagradient":
-            values = metagradient_scores(run, measure, queries, seed=seed).values
+            result = metagradient_scores(run, measure, queries, seed=seed, memory=True)
+            values, memory = result.values, {k: result.metadata.get(k) for k in ("metagradient_bytes",
+                                                                                 "training_bytes")}
         elif method == "trajectory":
             values = trajectory_scores(run, task, queries, n_checkpoints=n_checkpoints, strategy="ekfac", seed=seed,
                                        key=key, batch_size=batch_size).values
@@ -233,6 +237,8 @@ def validate(run: Any, task: Any, queries: dict, *, methods: Sequence[str] = MET
         scores[method] = np.asarray(values, np.float64)
         seconds = time.perf_counter() - t0
         cost[method] = {"seconds": seconds, "training_runs": seconds / one_run}
+        if method == "metagradient" and memory.get("metagradient_bytes") and memory.get("training_bytes"):
+            cost[method].update(memory, memory_vs_training=memory["metagradient_bytes"] / memory["training_bytes"])
 
     masks = sample_subsets(n, n_subsets, fraction, seed=1000 + seed)
     retrain = _retrainer(run, measure, queries)

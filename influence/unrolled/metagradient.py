@@ -176,8 +176,18 @@ def states_at(run: TrainingRun, steps: Sequence[int], w=None, seed: int = 0) -> 
     return out
 
 
+def _peak_bytes(compiled) -> int | None:
+    """Arguments + outputs + XLA temporaries of a compiled program (``None`` where the
+    backend does not say)."""
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+    except Exception:  # an optional statistic: some backends have none
+        return None
+
+
 def metagradients(run: TrainingRun, measure: Callable[[Params, Any], jax.Array], queries: Any, w=None,
-                  seed: int = 0, query_chunk: int = 32) -> np.ndarray:
+                  seed: int = 0, query_chunk: int = 32, stats: dict | None = None) -> np.ndarray:
     """``∂m_q(θ_T(w)) / ∂w_n``, float ``[Q, N]``, exactly, by reverse mode through the run.
 
     Args:
@@ -186,6 +196,9 @@ def metagradients(run: TrainingRun, measure: Callable[[Params, Any], jax.Array],
       w: the weights to differentiate at ``[N]`` (default all ones: the ordinary run).
       query_chunk: queries whose backward passes are vectorised together (memory
         grows with it; the forward run is shared within a chunk).
+      stats: a dict to fill with ``metagradient_bytes`` and ``training_bytes``: the
+        compiled programs' memory (arguments, outputs, temporaries) of one chunk's
+        metagradients and of one forward training run, as XLA reports them.
 
     Raises:
       FloatingPointError: a metagradient is NaN or Inf, with the likely fix.
@@ -204,9 +217,15 @@ def metagradients(run: TrainingRun, measure: Callable[[Params, Any], jax.Array],
         return jax.vmap(lambda ct: pullback(ct)[0])(cotangents)
 
     n_q = int(jax.eval_shape(final_measure, w).shape[0])
-    eye = jnp.eye(n_q, dtype=w.dtype)
-    rows = [np.asarray(chunk_grads(w, eye[lo:lo + query_chunk])) for lo in range(0, n_q, query_chunk)]
-    grads = np.concatenate(rows)
+    chunk = min(query_chunk, n_q)
+    # zero cotangent rows pad the last chunk, so every chunk runs the one compiled program
+    eye = jnp.eye(-(-n_q // chunk) * chunk, n_q, dtype=w.dtype)
+    compiled = chunk_grads.lower(w, eye[:chunk]).compile()
+    if stats is not None:
+        stats.update(metagradient_bytes=_peak_bytes(compiled), training_bytes=_peak_bytes(
+            jax.jit(lambda w: _unrolled(run, params, w, order, remat=False)[0]).lower(w).compile()))
+    rows = [np.asarray(compiled(w, eye[lo:lo + chunk])) for lo in range(0, len(eye), chunk)]
+    grads = np.concatenate(rows)[:n_q]
     if not np.all(np.isfinite(grads)):
         bad = int(np.sum(~np.all(np.isfinite(grads), axis=1)))
         raise FloatingPointError(
@@ -218,13 +237,16 @@ def metagradients(run: TrainingRun, measure: Callable[[Params, Any], jax.Array],
 
 
 def metagradient_scores(run: TrainingRun, measure: Callable[[Params, Any], jax.Array], queries: Any, w=None,
-                        seed: int = 0, query_chunk: int = 32) -> Scores:
+                        seed: int = 0, query_chunk: int = 32, memory: bool = False) -> Scores:
     """Metagradient influence as :class:`influence.Scores` ``[Q, N]``: ``values = −∂m_q/∂w_n``
     (a score > 0 means upweighting example n lowers query q's measurement), in the
-    measurement's units per unit of weight. Arguments as :func:`metagradients`."""
-    values = -metagradients(run, measure, queries, w, seed, query_chunk)
+    measurement's units per unit of weight. Arguments as :func:`metagradients`; with
+    ``memory``, the metadata holds its ``stats`` (memory of the metagradient and of a
+    training run; the latter costs one more compilation)."""
+    stats: dict | None = {} if memory else None
+    values = -metagradients(run, measure, queries, w, seed, query_chunk, stats)
     order = run.steps(seed)
-    return Scores(values, None, {"strategy": "metagradient", "run": run.name, "seed": int(seed),
+    return Scores(values, None, {**(stats or {}), "strategy": "metagradient", "run": run.name, "seed": int(seed),
                                  "steps": int(order.shape[0]), "batch_size": int(order.shape[1]),
                                  "n_train": run.n_train, "n_queries": int(values.shape[0])})
 

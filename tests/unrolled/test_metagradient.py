@@ -173,3 +173,16 @@ def test_influence_train_runs_are_reproduced(tmp_path):
     m = np.asarray(jax.vmap(lambda p: measure(p, queries))(train_many(small, w, [0, 0])))
     fd = (m[0] - m[1]) / (2 * eps)
     np.testing.assert_allclose(mg[:, n], fd, rtol=0.05, atol=0.02 * np.abs(fd).max())
+
+
+@pytest.mark.slow
+def test_memory_statistics_and_query_chunks():
+    """Chunks of queries (the last one padded) give the same metagradients; the memory
+    statistics are filled."""
+    with jax.enable_x64(True):
+        run, queries = _run()
+        whole = metagradients(run, _measure(run), queries)
+        stats = {}
+        chunked = metagradients(run, _measure(run), queries, query_chunk=2, stats=stats)
+        np.testing.assert_allclose(chunked, whole, rtol=1e-10, atol=1e-12)
+        assert stats["metagradient_bytes"] > 0 and stats["training_bytes"] > 0
