@@ -15,7 +15,8 @@ Public API::
 Sub-packages loaded on first use: ``inf.lm`` (language models to study), ``inf.query``
 (text queries over an LM run), ``inf.reference`` (exact influence and validation),
 ``inf.hosts`` (several hosts), ``inf.testing`` (small fixtures), ``inf.index`` (the gradient
-index; ``inf.build_index`` is its builder).
+index; ``inf.build_index`` is its builder), ``inf.unrolled`` (metagradients through a
+training run: ``inf.metagradient_scores``).
 """
 
 import importlib
@@ -48,8 +49,11 @@ from influence.scoring.self_influence import self_scores
 from influence.tasks import Task
 
 _LAZY = {"lm": "influence.lm", "query": "influence.query", "reference": "influence.reference",
-         "hosts": "influence.scoring.hosts", "testing": "influence.testing", "index": "influence.index"}
-_LAZY_NAMES = {"build_index": ("influence.index.build", "build_index")}
+         "hosts": "influence.scoring.hosts", "testing": "influence.testing", "index": "influence.index",
+         "unrolled": "influence.unrolled"}
+_LAZY_NAMES = {"build_index": ("influence.index.build", "build_index"),
+               "metagradient_scores": ("influence.unrolled.metagradient", "metagradient_scores"),
+               "validate": ("influence.reference.validate", "validate")}
 
 
 def __getattr__(name):
@@ -69,4 +73,5 @@ __all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "Dege
            "Factors", "FileFormatError", "InfluenceError", "LayerInfo", "MissingCorpusError", "ModelMismatch",
            "Ranking", "Scores", "SelfScores", "Task", "TaskError", "TrackingError", "UntrackedParametersWarning",
            "__version__", "attribute", "build_index", "enable_compilation_cache", "fit_factors", "hosts", "index",
-           "lm", "pairwise_scores", "query", "rank_training", "reference", "self_scores", "tasks", "testing", "track"]
+           "lm", "pairwise_scores", "query", "rank_training", "reference", "self_scores", "tasks", "testing", "track",
+           "metagradient_scores", "unrolled", "validate"]

@@ -13,7 +13,7 @@ import influence
 
 ROOT = Path(influence.__file__).parent
 CORE = ("errors", "tasks", "capture", "curvature", "factors", "fit", "scoring", "index", "runtime", "_version")
-APPLICATIONS = ("lm", "query", "cli", "reference", "testing")
+APPLICATIONS = ("lm", "query", "cli", "reference", "testing", "unrolled")
 
 # package (first component under influence/) -> what it may import of influence
 ALLOWED = {
@@ -29,11 +29,14 @@ ALLOWED = {
     "scoring": {"factors", "curvature", "capture", "runtime", "errors"},
     # the gradient index builds on the scoring: its query side, and it is a source of score blocks
     "index": {"scoring", "factors", "curvature", "capture", "runtime", "errors", "_version"},
-    "reference": {"capture", "curvature", "runtime", "errors", "tasks"},
+    "reference": {"capture", "curvature", "runtime", "errors", "tasks", "fit", "scoring", "unrolled"},
+    # training runs as functions of example weights; lm only for the `influence train` adapter
+    "unrolled": {"scoring", "fit", "errors", "tasks", "lm"},
     "lm": {"errors", "runtime", "tasks", "fit"},  # a run fits its own factors (lm.run)
     "query": {"scoring", "factors", "tasks", "runtime", "errors", "lm"},
 }
-LAZY_ONLY = {("query", "lm")}  # token offsets of influence.lm runs, imported inside a function
+LAZY_ONLY = {("query", "lm"),  # token offsets of influence.lm runs, imported inside a function
+             ("unrolled", "lm")}  # lm_run, the adapter of `influence train` runs
 
 
 def _package(path: Path) -> str:

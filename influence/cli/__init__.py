@@ -48,6 +48,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("influence.cli.index", "build a gradient index of a run, so queries need no pass over its training set"),
     "query": ("influence.cli.query", "rank a run's training sequences by influence on a prompt's completion"),
     "digits": ("influence.cli.digits", "influence on images: an MLP on scikit-learn's bundled digits"),
+    "validate": ("influence.cli.validate", "LDS of every attribution method on a small run, with cost (retrains it)"),
 }
 
 # The extra that provides a module a command module may fail to import (a fallback: the

@@ -93,20 +93,28 @@ class TrainConfig:
         return {max(1, round(total * (i + 1) / n)) for i in range(n)}
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Clip the global gradient norm, then AdamW (b2 = 0.95) on a warmup + cosine schedule;
-    weight decay applies to matrices only (not biases, LayerNorm scales)."""
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Step (0-based) -> learning rate: linear warmup from 0, then cosine to
+    ``final_lr_fraction`` of the peak."""
     total = cfg.total_steps
     warmup = max(1, int(cfg.warmup_fraction * total))
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
         decay_steps=max(total, warmup + 1), end_value=cfg.learning_rate * cfg.final_lr_fraction)
+
+
+def make_optimizer(cfg: TrainConfig, eps_root: float = 0.0) -> optax.GradientTransformation:
+    """Clip the global gradient norm, then AdamW (b2 = 0.95) on a warmup + cosine schedule;
+    weight decay applies to matrices only (not biases, LayerNorm scales). ``eps_root`` goes
+    inside Adam's √ν (metagradients need it > 0: see :func:`influence.unrolled.lm_run`)."""
+    schedule = learning_rate_schedule(cfg)
 
     def decay_mask(params):
         return jax.tree.map(lambda p: p.ndim >= 2, params)
 
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask))
+                       optax.adamw(schedule, b1=0.9, b2=0.95, eps_root=eps_root, weight_decay=cfg.weight_decay,
+                                   mask=decay_mask))
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):

@@ -7,5 +7,6 @@
 * :mod:`.lds`: linear datamodeling score against retrained models, with subset sampling
   and a cache of retrained measurements.
 * :mod:`.training`: many small models trained side by side (vmap).
+* :mod:`.validate`: LDS of every method on a run (``inf.validate``), imported on first use.
 """
 from influence.reference import exact, ihvp, lds, pbrf, training  # noqa: F401  (inf.reference.exact, ...)
