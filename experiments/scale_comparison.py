@@ -254,6 +254,7 @@ def _settings(cfg: ExperimentConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .render import render_report
     from .scale_v2 import V2_CONFIGS, run_all
 
     parser = argparse.ArgumentParser(prog="python -m experiments.scale_comparison", description=__doc__,
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs:
             runs = tuple((s.split(":")[0], int(s.split(":")[1])) for s in args.runs.split(","))
         return run_all(v2, args.out or Path("runs/scale") / v2.name, runs=runs, time_budget=args.time_budget,
-                       publish=args.publish, command=command)
+                       publish=args.publish, command=command, report=render_report)
     if args.time_budget is not None:
         parser.error("--time-budget applies to the v2 configurations (tiny, full, gpu)")
     cfg = CONFIGS[args.config]

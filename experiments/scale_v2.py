@@ -458,13 +458,15 @@ def _machine() -> str:
 
 
 def run_all(cfg: V2Config, out: Path, *, runs: Sequence[tuple[str, int]] | None = None,
-            time_budget: float | None = None, publish: Path | None = None, command: str = "", log: Log = _log) -> int:
-    """Run (or resume) every run of ``cfg``, then write ``results.json`` and the rendered
-    report. Returns 0 when done, :data:`EXIT_RESUME` when the time budget ran out first."""
+            time_budget: float | None = None, publish: Path | None = None, command: str = "", log: Log = _log,
+            report: Callable[[dict], str] | None = None) -> int:
+    """Run (or resume) every run of ``cfg``, then write ``results.json``, the score archive
+    and, given ``report`` (results -> markdown, e.g. :func:`experiments.render.render_report`,
+    passed in so that this module does not import the renderer that imports it), ``report.md``.
+    Returns 0 when done, :data:`EXIT_RESUME` when the time budget ran out first."""
     import jax
 
     from . import scale_runs as steps
-    from .render import render_report
 
     deadline = None if time_budget is None else time.monotonic() + time_budget
     out.mkdir(parents=True, exist_ok=True)
@@ -489,7 +491,8 @@ def run_all(cfg: V2Config, out: Path, *, runs: Sequence[tuple[str, int]] | None 
                "endpoints": endpoints(entries, cfg.layer_sets, cfg.n_boot)}
     results = _rounded(results)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
-    (out / "report.md").write_text(render_report(results))
+    if report is not None:
+        (out / "report.md").write_text(report(results))
     _archive_scores(cfg, out, entries)
     if publish:
         publish.mkdir(parents=True, exist_ok=True)
