@@ -34,6 +34,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "experiments" / "scale.md"
 V1_RESULTS = DOC.parent / "scale" / "results.json"
 V2_RESULTS = DOC.parent / "scale-v2" / "results.json"
 V2_REPORT = DOC.parent / "scale-v2" / "report.md"
+V2_RECOMPUTE = DOC.parent / "scale-v2" / "recompute.json"
 V2_GPU_RESULTS = DOC.parent / "scale-v2-gpu" / "results.json"
 
 
@@ -354,15 +355,10 @@ def role_of(e: dict) -> str:
     return next((ep.role for ep in S.ENDPOINTS if ep.name == e["endpoint"]), "descriptive")
 
 
-# Verdicts of every-scale tests as results written before issue 26 word them.
-_LEGACY_VERDICTS = {"reproduces at every scale": "passes at every scale",
-                    "does not reproduce at every scale": "fails at some scale"}
-
-
 def verdict_of(e: dict) -> str:
     """An evaluated endpoint's verdict, with the pre-issue-26 wording of every-scale tests
     ("reproduces at every scale", which named controls reproductions) replaced."""
-    return _LEGACY_VERDICTS.get(e["verdict"], e["verdict"])
+    return S.LEGACY_VERDICTS.get(e["verdict"], e["verdict"])
 
 
 def paper_verdict(e: dict) -> tuple[bool, str]:
@@ -546,12 +542,26 @@ def configs_table() -> str:
                    "estimator checks at", "mid-training influence at"], rows) + "\n"
 
 
+def archive_block(folder: Path = V2_RESULTS.parent) -> str:
+    """What the v2 archive can and cannot reproduce: the repairs sidecar and the last
+    ``python -m experiments.render --recompute`` (``recompute.json``)."""
+    from .archive import REPAIRS
+    from .recompute import summary_line
+
+    rec_path = folder / V2_RECOMPUTE.name
+    if not rec_path.exists():
+        return "Not recomputed yet: run `python -m experiments.render --recompute`.\n"
+    repairs = json.loads((folder / REPAIRS).read_text()) if (folder / REPAIRS).exists() else None
+    lost = [(k, len(v)) for k, v in (repairs or {}).get("lost", {}).items()]
+    return summary_line(json.loads(rec_path.read_text()), repairs, lost)
+
+
 def doc_blocks(v1: Path = V1_RESULTS, v2: Path = V2_RESULTS, v2_gpu: Path = V2_GPU_RESULTS) -> dict[str, str]:
     """Every generated block of the doc."""
     return {"v2-headline": headline(v2), "v2-configs": configs_table(), "v2-endpoints": endpoints_table(),
             "v2-results": v2_status(v2),
             "v2-gpu-results": v2_status(v2_gpu, "the `gpu` ladder (no accelerator was available to this session)"),
-            "v1-summary": render_v1_summary(json.loads(v1.read_text()))}
+            "v1-summary": render_v1_summary(json.loads(v1.read_text())), "v2-archive": archive_block(v2.parent)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -559,7 +569,21 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--check", action="store_true", help="exit 1 if a generated block is stale")
+    parser.add_argument("--recompute", action="store_true",
+                        help="re-derive every published v2 endpoint from scores.npz (+ repairs.json), report the "
+                             "largest difference and write scale-v2/recompute.json, then render")
     args = parser.parse_args(argv)
+    if args.recompute:
+        from .recompute import recompute
+        from .scale_v2 import _rounded
+
+        rec = recompute(V2_RESULTS.parent, json.loads(V2_RESULTS.read_text()))
+        for e in rec["endpoints"]:
+            print(f"{e['layer_set']} {e['endpoint']}: " + (f"max |diff| {e['max_abs_diff']:.3g}; verdict "
+                  f"{e['verdict_published']!r} -> {e['verdict_recomputed']!r}" if e["recomputed"]
+                  else "not recomputable from the archive"))
+        print(f"largest absolute difference {rec['max_abs_diff']:.3g}; verdicts equal: {rec['verdicts_equal']}")
+        atomic_write_bytes(V2_RECOMPUTE, (json.dumps(_rounded(rec, 3), indent=1) + "\n").encode())
     text = args.doc.read_text(encoding="utf-8")
     outputs = {args.doc: fill_doc(text, doc_blocks())}
     if V2_RESULTS.exists():

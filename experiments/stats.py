@@ -190,6 +190,10 @@ class Endpoint:
     role: str = "paper claim"
 
 
+# Verdicts of every-scale tests as results written before issue 26 word them ("reproduces",
+# which named controls and checks reproductions), and their wording since.
+LEGACY_VERDICTS = {"reproduces at every scale": "passes at every scale",
+                   "does not reproduce at every scale": "fails at some scale"}
 ROLES = ("paper claim", "positive control", "sanity check", "descriptive")
 # Reproducing the paper needs at least this many queries in the endpoint (issue 26: v2's
 # "BM25 misses" stratum had n = 1).
