@@ -556,12 +556,45 @@ def archive_block(folder: Path = V2_RESULTS.parent) -> str:
     return summary_line(json.loads(rec_path.read_text()), repairs, lost)
 
 
+def figures_block(folder: Path = V2_RESULTS.parent) -> str:
+    """The v2 figures (``python -m experiments.figures_v2``) and, in numbers, the held-out
+    loss of each size beside the n-gram baselines (``python -m experiments.ngram``)."""
+    from .figures_v2 import FIGURES
+
+    results = json.loads((folder / "results.json").read_text())
+    rel = folder.relative_to(DOC.parent) if folder.is_relative_to(DOC.parent) else folder
+    lines = []
+    ngram_path = folder / "ngram.json"
+    if ngram_path.exists():
+        from .ngram import NAMES
+
+        ng = json.loads(ngram_path.read_text())
+        by = {}
+        for r in results["runs"]:
+            by.setdefault(r["scale"], []).append(r["regime"]["heldout_loss"])
+        means = {s: float(np.mean(v)) for s, v in by.items()}
+        base = ", ".join(f"{NAMES.get(n, n)} {fmt(v)}" for n, v in sorted(ng["heldout_nats"].items()))
+        best_n, best = min(ng["heldout_nats"].items(), key=lambda kv: kv[1])
+        beat = [s for s, v in means.items() if v < best]
+        lines.append("Held-out loss (nats/token, mean over seeds): "
+                     + "; ".join(f"{s} {fmt(v)}" for s, v in means.items())
+                     + f". Kneser-Ney baselines on the same token windows (seed {ng['seed']}'s split, "
+                     f"`python -m experiments.ngram`): {base}. "
+                     + (f"Sizes below the best n-gram ({NAMES.get(best_n, best_n)}): {', '.join(beat)}."
+                        if beat else f"**No size beats the {NAMES.get(best_n, best_n)} baseline** "
+                        f"({fmt(best)}): the models of this ladder have barely learned more than local "
+                        "token statistics."))
+    lines += [f"![{name}]({rel}/figures/{name})" for name in FIGURES if (folder / "figures" / name).exists()]
+    return "\n\n".join(lines) + "\n"
+
+
 def doc_blocks(v1: Path = V1_RESULTS, v2: Path = V2_RESULTS, v2_gpu: Path = V2_GPU_RESULTS) -> dict[str, str]:
     """Every generated block of the doc."""
     return {"v2-headline": headline(v2), "v2-configs": configs_table(), "v2-endpoints": endpoints_table(),
             "v2-results": v2_status(v2),
             "v2-gpu-results": v2_status(v2_gpu, "the `gpu` ladder (no accelerator was available to this session)"),
-            "v1-summary": render_v1_summary(json.loads(v1.read_text())), "v2-archive": archive_block(v2.parent)}
+            "v1-summary": render_v1_summary(json.loads(v1.read_text())), "v2-archive": archive_block(v2.parent),
+            "v2-figures": figures_block(v2.parent)}
 
 
 def main(argv: list[str] | None = None) -> int:
