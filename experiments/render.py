@@ -588,13 +588,44 @@ def figures_block(folder: Path = V2_RESULTS.parent) -> str:
     return "\n\n".join(lines) + "\n"
 
 
+V3_DESIGN = DOC.parent / "scale-v3" / "design.json"
+
+
+def v3_block(path: Path = V3_DESIGN) -> str:
+    """The v3 design as published by ``python -m experiments.scale_v3 design`` (before any
+    run), and the plain statement that v3 has not run."""
+    if not path.exists():
+        return "**v3 is not designed yet** (no `docs/experiments/scale-v3/design.json`).\n"
+    d = json.loads(path.read_text())
+    t, b = d["translated"], d["bm25_strata"]
+    summ = "; ".join(f"{k} {v['n']}" for k, v in b["summary"].items())
+    ladder = "; ".join(f"{x['scale']} {params_label(x['params']['total'])} total, seeds {len(x['seeds'])}, "
+                       f"lr {'/'.join(fmt(v, 2) for v in x['learning_rates'])}, "
+                       f"{fmt(x['budget']['epochs'], 2)} epochs ({x['budget']['rule']})" for x in d["ladder"])
+    return (f"**Not run yet:** no v3 model has been trained; `docs/experiments/scale-v3/design.json` (config "
+            f"`{d['config']}`, {d['date'][:10]}) fixes the design from the data and BM25 alone.\n\n"
+            f"- Translated-only sources: the KJV text of {', '.join(d['data']['kjv_removed'])} "
+            f"is removed from training, the Spanish kept; n = {t['n']} WEB queries (floor {t['n_min']}: "
+            f"{'met' if t['meets_n_min'] else 'NOT met'}), {t['masked_twins_changed']} of whose names-masked twins "
+            f"differ. Before training, BM25's MRR of the Spanish source is {fmt(t['bm25_mrr'])} "
+            f"({fmt(t['bm25_mrr_masked'])} with names masked; first for {t['bm25_first']} of {t['n']}); chance "
+            f"{fmt(t['chance_mrr'])}.\n"
+            f"- BM25 strata of the {b['candidates']} usable WEB renderings of trained KJV verses (source rank over "
+            f"the training windows): {summ}. Hard stratum declared: {' + '.join(b['hard'])} (n = {b['hard_n']}); "
+            f"{b['hard_reason']}.\n"
+            f"- Ladder ({d['span_total_params']:g}× in total parameters): {ladder}.\n"
+            f"- Robustness: λ × {', '.join(f'{m:g}' for m in d['robustness']['damping_multipliers'])}; curvatures "
+            f"{', '.join(d['robustness']['curvatures'])}; estimator checks at "
+            f"{', '.join(d['robustness']['validate_scales'])}. Verdict rule: {d['verdict_rule']}.\n")
+
+
 def doc_blocks(v1: Path = V1_RESULTS, v2: Path = V2_RESULTS, v2_gpu: Path = V2_GPU_RESULTS) -> dict[str, str]:
     """Every generated block of the doc."""
     return {"v2-headline": headline(v2), "v2-configs": configs_table(), "v2-endpoints": endpoints_table(),
             "v2-results": v2_status(v2),
             "v2-gpu-results": v2_status(v2_gpu, "the `gpu` ladder (no accelerator was available to this session)"),
             "v1-summary": render_v1_summary(json.loads(v1.read_text())), "v2-archive": archive_block(v2.parent),
-            "v2-figures": figures_block(v2.parent)}
+            "v2-figures": figures_block(v2.parent), "v3-design": v3_block()}
 
 
 def main(argv: list[str] | None = None) -> int:
