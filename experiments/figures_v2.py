@@ -48,7 +48,7 @@ def series(cells: Sequence[dict], metric: str, kinds: Sequence[str] | None, n_bo
 
 def figure_data(results: dict, ngram: dict | None = None) -> dict:
     """Every plotted number, from the results (and the n-gram baseline when given)."""
-    from .render import chance_mrr
+    from .metrics import chance_mrr
     from .scale_v2 import endpoint_cells
 
     n_boot = int(results["settings"]["n_boot"])

@@ -28,6 +28,7 @@ import numpy as np
 
 from influence.runtime.io import atomic_write_bytes
 
+from . import metrics as M
 from . import stats as S
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "experiments" / "scale.md"
@@ -386,15 +387,6 @@ def paper_verdict(e: dict) -> tuple[bool, str]:
     return True, "its test passes"
 
 
-def chance_mrr(n: int, k: int) -> float:
-    """Expected reciprocal rank of the best of ``k`` source rows among ``n`` sequences in a
-    uniformly random order: sum over r of P(best rank = r) / r, P = C(n-r, k-1) / C(n, k)."""
-    from math import comb
-
-    total = comb(n, k)
-    return float(sum(comb(n - r, k - 1) / total / r for r in range(1, n - k + 2)))
-
-
 def _semantic_headline(results: dict, layer_set: str) -> list[str]:
     """Influence against BM25 against chance on the semantic queries, in numbers."""
     from .scale_v2 import endpoint_cells
@@ -407,7 +399,7 @@ def _semantic_headline(results: dict, layer_set: str) -> list[str]:
     n_boot = int(results["settings"]["n_boot"])
     first = [r for r in cells[0]["records"][0] if r["kind"] == "semantic" and r.get("semantic_rows")]
     n_train = int(results["runs"][0]["n_train"])
-    chance = float(np.mean([chance_mrr(n_train, len(r["semantic_rows"])) for r in first]))
+    chance = float(np.mean([M.chance_mrr(n_train, len(r["semantic_rows"])) for r in first]))
     bm25_first = sum(r["semantic_bm25_rank"] == 1 for r in first)
     # The same nested bootstrap over every scale as the semantic-source table, so the numbers agree.
     infl, bm25 = ([S.metric_matrix(c["records"], metric, ("semantic",))[0] for c in cells]

@@ -158,7 +158,7 @@ def design(cfg: V3Config, work: Path) -> dict:
     from . import metrics as M
     from . import scale_runs as steps
     from .analysis import TrainingTable
-    from .render import chance_mrr
+    from .metrics import chance_mrr
     from .v3_data import (
         bm25_strata,
         declare_hard,

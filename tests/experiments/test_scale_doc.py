@@ -5,12 +5,12 @@ import json
 
 import pytest
 
+from experiments.metrics import chance_mrr
 from experiments.render import (
     _BLOCK,
     DOC,
     V2_REPORT,
     V2_RESULTS,
-    chance_mrr,
     doc_blocks,
     fill_doc,
     paper_verdict,
