@@ -17,6 +17,8 @@ writes the held-out loss of the unigram to 4-gram models.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import sys
 from collections import Counter, defaultdict
@@ -110,7 +112,10 @@ def baseline(config: str = "full", seed: int = 0, orders: Sequence[int] = (1, 2,
     docs, fraction = pin_heldout(train_docs, held, seed)
     tc = TrainConfig(scale=cfg.scales[0], tokens=1, batch_size=cfg.batch_size, seed=seed, vocab_size=cfg.vocab_size,
                      seq_len=cfg.seq_len, heldout_fraction=fraction, split_by="doc", n_checkpoints=2)
-    run_dir = work / f"{config}-seed{seed}"
+    # prepare_data reuses whatever a folder holds: key the folder by what the data depend on.
+    key = hashlib.sha256(json.dumps([sorted(d.doc_id for d in docs), dataclasses.asdict(tc)], default=str)
+                         .encode()).hexdigest()[:12]
+    run_dir = work / f"{config}-seed{seed}-{key}"
     info = steps.prepare_data(run_dir, tc, docs)
     data = load_splits(run_dir / "data")
     train, _ = _windows(data["train"])
