@@ -229,7 +229,8 @@ def design(cfg: V3Config, work: Path) -> dict:
     return {
         "version": 3, "config": cfg.name, "status": "declared; no v3 model has been trained",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "data": {"train_sequences": info["train_sequences"], "train_target_tokens": train_tokens,
+        "data": {"plays": list(cfg.base.mixture.plays), "bible": list(cfg.base.mixture.bible),
+                 "train_sequences": info["train_sequences"], "train_target_tokens": train_tokens,
                  "translated_only_chapters": list(cfg.translated_only),
                  "kjv_removed": [d.section for d in spanish], "v2_queries": len(specs)},
         "translated": {"n": n_tr, "n_min": cfg.n_min_translated, "meets_n_min": n_tr >= cfg.n_min_translated,

@@ -103,6 +103,9 @@ def test_ladders_span_and_seeds():
 def test_published_design_is_the_declared_config():
     d = json.loads((ROOT / "docs" / "experiments" / "scale-v3" / "design.json").read_text())
     assert d["config"] == "v3" and d["status"].startswith("declared")
+    # Written from the configuration as it stands (rerun the design command after changing it).
+    assert d["data"]["plays"] == list(V3.base.mixture.plays) and d["data"]["bible"] == list(V3.base.mixture.bible)
+    assert d["data"]["translated_only_chapters"] == list(V3.translated_only)
     assert [x["scale"] for x in d["ladder"]] == list(V3.scales) and d["span_total_params"] >= 100
     assert d["translated"]["n"] >= 150 and d["translated"]["meets_n_min"]
     assert d["bm25_strata"]["hard_n"] >= 100
