@@ -2,6 +2,7 @@
 regenerated here from the results files and must match, so the doc cannot misquote them."""
 
 import json
+import re
 
 import pytest
 
@@ -57,6 +58,9 @@ def test_verdict_sentences_and_prose_agree_with_the_results(blocks):
     abstraction_ok = paper_verdict(eps["abstraction"])[0]
     assert ("the data do not show influence\nbecoming less lexical with scale" in prose) == (not abstraction_ok)
     assert "reproduces at every scale" not in head + V2_REPORT.read_text(encoding="utf-8")
+    # "the reversed word order keeps most of the forward effect": above half at every size.
+    kept = re.search(r"keeps (.*?) of the forward", head)[1]
+    assert "keeps most of the forward effect" in prose and all(int(k) > 50 for k in re.findall(r"(\d+)%", kept))
 
 
 def _ep(**kw):
