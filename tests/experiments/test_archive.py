@@ -102,3 +102,15 @@ def test_recompute_reproduces_the_published_endpoints_and_its_file():
     rec = _rounded(recompute(V2, json.loads(V2_RESULTS.read_text())), 3)
     assert rec["verdicts_equal"] and rec["max_abs_diff"] < 0.02
     assert rec == json.loads(V2_RECOMPUTE.read_text())
+
+
+def test_v2_runs_archive_their_scores_in_the_scaled_format(tmp_path):
+    from experiments.scale_v2 import TINY, _archive_scores
+
+    v = _scores(np.random.default_rng(1), q=3, n=7)
+    (tmp_path / "tiny-seed0" / "scores").mkdir(parents=True)
+    np.savez(tmp_path / "tiny-seed0" / "scores" / "mlp.npz", values=v)
+    _archive_scores(TINY, tmp_path, [{"scale": "tiny", "seed": 0}, {"scale": "mini", "seed": 0}])  # mini: no scores
+    values, lost = read_scores(tmp_path)
+    assert list(values) == ["tiny-seed0-mlp"] and not lost["tiny-seed0-mlp"].any()
+    np.testing.assert_allclose(values["tiny-seed0-mlp"], v, rtol=2.0 ** -11, atol=np.abs(v).max() * 2.0 ** -11)
