@@ -594,7 +594,14 @@ def v3_block(path: Path = V3_DESIGN) -> str:
     ladder = "; ".join(f"{x['scale']} {params_label(x['params']['total'])} total, seeds {len(x['seeds'])}, "
                        f"lr {'/'.join(fmt(v, 2) for v in x['learning_rates'])}, "
                        f"{fmt(x['budget']['epochs'], 2)} epochs ({x['budget']['rule']})" for x in d["ladder"])
-    return (f"**Not run yet:** no v3 model has been trained; `docs/experiments/scale-v3/design.json` (config "
+    # A run publishes results.json (and report.md) beside the design or in scale-v3-gpu/.
+    ran = [p for p in (path.parent / "results.json", path.parent.parent / "scale-v3-gpu" / "results.json")
+           if p.exists()]
+    status = (f"**Run:** results in {', '.join(f'`{p.parent.name}/results.json`' for p in ran)} (see the "
+              "report.md beside each)" if ran else
+              "**Not run yet:** no v3 model has been trained (neither `python -m experiments.scale_v3 run` nor "
+              "`experiments/run_gpu_v3.sh` has been run)")
+    return (f"{status}; `docs/experiments/scale-v3/design.json` (config "
             f"`{d['config']}`, {d['date'][:10]}) fixes the design from the data and BM25 alone.\n\n"
             f"- Translated-only sources: the KJV text of {', '.join(d['data']['kjv_removed'])} "
             f"is removed from training, the Spanish kept; n = {t['n']} WEB queries (floor {t['n_min']}: "
