@@ -126,7 +126,7 @@ def test_run_end_to_end_on_a_synthetic_slice(tmp_path):
         assert sorted(losses) == [0.5, 2.0] and s["chosen_lr_multiplier"] == min(losses, key=losses.get)
         assert s["budget"]["tokens_trained"] == 2 * 16 * 64
     assert set(r["endpoints"]) == {"ekfac-x0.1", "ekfac-x1", "ekfac-x10", "identity"}
-    for variant, eps in r["endpoints"].items():
+    for eps in r["endpoints"].values():
         by = {e["name"]: e for e in eps}
         assert by["translated"]["n_queries"] == 12 and by["bm25_first"]["n_queries"] == 12
         assert by["translated"]["verdict"] == "does not reproduce" and "n = 12" in by["translated"]["reason"]
@@ -142,8 +142,8 @@ def test_run_end_to_end_on_a_synthetic_slice(tmp_path):
     rec = m["records"][0]
     assert rec["chance_rr"] == pytest.approx(M.chance_mrr(m["n_train"], rec["n_rows"]))
     # Damping changes the scores (x0.1 and x10 are not the same matrix).
-    arch = read_scores(out / "scores.npz")
-    assert len(arch) == 2 * 4 and all(np.isfinite(v).all() for v in arch.values())
+    arch, lost = read_scores(out)
+    assert len(arch) == 2 * 4 and all(np.isfinite(v).all() and not lost[k].any() for k, v in arch.items())
     assert not np.allclose(arch["tiny-seed0-ekfac-x0.1"], arch["tiny-seed0-ekfac-x10"])
     assert (tmp_path / "pub" / "results.json").exists() and not (tmp_path / "pub" / "scores.npz").exists()
     assert "| translated | paper claim | 12 | tiny |" in (out / "report.md").read_text()
@@ -152,3 +152,47 @@ def test_run_end_to_end_on_a_synthetic_slice(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("v3-metrics.json")}
     assert run_all(SMOKE, out, data, time_budget=60, log=lambda m: None) == 0
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("v3-metrics.json")}
+
+
+def test_cli_run_passes_the_overrides(monkeypatch, tmp_path):
+    import experiments.scale_v3 as v3
+
+    seen = {}
+    monkeypatch.setattr(v3, "v3_data", lambda cfg, out, log: "data")
+
+    def fake_run_all(cfg, out, data, **kw):
+        seen.update(cfg=cfg, out=out, data=data, **kw)
+        return EXIT_RESUME
+
+    monkeypatch.setattr(v3, "run_all", fake_run_all)
+    argv = ["run", "--config", "v3-gpu", "--out", str(tmp_path), "--sizes", "small", "medium", "--seeds", "0",
+            "--lr-multipliers", "1", "--max-steps", "3", "--time-budget", "5", "--publish", str(tmp_path / "p")]
+    assert v3.main(argv) == EXIT_RESUME  # the status of run_all, 75 while unfinished
+    cfg = seen["cfg"]
+    assert cfg.scales == ("small", "medium") and cfg.lr_multipliers == (1.0,) and cfg.max_steps == 3
+    assert cfg.base == v3.V3_GPU.base and seen["seeds"] == [0] and seen["time_budget"] == 5.0
+    assert seen["publish"] == tmp_path / "p" and seen["command"].startswith("python -m experiments.scale_v3 run")
+
+
+def test_gpu_script_runs_the_v3_gpu_ladder_resumably():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "experiments" / "run_gpu_v3.sh"
+    text = script.read_text()
+    assert script.stat().st_mode & 0o111 and "NOT RUN YET" in text
+    assert 'CONFIG="${CONFIG:-v3-gpu}"' in text and "python -m experiments.scale_v3 run" in text
+    assert "--time-budget" in text and "exit status 75" in text
+
+
+def test_v3_block_says_not_run_until_results_are_published(tmp_path):
+    from pathlib import Path
+
+    from experiments.render import V3_DESIGN, v3_block
+
+    folder = tmp_path / "scale-v3"
+    folder.mkdir()
+    (folder / "design.json").write_text(Path(V3_DESIGN).read_text())
+    assert v3_block(folder / "design.json").startswith("**Not run yet:** no v3 model has been trained")
+    (folder / "results.json").write_text("{}")
+    assert v3_block(folder / "design.json").startswith("**Run:** results in `scale-v3/results.json`")
+    assert v3_block(V3_DESIGN).startswith("**Not run yet:**")  # nothing of v3 is published in the repo
