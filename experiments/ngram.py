@@ -101,7 +101,6 @@ def baseline(config: str = "full", seed: int = 0, orders: Sequence[int] = (1, 2,
     """Held-out nats per token of Kneser-Ney models of each order on ``config``'s splits
     for ``seed`` (the tokenizer and windows a run of that seed trains on)."""
     from influence.lm import TrainConfig
-    from influence.lm.sequences import load_splits
 
     from . import scale_runs as steps
     from .mixture import pin_heldout
@@ -117,14 +116,22 @@ def baseline(config: str = "full", seed: int = 0, orders: Sequence[int] = (1, 2,
                          .encode()).hexdigest()[:12]
     run_dir = work / f"{config}-seed{seed}-{key}"
     info = steps.prepare_data(run_dir, tc, docs)
-    data = load_splits(run_dir / "data")
+    return {"config": config, "seed": seed, "train_sequences": info["train_sequences"],
+            **heldout_nats(run_dir / "data", cfg.vocab_size, orders)}
+
+
+def heldout_nats(data_dir: Path, vocab_size: int, orders: Sequence[int] = (1, 2, 3, 4)) -> dict:
+    """``{"heldout_sequences", "vocab_size", "discount", "heldout_nats": {order: nats per
+    target token}}`` of Kneser-Ney models fitted on the ``train`` split of ``data_dir``
+    (a run's ``data/``) and scored on its ``heldout`` split."""
+    from influence.lm.sequences import load_splits
+
+    data = load_splits(Path(data_dir))
     train, _ = _windows(data["train"])
     heldout, hmask = _windows(data["heldout"])
-    out = {"config": config, "seed": seed, "train_sequences": info["train_sequences"],
-           "heldout_sequences": len(heldout), "vocab_size": cfg.vocab_size, "discount": 0.75,
-           "heldout_nats": {}}
+    out = {"heldout_sequences": len(heldout), "vocab_size": vocab_size, "discount": 0.75, "heldout_nats": {}}
     for n in orders:
-        out["heldout_nats"][str(n)] = round(KneserNey(train, n, cfg.vocab_size).nats(heldout, hmask), 4)
+        out["heldout_nats"][str(n)] = round(KneserNey(train, n, vocab_size).nats(heldout, hmask), 4)
     return out
 
 

@@ -82,6 +82,7 @@ class V3Config:
     validate_scales: tuple[str, ...] = ()
     max_steps: int | None = None  # cap on training steps per run (smoke tests only; None = the budget)
     recall_k: int = 10
+    ngram_orders: tuple[int, ...] = (2, 3, 4)  # Kneser-Ney baselines printed beside held-out loss
 
     def seeds(self, scale: str) -> tuple[int, ...]:
         return tuple(range(self.seeds_small if scale in SMALL_OR_BELOW else self.seeds_large))
@@ -523,6 +524,12 @@ def render_v3_report(results: dict) -> str:
         sweep = ", ".join(f"{fmt(r['lr_multiplier'], 2)} ({fmt(r['heldout_loss'], 4)})" for r in s["sweep"])
         lines.append(f"| {s['scale']} | {s['total_params']} | {sweep} | {fmt(s['chosen_lr_multiplier'], 2)} | "
                      f"{len(s['seeds'])} | {fmt(s['epochs'], 3)} |")
+    ng = results["ngram"]["heldout_nats"]
+    lines += ["", "Held-out loss (nats per token, mean over seeds) beside Kneser-Ney n-grams on the same windows: "
+              + "; ".join(f"{s['scale']} {fmt(sum(s['heldout_loss']) / len(s['heldout_loss']), 4)}"
+                          f"{'' if s['beats_ngram'] else ' (not better than the best n-gram)'}"
+                          for s in results["sizes"])
+              + "; " + "; ".join(f"{n}-gram {fmt(v, 4)}" for n, v in ng.items()) + "."]
     k = results["recall_k"]
     for variant, eps in results["endpoints"].items():
         lines += ["", f"## {variant}", "", f"| endpoint | role | n | size | influence MRR | BM25 MRR | chance MRR | "
@@ -582,6 +589,16 @@ def run_all(cfg: V3Config, out: Path, data: V3Data, *, seeds=None, time_budget: 
     except steps.OutOfTime as e:
         log(f"stopping: {e}; run the same command again to resume")
         return EXIT_RESUME
+    # The Kneser-Ney baselines on the first size's first run's splits (the tokenizer and
+    # windows do not depend on the size): each rung's held-out loss is printed beside them.
+    from .ngram import heldout_nats
+
+    first = out / f"{cfg.scales[0]}-seed{sizes[0]['seeds'][0]}-lr{sizes[0]['chosen_lr_multiplier']:g}"
+    ngram = steps.cached_json(out / "ngram.json", f"{first.name}:{cfg.ngram_orders}", "baseline",
+                              lambda: heldout_nats(first / "data", cfg.base.vocab_size, cfg.ngram_orders))
+    best_ngram = min(ngram["heldout_nats"].values())
+    for s in sizes:
+        s["beats_ngram"] = bool(np.mean(s["heldout_loss"]) < best_ngram)
     k, n_boot = cfg.recall_k, n_boot or cfg.base.n_boot
     variants = runs_by_scale[cfg.scales[0]][0]["metrics"]["variants"]
     endpoints = {v: [endpoint_v3(name, role, kinds or tuple(f"bm25_{h}" for h in data.hard), runs_by_scale, v, k,
@@ -593,7 +610,7 @@ def run_all(cfg: V3Config, out: Path, data: V3Data, *, seeds=None, time_budget: 
         "jax": jax.__version__, "loadavg": [round(x, 2) for x in os.getloadavg()], "recall_k": k,
         "hard_strata": data.hard, "query_counts": {kd: sum(q.kind == kd for q in data.queries)
                                                    for kd in sorted({q.kind for q in data.queries})},
-        "sizes": sizes, "heldout_falls_with_size": bool(all(
+        "ngram": ngram, "sizes": sizes, "heldout_falls_with_size": bool(all(
             np.mean(a["heldout_loss"]) > np.mean(b["heldout_loss"]) for a, b in zip(sizes, sizes[1:]))),
         "endpoints": endpoints,
         "lambda_default_mean": {f"{s}-seed{r['seed']}": r["metrics"]["lambda_default_mean"]

@@ -112,7 +112,7 @@ def test_endpoint_intervals_and_slope_follow_the_records():
         "verdict"] == "does not reproduce"
 
 
-@pytest.mark.slow  # ~1-2 minutes on 2 loaded cores (compiling two sizes' training, fitting and scoring)
+@pytest.mark.slow  # 36 s on 2 cores at load 2.7, ~3 min at load 8-12 (compiling two sizes and 4 scorings)
 def test_run_end_to_end_on_a_synthetic_slice(tmp_path):
     data = _slice()
     out = tmp_path / "v3"
