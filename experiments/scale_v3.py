@@ -437,6 +437,33 @@ def _score_variants(cfg: V3Config, run_dir: Path, queries, log, deadline) -> dic
     return steps.cached_json(run_dir / "v3-metrics.json", key, "metrics", compute)
 
 
+def _validate(cfg: V3Config, run_dir: Path, queries) -> dict:
+    """Estimator validity at a ``validate_scales`` size: v2's tail-patch check
+    (:func:`experiments.scale_v2.tail_patch`: one SGD step on a query's top-k sequences by
+    EK-FAC influence at lambda x 1 versus on k random ones) on up to ``tail_queries``
+    translated-only queries; cached in ``v3-validation.json``."""
+    import numpy as np
+
+    import influence as inf
+    from influence.lm import load_run
+
+    from . import scale_runs as steps
+    from .scale_v2 import tail_patch
+
+    b = cfg.base
+    chosen = [i for i, q in enumerate(queries) if q.kind == "translated"][: b.tail_queries]
+    key = f"{steps.queries_fingerprint([queries[i] for i in chosen])}:{b.tail_k}:{b.tail_lr}"
+
+    def compute():
+        scores = inf.Scores.load(run_dir / "scores" / "v3-ekfac-x1.npz")
+        values = np.asarray(scores.values)[chosen]
+        result = tail_patch(load_run(run_dir), [queries[i] for i in chosen], values, k=b.tail_k, lr=b.tail_lr,
+                            seed=0)
+        return {"variant": "ekfac-x1", "kind": "translated", "tail_patch": result}
+
+    return steps.cached_json(run_dir / "v3-validation.json", key, "validation", compute) if chosen else {}
+
+
 def _matrix(runs: list[dict], ids: list[str], value):
     """``[S, Q]``: ``value(record)`` of query ``ids[q]`` at each run (seed) ``s`` (NaN if absent)."""
     import numpy as np
@@ -530,6 +557,12 @@ def render_v3_report(results: dict) -> str:
                           f"{'' if s['beats_ngram'] else ' (not better than the best n-gram)'}"
                           for s in results["sizes"])
               + "; " + "; ".join(f"{n}-gram {fmt(v, 4)}" for n, v in ng.items()) + "."]
+    for run, v in results.get("validation", {}).items():
+        t = v["tail_patch"]
+        lines += ["", f"Tail-patch at {run} ({len(t['queries'])} {v['kind']} queries, {v['variant']}, top {t['k']} vs "
+                  f"{t['k']} random, lr {t['lr']:g}): mean change of loss top - random "
+                  f"{fmt(t['mean_delta_top_minus_random'], 3)} nats; top better for a share "
+                  f"{fmt(t['share_top_better'], 3)} of queries."]
     k = results["recall_k"]
     for variant, eps in results["endpoints"].items():
         lines += ["", f"## {variant}", "", f"| endpoint | role | n | size | influence MRR | BM25 MRR | chance MRR | "
@@ -573,6 +606,9 @@ def run_all(cfg: V3Config, out: Path, data: V3Data, *, seeds=None, time_budget: 
             for seed in use:
                 run_dir, entry = _train_one(cfg, out, data, scale, seed, chosen, log, deadline)
                 entry["metrics"] = _score_variants(cfg, run_dir, data.queries, log, deadline)
+                if scale in cfg.validate_scales and seed == use[0]:
+                    steps.check_deadline(deadline, f"validating {run_dir.name}")
+                    entry["validation"] = _validate(cfg, run_dir, data.queries)
                 runs.append(entry)
                 for v in entry["metrics"]["variants"]:
                     path = run_dir / "scores" / f"v3-{v}.npz"
@@ -610,7 +646,9 @@ def run_all(cfg: V3Config, out: Path, data: V3Data, *, seeds=None, time_budget: 
         "jax": jax.__version__, "loadavg": [round(x, 2) for x in os.getloadavg()], "recall_k": k,
         "hard_strata": data.hard, "query_counts": {kd: sum(q.kind == kd for q in data.queries)
                                                    for kd in sorted({q.kind for q in data.queries})},
-        "ngram": ngram, "sizes": sizes, "heldout_falls_with_size": bool(all(
+        "ngram": ngram, "validation": {f"{s}-seed{r['seed']}": r["validation"] for s, rs in runs_by_scale.items()
+                                       for r in rs if r.get("validation")},
+        "sizes": sizes, "heldout_falls_with_size": bool(all(
             np.mean(a["heldout_loss"]) > np.mean(b["heldout_loss"]) for a, b in zip(sizes, sizes[1:]))),
         "endpoints": endpoints,
         "lambda_default_mean": {f"{s}-seed{r['seed']}": r["metrics"]["lambda_default_mean"]

@@ -125,6 +125,11 @@ def test_run_end_to_end_on_a_synthetic_slice(tmp_path):
         losses = {x["lr_multiplier"]: x["heldout_loss"] for x in s["sweep"]}
         assert sorted(losses) == [0.5, 2.0] and s["chosen_lr_multiplier"] == min(losses, key=losses.get)
         assert s["budget"]["tokens_trained"] == 2 * 16 * 64
+    t = r["validation"]["tiny-seed0"]["tail_patch"]  # SMOKE validates at tiny (V3_TINY.validate_scales)
+    assert list(r["validation"]) == ["tiny-seed0"] and t["k"] == TINY.tail_k
+    assert [q["id"] for q in t["queries"]] == [f"tro-{i:03d}" for i in range(TINY.tail_queries)]
+    diffs = [q["delta_top"] - q["delta_random"] for q in t["queries"]]
+    assert np.isfinite(diffs).all() and t["mean_delta_top_minus_random"] == pytest.approx(np.mean(diffs), rel=1e-3)
     assert set(r["endpoints"]) == {"ekfac-x0.1", "ekfac-x1", "ekfac-x10", "identity"}
     for eps in r["endpoints"].values():
         by = {e["name"]: e for e in eps}
