@@ -201,3 +201,21 @@ def test_v3_block_says_not_run_until_results_are_published(tmp_path):
     (folder / "results.json").write_text("{}")
     assert v3_block(folder / "design.json").startswith("**Run:** results in `scale-v3/results.json`")
     assert v3_block(V3_DESIGN).startswith("**Not run yet:**")  # nothing of v3 is published in the repo
+
+
+@pytest.mark.slow  # 34 s on 2 cores at load ~2: the v3-tiny design (corpora, tokenizer, BM25)
+@pytest.mark.skipif(__import__("shutil").which("diatheke") is None,
+                    reason="needs diatheke with sword-text-kjv/sparv/web (.ci/apt-packages.txt)")
+def test_gpu_script_at_v3_tiny_stops_on_its_budget_and_keeps_the_design(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "CONFIG": "v3-tiny", "OUT": str(tmp_path / "v3"), "PUBLISH": str(tmp_path / "pub"),
+           "TIME_BUDGET": "0", "PYTHONPATH": str(root)}
+    rc = subprocess.run([str(root / "experiments" / "run_gpu_v3.sh")], env=env, cwd=root, check=False).returncode
+    assert rc == EXIT_RESUME  # the budget is spent before the first training step
+    d = json.loads((tmp_path / "v3" / "design.json").read_text())["design"]
+    assert d["config"] == "v3-tiny" and d["translated"]["n"] == V3_TINY.n_translated
+    assert not (tmp_path / "v3" / "results.json").exists() and not (tmp_path / "pub").exists()
