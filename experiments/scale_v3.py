@@ -308,8 +308,13 @@ class V3Data:
     hard: list[str]
 
 
-def _config_key(cfg: V3Config) -> str:
-    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), default=str, sort_keys=True).encode()).hexdigest()[:16]
+def _data_key(cfg: V3Config) -> str:
+    """Hash of what the design's query choices depend on (the mix, the translated-only
+    chapters and the draw sizes), not of the sizes or training settings: ``--sizes`` and
+    the smoke-test overrides reuse the cached design."""
+    fields = [dataclasses.asdict(cfg.base), cfg.translated_only, cfg.n_translated, cfg.hard_per_stratum,
+              cfg.n_min_hard]
+    return hashlib.sha256(json.dumps(fields, default=str, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def v3_data(cfg: V3Config, work: Path, log=print) -> V3Data:
@@ -322,7 +327,7 @@ def v3_data(cfg: V3Config, work: Path, log=print) -> V3Data:
     from .v3_data import english_candidates, translated_queries
 
     work.mkdir(parents=True, exist_ok=True)
-    d = steps.cached_json(work / "design.json", _config_key(dataclasses.replace(cfg, max_steps=None)), "design",
+    d = steps.cached_json(work / "design.json", _data_key(cfg), "design",
                           lambda: design(cfg, work))
     train_docs, held, _, _, spanish, kjv = documents_v3(cfg)
     web = bible_verses("web")

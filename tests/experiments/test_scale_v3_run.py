@@ -219,3 +219,11 @@ def test_gpu_script_at_v3_tiny_stops_on_its_budget_and_keeps_the_design(tmp_path
     d = json.loads((tmp_path / "v3" / "design.json").read_text())["design"]
     assert d["config"] == "v3-tiny" and d["translated"]["n"] == V3_TINY.n_translated
     assert not (tmp_path / "v3" / "results.json").exists() and not (tmp_path / "pub").exists()
+
+
+def test_the_cached_design_is_keyed_by_the_data_not_the_sizes():
+    from experiments.scale_v3 import V3, _data_key
+
+    assert _data_key(V3) == _data_key(dataclasses.replace(V3, scales=("tiny",), max_steps=2, lr_multipliers=(1.0,)))
+    assert _data_key(V3) != _data_key(dataclasses.replace(V3, n_translated=150))
+    assert _data_key(V3) != _data_key(dataclasses.replace(V3, translated_only=("Luke 15-16",)))
