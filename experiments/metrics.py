@@ -208,6 +208,15 @@ def reciprocal_rank(scores: np.ndarray, rows: Sequence[int]) -> float:
     return 1.0 / float(ranks_of(scores, rows).min())
 
 
+def chance_mrr(n: int, k: int) -> float:
+    """Expected reciprocal rank of the best of ``k`` source rows among ``n`` sequences in a
+    uniformly random order: sum over r of P(best rank = r) / r, P = C(n-r, k-1) / C(n, k)."""
+    from math import comb
+
+    total = comb(n, k)
+    return float(sum(comb(n - r, k - 1) / total / r for r in range(1, n - k + 2)))
+
+
 def recall_at_k(scores: np.ndarray, rows: Sequence[int], k: int) -> float:
     """Share of ``rows`` among the top ``k`` by score (ties by row, as :func:`top_k`);
     NaN when ``rows`` is empty."""

@@ -10,8 +10,9 @@
 so that a test (``tests/experiments/test_scale_doc.py``) can regenerate every block and
 fail when the doc and the results disagree.
 
-  python -m experiments.render                # rewrite the blocks of docs/experiments/scale.md
-  python -m experiments.render --check        # exit 1 if a block is stale
+  python -m experiments.render                # rewrite the blocks of docs/experiments/scale.md and
+                                              # docs/experiments/scale-v2/report.md
+  python -m experiments.render --check        # exit 1 if either is stale
 """
 
 from __future__ import annotations
@@ -25,11 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+from influence.runtime.io import atomic_write_bytes
+
+from . import metrics as M
 from . import stats as S
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "experiments" / "scale.md"
 V1_RESULTS = DOC.parent / "scale" / "results.json"
 V2_RESULTS = DOC.parent / "scale-v2" / "results.json"
+V2_REPORT = DOC.parent / "scale-v2" / "report.md"
+V2_RECOMPUTE = DOC.parent / "scale-v2" / "recompute.json"
 V2_GPU_RESULTS = DOC.parent / "scale-v2-gpu" / "results.json"
 
 
@@ -152,15 +158,17 @@ def render_report(results: dict) -> str:
         rows = []
         for e in eps:
             if e.get("n_queries", 0) == 0:
-                rows.append([e["endpoint"], "–", "no data", "–", "–", e["verdict"]])
+                rows.append([e["endpoint"], role_of(e), "–", "no data", "–", "–", verdict_of(e), "no (no data)"])
                 continue
             per = "; ".join(f"{s} {fmt_ci(p)}" for s, p in zip(e["scales"], e["per_scale"]))
             kinds = ", ".join(e["kinds"]) if e["kinds"] else "all kinds"
-            rows.append([e["endpoint"], f"`{e['metric']}` ({kinds}, {e['query_set']}; n = {e['n_queries']})", per,
-                         fmt_ci(e.get("slope_log10_params")), fmt_ci(e.get("slope_heldout_loss")), e["verdict"]])
+            ok, why = paper_verdict(e)
+            what = f"`{e['metric']}` ({kinds}, {e['query_set']}; n = {e['n_queries']})"
+            rows.append([e["endpoint"], role_of(e), what, per, fmt_ci(e.get("slope_log10_params")),
+                         fmt_ci(e.get("slope_heldout_loss")), verdict_of(e), f"{'yes' if ok else 'no'} ({why})"])
         parts += [f"\n#### Endpoints — EK-FAC on {layer_set} layers\n",
-                  _table(["finding", "primary endpoint", "per-scale mean [95% CI]", "slope vs log10 params",
-                          "slope vs held-out loss", "verdict"], rows)]
+                  _table(["finding", "role", "primary endpoint", "per-scale mean [95% CI]", "slope vs log10 params",
+                          "slope vs held-out loss", "verdict", "reproduces the paper"], rows)]
         cells = endpoint_cells(runs, layer_set)
         sem = [_nested_row(label, m, k, cells, n_boot) for label, m, k in SEMANTIC_ROWS]
         parts += [f"\n#### Semantic source — {layer_set} layers\n",
@@ -340,10 +348,121 @@ def v2_status(path: Path = V2_RESULTS, what: str = "the `full` ladder (CPU)") ->
     return render_report(json.loads(path.read_text()))
 
 
+def role_of(e: dict) -> str:
+    """An evaluated endpoint's role (:data:`experiments.stats.ROLES`): stored in results
+    written since issue 26, else that of the declared endpoint of the same name."""
+    if e.get("role"):
+        return e["role"]
+    return next((ep.role for ep in S.ENDPOINTS if ep.name == e["endpoint"]), "descriptive")
+
+
+def verdict_of(e: dict) -> str:
+    """An evaluated endpoint's verdict, with the pre-issue-26 wording of every-scale tests
+    ("reproduces at every scale", which named controls reproductions) replaced."""
+    return S.LEGACY_VERDICTS.get(e["verdict"], e["verdict"])
+
+
+def paper_verdict(e: dict) -> tuple[bool, str]:
+    """Whether an evaluated endpoint may be reported as reproducing the paper, and why not.
+
+    Only a ``paper claim`` can; its test must pass (slope of the right sign with an interval
+    excluding 0, or every scale's interval on the right side), on at least
+    :data:`experiments.stats.MIN_N_CLAIM` queries; and an endpoint measured against BM25
+    (``*_minus_bm25``) must also have influence *beat* BM25 at the largest size (interval
+    above 0), so that influence catching up with a lexical matcher does not pass (issue 26).
+    """
+    role = role_of(e)
+    if role != "paper claim":
+        return False, f"{'descriptive' if role == 'descriptive' else 'a ' + role}, not a test of the paper"
+    if e.get("n_queries", 0) < S.MIN_N_CLAIM:
+        return False, f"n = {e.get('n_queries', 0)} < {S.MIN_N_CLAIM} queries"
+    passed = (verdict_of(e) == "passes at every scale" if e["test"] == "every_scale"
+              else bool(e.get("reproduces")))
+    if not passed:
+        return False, "its test does not pass"
+    if e["metric"].endswith("_minus_bm25"):
+        last = e["per_scale"][-1]
+        if not last["low"] > 0:
+            return False, f"influence does not beat BM25 at the largest size, {e['scales'][-1]}: {fmt_ci(last)}"
+    return True, "its test passes"
+
+
+def _semantic_headline(results: dict, layer_set: str) -> list[str]:
+    """Influence against BM25 against chance on the semantic queries, in numbers."""
+    from .scale_v2 import endpoint_cells
+
+    e = next((x for x in results["endpoints"][layer_set] if x["metric"] == "semantic_rr_minus_bm25"
+              and x.get("query_set", "fixed") == "fixed"), None)
+    if e is None or e.get("n_queries", 0) == 0:
+        return []
+    cells = endpoint_cells(results["runs"], layer_set)
+    n_boot = int(results["settings"]["n_boot"])
+    first = [r for r in cells[0]["records"][0] if r["kind"] == "semantic" and r.get("semantic_rows")]
+    n_train = int(results["runs"][0]["n_train"])
+    chance = float(np.mean([M.chance_mrr(n_train, len(r["semantic_rows"])) for r in first]))
+    bm25_first = sum(r["semantic_bm25_rank"] == 1 for r in first)
+    # The same nested bootstrap over every scale as the semantic-source table, so the numbers agree.
+    infl, bm25 = ([S.metric_matrix(c["records"], metric, ("semantic",))[0] for c in cells]
+                  for metric in ("semantic_rr", "semantic_bm25_rr"))
+    infl = S.scale_means(infl, n_boot=n_boot)
+    bm25 = S.scale_means(bm25, n_boot=n_boot)[-1]
+    ok, why = paper_verdict(e)
+    diff = [fmt_ci(p) for p in e["per_scale"]]
+    return [f"**Headline — influence against BM25 against chance** (paper claim `{e['endpoint']}`, "
+            f"n = {e['n_queries']} WEB renderings of trained KJV verses): MRR of the KJV source by influence "
+            f"{cells[0]['scale']} {fmt_ci(infl[0].as_dict())} → {cells[-1]['scale']} {fmt_ci(infl[-1].as_dict())}; "
+            f"by BM25 {fmt_ci(bm25.as_dict())} at every size (BM25 ranks the source first for {bm25_first} of "
+            f"{len(first)}); by chance {fmt(chance)}. Influence − BM25: {cells[0]['scale']} {diff[0]} → "
+            f"{cells[-1]['scale']} {diff[-1]}. **{e['endpoint']} reproduces the paper at these sizes: "
+            f"{'yes' if ok else 'no'}** ({why}).\n"]
+
+
+def _order_kept(results: dict, layer_set: str) -> str:
+    """How much of the forward statement's background-subtracted effect the reversed one
+    keeps, per scale: mean reversed excess ÷ mean forward excess over queries and seeds."""
+    from .scale_v2 import endpoint_cells
+
+    out = []
+    for c in endpoint_cells(results["runs"], layer_set):
+        recs = [r for seed in c["records"] for r in seed if r["kind"] == "fact_order" and "forward_excess" in r]
+        if recs:
+            kept = np.mean([r["reversed_excess"] for r in recs]) / np.mean([r["forward_excess"] for r in recs])
+            out.append(f"{c['scale']} {100 * kept:.0f}%")
+    return "; ".join(out)
+
+
+def endpoint_line(e: dict, results: dict, layer_set: str) -> str:
+    """One headline line: role, effect with its interval, the test's verdict, and what it
+    means for the paper (only a paper claim can reproduce it; see :func:`paper_verdict`)."""
+    role = role_of(e)
+    if e.get("n_queries", 0) == 0:
+        return f"- **{e['endpoint']}** ({role}): no data."
+    if e["test"] == "every_scale":
+        effect = "per-scale means " + "; ".join(f"{sc} {fmt_ci(p)}" for sc, p in zip(e["scales"], e["per_scale"]))
+        passed = verdict_of(e) == "passes at every scale"
+        verdict = f"every scale's interval {'above' if passed else 'not all above'} {fmt(e.get('threshold', 0.0))}"
+    else:
+        effect = f"slope {fmt_ci(e.get('slope_log10_params'))} per decade of parameters"
+        passed = bool(e.get("reproduces"))
+        verdict = e["verdict"]
+    head = f"- **{e['endpoint']}** ({role}; `{e['metric']}`, n = {e['n_queries']} queries): {effect}; {verdict}"
+    if role == "paper claim":
+        ok, why = paper_verdict(e)
+        return f"{head}; reproduces the paper at these sizes: **{'yes' if ok else 'no'}** ({why})."
+    if role == "descriptive":
+        return f"{head}; descriptive: no claim of the paper is tested by this endpoint."
+    tail = f"{role} passes: **{'yes' if passed else 'no'}** (not a reproduction of the paper)"
+    if e["metric"] == "order_asymmetry":
+        tail += (f"; the reversed statement keeps {_order_kept(results, layer_set)} of the forward statement's "
+                 "effect, so the order effect is partial")
+    return f"{head}; {tail}."
+
+
 def headline(path: Path = V2_RESULTS) -> str:
-    """One line per declared endpoint of a v2 results file: the effect (slope per decade of
-    parameters, or the per-scale means for an every-scale test) with its nested interval,
-    the verdict and whether it reproduces the paper; the semantic-source test first."""
+    """The v2 headline: influence vs BM25 vs chance on the semantic queries in numbers,
+    then one line per declared endpoint with its role, effect (slope per decade of
+    parameters, or the per-scale means for an every-scale test) and nested interval, its
+    test's verdict, and -- for paper claims only -- whether it reproduces the paper."""
     if not path.exists():
         return "No v2 result yet (see [v2 results](#v2-results)).\n"
     results = json.loads(path.read_text())
@@ -356,18 +475,8 @@ def headline(path: Path = V2_RESULTS) -> str:
     layer_set = next(iter(results["endpoints"]))
     lines = [f"`--config {results['config']}`, {results['date'][:10]}: {sizes}. EK-FAC on {layer_set} layers; "
              "95% intervals from the paired bootstrap over queries nested within seeds.\n"]
-    for e in results["endpoints"][layer_set]:
-        if e.get("n_queries", 0) == 0:
-            lines.append(f"- **{e['endpoint']}**: no data.")
-            continue
-        if e["test"] == "every_scale":
-            effect = "per-scale means " + "; ".join(f"{sc} {fmt_ci(p)}" for sc, p in zip(e["scales"], e["per_scale"]))
-            repro = "yes" if e["verdict"] == "reproduces at every scale" else "no"
-        else:
-            effect = f"slope {fmt_ci(e.get('slope_log10_params'))} per decade of parameters"
-            repro = "yes" if e.get("reproduces") else "no"
-        lines.append(f"- **{e['endpoint']}** (`{e['metric']}`, n = {e['n_queries']} queries): {effect}; "
-                     f"{e['verdict']}; reproduces the paper at these sizes: **{repro}**.")
+    lines += _semantic_headline(results, layer_set)
+    lines += [endpoint_line(e, results, layer_set) for e in results["endpoints"][layer_set]]
     lines += _secondary_lines(results, layer_set)
     return "\n".join(lines) + "\n"
 
@@ -401,8 +510,8 @@ def endpoints_table() -> str:
         test = ("slope of the per-scale mean vs log10(non-embedding params), 95% interval excludes 0"
                 if ep.test == "slope" else f"every scale's 95% interval above {ep.threshold:g}")
         kinds = ", ".join(ep.kinds) if ep.kinds else "all kinds"
-        rows.append([ep.name, f"`{ep.metric}`", f"{kinds} ({ep.query_set} completions)", test, ep.claim])
-    return _table(["finding", "metric (per query)", "queries", "test", "what it would show"], rows) + "\n"
+        rows.append([ep.name, ep.role, f"`{ep.metric}`", f"{kinds} ({ep.query_set} completions)", test, ep.claim])
+    return _table(["finding", "role", "metric (per query)", "queries", "test", "what it would show"], rows) + "\n"
 
 
 def configs_table() -> str:
@@ -425,12 +534,97 @@ def configs_table() -> str:
                    "estimator checks at", "mid-training influence at"], rows) + "\n"
 
 
+def archive_block(folder: Path = V2_RESULTS.parent) -> str:
+    """What the v2 archive can and cannot reproduce: the repairs sidecar and the last
+    ``python -m experiments.render --recompute`` (``recompute.json``)."""
+    from .archive import REPAIRS
+    from .recompute import summary_line
+
+    rec_path = folder / V2_RECOMPUTE.name
+    if not rec_path.exists():
+        return "Not recomputed yet: run `python -m experiments.render --recompute`.\n"
+    repairs = json.loads((folder / REPAIRS).read_text()) if (folder / REPAIRS).exists() else None
+    lost = [(k, len(v)) for k, v in (repairs or {}).get("lost", {}).items()]
+    return summary_line(json.loads(rec_path.read_text()), repairs, lost)
+
+
+def figures_block(folder: Path = V2_RESULTS.parent) -> str:
+    """The v2 figures (``python -m experiments.figures_v2``) and, in numbers, the held-out
+    loss of each size beside the n-gram baselines (``python -m experiments.ngram``)."""
+    from .figures_v2 import FIGURES
+
+    results = json.loads((folder / "results.json").read_text())
+    rel = folder.relative_to(DOC.parent) if folder.is_relative_to(DOC.parent) else folder
+    lines = []
+    ngram_path = folder / "ngram.json"
+    if ngram_path.exists():
+        from .ngram import NAMES
+
+        ng = json.loads(ngram_path.read_text())
+        by = {}
+        for r in results["runs"]:
+            by.setdefault(r["scale"], []).append(r["regime"]["heldout_loss"])
+        means = {s: float(np.mean(v)) for s, v in by.items()}
+        base = ", ".join(f"{NAMES.get(n, n)} {fmt(v)}" for n, v in sorted(ng["heldout_nats"].items()))
+        best_n, best = min(ng["heldout_nats"].items(), key=lambda kv: kv[1])
+        beat = [s for s, v in means.items() if v < best]
+        lines.append("Held-out loss (nats/token, mean over seeds): "
+                     + "; ".join(f"{s} {fmt(v)}" for s, v in means.items())
+                     + f". Kneser-Ney baselines on the same token windows (seed {ng['seed']}'s split, "
+                     f"`python -m experiments.ngram`): {base}. "
+                     + (f"Sizes below the best n-gram ({NAMES.get(best_n, best_n)}): {', '.join(beat)}."
+                        if beat else f"**No size beats the {NAMES.get(best_n, best_n)} baseline** "
+                        f"({fmt(best)}): the models of this ladder have barely learned more than local "
+                        "token statistics."))
+    lines += [f"![{name}]({rel}/figures/{name})" for name in FIGURES if (folder / "figures" / name).exists()]
+    return "\n\n".join(lines) + "\n"
+
+
+V3_DESIGN = DOC.parent / "scale-v3" / "design.json"
+
+
+def v3_block(path: Path = V3_DESIGN) -> str:
+    """The v3 design as published by ``python -m experiments.scale_v3 design`` (before any
+    run), and the plain statement that v3 has not run."""
+    if not path.exists():
+        return "**v3 is not designed yet** (no `docs/experiments/scale-v3/design.json`).\n"
+    d = json.loads(path.read_text())
+    t, b = d["translated"], d["bm25_strata"]
+    summ = "; ".join(f"{k} {v['n']}" for k, v in b["summary"].items())
+    ladder = "; ".join(f"{x['scale']} {params_label(x['params']['total'])} total, seeds {len(x['seeds'])}, "
+                       f"lr {'/'.join(fmt(v, 2) for v in x['learning_rates'])}, "
+                       f"{fmt(x['budget']['epochs'], 2)} epochs ({x['budget']['rule']})" for x in d["ladder"])
+    # A run publishes results.json (and report.md) beside the design or in scale-v3-gpu/.
+    ran = [p for p in (path.parent / "results.json", path.parent.parent / "scale-v3-gpu" / "results.json")
+           if p.exists()]
+    status = (f"**Run:** results in {', '.join(f'`{p.parent.name}/results.json`' for p in ran)} (see the "
+              "report.md beside each)" if ran else
+              "**Not run yet:** no v3 model has been trained (neither `python -m experiments.scale_v3 run` nor "
+              "`experiments/run_gpu_v3.sh` has been run)")
+    return (f"{status}; `docs/experiments/scale-v3/design.json` (config "
+            f"`{d['config']}`, {d['date'][:10]}) fixes the design from the data and BM25 alone.\n\n"
+            f"- Translated-only sources: the KJV text of {', '.join(d['data']['kjv_removed'])} "
+            f"is removed from training, the Spanish kept; n = {t['n']} WEB queries (floor {t['n_min']}: "
+            f"{'met' if t['meets_n_min'] else 'NOT met'}), {t['masked_twins_changed']} of whose names-masked twins "
+            f"differ. Before training, BM25's MRR of the Spanish source is {fmt(t['bm25_mrr'])} "
+            f"({fmt(t['bm25_mrr_masked'])} with names masked; first for {t['bm25_first']} of {t['n']}); chance "
+            f"{fmt(t['chance_mrr'])}.\n"
+            f"- BM25 strata of the {b['candidates']} usable WEB renderings of trained KJV verses (source rank over "
+            f"the training windows): {summ}. Hard stratum declared: {' + '.join(b['hard'])} (n = {b['hard_n']}); "
+            f"{b['hard_reason']}.\n"
+            f"- Ladder ({d['span_total_params']:g}× in total parameters): {ladder}.\n"
+            f"- Robustness: λ × {', '.join(f'{m:g}' for m in d['robustness']['damping_multipliers'])}; curvatures "
+            f"{', '.join(d['robustness']['curvatures'])}; estimator checks at "
+            f"{', '.join(d['robustness']['validate_scales'])}. Verdict rule: {d['verdict_rule']}.\n")
+
+
 def doc_blocks(v1: Path = V1_RESULTS, v2: Path = V2_RESULTS, v2_gpu: Path = V2_GPU_RESULTS) -> dict[str, str]:
     """Every generated block of the doc."""
     return {"v2-headline": headline(v2), "v2-configs": configs_table(), "v2-endpoints": endpoints_table(),
             "v2-results": v2_status(v2),
             "v2-gpu-results": v2_status(v2_gpu, "the `gpu` ladder (no accelerator was available to this session)"),
-            "v1-summary": render_v1_summary(json.loads(v1.read_text()))}
+            "v1-summary": render_v1_summary(json.loads(v1.read_text())), "v2-archive": archive_block(v2.parent),
+            "v2-figures": figures_block(v2.parent), "v3-design": v3_block()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,15 +632,32 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--check", action="store_true", help="exit 1 if a generated block is stale")
+    parser.add_argument("--recompute", action="store_true",
+                        help="re-derive every published v2 endpoint from scores.npz (+ repairs.json), report the "
+                             "largest difference and write scale-v2/recompute.json, then render")
     args = parser.parse_args(argv)
+    if args.recompute:
+        from .recompute import recompute
+        from .scale_v2 import _rounded
+
+        rec = recompute(V2_RESULTS.parent, json.loads(V2_RESULTS.read_text()))
+        for e in rec["endpoints"]:
+            print(f"{e['layer_set']} {e['endpoint']}: " + (f"max |diff| {e['max_abs_diff']:.3g}; verdict "
+                  f"{e['verdict_published']!r} -> {e['verdict_recomputed']!r}" if e["recomputed"]
+                  else "not recomputable from the archive"))
+        print(f"largest absolute difference {rec['max_abs_diff']:.3g}; verdicts equal: {rec['verdicts_equal']}")
+        atomic_write_bytes(V2_RECOMPUTE, (json.dumps(_rounded(rec, 3), indent=1) + "\n").encode())
     text = args.doc.read_text(encoding="utf-8")
-    new = fill_doc(text, doc_blocks())
+    outputs = {args.doc: fill_doc(text, doc_blocks())}
+    if V2_RESULTS.exists():
+        outputs[V2_REPORT] = render_report(json.loads(V2_RESULTS.read_text()))
+    stale = [p for p, new in outputs.items() if not p.exists() or p.read_text(encoding="utf-8") != new]
     if args.check:
-        if new != text:
-            print(f"{args.doc}: generated blocks are stale; run python -m experiments.render", file=sys.stderr)
-            return 1
-        return 0
-    args.doc.write_text(new, encoding="utf-8")
+        for p in stale:
+            print(f"{p}: generated text is stale; run python -m experiments.render", file=sys.stderr)
+        return 1 if stale else 0
+    for p in stale:
+        atomic_write_bytes(p, outputs[p].encode("utf-8"))
     return 0
 
 

@@ -460,10 +460,10 @@ def _machine() -> str:
 def run_all(cfg: V2Config, out: Path, *, runs: Sequence[tuple[str, int]] | None = None,
             time_budget: float | None = None, publish: Path | None = None, command: str = "", log: Log = _log,
             report: Callable[[dict], str] | None = None) -> int:
-    """Run (or resume) every run of ``cfg``, then write ``results.json`` and the report
-    that ``report`` renders from it (``experiments.render.render_report``, passed in by
-    the caller: render reads this module's configurations, so this module does not import
-    it). Returns 0 when done, :data:`EXIT_RESUME` when the time budget ran out first."""
+    """Run (or resume) every run of ``cfg``, then write ``results.json``, the score archive
+    and, given ``report`` (results -> markdown, e.g. :func:`experiments.render.render_report`,
+    passed in so that this module does not import the renderer that imports it), ``report.md``.
+    Returns 0 when done, :data:`EXIT_RESUME` when the time budget ran out first."""
     import jax
 
     from . import scale_runs as steps
@@ -504,16 +504,20 @@ def run_all(cfg: V2Config, out: Path, *, runs: Sequence[tuple[str, int]] | None 
 
 
 def _archive_scores(cfg: V2Config, out: Path, entries: Sequence[dict]) -> None:
-    """Every run's score matrix (summed over layers), float16, compressed, in ``scores.npz``
-    (``<scale>-seed<k>-<layer set>``: ``[Q, N]``), so that every figure can be recomputed."""
+    """Every run's score matrix (summed over layers) in ``scores.npz``
+    (``<scale>-seed<k>-<layer set>``: ``[Q, N]``), so that every figure can be recomputed:
+    a float16 mantissa with a power-of-two scale per row (:func:`experiments.archive.write_scores`;
+    plain float16 overflowed in v2's archive, issue 26)."""
+    from .archive import write_scores
+
     arrays = {}
     for e in entries:
         for ls in cfg.layer_sets:
             path = out / f"{e['scale']}-seed{e['seed']}" / "scores" / f"{ls}.npz"
             if path.exists():
                 with np.load(path) as z:
-                    arrays[f"{e['scale']}-seed{e['seed']}-{ls}"] = z["values"].astype(np.float16)
-    np.savez_compressed(out / "scores.npz", **arrays)
+                    arrays[f"{e['scale']}-seed{e['seed']}-{ls}"] = z["values"]
+    write_scores(out / "scores.npz", arrays)
 
 
 def _rounded(value, digits: int = 5):

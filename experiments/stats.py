@@ -171,7 +171,13 @@ class Endpoint:
     queries of ``kinds`` (and of the fixed or the greedy query set), its per-scale mean,
     and the slope of that mean against log10(non-embedding parameters). ``reproduces``
     says which sign of the slope (or of every per-scale mean, ``test = "every_scale"``)
-    would reproduce the paper."""
+    would reproduce the paper.
+
+    ``role`` says what a passing test means (issue 26): ``"paper claim"`` (a test of a
+    finding of the paper; only these can be reported as reproducing it), ``"positive
+    control"`` (must pass for the set-up to be trusted; says nothing about the paper),
+    ``"sanity check"`` (a property any working estimator has, e.g. finding a memorised
+    insertion) or ``"descriptive"`` (a trend measured without a claim to test)."""
 
     name: str
     metric: str
@@ -181,7 +187,17 @@ class Endpoint:
     reproduces: str = "positive"
     query_set: str = "fixed"
     threshold: float = 0.0  # every_scale: the interval must lie wholly above (positive) or below it
+    role: str = "paper claim"
 
+
+# Verdicts of every-scale tests as results written before issue 26 word them ("reproduces",
+# which named controls and checks reproductions), and their wording since.
+LEGACY_VERDICTS = {"reproduces at every scale": "passes at every scale",
+                   "does not reproduce at every scale": "fails at some scale"}
+ROLES = ("paper claim", "positive control", "sanity check", "descriptive")
+# Reproducing the paper needs at least this many queries in the endpoint (issue 26: v2's
+# "BM25 misses" stratum had n = 1).
+MIN_N_CLAIM = 30
 
 ENDPOINTS = (
     Endpoint("abstraction", "semantic_rr_minus_bm25", ("semantic",),
@@ -189,17 +205,18 @@ ENDPOINTS = (
              "(paper: influential sequences become more abstract with size)"),
     Endpoint("abstraction_control", "semantic_rr", ("semantic_control",),
              "the KJV text itself finds its own sequence (positive control: MRR above 0.5 at every scale)",
-             test="every_scale", threshold=0.5),
+             test="every_scale", threshold=0.5, role="positive control"),
     Endpoint("sparsity", "top1_share", None, "the top 1% of sequences hold more of the positive influence with "
-             "scale (paper: heavy-tailed at every size)"),
+             "scale (paper: heavy-tailed at every size)", role="descriptive"),
     Endpoint("word_order", "order_asymmetry", ("fact_order",),
              "the forward statement helps more than the reversed one, above the background, at every scale",
-             test="every_scale"),
+             test="every_scale", role="sanity check"),
     Endpoint("crosslingual", "transfer_pct_excess", ("crosslingual",),
              "a verse's top English sequences help its Spanish translation more than other verses', more so with "
              "scale (paper: cross-lingual influence grows with size)"),
     Endpoint("canaries", "canary_share", ("canary",),
-             "the summed copies of a canary hold more of its query's positive influence with scale"),
+             "the summed copies of a canary hold more of its query's positive influence with scale",
+             role="sanity check"),
     Endpoint("abstraction_greedy", "semantic_rr_minus_bm25", ("semantic",),
              "the abstraction endpoint on the models' own greedy completions of the same prompts",
              query_set="greedy"),
@@ -225,7 +242,8 @@ def evaluate_endpoint(ep: Endpoint, cells: Sequence[dict], *, n_boot: int = 2000
         return {"endpoint": ep.name, "n_queries": 0, "verdict": "no data"}
     log_params = np.log10([c["params"] for c in cells])
     per_scale = scale_means(mats, n_boot=n_boot, seed=seed)
-    out = {"endpoint": ep.name, "metric": ep.metric, "kinds": ep.kinds, "claim": ep.claim, "test": ep.test,
+    out = {"endpoint": ep.name, "role": ep.role, "metric": ep.metric, "kinds": ep.kinds, "claim": ep.claim,
+           "test": ep.test,
            "threshold": ep.threshold,
            "query_set": ep.query_set, "n_queries": len(ids), "seeds": [m.shape[0] for m in mats],
            "scales": [c["scale"] for c in cells], "params": [c["params"] for c in cells],
@@ -238,8 +256,9 @@ def evaluate_endpoint(ep: Endpoint, cells: Sequence[dict], *, n_boot: int = 2000
     if ep.test == "every_scale":
         signs = [np.sign(i.value - ep.threshold) if i.excludes(ep.threshold) else 0 for i in per_scale]
         want = 1 if ep.reproduces == "positive" else -1
-        out["verdict"] = ("reproduces at every scale" if all(s == want for s in signs)
-                          else "does not reproduce at every scale")
+        # "passes", not "reproduces": an every-scale test is a control or a check (issue 26).
+        out["verdict"] = ("passes at every scale" if all(s == want for s in signs)
+                          else "fails at some scale")
     elif len(cells) < 2:
         out["verdict"] = "one scale: no slope"
     else:

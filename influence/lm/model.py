@@ -88,6 +88,9 @@ LADDER: dict[str, Scale] = {
     # Rungs for an accelerator (the scale experiment's --config gpu): ~14M and ~31M.
     "xl": Scale(d_model=384, n_layers=8, n_heads=8, tokens=4_000_000, learning_rate=1e-3),
     "xxl": Scale(d_model=512, n_layers=10, n_heads=8, tokens=4_000_000, learning_rate=8e-4),
+    # ~99M non-embedding, ~102M total at a 2048-token vocabulary: the top of the v3
+    # accelerator ladder (issue 26: >= 100M parameters).
+    "xxxl": Scale(d_model=768, n_layers=14, n_heads=12, tokens=4_000_000, learning_rate=6e-4),
 }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from experiments.archive import read_scores
 from experiments.render import fmt, render_report
 from experiments.scale_v2 import TINY
 from experiments.stats import ENDPOINTS
@@ -96,6 +97,9 @@ def test_tiny_v2_end_to_end_resumable(tmp_path):
     assert "#### Token-wise attribution" in report and "mid-training checkpoint vs final weights" in report
     with np.load(out / "scores.npz") as z:
         assert z["tiny-seed0-mlp"].shape == (len(queries) + runs[0]["n_greedy"], runs[0]["n_train"])
+        assert z["tiny-seed0-mlp.exp2"].shape == (len(queries) + runs[0]["n_greedy"],)  # scaled: cannot overflow
+    values, lost = read_scores(out)
+    assert all(np.isfinite(v).all() and not lost[k].any() for k, v in values.items())
     assert (out / "pub" / "results.json").read_bytes() == (out / "results.json").read_bytes()
 
     # A rerun trains, fits and scores nothing again.
