@@ -13,20 +13,23 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
-from influence.curvature import STRATEGIES
-from influence.lm.run import factors_dir
+# The library's strategy names (influence.curvature.STRATEGIES), written out so that
+# building the parser (``influence --help``) does not import JAX; tests/cli/test_conventions.py
+# holds the two equal.
+STRATEGY_NAMES = ("identity", "diagonal", "kfac", "ekfac")
 
-# factors_dir lives in influence.lm.run; it stays importable from here for benchmarks/query_engine.py.
-__all__ = ["DISTRIBUTION", "EXIT_ERROR", "EXIT_NUMERICAL", "EXIT_INTERRUPTED", "OutputPathError",
-           "add_factor_arguments", "check_layers", "check_output_dir", "check_output_file", "factors_dir", "fail",
+__all__ = ["DISTRIBUTION", "EXIT_ERROR", "EXIT_NUMERICAL", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "OutputPathError",
+           "add_factor_arguments", "check_layers", "check_output_dir", "check_output_file", "fail",
            "fit_command", "install_hint", "missing_extra", "terminal_text"]
 
 # Exit statuses (documented in influence.cli and docs/lm.md): bad input of any kind
 # (arguments, files, data, settings) is 2, like argparse's usage errors; a numerical
-# failure (NaN/Inf in a model, loss or factors) 3; Ctrl-C 130, as shells report SIGINT.
+# failure (NaN/Inf in a model, loss or factors) 3; Ctrl-C 130 and SIGTERM 143, as shells
+# report them (128 + the signal's number).
 EXIT_ERROR = 2
 EXIT_NUMERICAL = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 DISTRIBUTION = "jax-influence"
 # pip's name of a module whose import name differs.
@@ -34,7 +37,7 @@ _PIP_NAMES = {"sklearn": "scikit-learn"}
 
 
 def add_factor_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strategy", choices=STRATEGIES, default="ekfac",
+    parser.add_argument("--strategy", choices=STRATEGY_NAMES, default="ekfac",
                         help="curvature approximation (default: ekfac)")
     parser.add_argument("--layers", default="mlp",
                         help="regular expression on module paths of the nnx.Linear layers to track; "

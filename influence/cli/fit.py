@@ -32,7 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="sequences per step (default: chosen from the memory budget, see influence.Execution)")
     parser.add_argument("--max-sequences", type=int, help="fit on the first N training sequences only")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the targets sampled for the Fisher (default: 0)")
     parser.add_argument("--devices", type=int, help="data-parallel over this many local devices (default: one)")
     parser.add_argument("--blocks", type=int, help="split each layer's factors into this many blocks per side "
                                                   "(bounds memory on wide layers; costs accuracy, see docs/scaling.md)")
@@ -70,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
         return fail("fit", f"{folder} holds factors whose settings.json ({stored}) is not the settings asked for "
                            f"({settings}); refit them with --force")
     loaded = load_run(args.run)
+    checkpoint = folder / FIT_CHECKPOINT  # where an interrupted fit of these settings left its state
+    resuming = checkpoint.is_dir() and any(checkpoint.iterdir()) and not (args.restart or args.force)
+    print(f"resuming from {checkpoint}" if resuming else f"starting: {folder}")
     try:
         factors, path, seconds = fit_run_factors(loaded, args.strategy, args.layers, fisher=args.fisher,
                                                  batch_size=args.batch_size, max_sequences=args.max_sequences,

@@ -1,4 +1,4 @@
-"""Which training sequences made the model complete a prompt this way?
+r"""Which training sequences made the model complete a prompt this way?
 
 Ranks every training sequence of a run by its influence on the completion's loss given
 the prompt (EK-FAC, factors fitted by `influence fit`), and attributes each top

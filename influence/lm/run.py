@@ -195,6 +195,9 @@ def fit_run_factors(run: Run, strategy: str = "ekfac", layers: str = "mlp", *, f
 
 
 def _read_info(path: pathlib.Path) -> dict:
+    if path.exists() and not path.is_dir():
+        raise FileNotFoundError(f"{path} is a file, not a run folder; give the folder that `influence train --out` "
+                                "wrote")
     if not (path / "run.json").is_file():
         raise FileNotFoundError(f"{path} is not a training run (no run.json); train one with "
                                 f"`influence train --scale tiny --out {path}`")

@@ -28,7 +28,7 @@ def test_query_without_factors_says_how_to_fit_them(run_dir, capsys):
 def test_fit_then_query_writes_reports(run_dir, tmp_path, capsys):
     assert main(["fit", "--run", str(run_dir), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "fitted ekfac" in out and "blocks.0.mlp.fc_in" in out
+    assert "fitted ekfac" in out and "blocks.0.mlp.fc_in" in out and "starting: " in out
     assert main(["fit", "--run", str(run_dir), "--quiet"]) == 0
     assert "already fitted" in capsys.readouterr().out
     queries = tmp_path / "q.jsonl"
@@ -186,12 +186,14 @@ def test_interrupted_fit_can_be_restarted(run_dir, monkeypatch, capsys):
     with monkeypatch.context() as m:
         m.setattr(lm_run, "fit_factors", interrupted)
         assert main(fit) == 130
-    assert capsys.readouterr().err.strip() == "influence fit: error: interrupted"
+    assert capsys.readouterr().err.strip() == ("influence fit: error: interrupted; running the same command again "
+                                               "resumes the fit from its checkpoint")
     # A snapshot left by a fit of these settings with another batch size blocks a resume, not a restart.
     checkpoint = factors_dir(run_dir, "kfac", "mlp", max_sequences=8) / "checkpoint"
     Checkpoint(checkpoint, "factors", {"batch_size": 4}).save((0, 1), {}, {})
     assert main(fit) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert f"resuming from {checkpoint}" in out
     assert "holds a factors checkpoint of another run" in err and "add --restart" in err
     assert "resume=False" not in err
     assert main([*fit, "--restart"]) == 0
