@@ -27,9 +27,10 @@ import pathlib
 import re
 import shutil
 import subprocess
+import warnings
 from collections.abc import Iterable, Sequence
 
-from influence.errors import MissingCorpusError
+from influence.errors import DataError, MissingCorpusError
 
 FORTUNES_DIR = pathlib.Path("/usr/share/games/fortunes")
 FORTUNES_APT = "apt-get install fortunes"
@@ -255,18 +256,58 @@ def file_documents(paths: Iterable[str | pathlib.Path], text_key: str = "text") 
         else:
             raise FileNotFoundError(f"no such corpus file or folder: {p}")
     docs: list[Document] = []
+    empty: list[str] = []  # files without any text (whitespace only), left out with a warning
     for f, name in files:
+        raw = _read_utf8(f)
         if f.suffix in {".json", ".jsonl"}:
-            raw = f.read_text(encoding="utf-8")
-            records = ([json.loads(ln) for ln in raw.splitlines() if ln.strip()] if f.suffix == ".jsonl"
-                       else json.loads(raw))
-            records = records if isinstance(records, list) else [records]
-            docs += [_record_document(r, f"{name}/{i}", f.stem, text_key) for i, r in enumerate(records)]
+            records = _json_records(f, raw)
+            found = [_record_document(r, f"{name}/{i}", f.stem, text_key) for i, r in enumerate(records)]
         else:
-            docs.append(Document(doc_id=name, text=f.read_text(encoding="utf-8"), source="files", title=f.stem))
+            found = [Document(doc_id=name, text=raw, source="files", title=f.stem)]
+        if not any(d.text.strip() for d in found):
+            empty.append(str(f))
+        docs += [d for d in found if d.text.strip()]
+    if not docs and empty:
+        raise DataError(f"the corpus has no text: {_some(empty)} {'is' if len(empty) == 1 else 'are'} empty or "
+                        "whitespace only; give files with text")
     if not docs:
-        raise ValueError(f"no .txt, .md, .json or .jsonl files found in {[str(p) for p in paths]}")
+        raise DataError(f"no .txt, .md, .json or .jsonl files found in {[str(p) for p in paths]}")
+    if empty:
+        warnings.warn(f"left out {len(empty)} corpus file(s) without text: {_some(empty)}", stacklevel=2)
     return docs
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    """The first ``n`` names, and how many more."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _read_utf8(f: pathlib.Path) -> str:
+    """The text of ``f``; a file that is not UTF-8 is refused naming the file and the byte."""
+    data = f.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"corpus file {f} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+                        f"({e.reason}); convert it, e.g. `iconv -f latin1 -t utf-8`, or leave it out") from None
+
+
+def _json_records(f: pathlib.Path, raw: str) -> list:
+    """The records of a ``.json`` (one record or a list) or ``.jsonl`` (one per line) file;
+    invalid JSON is refused naming the file and the line."""
+    lines = [(i, ln) for i, ln in enumerate(raw.splitlines(), 1) if ln.strip()] if f.suffix == ".jsonl" else [(1, raw)]
+    records = []
+    for number, text in lines:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            line = number if f.suffix == ".jsonl" else e.lineno
+            raise DataError(f"corpus file {f}: invalid JSON at line {line}: {e.msg}") from None
+        records += value if isinstance(value, list) and f.suffix == ".json" else [value]
+    bad = [type(r).__name__ for r in records if not isinstance(r, dict)]
+    if bad:
+        raise DataError(f"corpus file {f}: records must be JSON objects with a text field, found a {bad[0]}")
+    return records
 
 
 def dataset_documents(dataset, text_column: str = "text") -> list[Document]:
