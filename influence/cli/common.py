@@ -20,7 +20,7 @@ STRATEGY_NAMES = ("identity", "diagonal", "kfac", "ekfac")
 
 __all__ = ["DISTRIBUTION", "EXIT_ERROR", "EXIT_NUMERICAL", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "OutputPathError",
            "add_factor_arguments", "check_layers", "check_output_dir", "check_output_file", "fail",
-           "fit_command", "install_hint", "missing_extra", "terminal_text"]
+           "fit_command", "install_hint", "missing_extra", "strategy_given", "terminal_text"]
 
 # Exit statuses (documented in influence.cli and docs/lm.md): bad input of any kind
 # (arguments, files, data, settings) is 2, like argparse's usage errors; a numerical
@@ -36,8 +36,17 @@ DISTRIBUTION = "jax-influence"
 _PIP_NAMES = {"sklearn": "scikit-learn"}
 
 
+class _Default(str):
+    """A default value that can be told from the same value typed by the user."""
+
+
+def strategy_given(value: str) -> bool:
+    """Whether ``--strategy`` was given (and so must match ``--factors``), not defaulted."""
+    return not isinstance(value, _Default)
+
+
 def add_factor_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strategy", choices=STRATEGY_NAMES, default="ekfac",
+    parser.add_argument("--strategy", choices=STRATEGY_NAMES, default=_Default("ekfac"),
                         help="curvature approximation (default: ekfac)")
     parser.add_argument("--layers", default="mlp",
                         help="regular expression on module paths of the nnx.Linear layers to track; "

@@ -30,6 +30,7 @@ from influence.cli.common import (
     check_output_file,
     fail,
     fit_command,
+    strategy_given,
     terminal_text,
 )
 
@@ -95,7 +96,14 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
       FileNotFoundError: none fits (or several do); the message says which ``influence fit``
         line to run, or which folders to choose from with ``--factors``.
     """
-    from influence.lm.run import FACTORS, describe_settings, factor_settings, fitted_factors, read_settings
+    from influence.lm.run import (
+        FACTORS,
+        describe_settings,
+        factor_settings,
+        fitted_factors,
+        read_settings,
+        weights_digest,
+    )
 
     run = loaded.path
     if chosen is not None:
@@ -109,6 +117,11 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
             line = fit_command(run, settings["strategy"], settings["layers"], settings)
             raise ValueError(f"--factors {folder} were fitted on the weights of step {settings.get('step')}, the run "
                              f"is at step {loaded.step}; refit with:\n  {line} --force")
+        if settings is not None and settings.get("weights_digest") != weights_digest(run, loaded.step):
+            line = fit_command(run, settings["strategy"], settings["layers"], settings)
+            raise ValueError(f"--factors {folder} were fitted on other weights than the run's checkpoint of step "
+                             f"{loaded.step} holds now (it was overwritten, or they predate weight digests); refit "
+                             f"with:\n  {line} --force")
         if settings is None:
             return folder, (f"using the factors in {folder}, which has no settings.json: the Fisher, seed and weights "
                             "they were fitted with are unknown, so check they are this run's final weights")
@@ -119,7 +132,14 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
         return own, None
     found = fitted_factors(run)
     same = [(d, s) for d, s in found if s is not None and s["strategy"] == strategy and s["layers"] == layers]
-    current = [(d, s) for d, s in same if s.get("step") == loaded.step]
+    current = [(d, s) for d, s in same
+               if s.get("step") == loaded.step and s.get("weights_digest") == expected["weights_digest"]]
+    stale = [d for d, s in same if s.get("step") == loaded.step and d not in {c for c, _ in current}]
+    if stale and not current:
+        raise FileNotFoundError(f"the {strategy} factors for layers '{layers}' in {stale[0]} were fitted on other "
+                                f"weights than the run's checkpoint of step {loaded.step} holds now (it was "
+                                f"overwritten, or they predate weight digests); fit them again with:\n  "
+                                f"{fit_command(run, strategy, layers, read_settings(stale[0]))} --force")
     if len(current) == 1:
         folder, settings = current[0]
         return folder, (f"using the only {strategy} factors fitted for layers '{layers}': "
@@ -140,7 +160,8 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
         steps = sorted({s.get("step") for _, s in same})
         raise FileNotFoundError(f"the {strategy} factors for layers '{layers}' in {run} were fitted on the weights "
                                 f"of step {steps}, the run is at step {loaded.step}; fit them again with:\n  {line}")
-    others = [(d, s) for d, s in found if s is not None and s["strategy"] == strategy and s.get("step") == loaded.step]
+    others = [(d, s) for d, s in found if s is not None and s["strategy"] == strategy and s.get("step") == loaded.step
+              and s.get("weights_digest") == expected["weights_digest"]]
     if others:  # e.g. the scale experiments' factors, fitted for the pattern '\.mlp\.'
         options = "\n".join(f"  --factors {d.name}   (layers '{s['layers']}', {describe_settings(s)})"
                              for d, s in others)
@@ -165,10 +186,15 @@ def load_factors(command: str, args: argparse.Namespace, loaded) -> tuple[Path, 
         print(note)
     settings = read_settings(path) or {"strategy": args.strategy, "layers": args.layers}
     try:
-        return path, settings, Factors.load(path, model=loaded.model)
+        factors = Factors.load(path, model=loaded.model)
     except (FileFormatError, ModelMismatch) as e:
         line = fit_command(args.run, settings["strategy"], settings["layers"], settings)
         return fail(command, f"{e}; refit with:\n  {line} --force")
+    if strategy_given(args.strategy) and factors.strategy != args.strategy:
+        return fail(command, f"--strategy {args.strategy} was asked for, but {path} holds {factors.strategy} "
+                             f"factors; drop --strategy, or choose {args.strategy} factors (or fit them with "
+                             f"`{fit_command(args.run, args.strategy, settings['layers'])}`)")
+    return path, settings, factors
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     print_results(results)
     info = {"run": str(args.run), "step": loaded.step, "strategy": factors.strategy,
-            "layers": ", ".join(factors.layer_names), "factors": str(path), "query rank": args.query_rank or "full",
+            "layers": ", ".join(factors.layer_names), "factors": str(path),
+            "weights digest": settings.get("weights_digest", "unknown"), "query rank": args.query_rank or "full",
             "BM25 prefilter": args.bm25 or "off", "answered by": answered_by,
             "training sequences": len(loaded.train),
             "seconds": round(seconds, 1)}
