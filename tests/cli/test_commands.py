@@ -109,7 +109,8 @@ def test_factors_are_keyed_by_every_setting(run_dir, capsys):
     folder = factors_dir(run_dir, "kfac", "mlp.fc_in", max_sequences=8)
     settings = json.loads((folder / "settings.json").read_text())
     assert settings == {"strategy": "kfac", "layers": "mlp.fc_in", "fisher": "sampled", "seed": 0, "sequences": 8,
-                        "blocks": None, "factor_dtype": "float32", "step": settings["step"]}
+                        "blocks": None, "factor_dtype": "float32", "step": settings["step"],
+                        "weights_digest": settings["weights_digest"]}
     assert folder.name.startswith("kfac-mlp_fc_in-") and folder != factors_dir(run_dir, "kfac", "mlp|fc_in",
                                                                                max_sequences=8)
     # Several sets for these layers, none with the default settings: query lists them, uses none.
