@@ -29,14 +29,21 @@ from influence._version import __version__
 _PUBLIC: dict[str, str] = {
     # errors and warnings (influence.errors: no dependencies)
     "CheckpointMismatch": "influence.errors",
+    "ConfigError": "influence.errors",
+    "ConfigTypeError": "influence.errors",
     "DataError": "influence.errors",
     "DegenerateCurvature": "influence.errors",
     "FileFormatError": "influence.errors",
     "InfluenceError": "influence.errors",
     "MissingCorpusError": "influence.errors",
+    "MissingFileError": "influence.errors",
+    "MissingPackageError": "influence.errors",
     "ModelMismatch": "influence.errors",
+    "NonFiniteError": "influence.errors",
+    "OutputPathError": "influence.errors",
     "TaskError": "influence.errors",
     "TrackingError": "influence.errors",
+    "Unsupported": "influence.errors",
     "UntrackedParametersWarning": "influence.errors",
     # the engine
     "Attribution": "influence.scoring.attribution",

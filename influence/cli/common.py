@@ -13,6 +13,8 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
+from influence.errors import ConfigError, OutputPathError  # OutputPathError: importable from here too
+
 # The library's strategy names (influence.curvature.STRATEGIES), written out so that
 # building the parser (``influence --help``) does not import JAX; tests/cli/test_conventions.py
 # holds the two equal.
@@ -60,7 +62,7 @@ def check_layers(layers: str) -> None:
     try:
         re.compile(layers)
     except re.error as e:
-        raise ValueError(f"--layers {layers!r} is not a valid regular expression: {e}") from None
+        raise ConfigError(f"--layers {layers!r} is not a valid regular expression: {e}") from None
 
 
 def fit_command(run_dir, strategy: str, layers: str, settings: dict | None = None) -> str:
@@ -86,11 +88,6 @@ def fail(command: str, message: str, status: int = EXIT_ERROR) -> int:
     """Print ``influence COMMAND: error: MESSAGE`` to stderr; returns ``status`` (2)."""
     print(f"influence {command}: error: {message}", file=sys.stderr)
     return status
-
-
-class OutputPathError(ValueError):
-    """An output path that cannot be written (a folder where a file goes, a file in the
-    way of a folder, an unwritable parent): found before any work is done."""
 
 
 def _first_existing(path: Path) -> Path:

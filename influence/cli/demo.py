@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = engine.run(queries, k=args.top)
     except ValueError as e:
+        if isinstance(e, FloatingPointError):  # NaN/Inf: the numerical failure's own exit status
+            raise
         return fail("demo", str(e))
     seconds = time.perf_counter() - t0
     print_results(results)

@@ -33,6 +33,7 @@ from influence.cli.common import (
     strategy_given,
     terminal_text,
 )
+from influence.errors import ConfigError, MissingFileError
 
 # Loading a run reads its tokenizer (the lm extra).
 REQUIRES = ("lm", ("tokenizers",))
@@ -111,15 +112,15 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
         if not (folder / "factors.npz").is_file() and (run / FACTORS / chosen / "factors.npz").is_file():
             folder = run / FACTORS / chosen
         if not (folder / "factors.npz").is_file():
-            raise FileNotFoundError(f"--factors {chosen}: no factors.npz there (fitted sets are in {run / FACTORS})")
+            raise MissingFileError(f"--factors {chosen}: no factors.npz there (fitted sets are in {run / FACTORS})")
         settings = read_settings(folder)
         if settings is not None and settings.get("step") != loaded.step:
             line = fit_command(run, settings["strategy"], settings["layers"], settings)
-            raise ValueError(f"--factors {folder} were fitted on the weights of step {settings.get('step')}, the run "
+            raise ConfigError(f"--factors {folder} were fitted on the weights of step {settings.get('step')}, the run "
                              f"is at step {loaded.step}; refit with:\n  {line} --force")
         if settings is not None and settings.get("weights_digest") != weights_digest(run, loaded.step):
             line = fit_command(run, settings["strategy"], settings["layers"], settings)
-            raise ValueError(f"--factors {folder} were fitted on other weights than the run's checkpoint of step "
+            raise ConfigError(f"--factors {folder} were fitted on other weights than the run's checkpoint of step "
                              f"{loaded.step} holds now (it was overwritten, or they predate weight digests); refit "
                              f"with:\n  {line} --force")
         if settings is None:
@@ -136,7 +137,7 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
                if s.get("step") == loaded.step and s.get("weights_digest") == expected["weights_digest"]]
     stale = [d for d, s in same if s.get("step") == loaded.step and d not in {c for c, _ in current}]
     if stale and not current:
-        raise FileNotFoundError(f"the {strategy} factors for layers '{layers}' in {stale[0]} were fitted on other "
+        raise MissingFileError(f"the {strategy} factors for layers '{layers}' in {stale[0]} were fitted on other "
                                 f"weights than the run's checkpoint of step {loaded.step} holds now (it was "
                                 f"overwritten, or they predate weight digests); fit them again with:\n  "
                                 f"{fit_command(run, strategy, layers, read_settings(stale[0]))} --force")
@@ -147,27 +148,27 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
     line = fit_command(run, strategy, layers)
     if len(current) > 1:
         options = "\n".join(f"  --factors {d.name}   ({describe_settings(s)})" for d, s in current)
-        raise FileNotFoundError(f"{len(current)} sets of {strategy} factors for layers '{layers}' are fitted in {run} "
+        raise MissingFileError(f"{len(current)} sets of {strategy} factors for layers '{layers}' are fitted in {run} "
                                 f"with other settings than the defaults; choose one:\n{options}\nor fit the "
                                 f"default ones with:\n  {line}")
     # Earlier versions named the folder <strategy>-<layers, sanitised> and kept no settings.
     old = run / FACTORS / f"{strategy}-{re.sub(r'[^A-Za-z0-9_-]', '_', layers)}"
     if (old / "factors.npz").is_file() and read_settings(old) is None:
-        raise FileNotFoundError(f"{old}: factors without the settings.json that says what they were fitted with (an "
+        raise MissingFileError(f"{old}: factors without the settings.json that says what they were fitted with (an "
                                 f"older version wrote them), so they are not used unless chosen with --factors "
                                 f"{old.name}; fit them again with:\n  {line}\n(and remove the old folder)")
     if same:
         steps = sorted({s.get("step") for _, s in same})
-        raise FileNotFoundError(f"the {strategy} factors for layers '{layers}' in {run} were fitted on the weights "
+        raise MissingFileError(f"the {strategy} factors for layers '{layers}' in {run} were fitted on the weights "
                                 f"of step {steps}, the run is at step {loaded.step}; fit them again with:\n  {line}")
     others = [(d, s) for d, s in found if s is not None and s["strategy"] == strategy and s.get("step") == loaded.step
               and s.get("weights_digest") == expected["weights_digest"]]
     if others:  # e.g. the scale experiments' factors, fitted for the pattern '\.mlp\.'
         options = "\n".join(f"  --factors {d.name}   (layers '{s['layers']}', {describe_settings(s)})"
                              for d, s in others)
-        raise FileNotFoundError(f"no {strategy} factors for layers '{layers}' in {run}, but some for other layer "
+        raise MissingFileError(f"no {strategy} factors for layers '{layers}' in {run}, but some for other layer "
                                 f"selections on these weights; choose one:\n{options}\nor fit them with:\n  {line}")
-    raise FileNotFoundError(f"no {strategy} factors for layers '{layers}' in {run}; fit them first with:\n  {line}")
+    raise MissingFileError(f"no {strategy} factors for layers '{layers}' in {run}; fit them first with:\n  {line}")
 
 
 def load_factors(command: str, args: argparse.Namespace, loaded) -> tuple[Path, dict, object] | int:

@@ -25,7 +25,7 @@ import numpy as np
 
 from influence._version import __version__
 from influence.capture.objectives import layer_gradients
-from influence.errors import CheckpointMismatch, InfluenceError
+from influence.errors import CheckpointMismatch, ConfigError, InfluenceError, NonFiniteError
 from influence.factors import Factors, curvature_arrays
 from influence.index.compress import (
     MAP_KEYS,
@@ -137,7 +137,7 @@ class _Writer:
         ok = np.asarray(finite)[:n]
         if not ok.all():
             row = self.row_start + self.written + self.buffered + int(np.argmin(ok))
-            raise FloatingPointError(f"the training gradient of row {row} is NaN/Inf (the model's weights are "
+            raise NonFiniteError(f"the training gradient of row {row} is NaN/Inf (the model's weights are "
                                      "finite); check that row's inputs and labels")
         host = {name: tuple(np.asarray(p)[:n] for p in parts) for name, parts in out.items()}
         if self.rank:
@@ -239,9 +239,9 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
     """
     run = Execution.of(execution, options)
     if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
-        raise ValueError(f"shard_rows must be a positive integer, got {shard_rows!r}")
+        raise ConfigError(f"shard_rows must be a positive integer, got {shard_rows!r}")
     if isinstance(row_offset, bool) or not isinstance(row_offset, int) or row_offset < 0:
-        raise ValueError(f"row_offset must be a non-negative integer, got {row_offset!r}")
+        raise ConfigError(f"row_offset must be a non-negative integer, got {row_offset!r}")
     path = Path(path)
     mesh = scoring_mesh(run.mesh, run.batch_size)
     tracked, curvature, _ = prepare(model, factors, 0.0, mesh)  # damping is chosen at query time

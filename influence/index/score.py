@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from influence.curvature.layer import map_arrays
-from influence.errors import DataError, InfluenceError
+from influence.errors import ConfigError, DataError, InfluenceError, NonFiniteError
 from influence.factors import Factors
 from influence.index.build import built_from
 from influence.index.compress import LEVELS, MAP_KEYS, LayerMap, decode, levels, map_queries, row_bytes
@@ -172,7 +172,7 @@ def index_pairwise_scores(model, task, factors: Factors, queries, train, index, 
 def _check_finite(scores: np.ndarray) -> None:
     if not np.all(np.isfinite(scores)):
         row = int(np.argmin(np.all(np.isfinite(scores.reshape(-1, scores.shape[-1])), axis=0)))
-        raise FloatingPointError(f"the index scores of training row {row} are NaN/Inf; verify the index "
+        raise NonFiniteError(f"the index scores of training row {row} are NaN/Inf; verify the index "
                                  "(Index.verify()) and rebuild it")
 
 
@@ -187,7 +187,7 @@ def index_rank_training(model, task, factors: Factors, queries, train, index, *,
     n_query = ctx.side.n_query
     if candidates is not None:
         if len(candidates) != n_query:
-            raise ValueError(f"candidates has {len(candidates)} entries for {n_query} queries")
+            raise ConfigError(f"candidates has {len(candidates)} entries for {n_query} queries")
         candidates = [np.asarray(c, np.int64) for c in candidates]
     k_eff = min(k, ctx.n_rows)
     best = (jnp.full((n_query, k_eff), -jnp.inf, jnp.float32), jnp.full((n_query, k_eff), -1, jnp.int32))
@@ -204,7 +204,7 @@ def index_rank_training(model, task, factors: Factors, queries, train, index, *,
         top = np.asarray(best[0])
         finite_or_masked = np.isfinite(top) | (top == -np.inf)
         if not finite_or_masked.all():
-            raise FloatingPointError("the index scores hold NaN/Inf; verify the index (Index.verify()) and rebuild it")
+            raise NonFiniteError("the index scores hold NaN/Inf; verify the index (Index.verify()) and rebuild it")
         if writer is not None:
             writer.close()
     except BaseException:

@@ -30,7 +30,7 @@ import subprocess
 import warnings
 from collections.abc import Iterable, Sequence
 
-from influence.errors import DataError, MissingCorpusError
+from influence.errors import ConfigError, DataError, MissingCorpusError, MissingFileError
 
 FORTUNES_DIR = pathlib.Path("/usr/share/games/fortunes")
 FORTUNES_APT = "apt-get install fortunes"
@@ -218,7 +218,7 @@ def shakespeare_documents(genres: Sequence[str] | None = None, plays: Sequence[s
         known = {f.stem for f in files}
         unknown = sorted(set(plays) - known)
         if unknown:
-            raise ValueError(f"unknown play(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown play(s) {unknown}; known: {sorted(known)}")
         files = [f for f in files if f.stem in set(plays)]
     docs: list[Document] = []
     for f in files:
@@ -230,7 +230,7 @@ def shakespeare_documents(genres: Sequence[str] | None = None, plays: Sequence[s
 
 def _record_document(record: dict, doc_id: str, source: str, text_key: str) -> Document:
     if text_key not in record:
-        raise ValueError(f"record {doc_id} has no {text_key!r} field (fields: {sorted(record)})")
+        raise ConfigError(f"record {doc_id} has no {text_key!r} field (fields: {sorted(record)})")
     meta = {k: str(record[k]) for k in ("title", "genre", "section") if record.get(k) is not None}
     return Document(doc_id=str(record.get("doc_id", record.get("id", doc_id))), text=str(record[text_key]),
                     source=source, **meta)
@@ -254,7 +254,7 @@ def file_documents(paths: Iterable[str | pathlib.Path], text_key: str = "text") 
         elif p.exists():
             files.append((p, p.name))
         else:
-            raise FileNotFoundError(f"no such corpus file or folder: {p}")
+            raise MissingFileError(f"no such corpus file or folder: {p}")
     docs: list[Document] = []
     empty: list[str] = []  # files without any text (whitespace only), left out with a warning
     for f, name in files:
@@ -314,7 +314,7 @@ def dataset_documents(dataset, text_column: str = "text") -> list[Document]:
     """Documents from a ``datasets.Dataset`` with a text column; ``id``/``doc_id``, ``title``,
     ``genre`` and ``section`` columns are kept when present."""
     if text_column not in dataset.column_names:
-        raise ValueError(f"dataset has no column {text_column!r} (columns: {dataset.column_names})")
+        raise ConfigError(f"dataset has no column {text_column!r} (columns: {dataset.column_names})")
     return [_record_document(r, f"row/{i}", "dataset", text_column) for i, r in enumerate(dataset)]
 
 
@@ -349,7 +349,7 @@ def bible_documents(languages: Sequence[str] = ("en", "es")) -> list[Document]:
     in both languages), ``genre`` is the language and ``section`` the chapter."""
     unknown = sorted(set(languages) - set(BIBLE_MODULES))
     if unknown:
-        raise ValueError(f"unknown Bible language(s) {unknown}; available: {sorted(BIBLE_MODULES)}")
+        raise ConfigError(f"unknown Bible language(s) {unknown}; available: {sorted(BIBLE_MODULES)}")
     exe = shutil.which("diatheke")
     if exe is None:
         raise MissingCorpusError(f"the Bible corpus needs diatheke and the SWORD texts: {BIBLE_APT}")
@@ -441,7 +441,7 @@ def bible_verses(translation: str = "web") -> dict[str, str]:
 @functools.lru_cache(maxsize=4)
 def _bible_verses(translation: str) -> dict[str, str]:
     if translation not in VERSE_MODULES:
-        raise ValueError(f"unknown translation {translation!r}; available: {sorted(VERSE_MODULES)}")
+        raise ConfigError(f"unknown translation {translation!r}; available: {sorted(VERSE_MODULES)}")
     module, package = VERSE_MODULES[translation]
     apt = f"apt-get install diatheke {package}"
     exe = shutil.which("diatheke")
@@ -481,5 +481,5 @@ def load_corpus(spec: str | Sequence[str] = "shakespeare") -> list[Document]:
     paths = [spec] if isinstance(spec, (str, pathlib.Path)) else list(spec)
     missing = [str(p) for p in paths if not pathlib.Path(p).exists()]
     if missing:
-        raise ValueError(f"unknown corpus {missing[0]!r}: not one of {sorted(CORPORA)} and not an existing path")
+        raise ConfigError(f"unknown corpus {missing[0]!r}: not one of {sorted(CORPORA)} and not an existing path")
     return file_documents(paths)

@@ -26,6 +26,7 @@ import numpy as np
 from datasets import Dataset
 from flax import nnx
 
+from influence.errors import ConfigError, MissingFileError
 from influence.fit import fit_factors
 from influence.runtime import io
 from influence.tasks import CausalLM
@@ -63,7 +64,7 @@ def factor_settings(run_dir: str | pathlib.Path, strategy: str = "ekfac", layers
     info = _read_info(run_dir)
     n_train = int(info["data"]["train_sequences"])
     if max_sequences is not None and max_sequences < 1:
-        raise ValueError(f"max_sequences must be a positive number of sequences, got {max_sequences}")
+        raise ConfigError(f"max_sequences must be a positive number of sequences, got {max_sequences}")
     if step is None:
         step = _latest_step(run_dir)
     return {"strategy": strategy, "layers": layers, "fisher": fisher, "seed": int(seed),
@@ -77,7 +78,7 @@ def weights_digest(run_dir: str | pathlib.Path, step: int) -> str:
     shape and bytes (the checksum its file carries; a file without one is hashed here)."""
     found = ckpt.list_checkpoints(pathlib.Path(run_dir) / "checkpoints")
     if step not in found:
-        raise ValueError(f"{run_dir} has no checkpoint for step {step}; kept: {sorted(found)}")
+        raise ConfigError(f"{run_dir} has no checkpoint for step {step}; kept: {sorted(found)}")
     file = found[step] / "params.npz"
     digest = io.stored_digest(file)
     if digest is None:  # a run trained before files carried a checksum
@@ -220,10 +221,10 @@ def fit_run_factors(run: Run, strategy: str = "ekfac", layers: str = "mlp", *, f
 
 def _read_info(path: pathlib.Path) -> dict:
     if path.exists() and not path.is_dir():
-        raise FileNotFoundError(f"{path} is a file, not a run folder; give the folder that `influence train --out` "
+        raise MissingFileError(f"{path} is a file, not a run folder; give the folder that `influence train --out` "
                                 "wrote")
     if not (path / "run.json").is_file():
-        raise FileNotFoundError(f"{path} is not a training run (no run.json); train one with "
+        raise MissingFileError(f"{path} is not a training run (no run.json); train one with "
                                 f"`influence train --scale tiny --out {path}`")
     return json.loads((path / "run.json").read_text())
 
@@ -231,14 +232,14 @@ def _read_info(path: pathlib.Path) -> dict:
 def _latest_step(path: pathlib.Path) -> int:
     latest = ckpt.latest_checkpoint(path / "checkpoints")
     if latest is None:
-        raise FileNotFoundError(f"{path} has no checkpoint yet")
+        raise MissingFileError(f"{path} has no checkpoint yet")
     return int(ckpt.read_state(latest)["step"])
 
 
 def _load_model(path: pathlib.Path, config: GPTConfig, step: int) -> GPT:
     found = ckpt.list_checkpoints(path / "checkpoints")
     if step not in found:
-        raise ValueError(f"{path} has no checkpoint for step {step}; kept: {sorted(found)}")
+        raise ConfigError(f"{path} has no checkpoint for step {step}; kept: {sorted(found)}")
     model = init_model(config)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = ckpt.load_tree(found[step] / "params.npz", params, ckpt.PARAMS_KIND)

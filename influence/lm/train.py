@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from influence.errors import DataError
+from influence.errors import ConfigError, DataError
 from influence.runtime import io
 
 from . import checkpoint as ckpt
@@ -196,7 +196,7 @@ class Trainer:
             mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
             diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
             if diff:
-                raise ValueError(f"{self.out} holds a run with other settings {diff} (saved, requested); "
+                raise ConfigError(f"{self.out} holds a run with other settings {diff} (saved, requested); "
                                  "use another --out or the same settings to resume")
         return cfg
 

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from influence.capture.objectives import layer_gradients
-from influence.errors import DataError
+from influence.errors import ConfigError, DataError
 from influence.factors import Factors
 from influence.runtime.data import as_source, num_rows, select_rows
 from influence.runtime.driver import Accumulator, run_pass
@@ -150,7 +150,7 @@ def rank_training(
     row_map = None
     if candidates is not None:
         if len(candidates) != n_query:
-            raise ValueError(f"candidates has {len(candidates)} entries for {n_query} queries")
+            raise ConfigError(f"candidates has {len(candidates)} entries for {n_query} queries")
         candidates = [np.asarray(c, np.int64) for c in candidates]
         row_map = np.unique(np.concatenate(candidates)) if candidates else np.zeros(0, np.int64)
         n_total = num_rows(train)
