@@ -19,8 +19,8 @@ APPLICATIONS = ("lm", "query", "cli", "reference", "testing")
 ALLOWED = {
     "errors": set(),
     "_version": set(),
-    "tasks": set(),
-    "testing": set(),
+    "tasks": {"errors"},
+    "testing": {"errors"},
     "runtime": {"errors", "_version"},
     "capture": {"errors"},
     "curvature": {"capture", "runtime", "errors"},
