@@ -4,7 +4,7 @@ The run folder (--out) receives the tokenizer, the train/held-out sequence datas
 checkpoints and metrics; running the same command again resumes an interrupted run from
 its newest checkpoint. Load the result in Python with influence.lm.load_run(OUT).
 
-scales (non-embedding parameters): tiny (tests, seconds), mini (~0.1M), small (~0.6M),
+scales (non-embedding parameters): tiny (for tests), mini (~0.1M), small (~0.6M),
 medium (~2.2M), large (~6.3M); see docs/lm.md for budgets and measured times.
 
 example:

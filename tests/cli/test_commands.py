@@ -63,17 +63,20 @@ def test_query_errors_are_clear(run_dir, capsys):
 def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     args = ["demo", "--out", str(tmp_path / "demo"), "--plays", "macbeth", "--scale", "tiny", "--tokens", "12000",
             "--vocab-size", "300", "-k", "2", "--quiet"]
-    assert main(args) == 2  # the built-in queries do not fit the tiny model's 32-token context
-    assert "exceed the model's context of 32 tokens" in capsys.readouterr().err
     queries = tmp_path / "q.jsonl"
     queries.write_text('{"id": "witches", "prompt": "ALL:\\n", "completion": "Double, double toil and trouble"}\n')
-    args += ["--queries", str(queries)]
-    assert main(args) == 0
+    assert main([*args, "--queries", str(queries)]) == 0
     out = capsys.readouterr().out
-    assert "reusing the trained model" in out and "== witches" in out
-    assert (tmp_path / "demo" / "report.html").stat().st_size > 5000
-    assert main(args) == 0
-    assert "reusing ekfac factors" in capsys.readouterr().out
+    assert "training a tiny model" in out and "fitted ekfac factors" in out and "== witches" in out
+    report = tmp_path / "demo" / "report.html"
+    assert report.stat().st_size > 5000
+    assert out.count(str(report)) == 1  # the report's path, once
+    # Again, with the built-in queries: the model and factors are reused, and the queries,
+    # which do not fit the tiny model's 32-token context, are refused.
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "reusing the trained model" in captured.out and "reusing ekfac factors" in captured.out
+    assert "exceed the model's context of 32 tokens" in captured.err
 
 
 def test_fit_options_blocks_and_devices(run_dir, capsys):
