@@ -12,7 +12,9 @@ Public API::
     run = inf.Execution(batch_size=128, checkpoint_dir="ckpt")  # run settings of any of them
     inf.enable_compilation_cache()               # compile each step once per machine, not per process
 
-Sub-packages loaded on first use: ``inf.lm`` (language models to study), ``inf.query``
+Every name is imported on first use (PEP 562: ``import influence`` loads no JAX, so
+``influence --help`` is fast); the table ``_PUBLIC`` below lists them all.
+Sub-packages: ``inf.lm`` (language models to study), ``inf.query``
 (text queries over an LM run), ``inf.reference`` (exact influence and validation),
 ``inf.hosts`` (several hosts), ``inf.testing`` (small fixtures), ``inf.index`` (the gradient
 index; ``inf.build_index`` is its builder).
