@@ -174,9 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  if args.tests_per_mutant else "")
     # With --only, the other mutants' rows of an earlier run are kept (several partial
     # runs make one results file); each row says which tests it ran against.
-    previous = json.loads(args.out.read_text())["mutants"] if args.only and args.out.is_file() else []
-    rows = {r["id"]: r for r in previous}
-    loads = []
+    earlier = json.loads(args.out.read_text()) if args.only and args.out.is_file() else {"mutants": []}
+    rows = {r["id"]: r for r in earlier["mutants"]}
+    loads = [earlier["load"]] if "load" in earlier else []  # the highest load of the runs merged
     for m in chosen:
         tests = m.tests[: args.tests_per_mutant] if args.tests_per_mutant else m.tests
         loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
