@@ -3,7 +3,8 @@
 The factors go to RUN/factors/<strategy>-<layers>-<digest>/factors.npz, the digest
 covering every setting that changes them (strategy, --layers as given, --fisher, --seed,
 --max-sequences, --blocks, --factor-dtype, the checkpoint), which settings.json beside
-them lists; `influence query` finds them there. Fitting streams every training sequence
+them lists with the SHA-256 of the weights fitted on; `influence query` finds them there
+and refuses them once those weights have changed (refit with --force). Fitting streams every training sequence
 of the run (twice for ekfac). An interrupted fit resumes when the same command is run
 again; --restart discards its checkpoint instead.
 
