@@ -131,7 +131,10 @@ def test_sigterm_handler_is_restored_after_the_command(monkeypatch):
 def test_signals_exit_with_the_shells_status_and_say_what_a_rerun_does(sig, status, name, rerun):
     # A real process and a real signal; the command is a stand-in that waits to be stopped.
     proc = _python(f"""
-        import sys, time, types
+        import signal, sys, time, types
+        # A shell without job control starts background jobs with SIGINT ignored, and
+        # Python then installs no KeyboardInterrupt handler: restore it, as a terminal has it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from influence import cli
         module = types.ModuleType("sleeper")
         module.configure = lambda p: None
