@@ -23,7 +23,7 @@ from scipy.stats import pearsonr, spearmanr
 
 import influence as inf
 from benchmarks.speed import forward_backward, timed
-from influence.cli.common import factors_dir
+from influence.lm.run import factors_dir
 from influence.scoring.ranking import rank_training
 
 

@@ -12,7 +12,9 @@ Public API::
     run = inf.Execution(batch_size=128, checkpoint_dir="ckpt")  # run settings of any of them
     inf.enable_compilation_cache()               # compile each step once per machine, not per process
 
-Sub-packages loaded on first use: ``inf.lm`` (language models to study), ``inf.query``
+Every name is imported on first use (PEP 562: ``import influence`` loads no JAX, so
+``influence --help`` is fast); the table ``_PUBLIC`` below lists them all.
+Sub-packages: ``inf.lm`` (language models to study), ``inf.query``
 (text queries over an LM run), ``inf.reference`` (exact influence and validation),
 ``inf.hosts`` (several hosts), ``inf.testing`` (small fixtures), ``inf.index`` (the gradient
 index; ``inf.build_index`` is its builder), ``inf.unrolled`` (metagradients through a
@@ -21,57 +23,78 @@ training run: ``inf.metagradient_scores``).
 
 import importlib
 
-from influence import tasks
 from influence._version import __version__
-from influence.capture.tracking import LayerInfo, track
-from influence.curvature import STRATEGIES
-from influence.errors import (
-    CheckpointMismatch,
-    DataError,
-    DegenerateCurvature,
-    FileFormatError,
-    InfluenceError,
-    MissingCorpusError,
-    ModelMismatch,
-    TaskError,
-    TrackingError,
-    UntrackedParametersWarning,
-)
-from influence.factors import Factors
-from influence.fit import fit_factors
-from influence.runtime.compilation import enable_compilation_cache
-from influence.runtime.execution import Execution
-from influence.scoring.attribution import Attribution, attribute
-from influence.scoring.pairwise import pairwise_scores
-from influence.scoring.ranking import Ranking, rank_training
-from influence.scoring.results import Scores, SelfScores
-from influence.scoring.self_influence import self_scores
-from influence.tasks import Task
 
-_LAZY = {"lm": "influence.lm", "query": "influence.query", "reference": "influence.reference",
-         "hosts": "influence.scoring.hosts", "testing": "influence.testing", "index": "influence.index",
-         "unrolled": "influence.unrolled"}
-_LAZY_NAMES = {"build_index": ("influence.index.build", "build_index"),
-               "metagradient_scores": ("influence.unrolled.metagradient", "metagradient_scores"),
-               "validate": ("influence.reference.validate", "validate")}
+# Every public name, in ONE table: name -> the module that defines it (a name that is the
+# module itself, e.g. ``inf.tasks``, maps to that module). Nothing is imported until first
+# use (PEP 562), so ``import influence`` and ``influence --help`` do not load JAX; adding
+# a public name is one line here (tests/test_api.py checks every entry resolves).
+_PUBLIC: dict[str, str] = {
+    # errors and warnings (influence.errors: no dependencies)
+    "CheckpointMismatch": "influence.errors",
+    "ConfigError": "influence.errors",
+    "ConfigTypeError": "influence.errors",
+    "DataError": "influence.errors",
+    "DegenerateCurvature": "influence.errors",
+    "FileFormatError": "influence.errors",
+    "InfluenceError": "influence.errors",
+    "MissingCorpusError": "influence.errors",
+    "MissingFileError": "influence.errors",
+    "MissingPackageError": "influence.errors",
+    "ModelMismatch": "influence.errors",
+    "NonFiniteError": "influence.errors",
+    "OutputPathError": "influence.errors",
+    "TaskError": "influence.errors",
+    "TrackingError": "influence.errors",
+    "Unsupported": "influence.errors",
+    "UntrackedParametersWarning": "influence.errors",
+    # the engine
+    "Attribution": "influence.scoring.attribution",
+    "Execution": "influence.runtime.execution",
+    "Factors": "influence.factors",
+    "LayerInfo": "influence.capture.tracking",
+    "Ranking": "influence.scoring.ranking",
+    "STRATEGIES": "influence.curvature",
+    "Scores": "influence.scoring.results",
+    "SelfScores": "influence.scoring.results",
+    "Task": "influence.tasks",
+    "attribute": "influence.scoring.attribution",
+    "build_index": "influence.index.build",
+    "enable_compilation_cache": "influence.runtime.compilation",
+    "fit_factors": "influence.fit",
+    "pairwise_scores": "influence.scoring.pairwise",
+    "rank_training": "influence.scoring.ranking",
+    "self_scores": "influence.scoring.self_influence",
+    "track": "influence.capture.tracking",
+    # sub-packages
+    "hosts": "influence.scoring.hosts",
+    "index": "influence.index",
+    "lm": "influence.lm",
+    "query": "influence.query",
+    "reference": "influence.reference",
+    "tasks": "influence.tasks",
+    "testing": "influence.testing",
+    "unrolled": "influence.unrolled",
+    # attribution through training (metagradients) and validation against retraining
+    "metagradient_scores": "influence.unrolled.metagradient",
+    "validate": "influence.reference.validate",
+}
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        module = importlib.import_module(_LAZY[name])
-        globals()[name] = module
-        return module
-    if name in _LAZY_NAMES:
-        module_name, attribute = _LAZY_NAMES[name]
-        value = getattr(importlib.import_module(module_name), attribute)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'influence' has no attribute {name!r}")
+def __getattr__(name: str):
+    """Import a public name on first use (PEP 562) and keep it, so the next use is free."""
+    module_name = _PUBLIC.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'influence' has no attribute {name!r}")
+    module = importlib.import_module(module_name)
+    # A sub-package's own name resolves to the module; any other name to its attribute.
+    value = module if module_name.rsplit(".", 1)[-1] == name and not hasattr(module, name) else getattr(module, name)
+    globals()[name] = value
+    return value
 
 
-__all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "DegenerateCurvature", "Execution",
-           "Factors", "FileFormatError", "InfluenceError", "LayerInfo", "MissingCorpusError", "ModelMismatch",
-           "Ranking", "Scores", "SelfScores", "Task", "TaskError", "TrackingError", "UntrackedParametersWarning",
-           "__version__", "attribute", "build_index", "enable_compilation_cache", "fit_factors", "hosts", "index",
-           "lm", "pairwise_scores", "query", "rank_training", "reference", "self_scores", "tasks", "testing", "track",
-           "metagradient_scores", "unrolled", "validate"]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
+
+
+__all__ = ["__version__", *sorted(_PUBLIC)]

@@ -11,10 +11,18 @@ the base :class:`InfluenceError`, so ``except inf.InfluenceError`` catches any o
     ├── ModelMismatch       factors (or a checkpoint) of a model of another structure
     ├── CheckpointMismatch  a checkpoint of another run (other data or settings)
     ├── DegenerateCurvature a layer whose fitted curvature is all zero (no default damping)
-    └── MissingCorpusError  a text corpus whose package is not installed (influence.lm)
+    ├── MissingCorpusError  a text corpus whose package is not installed (influence.lm)
+    ├── ConfigError         an argument or setting out of range or of an unknown name
+    ├── ConfigTypeError     an argument of the wrong type (also a TypeError)
+    ├── NonFiniteError      NaN/Inf in a model, loss, gradient or factors (also a FloatingPointError)
+    ├── MissingFileError    a file or folder that is not there (also a FileNotFoundError)
+    ├── OutputPathError     an output path that cannot be written (the command line)
+    ├── Unsupported         a case the library does not implement (also a NotImplementedError)
+    └── MissingPackageError an optional package that is not installed (also a ModuleNotFoundError)
 
-Numerical failures (NaN/Inf in a loss or in factors) raise the built-in
-``FloatingPointError``. What the library leaves out is warned about, never silent:
+Each class that stands for a built-in error also subclasses it, so ``except
+FloatingPointError`` (or ``FileNotFoundError``, ...) written against earlier versions
+still catches it. What the library leaves out is warned about, never silent:
 :class:`UntrackedParametersWarning` (parameters outside the tracked layers).
 """
 
@@ -60,6 +68,44 @@ class DegenerateCurvature(InfluenceError):
 
 class MissingCorpusError(InfluenceError, RuntimeError):
     """A corpus needs a package that is not installed; the message gives the install line."""
+
+
+class ConfigError(InfluenceError):
+    """An argument or setting the library cannot use: out of range, of an unknown name, or
+    inconsistent with another; the message names it and the accepted values."""
+
+
+class ConfigTypeError(InfluenceError, TypeError):
+    """An argument of a type the library cannot use (also a ``TypeError``)."""
+
+
+class NonFiniteError(InfluenceError, FloatingPointError):
+    """NaN or Inf in a model's outputs, a loss, gradients or factors (also a
+    ``FloatingPointError``; the command line exits 3 on it)."""
+
+
+class MissingFileError(InfluenceError, FileNotFoundError):
+    """A file or folder that should be there is not (also a ``FileNotFoundError``); the
+    message says which command makes it."""
+
+
+class OutputPathError(InfluenceError):
+    """An output path that cannot be written (a folder where a file goes, a file in the
+    way of a folder, an unwritable parent): found before any work is done."""
+
+
+class Unsupported(InfluenceError, NotImplementedError):
+    """A case the library does not implement, e.g. an exact Fisher for a task without one
+    (also a ``NotImplementedError``)."""
+
+
+class MissingPackageError(InfluenceError, ModuleNotFoundError):
+    """An optional package is not installed (also a ``ModuleNotFoundError``, with its
+    ``name``); the message gives the install line."""
+
+    def __init__(self, message: str, name: str | None = None):
+        super().__init__(message)
+        self.name = name
 
 
 class UntrackedParametersWarning(UserWarning):

@@ -22,7 +22,7 @@ from influence.capture.tracking import LayerInfo, TrackedModel, model_fingerprin
 from influence.curvature import STRATEGIES, LayerCurvature, default_damping, get_strategy
 from influence.curvature import blocks as blocks_
 from influence.curvature.layer import arrays_of
-from influence.errors import FileFormatError, ModelMismatch
+from influence.errors import ConfigError, ConfigTypeError, FileFormatError, ModelMismatch, NonFiniteError
 from influence.runtime import io
 
 _FILE_KIND = "influence-factors"
@@ -34,7 +34,7 @@ def as_factor_dtype(dtype: Any) -> np.dtype:
     """``float32`` or ``bfloat16`` as a numpy dtype (bfloat16 from ml_dtypes, via jax)."""
     name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if name not in FACTOR_DTYPES:
-        raise ValueError(f"factor_dtype must be one of {FACTOR_DTYPES}, got {dtype!r}")
+        raise ConfigError(f"factor_dtype must be one of {FACTOR_DTYPES}, got {dtype!r}")
     return np.dtype(jnp.bfloat16) if name == "bfloat16" else np.dtype(np.float32)
 
 
@@ -95,7 +95,7 @@ def check_finite_weights(state: Any) -> None:
         return
     path, x = leaves[int(np.argmin(finite))]
     bad = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x, np.float32))))
-    raise FloatingPointError(f"the model's weights hold NaN/Inf: variable {_variable_name(path)!r} "
+    raise NonFiniteError(f"the model's weights hold NaN/Inf: variable {_variable_name(path)!r} "
                              f"{tuple(x.shape)} has {bad} non-finite value(s); load finite weights")
 
 
@@ -145,7 +145,7 @@ class Factors:
         :func:`~influence.curvature.default_damping`)."""
         if damping is not None:
             if not np.isfinite(damping) or damping < 0:
-                raise ValueError(f"damping must be a finite non-negative float, got {damping}")
+                raise ConfigError(f"damping must be a finite non-negative float, got {damping}")
             return float(damping)
         return default_damping(self.layers[name], name=name)
 
@@ -153,7 +153,7 @@ class Factors:
         for name, curv in self.layers.items():
             for field, x in zip(_FIELDS, curv):
                 if not all(np.all(np.isfinite(np.asarray(arr, np.float32))) for arr in arrays_of(x)):
-                    raise FloatingPointError(
+                    raise NonFiniteError(
                         f"factors of layer {name!r} hold NaN/Inf in {field}; the loss or the layer's inputs "
                         "were not finite on the fitting data"
                     )
@@ -242,7 +242,7 @@ def _check_header(file: Path, metadata: dict[str, Any]) -> tuple[str, list[Layer
     try:
         infos = [LayerInfo(**info) for info in metadata["layers"]]
         if not all(isinstance(getattr(i, f), int) and getattr(i, f) > 0 for i in infos for f in ("d_in", "d_out")):
-            raise TypeError("sizes must be positive integers")
+            raise ConfigTypeError("sizes must be positive integers")
     except TypeError as e:
         raise FileFormatError(f"{file}: the header's 'layers' is not a list of layers (name, d_in, d_out, "
                               f"has_bias): {e}") from e

@@ -28,7 +28,7 @@ from influence.capture.tracking import LayerFilter, track, warn_untracked
 from influence.curvature import LayerCurvature, get_strategy
 from influence.curvature import blocks as blocks_
 from influence.curvature.passes import CurvaturePass
-from influence.errors import CheckpointMismatch, DataError
+from influence.errors import CheckpointMismatch, ConfigError, DataError, NonFiniteError
 from influence.factors import (
     Factors,
     as_factor_dtype,
@@ -150,7 +150,7 @@ def _pass_accumulator(curvature_pass: CurvaturePass, zeros, step_args: tuple, tr
         for index, value, counts in state.pending:
             if not np.isfinite(to_host(value)):
                 lo = index * batch_size
-                raise FloatingPointError(
+                raise NonFiniteError(
                     f"the {'Fisher directions' if has_directions(choice['fisher'].kind) else 'objective'} is "
                     f"NaN/Inf on batch {index} "
                     f"(examples {lo}..{lo + batch_size - 1}); check the inputs and the model's weights"
@@ -256,12 +256,12 @@ def fit_factors(
     run = Execution.of(execution, options)
     chosen = get_strategy(strategy)
     if fisher is not None and fisher not in FISHER_KINDS:
-        raise ValueError(f"unknown fisher {fisher!r}; expected one of {FISHER_KINDS} or None (chosen by the task)")
+        raise ConfigError(f"unknown fisher {fisher!r}; expected one of {FISHER_KINDS} or None (chosen by the task)")
     if fisher_samples is not None:
         if isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int | np.integer) or fisher_samples < 1:
-            raise ValueError(f"fisher_samples must be an int >= 1 (sampled draws per example), got {fisher_samples!r}")
+            raise ConfigError(f"fisher_samples must be an int >= 1 (sampled draws per example), got {fisher_samples!r}")
         if fisher not in (None, "sampled"):
-            raise ValueError(f"fisher_samples={fisher_samples} is the number of sampled draws per example; it does "
+            raise ConfigError(f"fisher_samples={fisher_samples} is the number of sampled draws per example; it does "
                              f"not apply to fisher={fisher!r}")
         fisher_samples = int(fisher_samples)
     dtype = as_factor_dtype(factor_dtype)

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from influence.errors import ConfigError, Unsupported
+
 Arrays = dict[str, jax.Array]  # a batch's named arrays (not runtime.data.Batch, the padded batch)
 
 
@@ -68,7 +70,7 @@ class Task(abc.ABC):
         k = 1, through :meth:`loss`."""
         if sample_keys.shape[0] == 1:
             return self.loss(model, batch, sample_key=sample_keys[0])[None]
-        raise NotImplementedError(
+        raise Unsupported(
             f"{type(self).__name__} draws one target per call of its loss; fisher_samples > 1 needs sampled_losses "
             "(k draws from one forward pass; OutputTask has it). Use fisher_samples=1 or implement it")
 
@@ -98,7 +100,7 @@ class Task(abc.ABC):
     def fisher_directions(self, model: Any, batch: Arrays) -> jax.Array:
         """Pseudo-losses ``[K, B]`` whose per-example gradients g_k satisfy
         Σ_k g_k g_kᵀ = the exact per-example Fisher (used by ``fisher="exact"``)."""
-        raise NotImplementedError(
+        raise Unsupported(
             f"{type(self).__name__} has no exact Fisher; use fisher='sampled' or 'empirical'"
         )
 
@@ -122,12 +124,12 @@ class LossFamily(abc.ABC):
         scalar ``key``, no gradient through them (the sampled, true Fisher).
         :class:`OutputTask` calls it once per example (``jax.vmap``, ``B = 1``) with that
         example's key."""
-        raise NotImplementedError(f"{type(self).__name__} cannot sample targets; use fisher='empirical' or 'exact'")
+        raise Unsupported(f"{type(self).__name__} cannot sample targets; use fisher='empirical' or 'exact'")
 
     def fisher_directions(self, outputs: jax.Array, mask: jax.Array) -> jax.Array:
         """Pseudo-losses ``[K', B]`` whose gradients g_k with respect to ``outputs [B, T, K]``
         satisfy Σ_k g_k g_kᵀ = mask-weighted output Hessian of :meth:`loss`, per token."""
-        raise NotImplementedError(f"{type(self).__name__} has no exact Fisher; use fisher='sampled' or 'empirical'")
+        raise Unsupported(f"{type(self).__name__} has no exact Fisher; use fisher='sampled' or 'empirical'")
 
 
 def _batch_shape(trailing: tuple[int, ...]) -> str:
@@ -146,7 +148,7 @@ def check_labels(name: str, labels: np.ndarray, n_classes: int | None, first_row
     checked on the host's integers, before int64 values could wrap to int32 on a device."""
     expected = f"integers in [0, {n_classes})" if n_classes is not None else "non-negative integers"
     if labels.dtype.kind not in "iu":
-        raise ValueError(f"{name} must be {expected}; got dtype {labels.dtype} (labels are not truncated or cast: "
+        raise ConfigError(f"{name} must be {expected}; got dtype {labels.dtype} (labels are not truncated or cast: "
                          "convert them with .astype(np.int32) if they are whole numbers)")
     flat = labels.reshape(len(labels), -1)
     bad = flat < 0
@@ -154,7 +156,7 @@ def check_labels(name: str, labels: np.ndarray, n_classes: int | None, first_row
         bad |= flat >= n_classes
     if bad.any():
         row = _first_bad(bad)
-        raise ValueError(f"{name} must be {expected}; row {first_row + row} has {flat[row][bad[row]][0]}")
+        raise ConfigError(f"{name} must be {expected}; row {first_row + row} has {flat[row][bad[row]][0]}")
 
 
 CATEGORICAL_SAMPLER = "inverse-cdf"
@@ -332,7 +334,7 @@ class Classification(OutputTask):
 
     def __post_init__(self):
         if self.measurement_kind not in ("loss", "margin"):
-            raise ValueError(f"measurement_kind must be 'loss' or 'margin', got {self.measurement_kind!r}")
+            raise ConfigError(f"measurement_kind must be 'loss' or 'margin', got {self.measurement_kind!r}")
 
     @property
     def fields(self):  # type: ignore[override]
@@ -341,7 +343,7 @@ class Classification(OutputTask):
     def outputs(self, model, batch):
         logits = model(batch[self.x_key])
         if logits.ndim != 2:
-            raise ValueError(f"Classification expects logits [B, C]; the model returned shape {logits.shape}")
+            raise ConfigError(f"Classification expects logits [B, C]; the model returned shape {logits.shape}")
         return logits[:, None, :]
 
     def targets(self, batch):
@@ -351,7 +353,7 @@ class Classification(OutputTask):
         """Labels: one integer per example, in ``[0, C)`` for logits ``[B, C]``."""
         y = batch[self.y_key]
         if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1) or y.ndim == 0:
-            raise ValueError(f"labels {self.y_key!r} must be one integer per example, shape [B]; got trailing shape "
+            raise ConfigError(f"labels {self.y_key!r} must be one integer per example, shape [B]; got trailing shape "
                              f"{y.shape[1:]}")
         check_labels(f"labels {self.y_key!r}", y, None if output_shape is None else output_shape[-1], first_row)
 
@@ -387,7 +389,7 @@ class Regression(OutputTask):
         if out.ndim == 1:
             out = out[:, None]
         if out.ndim != 2:
-            raise ValueError(f"Regression expects outputs [B] or [B, K]; the model returned shape {out.shape}")
+            raise ConfigError(f"Regression expects outputs [B] or [B, K]; the model returned shape {out.shape}")
         return out[:, None, :]
 
     def targets(self, batch):
@@ -399,17 +401,17 @@ class Regression(OutputTask):
         ``[B, K]`` for K), finite."""
         y = batch[self.y_key]
         if y.dtype.kind not in "iuf":
-            raise ValueError(f"targets {self.y_key!r} must be numbers; got dtype {y.dtype}")
+            raise ConfigError(f"targets {self.y_key!r} must be numbers; got dtype {y.dtype}")
         if output_shape is not None:
             k = output_shape[-1]
             allowed = [(k,)] + ([()] if k == 1 else [])
             if y.shape[1:] not in allowed:
                 want = " or ".join(_batch_shape(s) for s in allowed)
-                raise ValueError(f"targets {self.y_key!r} must have shape {want} to match the model's {k} output(s); "
+                raise ConfigError(f"targets {self.y_key!r} must have shape {want} to match the model's {k} output(s); "
                                  f"got {_batch_shape(y.shape[1:])}")
         if y.dtype.kind == "f" and not np.isfinite(y).all():
             row = _first_bad(~np.isfinite(y.reshape(len(y), -1)))
-            raise ValueError(f"targets {self.y_key!r} must be finite; row {first_row + row} is not")
+            raise ConfigError(f"targets {self.y_key!r} must be finite; row {first_row + row} is not")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,7 +445,7 @@ class CausalLM(OutputTask):
         ids = batch[self.input_key]
         logits = model(ids)
         if logits.ndim != 3 or logits.shape[:2] != ids.shape:
-            raise ValueError(f"CausalLM expects logits [B, T, V] for input_ids {ids.shape}; got {logits.shape}")
+            raise ConfigError(f"CausalLM expects logits [B, T, V] for input_ids {ids.shape}; got {logits.shape}")
         return logits[:, :-1]
 
     def targets(self, batch):
@@ -463,11 +465,11 @@ class CausalLM(OutputTask):
         mask, if given, of the same shape."""
         ids = batch[self.input_key]
         if ids.ndim != 2:
-            raise ValueError(f"{self.input_key!r} must be token ids [B, T]; got shape {list(ids.shape)}")
+            raise ConfigError(f"{self.input_key!r} must be token ids [B, T]; got shape {list(ids.shape)}")
         check_labels(f"token ids {self.input_key!r}", ids, None if output_shape is None else output_shape[-1],
                      first_row)
         if self.mask_key in batch and batch[self.mask_key].shape != ids.shape:
-            raise ValueError(f"{self.mask_key!r} must have the shape of {self.input_key!r}, {list(ids.shape)}; "
+            raise ConfigError(f"{self.mask_key!r} must have the shape of {self.input_key!r}, {list(ids.shape)}; "
                              f"got {list(batch[self.mask_key].shape)}")
 
     def token_mask(self, batch):

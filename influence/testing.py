@@ -21,6 +21,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from influence.errors import ConfigError
+
 
 def seed_offset() -> int:
     """``INFLUENCE_TEST_SEED`` (default 0), added to every seed of the trained fixtures."""
@@ -28,7 +30,7 @@ def seed_offset() -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"INFLUENCE_TEST_SEED must be an integer, got {value!r}") from None
+        raise ConfigError(f"INFLUENCE_TEST_SEED must be an integer, got {value!r}") from None
 
 
 @functools.cache

@@ -343,7 +343,37 @@ def render_lds_findings(src: Path) -> str:
     return "\n".join(lines)
 
 
+def render_in_short(src: Path) -> str:
+    """The summary table at the top of the page: the same numbers as the sections below
+    (LDS per setting, the PBRF at λ = mean Λ and ε = 1/N, the IHVP cosine at the default
+    damping), each read from its results file, with EK-FAC in bold."""
+    res = {s: _load(src, f"lds-{s}.json") for s, _ in MAIN_SETTINGS}
+    pbrf = [r for r in _load(src, "pbrf.json")["rows"] if r["damping_factor"] == 1.0 and r["epsilon_times_n"] == 1.0]
+    ihvp = next(r for r in _load(src, "ihvp.json")["results"] if r["damping_scale"] == 1.0)
+    labels = {"digits": "LDS, digits MLP (margin; {m} subsets × {s} seeds)", "diabetes": "LDS, diabetes regression "
+              "MLP ({m} × {s})", "lm": "LDS, tiny transformer on Shakespeare ({m} × {s})"}
+    order = ("identity", "diagonal", "kfac", "ekfac")
+
+    def line(label: str, values: dict) -> str:
+        cells = [f"{values[k]:.2f}" for k in order]
+        cells[-1] = f"**{cells[-1]}**"
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    out = ["| check | identity | diagonal | K-FAC | EK-FAC |", "|---|---|---|---|---|"]
+    for s, m in MAIN_SETTINGS:
+        r = res[s]
+        values = {k: _value(r["rows"], m, k, "-" if k == "identity" else "sampled") for k in order}
+        out.append(line(labels[s].format(m=r["subsets"], s=len(r["seeds"])), values))
+    fisher = {k: "-" if k == "identity" else "sampled" for k in order}
+    out.append(line("PBRF, Pearson (MLP, λ = mean Λ, ε = 1/N)",
+                    {k: _row(pbrf, strategy=k, fisher=fisher[k])["pearson"] for k in order}))
+    out.append(line("IHVP cosine with CG (tiny transformer, default damping)",
+                    {k: _row(ihvp["rows"], strategy=k)["cosine"] for k in order}))
+    return "\n".join(out)
+
+
 SECTIONS: dict[str, Callable[[Path], str]] = {
+    "in-short": render_in_short,
     "lds-main": render_lds_main,
     "lds-findings": render_lds_findings,
     "fisher": render_fisher,

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.linear import canonicalize_padding
 
-from influence.errors import TrackingError
+from influence.errors import TrackingError, Unsupported
 
 
 class LayerInfo(NamedTuple):
@@ -81,7 +81,7 @@ class LayerKind:
     @classmethod
     def of(cls, name: str, module: Any) -> LayerKind:
         """The kind's description of ``module`` (each kind reads its own settings)."""
-        raise NotImplementedError(f"{cls.__name__} is the base of the layer kinds; each kind defines of()")
+        raise Unsupported(f"{cls.__name__} is the base of the layer kinds; each kind defines of()")
 
     @property
     def info(self) -> LayerInfo:

@@ -29,7 +29,7 @@ from jax.extend import core as jax_core
 
 from influence.capture.activations import capture
 from influence.capture.tracking import LayerInfo
-from influence.errors import TaskError, TrackingError
+from influence.errors import ConfigError, TaskError, TrackingError
 
 KINDS = ("sampled", "empirical", "exact", "measurement")
 _DRAWS = "sampled*"
@@ -305,7 +305,7 @@ def _objective(task, kind: str, batch, example_mask, key):
         return lambda model: jnp.sum(task.measurement(model, batch) * example_mask)
     if kind == "exact":
         return lambda model: task.fisher_directions(model, batch) @ example_mask
-    raise ValueError(f"unknown gradient kind {kind!r}; expected one of {KINDS} or 'sampled*k'")
+    raise ConfigError(f"unknown gradient kind {kind!r}; expected one of {KINDS} or 'sampled*k'")
 
 
 def layer_gradients(
@@ -329,7 +329,7 @@ def layer_gradients(
             if isinstance(e, TrackingError):
                 raise
             shapes = {k: tuple(v.shape) for k, v in batch.items()}
-            raise ValueError(f"the task's forward pass failed on a batch with fields {shapes}: {e}") from e
+            raise ConfigError(f"the task's forward pass failed on a batch with fields {shapes}: {e}") from e
 
     return capture(graphdef, state, layers, checked, batch_size)
 

@@ -32,7 +32,7 @@ import jax
 from flax import nnx
 
 from influence.capture.kinds import LayerInfo, LayerKind, describe_kinds, kind_class
-from influence.errors import TrackingError, UntrackedParametersWarning
+from influence.errors import ConfigTypeError, TrackingError, UntrackedParametersWarning
 
 __all__ = ["LayerFilter", "LayerInfo", "TrackedModel", "Untracked", "model_fingerprint", "track", "trackable_infos",
            "trackable_layers", "warn_untracked"]
@@ -259,7 +259,7 @@ def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
         a grouped convolution).
     """
     if not isinstance(model, nnx.Module):
-        raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
+        raise ConfigTypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
     keep = _make_filter(layers)
     clone = nnx.clone(model)
     # Influence is of the deterministic function the model computes at evaluation: Dropout

@@ -13,7 +13,14 @@ and any ``ValueError``, ``OSError`` or ``re.error``) and every numerical failure
 ``influence COMMAND: error: MESSAGE`` on stderr; ``--debug`` (before or after the
 command) shows the traceback instead. Exit statuses: 0 done; 2 bad arguments or input
 (argparse's usage errors included); 3 a numerical failure (NaN/Inf in a model, loss or
-factors); 130 interrupted (Ctrl-C; ``influence fit`` resumes when run again).
+factors); 130 interrupted (Ctrl-C, SIGINT) and 143 terminated (SIGTERM), each with a line
+saying what running the same command again does (``train``, ``fit`` and ``index`` resume).
+
+Warnings print as one line ``warning: Category: first line``; ``--full-warnings`` shows
+them whole. ``--quiet`` silences every progress bar, ``datasets``' included.
+
+Building the parser imports no JAX (``influence COMMAND --help`` is fast): command
+modules import the library inside ``run``.
 
 Every command compiles with JAX's persistent compilation cache on
 (:func:`influence.enable_compilation_cache`: ``$INFLUENCE_CACHE_DIR``, default
@@ -24,14 +31,19 @@ again; ``--no-cache`` or ``INFLUENCE_COMPILATION_CACHE=0`` turns it off.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import re
+import signal
 import sys
+import warnings
 
+from influence._version import __version__
 from influence.cli.common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_NUMERICAL,
+    EXIT_TERMINATED,
     fail,
     install_hint,
     missing_extra,
@@ -50,6 +62,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "digits": ("influence.cli.digits", "influence on images: an MLP on scikit-learn's bundled digits"),
     "validate": ("influence.cli.validate", "LDS of every attribution method on a small run, with cost (retrains it)"),
 }
+
+# What running a command again after an interrupt does (said in the interrupt's message);
+# a command not named here starts over.
+_ON_RERUN = {
+    "train": "running the same command again resumes from the newest checkpoint",
+    "fit": "running the same command again resumes the fit from its checkpoint",
+    "index": "running the same command again resumes the build",
+    "demo": "running it again reuses the trained model and fitted factors, and resumes an interrupted training or fit",
+}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so the same clean-up runs."""
+
 
 # The extra that provides a module a command module may fail to import (a fallback: the
 # command modules import their optional dependencies inside ``run``).
@@ -71,9 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="influence",
         description="Influence functions (EK-FAC) for flax NNX models: which training "
         "sequences made the model say what it said.",
-        epilog="exit status: 0 done, 2 bad arguments or input, 3 numerical failure (NaN/Inf), 130 interrupted",
+        epilog="exit status: 0 done, 2 bad arguments or input, 3 numerical failure (NaN/Inf), 130 interrupted "
+               "(SIGINT), 143 terminated (SIGTERM)",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--full-warnings", action="store_true",
+                        help="print warnings whole (default: one line each, 'warning: Category: first line')")
     parser.add_argument("--no-cache", action="store_true",
                         help="do not keep compiled steps in $INFLUENCE_CACHE_DIR (default ~/.cache/influence/jax) "
                              "for the next command (also: INFLUENCE_COMPILATION_CACHE=0)")
@@ -99,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
         p.add_argument("--no-cache", action="store_true", default=argparse.SUPPRESS,
                        help="do not keep compiled steps for the next command")
+        p.add_argument("--full-warnings", action="store_true", default=argparse.SUPPRESS,
+                       help="print warnings whole (default: one line each)")
         p.set_defaults(_module=module, _missing=missing)
     return parser
 
@@ -116,12 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        _compilation_cache(args)
-        return int(args._module.run(args) or 0)
-    except KeyboardInterrupt:
+        with _terminal_conventions(args):
+            _compilation_cache(args)
+            return int(args._module.run(args) or 0)
+    except KeyboardInterrupt as e:
         if args.debug:
             raise
-        return fail(args.command, "interrupted", EXIT_INTERRUPTED)
+        terminated = isinstance(e, Terminated)
+        rerun = _ON_RERUN.get(args.command, "running it again starts over")
+        return fail(args.command, f"{'terminated (SIGTERM)' if terminated else 'interrupted'}; {rerun}",
+                    EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
     except FloatingPointError as e:
         if args.debug:
             raise
@@ -130,6 +167,47 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         return fail(args.command, _one_line(e), EXIT_ERROR)
+
+
+@contextlib.contextmanager
+def _terminal_conventions(args: argparse.Namespace):
+    """While a command runs: SIGTERM raises :class:`Terminated` (so it ends like Ctrl-C,
+    exit 143, with the re-run message), warnings print as one line unless
+    ``--full-warnings``, and ``--quiet`` silences ``datasets``' progress bars too. Every
+    change is undone on exit (commands also run in-process, e.g. in tests)."""
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = None
+    try:  # signal handlers can only be set from the main thread
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:
+        pass
+    quiet = bool(getattr(args, "quiet", False))
+    bars_were_on = None
+    try:
+        with warnings.catch_warnings():
+            if not args.full_warnings:
+                warnings.showwarning = _one_line_warning
+            if quiet:
+                import datasets
+
+                bars_were_on = not datasets.are_progress_bars_disabled()
+                datasets.disable_progress_bars()
+            yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if bars_were_on:
+            import datasets
+
+            datasets.enable_progress_bars()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warning: Category: first line of the message`` on stderr (no source line)."""
+    first = str(message).strip().splitlines()[0] if str(message).strip() else ""
+    print(f"warning: {category.__name__}: {terminal_text(first)}", file=file or sys.stderr)
 
 
 def _compilation_cache(args: argparse.Namespace) -> None:

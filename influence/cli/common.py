@@ -14,30 +14,44 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
-from influence.curvature import STRATEGIES
-from influence.lm.run import factors_dir
+from influence.errors import ConfigError, MissingFileError, OutputPathError  # OutputPathError: importable from here too
 
-# factors_dir lives in influence.lm.run; it stays importable from here for benchmarks/query_engine.py.
-__all__ = ["DISTRIBUTION", "EXIT_ERROR", "EXIT_NUMERICAL", "EXIT_INTERRUPTED", "OutputPathError",
-           "add_factor_arguments", "check_layers", "check_output_dir", "check_output_file", "factors_dir", "fail",
-           "fit_command", "install_hint", "missing_extra", "terminal_text",
+# The library's strategy names (influence.curvature.STRATEGIES), written out so that
+# building the parser (``influence --help``) does not import JAX; tests/cli/test_conventions.py
+# holds the two equal.
+STRATEGY_NAMES = ("identity", "diagonal", "kfac", "ekfac")
+
+__all__ = ["DISTRIBUTION", "EXIT_ERROR", "EXIT_NUMERICAL", "EXIT_INTERRUPTED", "EXIT_TERMINATED", "OutputPathError",
+           "add_factor_arguments", "check_layers", "check_output_dir", "check_output_file", "fail",
+           "fit_command", "install_hint", "missing_extra", "strategy_given", "terminal_text",
            # helpers of both `influence index` and `influence query`
            "FIDELITY", "INDEXES", "choose_index", "find_factors", "find_index", "load_factors", "read_fidelity"]
 
 # Exit statuses (documented in influence.cli and docs/lm.md): bad input of any kind
 # (arguments, files, data, settings) is 2, like argparse's usage errors; a numerical
-# failure (NaN/Inf in a model, loss or factors) 3; Ctrl-C 130, as shells report SIGINT.
+# failure (NaN/Inf in a model, loss or factors) 3; Ctrl-C 130 and SIGTERM 143, as shells
+# report them (128 + the signal's number).
 EXIT_ERROR = 2
 EXIT_NUMERICAL = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 DISTRIBUTION = "jax-influence"
 # pip's name of a module whose import name differs.
 _PIP_NAMES = {"sklearn": "scikit-learn"}
 
 
+class _Default(str):
+    """A default value that can be told from the same value typed by the user."""
+
+
+def strategy_given(value: str) -> bool:
+    """Whether ``--strategy`` was given (and so must match ``--factors``), not defaulted."""
+    return not isinstance(value, _Default)
+
+
 def add_factor_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--strategy", choices=STRATEGIES, default="ekfac",
+    parser.add_argument("--strategy", choices=STRATEGY_NAMES, default=_Default("ekfac"),
                         help="curvature approximation (default: ekfac)")
     parser.add_argument("--layers", default="mlp",
                         help="regular expression on module paths of the nnx.Linear layers to track; "
@@ -51,7 +65,7 @@ def check_layers(layers: str) -> None:
     try:
         re.compile(layers)
     except re.error as e:
-        raise ValueError(f"--layers {layers!r} is not a valid regular expression: {e}") from None
+        raise ConfigError(f"--layers {layers!r} is not a valid regular expression: {e}") from None
 
 
 def fit_command(run_dir, strategy: str, layers: str, settings: dict | None = None) -> str:
@@ -77,11 +91,6 @@ def fail(command: str, message: str, status: int = EXIT_ERROR) -> int:
     """Print ``influence COMMAND: error: MESSAGE`` to stderr; returns ``status`` (2)."""
     print(f"influence {command}: error: {message}", file=sys.stderr)
     return status
-
-
-class OutputPathError(ValueError):
-    """An output path that cannot be written (a folder where a file goes, a file in the
-    way of a folder, an unwritable parent): found before any work is done."""
 
 
 def _first_existing(path: Path) -> Path:
@@ -177,7 +186,14 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
       FileNotFoundError: none fits (or several do); the message says which ``influence fit``
         line to run, or which folders to choose from with ``--factors``.
     """
-    from influence.lm.run import FACTORS, describe_settings, factor_settings, fitted_factors, read_settings
+    from influence.lm.run import (
+        FACTORS,
+        describe_settings,
+        factor_settings,
+        fitted_factors,
+        read_settings,
+        weights_digest,
+    )
 
     run = loaded.path
     if chosen is not None:
@@ -185,12 +201,17 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
         if not (folder / "factors.npz").is_file() and (run / FACTORS / chosen / "factors.npz").is_file():
             folder = run / FACTORS / chosen
         if not (folder / "factors.npz").is_file():
-            raise FileNotFoundError(f"--factors {chosen}: no factors.npz there (fitted sets are in {run / FACTORS})")
+            raise MissingFileError(f"--factors {chosen}: no factors.npz there (fitted sets are in {run / FACTORS})")
         settings = read_settings(folder)
         if settings is not None and settings.get("step") != loaded.step:
             line = fit_command(run, settings["strategy"], settings["layers"], settings)
-            raise ValueError(f"--factors {folder} were fitted on the weights of step {settings.get('step')}, the run "
+            raise ConfigError(f"--factors {folder} were fitted on the weights of step {settings.get('step')}, the run "
                              f"is at step {loaded.step}; refit with:\n  {line} --force")
+        if settings is not None and settings.get("weights_digest") != weights_digest(run, loaded.step):
+            line = fit_command(run, settings["strategy"], settings["layers"], settings)
+            raise ConfigError(f"--factors {folder} were fitted on other weights than the run's checkpoint of step "
+                             f"{loaded.step} holds now (it was overwritten, or they predate weight digests); refit "
+                             f"with:\n  {line} --force")
         if settings is None:
             return folder, (f"using the factors in {folder}, which has no settings.json: the Fisher, seed and weights "
                             "they were fitted with are unknown, so check they are this run's final weights")
@@ -201,7 +222,14 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
         return own, None
     found = fitted_factors(run)
     same = [(d, s) for d, s in found if s is not None and s["strategy"] == strategy and s["layers"] == layers]
-    current = [(d, s) for d, s in same if s.get("step") == loaded.step]
+    current = [(d, s) for d, s in same
+               if s.get("step") == loaded.step and s.get("weights_digest") == expected["weights_digest"]]
+    stale = [d for d, s in same if s.get("step") == loaded.step and d not in {c for c, _ in current}]
+    if stale and not current:
+        raise MissingFileError(f"the {strategy} factors for layers '{layers}' in {stale[0]} were fitted on other "
+                                f"weights than the run's checkpoint of step {loaded.step} holds now (it was "
+                                f"overwritten, or they predate weight digests); fit them again with:\n  "
+                                f"{fit_command(run, strategy, layers, read_settings(stale[0]))} --force")
     if len(current) == 1:
         folder, settings = current[0]
         return folder, (f"using the only {strategy} factors fitted for layers '{layers}': "
@@ -209,26 +237,27 @@ def find_factors(loaded, strategy: str, layers: str, chosen: str | None = None) 
     line = fit_command(run, strategy, layers)
     if len(current) > 1:
         options = "\n".join(f"  --factors {d.name}   ({describe_settings(s)})" for d, s in current)
-        raise FileNotFoundError(f"{len(current)} sets of {strategy} factors for layers '{layers}' are fitted in {run} "
+        raise MissingFileError(f"{len(current)} sets of {strategy} factors for layers '{layers}' are fitted in {run} "
                                 f"with other settings than the defaults; choose one:\n{options}\nor fit the "
                                 f"default ones with:\n  {line}")
     # Earlier versions named the folder <strategy>-<layers, sanitised> and kept no settings.
     old = run / FACTORS / f"{strategy}-{re.sub(r'[^A-Za-z0-9_-]', '_', layers)}"
     if (old / "factors.npz").is_file() and read_settings(old) is None:
-        raise FileNotFoundError(f"{old}: factors without the settings.json that says what they were fitted with (an "
+        raise MissingFileError(f"{old}: factors without the settings.json that says what they were fitted with (an "
                                 f"older version wrote them), so they are not used unless chosen with --factors "
                                 f"{old.name}; fit them again with:\n  {line}\n(and remove the old folder)")
     if same:
         steps = sorted({s.get("step") for _, s in same})
-        raise FileNotFoundError(f"the {strategy} factors for layers '{layers}' in {run} were fitted on the weights "
+        raise MissingFileError(f"the {strategy} factors for layers '{layers}' in {run} were fitted on the weights "
                                 f"of step {steps}, the run is at step {loaded.step}; fit them again with:\n  {line}")
-    others = [(d, s) for d, s in found if s is not None and s["strategy"] == strategy and s.get("step") == loaded.step]
+    others = [(d, s) for d, s in found if s is not None and s["strategy"] == strategy and s.get("step") == loaded.step
+              and s.get("weights_digest") == expected["weights_digest"]]
     if others:  # e.g. the scale experiments' factors, fitted for the pattern '\.mlp\.'
         options = "\n".join(f"  --factors {d.name}   (layers '{s['layers']}', {describe_settings(s)})"
                              for d, s in others)
-        raise FileNotFoundError(f"no {strategy} factors for layers '{layers}' in {run}, but some for other layer "
+        raise MissingFileError(f"no {strategy} factors for layers '{layers}' in {run}, but some for other layer "
                                 f"selections on these weights; choose one:\n{options}\nor fit them with:\n  {line}")
-    raise FileNotFoundError(f"no {strategy} factors for layers '{layers}' in {run}; fit them first with:\n  {line}")
+    raise MissingFileError(f"no {strategy} factors for layers '{layers}' in {run}; fit them first with:\n  {line}")
 
 
 def load_factors(command: str, args: argparse.Namespace, loaded) -> tuple[Path, dict, object] | int:
@@ -247,10 +276,15 @@ def load_factors(command: str, args: argparse.Namespace, loaded) -> tuple[Path, 
         print(note)
     settings = read_settings(path) or {"strategy": args.strategy, "layers": args.layers}
     try:
-        return path, settings, Factors.load(path, model=loaded.model)
+        factors = Factors.load(path, model=loaded.model)
     except (FileFormatError, ModelMismatch) as e:
         line = fit_command(args.run, settings["strategy"], settings["layers"], settings)
         return fail(command, f"{e}; refit with:\n  {line} --force")
+    if strategy_given(args.strategy) and factors.strategy != args.strategy:
+        return fail(command, f"--strategy {args.strategy} was asked for, but {path} holds {factors.strategy} "
+                             f"factors; drop --strategy, or choose {args.strategy} factors (or fit them with "
+                             f"`{fit_command(args.run, args.strategy, settings['layers'])}`)")
+    return path, settings, factors
 
 
 def find_index(factors_folder: Path) -> Path | None:

@@ -16,13 +16,9 @@ import argparse
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
-import optax
-from flax import nnx
 
-import influence as inf
-from influence.curvature import STRATEGIES
+from influence.cli.common import STRATEGY_NAMES
 
 # The digits come from scikit-learn; the figure is drawn with matplotlib.
 REQUIRES = ("experiments", ("sklearn", "matplotlib"))
@@ -39,18 +35,24 @@ def ascii_digit(image: np.ndarray) -> list[str]:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/digits"),
                         help="folder for factors, scores and the figure (default: runs/digits)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default="ekfac",
+    parser.add_argument("--strategy", choices=STRATEGY_NAMES, default="ekfac",
                         help="curvature approximation (default: ekfac)")
     parser.add_argument("--n-train", type=int, default=1200, help="training images, at most 1497 (default: 1200)")
     parser.add_argument("--queries", type=int, default=4, help="test images to explain (default: 4)")
     parser.add_argument("--hidden", type=int, default=64, help="MLP hidden width (default: 64)")
     parser.add_argument("--steps", type=int, default=400, help="full-batch Adam steps (default: 400)")
     parser.add_argument("--top", type=int, default=3, help="training images shown per query and sign (default: 3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the query images (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
+    # JAX and the library are imported here, not at the top, so that --help is fast.
+    import jax
+    import optax
+    from flax import nnx
+
+    import influence as inf
     from influence.cli.common import check_output_dir, fail
     from influence.testing import MLP, digits, train  # imports scikit-learn
 

@@ -3,7 +3,8 @@
 The factors go to RUN/factors/<strategy>-<layers>-<digest>/factors.npz, the digest
 covering every setting that changes them (strategy, --layers as given, --fisher, --seed,
 --max-sequences, --blocks, --factor-dtype, the checkpoint), which settings.json beside
-them lists; `influence query` finds them there. Fitting streams every training sequence
+them lists with the SHA-256 of the weights fitted on; `influence query` finds them there
+and refuses them once those weights have changed (refit with --force). Fitting streams every training sequence
 of the run (twice for ekfac). An interrupted fit resumes when the same command is run
 again; --restart discards its checkpoint instead.
 
@@ -32,7 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="sequences per step (default: chosen from the memory budget, see influence.Execution)")
     parser.add_argument("--max-sequences", type=int, help="fit on the first N training sequences only")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the targets sampled for the Fisher (default: 0)")
     parser.add_argument("--devices", type=int, help="data-parallel over this many local devices (default: one)")
     parser.add_argument("--blocks", type=int, help="split each layer's factors into this many blocks per side "
                                                   "(bounds memory on wide layers; costs accuracy, see docs/scaling.md)")
@@ -70,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         return fail("fit", f"{folder} holds factors whose settings.json ({stored}) is not the settings asked for "
                            f"({settings}); refit them with --force")
     loaded = load_run(args.run)
+    checkpoint = folder / FIT_CHECKPOINT  # where an interrupted fit of these settings left its state
+    resuming = checkpoint.is_dir() and any(checkpoint.iterdir()) and not (args.restart or args.force)
+    print(f"resuming from {checkpoint}" if resuming else f"starting: {folder}")
     try:
         factors, path, seconds = fit_run_factors(loaded, args.strategy, args.layers, fisher=args.fisher,
                                                  batch_size=args.batch_size, max_sequences=args.max_sequences,

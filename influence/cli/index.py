@@ -66,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
     if (path / "manifest.json").is_file() and not args.force:
         print(f"index already built: {path} (use --force to rebuild)")
         return 0
+    from influence.index.write import _BUILD_DIR
+
+    partial = path / _BUILD_DIR  # where an interrupted build keeps its snapshots
+    print(f"resuming from {partial}" if partial.is_dir() and any(partial.iterdir()) and not args.force
+          else f"starting: {path}")
     task = inf.tasks.CausalLM()
     t0 = time.perf_counter()
     index = inf.build_index(loaded.model, task, factors, loaded.train, path=path, compression=compression,

@@ -1,4 +1,4 @@
-"""Which training sequences made the model complete a prompt this way?
+r"""Which training sequences made the model complete a prompt this way?
 
 Ranks every training sequence of a run by its influence on the completion's loss given
 the prompt (EK-FAC, factors fitted by `influence fit`), and attributes each top
@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     print_results(results)
     info = {"run": str(args.run), "step": loaded.step, "strategy": factors.strategy,
-            "layers": ", ".join(factors.layer_names), "factors": str(path), "query rank": args.query_rank or "full",
+            "layers": ", ".join(factors.layer_names), "factors": str(path),
+            "weights digest": settings.get("weights_digest", "unknown"), "query rank": args.query_rank or "full",
             "BM25 prefilter": args.bm25 or "off", "answered by": answered_by,
             "training sequences": len(loaded.train),
             "seconds": round(seconds, 1)}

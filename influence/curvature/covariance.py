@@ -21,7 +21,7 @@ from influence.capture.objectives import example_keys, layer_gradients, token_we
 from influence.curvature.blocks import LayerBlocks, slices
 from influence.curvature.layer import LayerCurvature
 from influence.curvature.passes import CURVATURE_STATICS, CurvaturePass, g_spec
-from influence.errors import DataError
+from influence.errors import DataError, NonFiniteError
 from influence.runtime.mesh import DATA, local, spec, to_host, zeros_per_device
 
 _THREADED_EIGH_SIZE = 2048
@@ -91,7 +91,7 @@ def _eigh(matrix: np.ndarray, name: str, which: str) -> tuple[np.ndarray, np.nda
     """Symmetric eigendecomposition in float64; tiny negative eigenvalues clipped to 0."""
     m = np.asarray(matrix, np.float64)
     if not np.all(np.isfinite(m)):
-        raise FloatingPointError(f"factor {which} of layer {name!r} holds NaN/Inf; the loss or inputs were not finite")
+        raise NonFiniteError(f"factor {which} of layer {name!r} holds NaN/Inf; the loss or inputs were not finite")
     # LAPACK's divide-and-conquer driver on one BLAS thread for small factors: threaded
     # BLAS spinning against JAX's own threads made a 256×256 eigh take 0.5 s instead of 13 ms.
     limit = 1 if m.shape[0] < _THREADED_EIGH_SIZE else None

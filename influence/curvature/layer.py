@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from influence.curvature import blocks
-from influence.errors import DegenerateCurvature
+from influence.errors import DegenerateCurvature, NonFiniteError
 
 DEFAULT_DAMPING_FACTOR = 0.1
 # The smallest default damping: float32's smallest normal number, 2**-126 ≈ 1.2e-38. A
@@ -55,7 +55,7 @@ def default_damping(curvature: LayerCurvature, factor: float = DEFAULT_DAMPING_F
     layer = f"layer {name!r}" if name else "the layer"
     mean = float(np.mean(np.asarray(curvature.eigenvalues, np.float64)))
     if not np.isfinite(mean):
-        raise FloatingPointError(f"{layer}: mean(Λ) is {mean}, so there is no default damping; the factors are not "
+        raise NonFiniteError(f"{layer}: mean(Λ) is {mean}, so there is no default damping; the factors are not "
                                  "finite (refit them, or pass damping=)")
     if mean <= 0:
         raise DegenerateCurvature(

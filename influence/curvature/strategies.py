@@ -21,6 +21,7 @@ import dataclasses
 from influence.curvature.covariance import COVARIANCES
 from influence.curvature.eigenvalues import EIGENVALUES
 from influence.curvature.passes import CurvaturePass
+from influence.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,5 +44,5 @@ STRATEGIES: dict[str, Strategy] = {
 def get_strategy(name: str) -> Strategy:
     """The registered strategy ``name``; ``ValueError`` naming the choices otherwise."""
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; expected one of {tuple(STRATEGIES)}")
+        raise ConfigError(f"unknown strategy {name!r}; expected one of {tuple(STRATEGIES)}")
     return STRATEGIES[name]

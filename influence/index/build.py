@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from influence.errors import InfluenceError
+from influence.errors import ConfigError, InfluenceError
 from influence.factors import Factors
 from influence.index.choose import choose_compression
 from influence.index.compress import Compression
@@ -61,9 +61,9 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
     """
     run = Execution.of(execution, options)
     if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
-        raise ValueError(f"shard_rows must be a positive integer, got {shard_rows!r}")
+        raise ConfigError(f"shard_rows must be a positive integer, got {shard_rows!r}")
     if isinstance(row_offset, bool) or not isinstance(row_offset, int) or row_offset < 0:
-        raise ValueError(f"row_offset must be a non-negative integer, got {row_offset!r}")
+        raise ConfigError(f"row_offset must be a non-negative integer, got {row_offset!r}")
     path = Path(path)
     exists = (path / MANIFEST).is_file()
     previous, chosen = None, None

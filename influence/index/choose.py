@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from influence.errors import DataError, InfluenceError
 from influence.factors import Factors
 from influence.index.compress import Compression, compression_maps, decode_numpy, encode_numpy, row_bytes
 from influence.index.score import IndexSource
@@ -68,8 +69,6 @@ def choose_compression(model, task, factors: Factors, train: Any, comp: Compress
 
 
 def _fidelity(model, task, factors, train, comp: Compression, layers, probe, run: Execution):
-    from influence.errors import DataError, InfluenceError
-
     for name, lam, _, _ in layers:
         if lam is None:
             raise InfluenceError(f"layer {name!r}: 'fidelity' keeps the eigen-coordinates of largest curvature, but "

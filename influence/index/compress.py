@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from influence.curvature.blocks import is_blocked, matmul_last
-from influence.errors import InfluenceError
+from influence.errors import ConfigError, ConfigTypeError, InfluenceError
 
 METHODS = ("none", "truncate", "select", "project", "rank", "fidelity")
 MAP_KEYS = ("a", "s", "w", "wa", "ws", "keep")
@@ -105,20 +105,20 @@ class Compression:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"compression method must be one of {METHODS}, got {self.method!r}")
+            raise ConfigError(f"compression method must be one of {METHODS}, got {self.method!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"compression dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ConfigError(f"compression dtype must be one of {DTYPES}, got {self.dtype!r}")
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, int | float) or not 0 < self.fraction <= 1:
-            raise ValueError(f"compression fraction must be in (0, 1], got {self.fraction!r}")
+            raise ConfigError(f"compression fraction must be in (0, 1], got {self.fraction!r}")
         if self.method == "none" and self.fraction != 1:
-            raise ValueError(f"compression 'none' keeps every direction (fraction 1), got fraction {self.fraction}")
+            raise ConfigError(f"compression 'none' keeps every direction (fraction 1), got fraction {self.fraction}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"compression seed must be an integer, got {self.seed!r}")
+            raise ConfigError(f"compression seed must be an integer, got {self.seed!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or (self.rank < 1) == (self.method == "rank"):
-            raise ValueError(f"compression rank must be a positive integer for 'rank' and 0 otherwise, got "
+            raise ConfigError(f"compression rank must be a positive integer for 'rank' and 0 otherwise, got "
                              f"{self.rank!r} for {self.method!r}")
         if self.method == "rank" and self.fraction != 1:
-            raise ValueError("compression 'rank' keeps rank c of every sequence (rank:c), not a fraction")
+            raise ConfigError("compression 'rank' keeps rank c of every sequence (rank:c), not a fraction")
 
     @classmethod
     def parse(cls, spec: Any) -> Compression:
@@ -130,7 +130,7 @@ class Compression:
         if isinstance(spec, dict):
             return cls(**spec)
         if not isinstance(spec, str):
-            raise TypeError(f"compression must be a string, a dict or a Compression, got {type(spec).__name__}")
+            raise ConfigTypeError(f"compression must be a string, a dict or a Compression, got {type(spec).__name__}")
         parts = spec.split(":")
         method, fraction, dtype = parts[0], 1.0, "float32"
         for part in parts[1:]:
@@ -140,11 +140,11 @@ class Compression:
                 try:
                     fraction = float(part)
                 except ValueError:
-                    raise ValueError(f"compression {spec!r}: {part!r} is neither a fraction nor one of {DTYPES}; "
+                    raise ConfigError(f"compression {spec!r}: {part!r} is neither a fraction nor one of {DTYPES}; "
                                      "write method[:fraction][:dtype], e.g. 'truncate:0.25:bfloat16'") from None
         if method == "rank":
             if fraction != int(fraction) or fraction < 1:
-                raise ValueError(f"compression {spec!r}: write rank:c with c a positive integer")
+                raise ConfigError(f"compression {spec!r}: write rank:c with c a positive integer")
             return cls(method, 1.0, dtype, rank=int(fraction))
         return cls(method, fraction, dtype)
 
@@ -175,7 +175,7 @@ def compression_maps(compression: Compression, layers: list[tuple[str, np.ndarra
     if compression.method == "select":
         return select_maps(compression.fraction, layers)
     if compression.method == "fidelity":
-        raise ValueError("'fidelity' chooses its coordinates from a probe: use influence.index.choose")
+        raise ConfigError("'fidelity' chooses its coordinates from a probe: use influence.index.choose")
     return {name: side_maps(compression, lam, d_a, d_out, i, name) for i, (name, lam, d_a, d_out) in enumerate(layers)}
 
 
@@ -216,7 +216,7 @@ def side_maps(compression: Compression, eigenvalues: np.ndarray | None, d_a: int
     ``a [d_a, k_a]``, ``s [d_out, k_s]`` for ``"project"``) and the whitening ``w``
     (``[k_a, k_s]`` on the kept block, ``[d_a, d_out]`` before a projection)."""
     if compression.method == "select":
-        raise ValueError("'select' chooses coordinates across all layers at once: use compression_maps")
+        raise ConfigError("'select' chooses coordinates across all layers at once: use compression_maps")
     maps = _side_maps(compression, eigenvalues, d_a, d_out, layer_index, name)
     if compression.method == "rank":
         if eigenvalues is not None:  # separable: w_A w_Sᵀ ≈ sqrt(Λ + λ₀) (exactly so for K-FAC's Λ)

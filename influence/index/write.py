@@ -28,7 +28,7 @@ import numpy as np
 
 from influence._version import __version__
 from influence.capture.objectives import layer_gradients
-from influence.errors import CheckpointMismatch
+from influence.errors import CheckpointMismatch, NonFiniteError
 from influence.factors import Factors, curvature_arrays
 from influence.index.compress import (
     MAP_KEYS,
@@ -132,7 +132,7 @@ class _Writer:
         ok = np.asarray(finite)[:n]
         if not ok.all():
             row = self.row_start + self.written + self.buffered + int(np.argmin(ok))
-            raise FloatingPointError(f"the training gradient of row {row} is NaN/Inf (the model's weights are "
+            raise NonFiniteError(f"the training gradient of row {row} is NaN/Inf (the model's weights are "
                                      "finite); check that row's inputs and labels")
         host = {name: tuple(np.asarray(p)[:n] for p in parts) for name, parts in out.items()}
         if self.rank:

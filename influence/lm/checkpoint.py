@@ -26,7 +26,7 @@ import zipfile
 import jax
 import numpy as np
 
-from influence.errors import FileFormatError
+from influence.errors import ConfigError, FileFormatError
 from influence.runtime import io
 
 LATEST = "latest.json"
@@ -79,10 +79,10 @@ def load_tree(path: pathlib.Path, template, kind: str):
     for key_path, leaf in leaves:
         key = _key(key_path)
         if key not in stored:
-            raise ValueError(f"{path} has no array for {key}")
+            raise ConfigError(f"{path} has no array for {key}")
         arr = stored[key]
         if arr.shape != np.shape(leaf):
-            raise ValueError(f"{path}: {key} has shape {arr.shape}, expected {np.shape(leaf)}")
+            raise ConfigError(f"{path}: {key} has shape {arr.shape}, expected {np.shape(leaf)}")
         out.append(jax.numpy.asarray(arr, dtype=np.asarray(leaf).dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -27,9 +27,10 @@ import pathlib
 import re
 import shutil
 import subprocess
+import warnings
 from collections.abc import Iterable, Sequence
 
-from influence.errors import MissingCorpusError
+from influence.errors import ConfigError, DataError, MissingCorpusError, MissingFileError
 
 FORTUNES_DIR = pathlib.Path("/usr/share/games/fortunes")
 FORTUNES_APT = "apt-get install fortunes"
@@ -217,7 +218,7 @@ def shakespeare_documents(genres: Sequence[str] | None = None, plays: Sequence[s
         known = {f.stem for f in files}
         unknown = sorted(set(plays) - known)
         if unknown:
-            raise ValueError(f"unknown play(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown play(s) {unknown}; known: {sorted(known)}")
         files = [f for f in files if f.stem in set(plays)]
     docs: list[Document] = []
     for f in files:
@@ -229,7 +230,7 @@ def shakespeare_documents(genres: Sequence[str] | None = None, plays: Sequence[s
 
 def _record_document(record: dict, doc_id: str, source: str, text_key: str) -> Document:
     if text_key not in record:
-        raise ValueError(f"record {doc_id} has no {text_key!r} field (fields: {sorted(record)})")
+        raise ConfigError(f"record {doc_id} has no {text_key!r} field (fields: {sorted(record)})")
     meta = {k: str(record[k]) for k in ("title", "genre", "section") if record.get(k) is not None}
     return Document(doc_id=str(record.get("doc_id", record.get("id", doc_id))), text=str(record[text_key]),
                     source=source, **meta)
@@ -253,27 +254,67 @@ def file_documents(paths: Iterable[str | pathlib.Path], text_key: str = "text") 
         elif p.exists():
             files.append((p, p.name))
         else:
-            raise FileNotFoundError(f"no such corpus file or folder: {p}")
+            raise MissingFileError(f"no such corpus file or folder: {p}")
     docs: list[Document] = []
+    empty: list[str] = []  # files without any text (whitespace only), left out with a warning
     for f, name in files:
+        raw = _read_utf8(f)
         if f.suffix in {".json", ".jsonl"}:
-            raw = f.read_text(encoding="utf-8")
-            records = ([json.loads(ln) for ln in raw.splitlines() if ln.strip()] if f.suffix == ".jsonl"
-                       else json.loads(raw))
-            records = records if isinstance(records, list) else [records]
-            docs += [_record_document(r, f"{name}/{i}", f.stem, text_key) for i, r in enumerate(records)]
+            records = _json_records(f, raw)
+            found = [_record_document(r, f"{name}/{i}", f.stem, text_key) for i, r in enumerate(records)]
         else:
-            docs.append(Document(doc_id=name, text=f.read_text(encoding="utf-8"), source="files", title=f.stem))
+            found = [Document(doc_id=name, text=raw, source="files", title=f.stem)]
+        if not any(d.text.strip() for d in found):
+            empty.append(str(f))
+        docs += [d for d in found if d.text.strip()]
+    if not docs and empty:
+        raise DataError(f"the corpus has no text: {_some(empty)} {'is' if len(empty) == 1 else 'are'} empty or "
+                        "whitespace only; give files with text")
     if not docs:
-        raise ValueError(f"no .txt, .md, .json or .jsonl files found in {[str(p) for p in paths]}")
+        raise DataError(f"no .txt, .md, .json or .jsonl files found in {[str(p) for p in paths]}")
+    if empty:
+        warnings.warn(f"left out {len(empty)} corpus file(s) without text: {_some(empty)}", stacklevel=2)
     return docs
+
+
+def _some(names: list[str], n: int = 3) -> str:
+    """The first ``n`` names, and how many more."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _read_utf8(f: pathlib.Path) -> str:
+    """The text of ``f``; a file that is not UTF-8 is refused naming the file and the byte."""
+    data = f.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"corpus file {f} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start} "
+                        f"({e.reason}); convert it, e.g. `iconv -f latin1 -t utf-8`, or leave it out") from None
+
+
+def _json_records(f: pathlib.Path, raw: str) -> list:
+    """The records of a ``.json`` (one record or a list) or ``.jsonl`` (one per line) file;
+    invalid JSON is refused naming the file and the line."""
+    lines = [(i, ln) for i, ln in enumerate(raw.splitlines(), 1) if ln.strip()] if f.suffix == ".jsonl" else [(1, raw)]
+    records = []
+    for number, text in lines:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            line = number if f.suffix == ".jsonl" else e.lineno
+            raise DataError(f"corpus file {f}: invalid JSON at line {line}: {e.msg}") from None
+        records += value if isinstance(value, list) and f.suffix == ".json" else [value]
+    bad = [type(r).__name__ for r in records if not isinstance(r, dict)]
+    if bad:
+        raise DataError(f"corpus file {f}: records must be JSON objects with a text field, found a {bad[0]}")
+    return records
 
 
 def dataset_documents(dataset, text_column: str = "text") -> list[Document]:
     """Documents from a ``datasets.Dataset`` with a text column; ``id``/``doc_id``, ``title``,
     ``genre`` and ``section`` columns are kept when present."""
     if text_column not in dataset.column_names:
-        raise ValueError(f"dataset has no column {text_column!r} (columns: {dataset.column_names})")
+        raise ConfigError(f"dataset has no column {text_column!r} (columns: {dataset.column_names})")
     return [_record_document(r, f"row/{i}", "dataset", text_column) for i, r in enumerate(dataset)]
 
 
@@ -308,7 +349,7 @@ def bible_documents(languages: Sequence[str] = ("en", "es")) -> list[Document]:
     in both languages), ``genre`` is the language and ``section`` the chapter."""
     unknown = sorted(set(languages) - set(BIBLE_MODULES))
     if unknown:
-        raise ValueError(f"unknown Bible language(s) {unknown}; available: {sorted(BIBLE_MODULES)}")
+        raise ConfigError(f"unknown Bible language(s) {unknown}; available: {sorted(BIBLE_MODULES)}")
     exe = shutil.which("diatheke")
     if exe is None:
         raise MissingCorpusError(f"the Bible corpus needs diatheke and the SWORD texts: {BIBLE_APT}")
@@ -400,7 +441,7 @@ def bible_verses(translation: str = "web") -> dict[str, str]:
 @functools.lru_cache(maxsize=4)
 def _bible_verses(translation: str) -> dict[str, str]:
     if translation not in VERSE_MODULES:
-        raise ValueError(f"unknown translation {translation!r}; available: {sorted(VERSE_MODULES)}")
+        raise ConfigError(f"unknown translation {translation!r}; available: {sorted(VERSE_MODULES)}")
     module, package = VERSE_MODULES[translation]
     apt = f"apt-get install diatheke {package}"
     exe = shutil.which("diatheke")
@@ -440,5 +481,5 @@ def load_corpus(spec: str | Sequence[str] = "shakespeare") -> list[Document]:
     paths = [spec] if isinstance(spec, (str, pathlib.Path)) else list(spec)
     missing = [str(p) for p in paths if not pathlib.Path(p).exists()]
     if missing:
-        raise ValueError(f"unknown corpus {missing[0]!r}: not one of {sorted(CORPORA)} and not an existing path")
+        raise ConfigError(f"unknown corpus {missing[0]!r}: not one of {sorted(CORPORA)} and not an existing path")
     return file_documents(paths)

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from influence.errors import ConfigError
+
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -39,7 +41,7 @@ def generate(model: GPT, tokenizer: Tokenizer, prompt: str, max_new_tokens: int 
     restricted to the ``top_k`` most likely tokens when given.
     """
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise ConfigError(f"temperature must be >= 0, got {temperature}")
     t_max = model.config.context_length
     graphdef, state = nnx.split(model)
     last_logits = _next_logits(graphdef)

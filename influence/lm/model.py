@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from influence.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
@@ -35,10 +37,10 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
     def mlp_width(self) -> int:
@@ -99,7 +101,7 @@ def get_scale(name: str) -> Scale:
     try:
         return LADDER[name]
     except KeyError:
-        raise ValueError(f"unknown scale {name!r}; choose one of: {', '.join(LADDER)}") from None
+        raise ConfigError(f"unknown scale {name!r}; choose one of: {', '.join(LADDER)}") from None
 
 
 class CausalSelfAttention(nnx.Module):
@@ -170,7 +172,7 @@ class GPT(nnx.Module):
         """input_ids: int32 [B, T] with T <= context_length -> logits float32 [B, T, V]."""
         t = input_ids.shape[-1]
         if t > self.config.context_length:
-            raise ValueError(f"sequence length {t} exceeds context_length {self.config.context_length}")
+            raise ConfigError(f"sequence length {t} exceeds context_length {self.config.context_length}")
         x = self.token_embed(input_ids) + self.pos_embed(jnp.arange(t))
         for block in self.blocks:
             x = block(x)

@@ -22,9 +22,11 @@ import shutil
 import time
 
 import jax
+import numpy as np
 from datasets import Dataset
 from flax import nnx
 
+from influence.errors import ConfigError, MissingFileError
 from influence.fit import fit_factors
 from influence.runtime import io
 from influence.tasks import CausalLM
@@ -54,18 +56,37 @@ def factor_settings(run_dir: str | pathlib.Path, strategy: str = "ekfac", layers
     ``layers`` is kept as given (``"mlp|fc_in"`` and ``"mlp.fc_in"`` are different
     selections); ``max_sequences`` becomes the number of training sequences actually
     fitted on (so a cap above the data set's size is the whole set); ``step`` is the
-    checkpoint whose weights are fitted (default: the run's newest).
+    checkpoint whose weights are fitted (default: the run's newest), and
+    ``weights_digest`` the SHA-256 of that checkpoint's weights (:func:`weights_digest`),
+    so factors of weights overwritten at the same step never match.
     """
     run_dir = pathlib.Path(run_dir)
     info = _read_info(run_dir)
     n_train = int(info["data"]["train_sequences"])
     if max_sequences is not None and max_sequences < 1:
-        raise ValueError(f"max_sequences must be a positive number of sequences, got {max_sequences}")
+        raise ConfigError(f"max_sequences must be a positive number of sequences, got {max_sequences}")
     if step is None:
         step = _latest_step(run_dir)
     return {"strategy": strategy, "layers": layers, "fisher": fisher, "seed": int(seed),
             "sequences": n_train if max_sequences is None else min(int(max_sequences), n_train),
-            "blocks": None if blocks is None else int(blocks), "factor_dtype": str(factor_dtype), "step": int(step)}
+            "blocks": None if blocks is None else int(blocks), "factor_dtype": str(factor_dtype), "step": int(step),
+            "weights_digest": weights_digest(run_dir, int(step))}
+
+
+def weights_digest(run_dir: str | pathlib.Path, step: int) -> str:
+    """SHA-256 of the weights of checkpoint ``step`` of a run: every array's name, dtype,
+    shape and bytes (the checksum its file carries; a file without one is hashed here)."""
+    found = ckpt.list_checkpoints(pathlib.Path(run_dir) / "checkpoints")
+    if step not in found:
+        raise ConfigError(f"{run_dir} has no checkpoint for step {step}; kept: {sorted(found)}")
+    file = found[step] / "params.npz"
+    digest = io.stored_digest(file)
+    if digest is None:  # a run trained before files carried a checksum
+        h = hashlib.sha256()
+        with np.load(file, allow_pickle=False) as npz:
+            io.hash_arrays(h, ((name, npz[name]) for name in sorted(npz.files)))
+        digest = h.hexdigest()
+    return digest
 
 
 def factors_dir(run_dir: str | pathlib.Path, strategy: str = "ekfac", layers: str = "mlp", **settings) -> pathlib.Path:
@@ -83,7 +104,10 @@ def factors_dir(run_dir: str | pathlib.Path, strategy: str = "ekfac", layers: st
 
 def folder_name(settings: dict) -> str:
     """The folder name of factors fitted with ``settings`` (see :func:`factors_dir`)."""
-    digest = hashlib.sha256(json.dumps(io.canonical_json(settings), sort_keys=True).encode()).hexdigest()[:8]
+    # The weights' digest is left out of the name: factors of overwritten weights land in
+    # the same folder, whose settings.json then says they are stale (and --force refits).
+    named = {k: v for k, v in settings.items() if k != "weights_digest"}
+    digest = hashlib.sha256(json.dumps(io.canonical_json(named), sort_keys=True).encode()).hexdigest()[:8]
     readable = re.sub(r"[^A-Za-z0-9_-]", "_", settings["layers"])[:_READABLE]
     return f"{settings['strategy']}-{readable}-{digest}"
 
@@ -108,7 +132,8 @@ def fitted_factors(run_dir: str | pathlib.Path) -> list[tuple[pathlib.Path, dict
 
 def describe_settings(settings: dict) -> str:
     """``fisher=sampled, seed=0, ...``: the settings beyond strategy and layers, for messages."""
-    return ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("strategy", "layers"))
+    return ", ".join(f"{k}={str(v)[:12] if k == 'weights_digest' else v}" for k, v in settings.items()
+                     if k not in ("strategy", "layers"))
 
 
 def layer_pattern(layers: str) -> str | None:
@@ -195,8 +220,11 @@ def fit_run_factors(run: Run, strategy: str = "ekfac", layers: str = "mlp", *, f
 
 
 def _read_info(path: pathlib.Path) -> dict:
+    if path.exists() and not path.is_dir():
+        raise MissingFileError(f"{path} is a file, not a run folder; give the folder that `influence train --out` "
+                                "wrote")
     if not (path / "run.json").is_file():
-        raise FileNotFoundError(f"{path} is not a training run (no run.json); train one with "
+        raise MissingFileError(f"{path} is not a training run (no run.json); train one with "
                                 f"`influence train --scale tiny --out {path}`")
     return json.loads((path / "run.json").read_text())
 
@@ -204,14 +232,14 @@ def _read_info(path: pathlib.Path) -> dict:
 def _latest_step(path: pathlib.Path) -> int:
     latest = ckpt.latest_checkpoint(path / "checkpoints")
     if latest is None:
-        raise FileNotFoundError(f"{path} has no checkpoint yet")
+        raise MissingFileError(f"{path} has no checkpoint yet")
     return int(ckpt.read_state(latest)["step"])
 
 
 def _load_model(path: pathlib.Path, config: GPTConfig, step: int) -> GPT:
     found = ckpt.list_checkpoints(path / "checkpoints")
     if step not in found:
-        raise ValueError(f"{path} has no checkpoint for step {step}; kept: {sorted(found)}")
+        raise ConfigError(f"{path} has no checkpoint for step {step}; kept: {sorted(found)}")
     model = init_model(config)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = ckpt.load_tree(found[step] / "params.npz", params, ckpt.PARAMS_KIND)

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 from datasets import Dataset, DatasetDict, DatasetInfo, Features, List, Value, load_from_disk
 
+from influence.errors import ConfigError
 from influence.runtime import io
 
 from .corpus import Document
@@ -60,9 +61,9 @@ def heldout_groups(docs: Sequence[Document], fraction: float, by: str = "doc", s
     """Names of the groups (documents, titles or sections) held out: the
     ``ceil(fraction * n_groups)`` groups with the smallest seeded hash (none if fraction is 0)."""
     if by not in SPLIT_KEYS:
-        raise ValueError(f"unknown split unit {by!r}; choose one of {sorted(SPLIT_KEYS)}")
+        raise ConfigError(f"unknown split unit {by!r}; choose one of {sorted(SPLIT_KEYS)}")
     if not 0 <= fraction < 1:
-        raise ValueError(f"heldout fraction must be in [0, 1), got {fraction}")
+        raise ConfigError(f"heldout fraction must be in [0, 1), got {fraction}")
     groups = sorted({getattr(d, SPLIT_KEYS[by]) for d in docs})
     ranked = sorted(groups, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
     return set(ranked[: math.ceil(fraction * len(groups))])
@@ -125,7 +126,7 @@ def build_sequences(documents: Dataset, tokenizer: Tokenizer, seq_len: int = 128
     """Sequences of every document in ``documents`` (a :func:`documents_dataset`), with
     ``sequence_id`` numbering them in order."""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2 (one context token and one target), got {seq_len}")
+        raise ConfigError(f"seq_len must be at least 2 (one context token and one target), got {seq_len}")
     seqs = documents.map(_chunk_batch, batched=True, batch_size=64, remove_columns=documents.column_names,
                          features=sequence_features(seq_len),
                          fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len}, desc="windows")
@@ -154,7 +155,7 @@ def build_splits(docs: Sequence[Document], tokenizer: Tokenizer, seq_len: int = 
     ids = [d.doc_id for d in docs]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"document ids must be unique; {dup!r} appears more than once")
+        raise ConfigError(f"document ids must be unique; {dup!r} appears more than once")
     held = heldout_groups(docs, heldout_fraction, split_by, seed)
     fingerprint = _fingerprint(docs, tokenizer, settings)
     if cache_dir is not None:

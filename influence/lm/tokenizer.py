@@ -14,6 +14,8 @@ import pathlib
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from influence.errors import ConfigError, MissingFileError, MissingPackageError
+
 if TYPE_CHECKING:
     import tokenizers
 
@@ -27,7 +29,7 @@ def _tokenizers():
     try:
         import tokenizers
     except ModuleNotFoundError as e:
-        raise ModuleNotFoundError("influence.lm's tokenizers need the package tokenizers: "
+        raise MissingPackageError("influence.lm's tokenizers need the package tokenizers: "
                                   "pip install 'jax-influence[lm]'", name=e.name) from e
     return tokenizers
 
@@ -40,14 +42,14 @@ class Tokenizer:
         self.pad_id = hf.token_to_id(PAD)
         self.bos_id = hf.token_to_id(BOS)
         if self.pad_id is None or self.bos_id is None:
-            raise ValueError(f"tokenizer lacks the special tokens {PAD} and {BOS}")
+            raise ConfigError(f"tokenizer lacks the special tokens {PAD} and {BOS}")
 
     # ---------------------------------------------------------------- training
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
         """Byte-level BPE with ``vocab_size`` entries (256 bytes + 2 specials + merges)."""
         if vocab_size < 258:
-            raise ValueError(f"byte-level BPE needs vocab_size >= 258 (256 bytes + 2 specials), got {vocab_size}")
+            raise ConfigError(f"byte-level BPE needs vocab_size >= 258 (256 bytes + 2 specials), got {vocab_size}")
         tk = _tokenizers()
         hf = tk.Tokenizer(tk.models.BPE())
         # add_prefix_space=False and no normaliser keep decode(encode(text)) == text.
@@ -121,7 +123,7 @@ class Tokenizer:
         if path.is_dir():
             path = path / FILENAME
         if not path.exists():
-            raise FileNotFoundError(f"no tokenizer at {path}")
+            raise MissingFileError(f"no tokenizer at {path}")
         return cls(_tokenizers().Tokenizer.from_file(str(path)))
 
 
@@ -132,7 +134,7 @@ def train_tokenizer(texts: Iterable[str], kind: str = "bpe", vocab_size: int = 4
         return Tokenizer.train_bpe(texts, vocab_size)
     if kind == "char":
         return Tokenizer.train_chars(texts)
-    raise ValueError(f"unknown tokenizer kind {kind!r}; choose 'bpe' or 'char'")
+    raise ConfigError(f"unknown tokenizer kind {kind!r}; choose 'bpe' or 'char'")
 
 
 def token_display_spans(offsets: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

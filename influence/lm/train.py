@@ -25,6 +25,7 @@ import json
 import math
 import pathlib
 import platform
+import shutil
 import time
 from collections.abc import Sequence
 
@@ -34,6 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from influence.errors import ConfigError, DataError
 from influence.runtime import io
 
 from . import checkpoint as ckpt
@@ -156,7 +158,19 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, out: str | pathlib.Path, documents: Sequence[Document] | None = None):
-        self.out = pathlib.Path(out)
+        out = pathlib.Path(out)
+        created = not out.exists()
+        try:
+            self._setup(cfg, out, documents)
+        except BaseException:
+            # A run that could not start (bad corpus, too little text, interrupted setup)
+            # leaves no folder behind that a later command would take for a run.
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+    def _setup(self, cfg: TrainConfig, out: pathlib.Path, documents: Sequence[Document] | None) -> None:
+        self.out = out
         self.ckpt_root = self.out / "checkpoints"
         cfg = cfg.resolved()
         if documents is not None:
@@ -166,7 +180,9 @@ class Trainer:
         self.train_ids, self.train_mask = as_arrays(self.data["train"])
         self.held_ids, self.held_mask = as_arrays(self.data["heldout"])
         if len(self.train_ids) < self.cfg.batch_size:
-            raise ValueError(f"only {len(self.train_ids)} training sequences for batch_size {self.cfg.batch_size}")
+            raise DataError(f"the corpus {self.cfg.corpus} is too small: it gives {len(self.train_ids)} training "
+                            f"sequences of {self.cfg.seq_len} tokens, fewer than one batch of {self.cfg.batch_size}; "
+                            "give more text, or a smaller --batch-size or --seq-len")
         self.model_config = get_scale(self.cfg.scale).config(self.tokenizer.vocab_size, self.cfg.seq_len)
         model = init_model(self.model_config, self.cfg.seed)
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
@@ -188,7 +204,7 @@ class Trainer:
             mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
             diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
             if diff:
-                raise ValueError(f"{self.out} holds a run with other settings {diff} (saved, requested); "
+                raise ConfigError(f"{self.out} holds a run with other settings {diff} (saved, requested); "
                                  "use another --out or the same settings to resume")
         return cfg
 

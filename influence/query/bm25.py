@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from influence.errors import ConfigError
+
 WORD_RE = re.compile(r"(\w+)", re.UNICODE)  # one group, so WORD_RE.split keeps the words
 
 
@@ -47,7 +49,7 @@ class BM25:
             cols.extend(ids.tolist())
             counts.extend(tf.tolist())
         if not lengths:
-            raise ValueError("BM25 needs at least one document")
+            raise ConfigError("BM25 needs at least one document")
         self.vocab = vocab
         self.n_docs = len(lengths)
         self.lengths = np.asarray(lengths, np.float64)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from influence.errors import ConfigError, NonFiniteError
 from influence.factors import Factors
 from influence.query.bm25 import BM25
 from influence.runtime import io
@@ -65,20 +66,20 @@ class Query:
           ValueError: not an object, a missing or unknown key, or a value of another type.
         """
         if not isinstance(d, dict):
-            raise ValueError(f"a query is a JSON object {{\"prompt\": ..., \"completion\": ...}}, "
+            raise ConfigError(f"a query is a JSON object {{\"prompt\": ..., \"completion\": ...}}, "
                              f"got {type(d).__name__} {_short(d)}")
         missing = [k for k in ("prompt", "completion") if k not in d]
         if missing:
-            raise ValueError(f"a query needs 'prompt' and 'completion'; missing {missing} in {_short(d)}")
+            raise ConfigError(f"a query needs 'prompt' and 'completion'; missing {missing} in {_short(d)}")
         unknown = sorted(set(d) - set(cls.KEYS))
         if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in a query; the keys are {list(cls.KEYS)}")
+            raise ConfigError(f"unknown key(s) {unknown} in a query; the keys are {list(cls.KEYS)}")
         for key in ("prompt", "completion"):
             if not isinstance(d[key], str):
-                raise ValueError(f"{key!r} must be a string, got {type(d[key]).__name__} {_short(d[key])}")
+                raise ConfigError(f"{key!r} must be a string, got {type(d[key]).__name__} {_short(d[key])}")
         qid = d.get("id")
         if qid is not None and (isinstance(qid, bool) or not isinstance(qid, (str, int))):
-            raise ValueError(f"'id' must be a string or an integer, got {type(qid).__name__} {_short(qid)}")
+            raise ConfigError(f"'id' must be a string or an integer, got {type(qid).__name__} {_short(qid)}")
         return cls(d["prompt"], d["completion"], None if qid is None else str(qid))
 
 
@@ -152,16 +153,16 @@ def encode_queries(queries: Sequence[Query], tokenizer: TokenizerLike, context_l
       ValueError: an empty completion, or a query longer than ``context_length``.
     """
     if not queries:
-        raise ValueError("no queries given")
+        raise ConfigError("no queries given")
     rows = []
     for i, q in enumerate(queries):
         prompt = tokenizer.encode(q.prompt) if q.prompt else [tokenizer.bos_id]
         completion = tokenizer.encode(q.completion)
         label = q.id or f"query {i}"
         if not completion:
-            raise ValueError(f"{label}: the completion is empty; give the text whose probability should be explained")
+            raise ConfigError(f"{label}: the completion is empty; give the text whose probability should be explained")
         if len(prompt) + len(completion) > context_length:
-            raise ValueError(
+            raise ConfigError(
                 f"{label}: {len(prompt)} prompt + {len(completion)} completion tokens exceed the model's context of "
                 f"{context_length} tokens; shorten the prompt or the completion"
             )
@@ -254,7 +255,7 @@ class QueryEngine:
             return None
         if self._bm25 is None:
             if self.text_column not in getattr(self.train, "column_names", self.train):
-                raise ValueError(f"the BM25 prefilter needs a {self.text_column!r} column in the training data")
+                raise ConfigError(f"the BM25 prefilter needs a {self.text_column!r} column in the training data")
             self._bm25 = BM25(self.train[self.text_column])
         return self._bm25.candidates([q.prompt + q.completion for q in queries], self.bm25_candidates)
 
@@ -287,7 +288,7 @@ class QueryEngine:
         bad = [i for i in range(len(queries)) if not np.isfinite(losses[i])]
         if bad:
             label = queries[bad[0]].id or f"query {bad[0]}"
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"{label}: the completion's loss is {losses[bad[0]]} ({len(bad)} of {len(queries)} queries): the "
                 "model's outputs are not finite (NaN/Inf weights?); influence is undefined, so nothing was scored. "
                 "Check the run's training metrics and retrain from a finite checkpoint")
@@ -355,7 +356,7 @@ def read_queries(path: str | os.PathLike) -> list[Query]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a queries file is JSON lines") from e
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a queries file is JSON lines") from e
     queries = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -363,10 +364,10 @@ def read_queries(path: str | os.PathLike) -> list[Query]:
         try:
             queries.append(Query.from_dict(json.loads(line)))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno}); each line is one query object "
+            raise ConfigError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno}); each line is one query object "
                              f'like {{"prompt": "...", "completion": "..."}}') from e
         except ValueError as e:
-            raise ValueError(f"{path}:{n}: {e}") from e
+            raise ConfigError(f"{path}:{n}: {e}") from e
     if not queries:
-        raise ValueError(f"{path}: no queries")
+        raise ConfigError(f"{path}: no queries")
     return queries

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from influence.capture.tracking import LayerFilter, TrackedModel, track
+from influence.errors import ConfigTypeError
 from influence.runtime.data import as_source
 from influence.tasks import LossFamily
 
@@ -131,8 +132,8 @@ def require_output_task(task: Any, what: str) -> None:
     if not isinstance(getattr(task, "family", None), LossFamily):
         missing.append("family (a LossFamily)")
     if missing:
-        raise TypeError(f"{what} differentiates the task's loss in the model outputs; {type(task).__name__} lacks "
-                        f"{', '.join(missing)}: subclass influence.tasks.OutputTask")
+        raise ConfigTypeError(f"{what} differentiates the task's loss in the model outputs; {type(task).__name__} "
+                              f"lacks {', '.join(missing)}: subclass influence.tasks.OutputTask")
 
 
 def gauss_newton(model, task, data, *, layers: LayerFilter = None) -> np.ndarray:

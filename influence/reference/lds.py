@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from scipy.stats import spearmanr
 
+from influence.errors import ConfigError
 from influence.runtime import io
 
 _FILE_KIND = "influence-lds-measurements"
@@ -40,10 +41,10 @@ def sample_subsets(n_train: int, n_subsets: int, fraction: float = 0.5, seed: in
     are the same whatever ``n_subsets`` is (cached retraining stays valid when M grows).
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+        raise ConfigError(f"fraction must be in (0, 1), got {fraction}")
     size = int(round(fraction * n_train))
     if not 0 < size < n_train:
-        raise ValueError(f"a fraction {fraction} of {n_train} examples leaves an empty or full subset")
+        raise ConfigError(f"a fraction {fraction} of {n_train} examples leaves an empty or full subset")
     masks = np.zeros((n_subsets, n_train), bool)
     for j in range(n_subsets):
         masks[j, np.random.default_rng([seed, j]).choice(n_train, size, replace=False)] = True
@@ -74,7 +75,7 @@ def lds(scores: np.ndarray, masks: np.ndarray, measurements: np.ndarray) -> LDSR
     """
     scores, measurements = np.asarray(scores), np.asarray(measurements)
     if scores.shape[1] != masks.shape[1] or measurements.shape != (masks.shape[0], scores.shape[0]):
-        raise ValueError(f"shapes do not agree: scores {scores.shape}, masks {masks.shape}, "
+        raise ConfigError(f"shapes do not agree: scores {scores.shape}, masks {masks.shape}, "
                          f"measurements {measurements.shape} (expected [M, Q])")
     predicted = predicted_measurements(scores, masks)
     per_query = np.full(scores.shape[0], np.nan)
@@ -83,7 +84,7 @@ def lds(scores: np.ndarray, masks: np.ndarray, measurements: np.ndarray) -> LDSR
             per_query[q] = spearmanr(predicted[:, q], measurements[:, q])[0]
     valid = per_query[np.isfinite(per_query)]
     if valid.size == 0:
-        raise ValueError("every query's retrained measurement (or prediction) is constant over the subsets")
+        raise ConfigError("every query's retrained measurement (or prediction) is constant over the subsets")
     stderr = float(valid.std(ddof=1) / np.sqrt(valid.size)) if valid.size > 1 else float("nan")
     return LDSResult(float(valid.mean()), per_query, stderr)
 

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from influence.errors import CheckpointMismatch
+from influence.errors import CheckpointMismatch, ConfigError
 from influence.runtime import io
 from influence.runtime.mesh import all_processes_gather
 
@@ -72,7 +72,7 @@ class Checkpoint:
     def __init__(self, directory: str | os.PathLike, kind: str, settings: dict[str, Any], *, every: int = 100,
                  resume: bool = True):
         if every < 1:
-            raise ValueError(f"checkpoint_every must be a positive number of batches, got {every}")
+            raise ConfigError(f"checkpoint_every must be a positive number of batches, got {every}")
         self.directory = Path(directory)
         self.kind = kind
         self.settings = io.canonical_json(settings)

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from influence.errors import DataError, TaskError
+from influence.errors import ConfigError, ConfigTypeError, DataError, TaskError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ def check_hashable(task: Any) -> None:
     try:
         hash(task)
     except TypeError as e:
-        raise TypeError(
+        raise ConfigTypeError(
             f"the task {type(task).__name__} is not hashable ({e}); tasks are static arguments of jitted functions: "
             "make it a frozen dataclass (@dataclasses.dataclass(frozen=True)) or give it __hash__") from None
 
@@ -114,7 +114,7 @@ class DataSource:
 
     def __init__(self, data: Any, batch_size: int, fields: tuple[str, ...] = (), optional_fields: tuple[str, ...] = ()):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise ConfigError(f"batch_size must be positive, got {batch_size}")
         self.batch_size = int(batch_size)
         self.fields = tuple(fields)
         self.optional_fields = tuple(optional_fields)

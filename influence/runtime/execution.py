@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 
+from influence.errors import ConfigError, ConfigTypeError
 from influence.runtime.checkpoint import Checkpoint
 from influence.runtime.data import first_row
 from influence.runtime.mesh import MeshLike
@@ -73,18 +74,18 @@ class Execution:
             if name == "batch_size" and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer{' or None' if name == 'batch_size' else ''}, "
+                raise ConfigError(f"{name} must be a positive integer{' or None' if name == 'batch_size' else ''}, "
                                  f"got {value!r}")
         budget = self.memory_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0
                                    or (isinstance(budget, float) and budget > 1)):
-            raise ValueError(f"memory_budget must be a number of bytes (a positive int), a fraction in (0, 1] of the "
+            raise ConfigError(f"memory_budget must be a number of bytes (a positive int), a fraction in (0, 1] of the "
                              f"device's memory (a float) or None, got {budget!r}")
         for name in ("progress", "resume"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise ConfigTypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, str | os.PathLike):
-            raise TypeError(f"checkpoint_dir must be a path or None, got {type(self.checkpoint_dir).__name__}")
+            raise ConfigTypeError(f"checkpoint_dir must be a path or None, got {type(self.checkpoint_dir).__name__}")
 
     @classmethod
     def of(cls, execution: Execution | None = None, options: Mapping[str, Any] | None = None) -> Execution:
@@ -92,12 +93,12 @@ class Execution:
         entry point, named as the fields) applied on top."""
         base = cls() if execution is None else execution
         if not isinstance(base, Execution):
-            raise TypeError(f"execution must be an influence.Execution, got {type(base).__name__}")
+            raise ConfigTypeError(f"execution must be an influence.Execution, got {type(base).__name__}")
         options = dict(options or {})
         unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             fields = ", ".join(f.name for f in dataclasses.fields(cls))
-            raise TypeError(f"unknown option(s) {unknown}; the run settings are: {fields}")
+            raise ConfigTypeError(f"unknown option(s) {unknown}; the run settings are: {fields}")
         return dataclasses.replace(base, **options) if options else base
 
     def checkpoint(self, kind: str, settings: dict[str, Any]) -> Checkpoint | None:

@@ -142,6 +142,17 @@ def save_arrays(path: str | os.PathLike, kind: str, arrays: dict[str, np.ndarray
     atomic_write_bytes(path, buf.getvalue())
 
 
+def stored_digest(path: str | os.PathLike) -> str | None:
+    """The SHA-256 of the arrays of a :func:`save_arrays` file (names, dtypes, shapes and
+    bytes), read from its header without loading the arrays; ``None`` for a file without
+    a header. :func:`load_arrays` refuses a file whose arrays do not match it, so it
+    identifies the file's content."""
+    with np.load(path, allow_pickle=False) as npz:
+        if _HEADER not in npz.files:
+            return None
+        return json.loads(npz[_HEADER].tobytes().decode()).get("sha256")
+
+
 def load_arrays(path: str | os.PathLike, kind: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Read a file written by :func:`save_arrays`, checking its kind and checksum.
 

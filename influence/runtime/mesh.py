@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from influence.errors import ConfigError, ConfigTypeError
+
 DATA = "data"
 QUERY = "query"
 _AXES = (DATA, QUERY)
@@ -52,7 +54,7 @@ def resolve_mesh(mesh: MeshLike = None) -> Mesh:
     if isinstance(mesh, int | np.integer) and not isinstance(mesh, bool):
         available = jax.local_devices()
         if not 1 <= mesh <= len(available):
-            raise ValueError(
+            raise ConfigError(
                 f"mesh={mesh} asks for {mesh} devices but {len(available)} are available ({available[0].platform}); "
                 "on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N (or jax_num_cpu_devices) "
                 "before jax starts to get N host devices"
@@ -61,7 +63,7 @@ def resolve_mesh(mesh: MeshLike = None) -> Mesh:
     if isinstance(mesh, Mesh):
         unknown = [a for a in mesh.axis_names if a not in _AXES]
         if unknown or DATA not in mesh.axis_names:
-            raise ValueError(
+            raise ConfigError(
                 f"the mesh's axes are {mesh.axis_names}; expected 'data' and optionally 'query', e.g. "
                 "jax.make_mesh((n,), ('data',)) or jax.make_mesh((n_data, n_query), ('data', 'query'))"
             )
@@ -70,7 +72,7 @@ def resolve_mesh(mesh: MeshLike = None) -> Mesh:
         return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
     devices = list(mesh)
     if not devices or not all(isinstance(d, jax.Device) for d in devices):
-        raise TypeError(f"mesh must be None, an int, a sequence of devices or a jax.sharding.Mesh, got {mesh!r}")
+        raise ConfigTypeError(f"mesh must be None, an int, a sequence of devices or a jax.sharding.Mesh, got {mesh!r}")
     return Mesh(np.array(devices), (DATA,), axis_types=(AxisType.Auto,))
 
 
@@ -118,7 +120,7 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     if batch_size % n:
         lower, upper = (batch_size // n) * n, math.ceil(batch_size / n) * n
         options = f"{lower} or {upper}" if lower else f"{upper}"
-        raise ValueError(
+        raise ConfigError(
             f"batch_size={batch_size} does not split over the {n} devices of the mesh's data axis; "
             f"use a multiple of {n} (e.g. {options})"
         )

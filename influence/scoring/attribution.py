@@ -17,6 +17,7 @@ import numpy as np
 
 from influence.capture.objectives import layer_gradients
 from influence.capture.tracking import track
+from influence.errors import NonFiniteError
 from influence.factors import Factors, check_finite_weights
 from influence.runtime.data import as_source, select_rows
 from influence.runtime.driver import concatenate, run_pass
@@ -85,6 +86,6 @@ def attribute(model, task, factors: Factors, ranking: Ranking, train: Any, pairs
     finite = np.isfinite(collected).reshape(len(collected), -1).all(axis=1)
     if not finite.all():
         query, row = pairs[int(np.argmin(finite))]
-        raise FloatingPointError(f"the attribution of training row {row} to query {query} is NaN/Inf: its loss or "
+        raise NonFiniteError(f"the attribution of training row {row} to query {query} is NaN/Inf: its loss or "
                                  "training gradient is not finite; check that row's inputs and labels")
     return Attribution(collected, tracked.layer_names)

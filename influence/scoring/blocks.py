@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from influence.errors import DataError
+from influence.errors import ConfigError, DataError
 from influence.runtime.driver import Accumulator
 from influence.runtime.mesh import DATA, local, n_data, query_axis, spec
 from influence.scoring.finite import RowCheck
@@ -75,7 +75,7 @@ def check_candidates(candidates, n_query: int) -> list[np.ndarray] | None:
     if candidates is None:
         return None
     if len(candidates) != n_query:
-        raise ValueError(f"candidates has {len(candidates)} entries for {n_query} queries: pass one array of "
+        raise ConfigError(f"candidates has {len(candidates)} entries for {n_query} queries: pass one array of "
                          "training-row indices per query")
     return [np.asarray(c, np.int64) for c in candidates]
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from influence.errors import NonFiniteError
 from influence.runtime.data import Batch
 from influence.runtime.driver import Accumulator
 
@@ -42,13 +43,13 @@ def check_query_gradients(gradients: dict[str, jax.Array], preconditioned: dict[
     bad = _first_bad_rows(gradients)
     if bad is not None:
         name, q = bad
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"the measurement gradient of query {q} is NaN/Inf in layer {name!r} (the model's weights are finite); "
             "check that query's inputs and labels")
     bad = _first_bad_rows(preconditioned)
     if bad is not None:
         name, q = bad
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"the preconditioned gradient of query {q} is NaN/Inf in layer {name!r} although its gradient is finite: "
             f"Λ + λ is 0 or too small there (damping {dampings[name]:.3g}); pass a larger damping=")
 
@@ -94,8 +95,8 @@ class RowCheck:
         batch = row // self.batch_size
         name = row if self.to_row is None else self.to_row(row)
         if self.advice is not None:
-            raise FloatingPointError(f"the {self.what} of training row {name} is NaN/Inf: {self.advice}")
-        raise FloatingPointError(
+            raise NonFiniteError(f"the {self.what} of training row {name} is NaN/Inf: {self.advice}")
+        raise NonFiniteError(
             f"the {self.what} of training row {name} (batch {batch}, rows {batch * self.batch_size}.."
             f"{(batch + 1) * self.batch_size - 1} of the pass) is NaN/Inf: its loss or training gradient is not "
             "finite (the model's weights and the queries are); check that row's inputs and labels")

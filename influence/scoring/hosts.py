@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from influence.errors import DataError
+from influence.errors import ConfigError, DataError, MissingFileError
 from influence.runtime import io
 from influence.scoring.results import Scores
 from influence.scoring.topk import merge_slots
@@ -44,7 +44,7 @@ def host_rows(n_rows: int, process_index: int | None = None, process_count: int 
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if not 0 <= index < count:
-        raise ValueError(f"process_index {index} is not in [0, {count})")
+        raise ConfigError(f"process_index {index} is not in [0, {count})")
     if n_rows < count:
         raise DataError(f"{n_rows} rows cannot give each of {count} hosts at least one")
     q, r = divmod(n_rows, count)
@@ -87,7 +87,7 @@ def save_ranking_part(directory: str | os.PathLike, ranking, row_offset: int, *,
 def _parts(directory, kind: str) -> list[tuple[dict[str, np.ndarray], dict[str, Any]]]:
     files = sorted(Path(directory).glob("part-*.npz"))
     if not files:
-        raise FileNotFoundError(f"no part-*.npz in {directory}")
+        raise MissingFileError(f"no part-*.npz in {directory}")
     parts = [io.load_arrays(f, kind) for f in files]
     parts.sort(key=lambda p: p[1]["row_offset"])
     expected = 0

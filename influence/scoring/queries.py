@@ -23,6 +23,7 @@ from influence.capture.per_example import weight_gradients
 from influence.capture.tracking import TrackedModel, track
 from influence.curvature import precondition
 from influence.curvature.layer import map_arrays
+from influence.errors import ConfigError
 from influence.factors import Factors, check_finite_weights, curvature_arrays
 from influence.runtime.data import as_source
 from influence.runtime.driver import Accumulator, run_pass
@@ -77,7 +78,7 @@ def scoring_mesh(mesh: MeshLike, batch_size: int | None):
     shards independently and merge, see :mod:`influence.scoring.hosts`)."""
     mesh = resolve_mesh(mesh)
     if spans_processes(mesh):
-        raise ValueError(
+        raise ConfigError(
             "scoring runs on the devices of one process: give each process a mesh of its local devices "
             "(jax.local_devices()) and its own shard of the training data, then merge the parts "
             "(influence.scoring.hosts.merge_rankings / merge_scores)"
@@ -147,7 +148,7 @@ def query_gradients(model, task, factors: Factors, queries, *, damping=None, ran
 def _query_gradients(model, task, prepared, queries, rank, run: Execution, mesh):
     """:func:`query_gradients` with the model and factors already :func:`prepare` d."""
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1):
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     tracked, curvature, dampings = prepared
     run = scoring_batch(run, tracked, task, queries, mesh, "measurement", per_example_gradients=True)
     source = as_source(queries, run.batch_size, task, model, queries=True)

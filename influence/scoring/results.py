@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from influence.errors import FileFormatError
+from influence.errors import ConfigError, FileFormatError
 from influence.runtime import io
 
 
@@ -75,7 +75,7 @@ class _LayerSplit:
 def check_k(k: int) -> None:
     """``ValueError`` unless ``k`` is a positive integer (how many to keep)."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
 
 
 class Scores(_LayerSplit):

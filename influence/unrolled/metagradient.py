@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from influence.errors import InfluenceError
+from influence.errors import InfluenceError, NonFiniteError
 from influence.scoring.results import Scores
 
 Params = Any
@@ -228,7 +228,7 @@ def metagradients(run: TrainingRun, measure: Callable[[Params, Any], jax.Array],
     grads = np.concatenate(rows)[:n_q]
     if not np.all(np.isfinite(grads)):
         bad = int(np.sum(~np.all(np.isfinite(grads), axis=1)))
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"{bad} of {n_q} queries have NaN/Inf metagradients. The usual cause is Adam's √ν at ν = 0 (a "
             "parameter whose gradient is exactly zero at a step, e.g. an embedding row no batch uses), whose "
             "derivative is infinite: give the optimizer eps_root > 0 (optax.adam(..., eps_root=1e-16)); "

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from influence.errors import InfluenceError
+from influence.errors import InfluenceError, NonFiniteError
 from influence.fit import fit_factors
 from influence.scoring.pairwise import pairwise_scores
 from influence.scoring.results import Scores
@@ -183,7 +183,7 @@ def trajectory_scores(run: TrainingRun, task: Any, queries: dict, train: dict | 
                                     batch_size, fit_data)
         total_scores = total_scores + c * values
     if not np.all(np.isfinite(total_scores)):
-        raise FloatingPointError("trajectory scores have NaN/Inf: check the run (train(run)) and the damping")
+        raise NonFiniteError("trajectory scores have NaN/Inf: check the run (train(run)) and the damping")
     return Scores(np.asarray(total_scores, np.float32), None, {
         "strategy": f"trajectory-{strategy}", "checkpoints": [int(t) for t in checkpoints],
         "checkpoint_weights": [round(float(c), 6) for c in weights], "normalize": bool(normalize),

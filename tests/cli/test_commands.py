@@ -28,7 +28,7 @@ def test_query_without_factors_says_how_to_fit_them(run_dir, capsys):
 def test_fit_then_query_writes_reports(run_dir, tmp_path, capsys):
     assert main(["fit", "--run", str(run_dir), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "fitted ekfac" in out and "blocks.0.mlp.fc_in" in out
+    assert "fitted ekfac" in out and "blocks.0.mlp.fc_in" in out and "starting: " in out
     assert main(["fit", "--run", str(run_dir), "--quiet"]) == 0
     assert "already fitted" in capsys.readouterr().out
     queries = tmp_path / "q.jsonl"
@@ -63,17 +63,20 @@ def test_query_errors_are_clear(run_dir, capsys):
 def test_demo_end_to_end_and_reuse(tmp_path, capsys):
     args = ["demo", "--out", str(tmp_path / "demo"), "--plays", "macbeth", "--scale", "tiny", "--tokens", "12000",
             "--vocab-size", "300", "-k", "2", "--quiet"]
-    assert main(args) == 2  # the built-in queries do not fit the tiny model's 32-token context
-    assert "exceed the model's context of 32 tokens" in capsys.readouterr().err
     queries = tmp_path / "q.jsonl"
     queries.write_text('{"id": "witches", "prompt": "ALL:\\n", "completion": "Double, double toil and trouble"}\n')
-    args += ["--queries", str(queries)]
-    assert main(args) == 0
+    assert main([*args, "--queries", str(queries)]) == 0
     out = capsys.readouterr().out
-    assert "reusing the trained model" in out and "== witches" in out
-    assert (tmp_path / "demo" / "report.html").stat().st_size > 5000
-    assert main(args) == 0
-    assert "reusing ekfac factors" in capsys.readouterr().out
+    assert "training a tiny model" in out and "fitted ekfac factors" in out and "== witches" in out
+    report = tmp_path / "demo" / "report.html"
+    assert report.stat().st_size > 5000
+    assert out.count(str(report)) == 1  # the report's path, once
+    # Again, with the built-in queries: the model and factors are reused, and the queries,
+    # which do not fit the tiny model's 32-token context, are refused.
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "reusing the trained model" in captured.out and "reusing ekfac factors" in captured.out
+    assert "exceed the model's context of 32 tokens" in captured.err
 
 
 def test_fit_options_blocks_and_devices(run_dir, capsys):
@@ -109,7 +112,8 @@ def test_factors_are_keyed_by_every_setting(run_dir, capsys):
     folder = factors_dir(run_dir, "kfac", "mlp.fc_in", max_sequences=8)
     settings = json.loads((folder / "settings.json").read_text())
     assert settings == {"strategy": "kfac", "layers": "mlp.fc_in", "fisher": "sampled", "seed": 0, "sequences": 8,
-                        "blocks": None, "factor_dtype": "float32", "step": settings["step"]}
+                        "blocks": None, "factor_dtype": "float32", "step": settings["step"],
+                        "weights_digest": settings["weights_digest"]}
     assert folder.name.startswith("kfac-mlp_fc_in-") and folder != factors_dir(run_dir, "kfac", "mlp|fc_in",
                                                                                max_sequences=8)
     # Several sets for these layers, none with the default settings: query lists them, uses none.
@@ -186,12 +190,14 @@ def test_interrupted_fit_can_be_restarted(run_dir, monkeypatch, capsys):
     with monkeypatch.context() as m:
         m.setattr(lm_run, "fit_factors", interrupted)
         assert main(fit) == 130
-    assert capsys.readouterr().err.strip() == "influence fit: error: interrupted"
+    assert capsys.readouterr().err.strip() == ("influence fit: error: interrupted; running the same command again "
+                                               "resumes the fit from its checkpoint")
     # A snapshot left by a fit of these settings with another batch size blocks a resume, not a restart.
     checkpoint = factors_dir(run_dir, "kfac", "mlp", max_sequences=8) / "checkpoint"
     Checkpoint(checkpoint, "factors", {"batch_size": 4}).save((0, 1), {}, {})
     assert main(fit) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert f"resuming from {checkpoint}" in out
     assert "holds a factors checkpoint of another run" in err and "add --restart" in err
     assert "resume=False" not in err
     assert main([*fit, "--restart"]) == 0

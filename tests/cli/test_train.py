@@ -32,8 +32,13 @@ def test_tiny_run_on_local_files(tmp_path, capsys):
         (folder / f"{d.doc_id.replace('/', '-')}.txt").write_text(d.text)
     args = parse("--scale", "tiny", "--out", str(tmp_path / "run"), "--corpus", str(folder), "--tokens", "2048",
                  "--vocab-size", "300", "--heldout-fraction", "0.2", "--quiet", "--prompt", "KING:")
+    # Half the run first, as an interrupted run leaves it: the command says it resumes.
+    from influence.lm.train import Trainer
+
+    Trainer(cli.config_from_args(args), args.out).run(max_steps=4, progress=False)
     assert cli.run(args) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "resuming from step 4 of 8" in err
     summary = json.loads(out[:out.rindex("}") + 1])
     assert summary["steps"] == 8 and summary["final_checkpoint"] == "checkpoints/step_0000008"
     assert "\nKING:" in out  # the prompt and its greedy continuation
@@ -41,7 +46,8 @@ def test_tiny_run_on_local_files(tmp_path, capsys):
     assert info["train_config"]["corpus"] == str(folder) and info["tokenizer"]["vocab_size"] == 300
     # Same command again: finds the finished run and does no more steps.
     assert cli.run(args) == 0
-    assert json.loads(capsys.readouterr().out.split("\nKING:")[0])["steps"] == 8
+    out, err = capsys.readouterr()
+    assert json.loads(out.split("\nKING:")[0])["steps"] == 8 and "already trained" in err
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys, monkeypatch):

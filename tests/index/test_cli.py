@@ -25,6 +25,7 @@ def test_index_then_query_answers_from_it_and_no_index_rescans(run_dir, tmp_path
     assert main(["index", "--run", str(run_dir), "--compression", "none", "--check", "4", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "indexed" in out and "fidelity against a rescan" in out and "top-10 overlap 1.00" in out
+    assert "starting: " in out
     assert main(["index", "--run", str(run_dir), "--compression", "none", "--quiet"]) == 0
     assert "already built" in capsys.readouterr().out
     query = ["query", "--run", str(run_dir), "--prompt", "MACBETH:\\n", "--completion", "Is this a dagger", "-k", "3",

@@ -52,7 +52,9 @@ def lm():
     return model, task, factors, data, queries
 
 
-@pytest.mark.parametrize("setting", ["mlp", "lm"])
+# The sequence case under -m slow: by default, tests/index/test_cli.py holds an LM's
+# uncompressed index to the rescan (top-10 overlap 1.00) at a fraction of the time.
+@pytest.mark.parametrize("setting", ["mlp", pytest.param("lm", marks=pytest.mark.slow)])
 def test_uncompressed_index_scores_as_the_rescan(setting, request, tmp_path):
     model, task, factors, data, queries = request.getfixturevalue(setting)
     index = inf.build_index(model, task, factors, data, path=tmp_path / "index", compression="none", batch_size=8,

@@ -71,7 +71,9 @@ def test_sharded_factors_equal_single_device(case):
                inf.pairwise_scores(model, task, one, queries, data, batch_size=8, progress=False).values)
 
 
-@pytest.mark.parametrize("case", ["mlp", "lm"])
+# The sequence case refits twice more on four devices: kept for -m slow (the default run has
+# the one-token case here, and the sequence case of test_sharded_factors_equal_single_device).
+@pytest.mark.parametrize("case", ["mlp", pytest.param("lm", marks=pytest.mark.slow)])
 def test_sampled_fisher_same_for_other_batch_size_and_devices(case):
     """Sampled targets are keyed by each example's row, so a batch of 4 on one device and
     of 16 over four devices draw the same targets: the same factors, to rounding."""
