@@ -32,6 +32,7 @@ from influence.errors import (
     InfluenceError,
     MissingCorpusError,
     ModelMismatch,
+    RandomStreamsWarning,
     TaskError,
     TrackingError,
     UntrackedParametersWarning,
@@ -67,6 +68,6 @@ def __getattr__(name):
 
 __all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "DegenerateCurvature", "Execution",
            "Factors", "FileFormatError", "InfluenceError", "LayerInfo", "MissingCorpusError", "ModelMismatch",
-           "Ranking", "Scores", "SelfScores", "Task", "TaskError", "TrackingError", "UntrackedParametersWarning",
+           "RandomStreamsWarning", "Ranking", "Scores", "SelfScores", "Task", "TaskError", "TrackingError", "UntrackedParametersWarning",
            "__version__", "attribute", "build_index", "enable_compilation_cache", "fit_factors", "hosts", "index",
            "lm", "pairwise_scores", "query", "rank_training", "reference", "self_scores", "tasks", "testing", "track"]

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from influence.capture.objectives import bytes_per_example, choose_fisher, has_directions
+from influence.capture.streams import drawn_streams, warn_streams
 from influence.capture.tracking import LayerFilter, track, warn_untracked
 from influence.curvature import LayerCurvature, get_strategy
 from influence.curvature import blocks as blocks_
@@ -319,6 +320,9 @@ def fit_factors(
     on_mesh = dataclasses.replace(tracked, state=replicate(tracked.state, mesh))
 
     def check(arrays):
+        # streams the forward pass draws from are held fixed (capture.streams): said once, on the first batch
+        choice["streams"] = drawn_streams(tracked.graphdef, tracked.state, lambda model: task.loss(model, arrays))
+        warn_streams(choice["streams"], stacklevel=6)
         return choose_fisher(nnx.merge(tracked.graphdef, tracked.state), task, arrays, key, fisher, fisher_samples)
 
     row_offset, sample_rows = _global_row_offset(source, mesh)
@@ -343,6 +347,8 @@ def fit_factors(
         curvature = curvature_pass.finish(curvature, totals, n_tokens, n_examples, layer_blocks, dtype)
         del totals
     metadata.update(n_examples=int(n_examples), n_tokens=n_tokens, mesh=describe_mesh(mesh))
+    if choice.get("streams"):
+        metadata["rng_streams"] = choice["streams"]
     if "fisher" in choice:
         used = choice["fisher"]
         metadata.update(fisher=used.fisher, fisher_rule=used.rule)
