@@ -68,6 +68,7 @@ def __getattr__(name):
 
 __all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "DegenerateCurvature", "Execution",
            "Factors", "FileFormatError", "InfluenceError", "LayerInfo", "MissingCorpusError", "ModelMismatch",
-           "RandomStreamsWarning", "Ranking", "Scores", "SelfScores", "Task", "TaskError", "TrackingError", "UntrackedParametersWarning",
+           "Ranking", "Scores", "SelfScores", "Task", "TaskError", "TrackingError", "UntrackedParametersWarning",
            "__version__", "attribute", "build_index", "enable_compilation_cache", "fit_factors", "hosts", "index",
            "lm", "pairwise_scores", "query", "rank_training", "reference", "self_scores", "tasks", "testing", "track"]
+__all__ += ["RandomStreamsWarning"]  # issue 24
