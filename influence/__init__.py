@@ -22,6 +22,7 @@ import importlib
 
 from influence import tasks
 from influence._version import __version__
+from influence.capture.linen import linen_model  # issue 24
 from influence.capture.tracking import LayerInfo, track
 from influence.curvature import STRATEGIES
 from influence.errors import (
@@ -72,3 +73,4 @@ __all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "Dege
            "__version__", "attribute", "build_index", "enable_compilation_cache", "fit_factors", "hosts", "index",
            "lm", "pairwise_scores", "query", "rank_training", "reference", "self_scores", "tasks", "testing", "track"]
 __all__ += ["RandomStreamsWarning"]  # issue 24
+__all__ += ["linen_model"]  # issue 24

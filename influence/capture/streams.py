@@ -68,7 +68,10 @@ def drawn_streams(graphdef: Any, state: Any, forward: Callable[[nnx.Module], Any
         jax.eval_shape(run, state)
     except Exception:  # the forward fails: the pass runs it and reports the failure with the batch's shapes
         return []
-    return sorted(set(drawn))
+    # a ToNNX wrapper draws a key from its own streams at every call to hand to Linen's
+    # apply, whether Linen uses it or not: not a draw of the model's (Linen's Dropout left
+    # on would use it; its rng is then held fixed all the same)
+    return sorted({name for name in drawn if "to_nnx__rngs" not in name})
 
 
 def warn_streams(streams: list[str], stacklevel: int = 2) -> None:

@@ -32,6 +32,7 @@ import jax
 from flax import nnx
 
 from influence.capture.kinds import LayerInfo, LayerKind, describe_kinds, kind_class
+from influence.capture.linen import LinenLayer, intercepting, is_wrapper, linen_layers
 from influence.errors import TrackingError, UntrackedParametersWarning
 
 __all__ = ["LayerFilter", "LayerInfo", "TrackedModel", "Untracked", "model_fingerprint", "track", "trackable_infos",
@@ -94,6 +95,27 @@ def _tracked_class(cls: type) -> type:
             if tap is None:
                 return out
             return tap.record(layer, inputs, out)
+
+        _TRACKED_CLASSES[cls] = type(f"Tracked{cls.__name__}", (cls,), {"__call__": __call__})
+    return _TRACKED_CLASSES[cls]
+
+
+_LINEN_ATTRIBUTE = "to_nnx__influence_layers"  # ToNNX passes its other attributes to Linen as variables
+
+
+def _record(layer: LayerKind, x: jax.Array, y: jax.Array) -> jax.Array:
+    tap = getattr(_ACTIVE, "tap", None)
+    return y if tap is None else tap.record(layer, x, y)
+
+
+def _tracked_wrapper_class(cls: type) -> type:
+    """A subclass of an ``nnx.bridge.ToNNX`` class whose call intercepts the tracked Linen
+    layers inside it (:mod:`.linen`) and reports them to the active tap."""
+    if cls not in _TRACKED_CLASSES:
+
+        def __call__(self, *args, **kwargs):
+            with intercepting(dict(getattr(self, _LINEN_ATTRIBUTE)), _record):
+                return cls.__call__(self, *args, **kwargs)
 
         _TRACKED_CLASSES[cls] = type(f"Tracked{cls.__name__}", (cls,), {"__call__": __call__})
     return _TRACKED_CLASSES[cls]
@@ -197,10 +219,18 @@ def _trackable(model: nnx.Module) -> list[tuple[str, Any, type[LayerKind]]]:
     return found
 
 
+def _linen(model: nnx.Module) -> list[tuple[Any, LinenLayer]]:
+    """``(wrapper, layer)`` of every candidate Linen layer inside an ``nnx.bridge.ToNNX``."""
+    return [(module, layer) for path, module in nnx.iter_modules(model) if is_wrapper(module)
+            for layer in linen_layers(module, tuple(str(p) for p in path))]
+
+
 def trackable_layers(model: nnx.Module) -> dict[str, str]:
     """``{path: kind}`` of every layer :func:`track` could track (sorted by path), without
     checking their configuration."""
-    return {name: kind.kind for name, _, kind in sorted(_trackable(model), key=lambda t: t[0])}
+    found = {name: kind.kind for name, _, kind in _trackable(model)}
+    found.update({layer.name: layer.kind for _, layer in _linen(model)})
+    return dict(sorted(found.items()))
 
 
 def trackable_infos(model: nnx.Module) -> dict[str, LayerInfo]:
@@ -212,13 +242,27 @@ def trackable_infos(model: nnx.Module) -> dict[str, LayerInfo]:
             infos[name] = kind.of(name, module).info
         except TrackingError:
             continue
-    return infos
+    infos.update({layer.name: layer.info for _, layer in _linen(model)})
+    return dict(sorted(infos.items()))
 
 
 def _describe(trackable: dict[str, str]) -> str:
     if not trackable:
         return f"it has no trackable layer (the trackable classes are {describe_kinds()})"
     return "its trackable layers are " + ", ".join(f"{name or '<model>'} ({kind})" for name, kind in trackable.items())
+
+
+def _owner_class(modules: dict[str, Any], path: tuple) -> str:
+    """The class of the module holding a parameter: the nearest NNX module on its path
+    (a Linen module's parameters are held by their ``nnx.bridge.ToNNX`` wrapper, named
+    with the Linen class it wraps)."""
+    for end in range(len(path), -1, -1):
+        module = modules.get(_path_name(path[:end]))
+        if module is not None:
+            if is_wrapper(module):
+                return f"ToNNX({type(module.to_nnx__module).__name__})"
+            return type(module).__name__
+    return "Param"
 
 
 def _untracked(model: nnx.Module, tracked: set[str]) -> Untracked:
@@ -232,7 +276,7 @@ def _untracked(model: nnx.Module, tracked: set[str]) -> Untracked:
         if owner in tracked and str(path[-1]) in ("kernel", "bias"):
             continue
         key = owner if owner else _path_name(path)
-        cls = type(modules.get(owner)).__name__ if owner else "Param"
+        cls = _owner_class(modules, path[:-1]) if owner else "Param"
         previous = counts.get(key, (cls, 0))
         counts[key] = (cls, previous[1] + size)
     return Untracked(dict(sorted(counts.items())), sum(n for _, n in counts.values()), total)
@@ -267,7 +311,9 @@ def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
     # statistics inside jitted code). The user's model keeps its own mode.
     clone.eval()
     found = _trackable(clone)
-    trackable = {name: kind.kind for name, _, kind in sorted(found, key=lambda t: t[0])}
+    linen = _linen(clone)
+    trackable = dict(sorted([(name, kind.kind) for name, _, kind in found]
+                            + [(layer.name, layer.kind) for _, layer in linen]))
     unmatched = _unmatched(layers, list(trackable))
     if unmatched:
         raise TrackingError(f"layers={unmatched!r} select no trackable layer of the model; {_describe(trackable)}")
@@ -279,6 +325,14 @@ def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
         module.__class__ = _tracked_class(type(module))
         module.influence_layer = spec
         specs.append(spec)
+    wrappers: dict[int, tuple[Any, list]] = {}
+    for wrapper, layer in linen:
+        if keep(layer.name):
+            wrappers.setdefault(id(wrapper), (wrapper, []))[1].append(layer)
+            specs.append(layer)
+    for wrapper, chosen in wrappers.values():
+        wrapper.__class__ = _tracked_wrapper_class(type(wrapper))
+        setattr(wrapper, _LINEN_ATTRIBUTE, tuple((layer.linen_path, layer) for layer in chosen))
     if not specs:
         if layers is None:
             raise TrackingError(f"no layer of the model can be tracked: {_describe(trackable)}")
