@@ -141,6 +141,13 @@ def _make_filter(layers: LayerFilter) -> Callable[[str], bool]:
     return lambda name: name in names or any(p.fullmatch(name) for p in patterns)
 
 
+def _named(layers: LayerFilter, name: str) -> bool:
+    """Whether a list ``layers=`` names ``name`` (exactly or by a full-match pattern)."""
+    if layers is None or callable(layers) or isinstance(layers, str):
+        return False
+    return any(name == entry or re.fullmatch(entry, name) for entry in layers)
+
+
 def _unmatched(layers: LayerFilter, names: list[str]) -> list[str]:
     """The entries of a list ``layers=`` that select none of ``names``."""
     if layers is None or callable(layers) or isinstance(layers, str):
@@ -152,21 +159,28 @@ def _unmatched(layers: LayerFilter, names: list[str]) -> list[str]:
 class Untracked(NamedTuple):
     """Parameters outside the tracked layers: ``modules`` maps each module path (a
     parameter's own path for one held by the model itself) to ``(class name, parameter
-    count)``; ``n_parameters`` of ``total`` parameters (``nnx.Param`` elements)."""
+    count)``; ``n_parameters`` of ``total`` parameters (``nnx.Param`` elements);
+    ``skipped``: layers of a trackable class left out of the default selection because
+    their settings are not one matrix map (a grouped or masked convolution), with why."""
 
     modules: dict[str, tuple[str, int]]
     n_parameters: int
     total: int
+    skipped: dict[str, str] = {}  # layers of a tracked class whose settings are not a matrix map: why
 
     @property
     def share(self) -> float:
         return self.n_parameters / self.total if self.total else 0.0
 
     def as_metadata(self) -> dict[str, Any]:
-        """``{"modules": {path: count}, "classes": {path: class}, "parameters", "share"}``."""
-        return {"modules": {p: n for p, (_, n) in self.modules.items()},
-                "classes": {p: c for p, (c, _) in self.modules.items()},
-                "parameters": self.n_parameters, "share": self.share}
+        """``{"modules": {path: count}, "classes": {path: class}, "parameters", "share"}``,
+        and ``"skipped": {path: why}`` when layers were skipped."""
+        out = {"modules": {p: n for p, (_, n) in self.modules.items()},
+               "classes": {p: c for p, (c, _) in self.modules.items()},
+               "parameters": self.n_parameters, "share": self.share}
+        if self.skipped:
+            out["skipped"] = dict(self.skipped)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,8 +313,10 @@ def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
 
     Raises:
       TrackingError: no layer is tracked, an entry of a list ``layers=`` selects no
-        trackable layer, or a selected layer's configuration is not a matrix map (e.g.
-        a grouped convolution).
+        trackable layer, or a layer named in a list ``layers=`` has a configuration that
+        is not a matrix map (e.g. a grouped convolution). Selected otherwise (by default,
+        by a pattern or a predicate), such a layer is skipped, with its reason in the
+        untracked warning and ``Untracked.skipped``.
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
@@ -317,11 +333,19 @@ def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
     unmatched = _unmatched(layers, list(trackable))
     if unmatched:
         raise TrackingError(f"layers={unmatched!r} select no trackable layer of the model; {_describe(trackable)}")
-    specs = []
+    specs, skipped = [], {}
     for name, module, kind in found:
         if not keep(name):
             continue
-        spec = kind.of(name, module)
+        try:
+            spec = kind.of(name, module)
+        except TrackingError as e:
+            if _named(layers, name):  # asked for by name: the user learns why it cannot be
+                raise
+            # not asked for by name (the default selection, a pattern): left out, said in
+            # the untracked warning and metadata, instead of stopping the fit
+            skipped[name] = re.sub(r"[:;,] (and cannot be tracked: )?exclude it with layers=\.\.\.$", "", str(e))
+            continue
         module.__class__ = _tracked_class(type(module))
         module.influence_layer = spec
         specs.append(spec)
@@ -334,11 +358,12 @@ def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
         wrapper.__class__ = _tracked_wrapper_class(type(wrapper))
         setattr(wrapper, _LINEN_ATTRIBUTE, tuple((layer.linen_path, layer) for layer in chosen))
     if not specs:
+        why = "".join(f"; skipped {reason}" for reason in skipped.values())
         if layers is None:
-            raise TrackingError(f"no layer of the model can be tracked: {_describe(trackable)}")
+            raise TrackingError(f"no layer of the model can be tracked: {_describe(trackable)}{why}")
         raise TrackingError(f"no layer of the model is tracked by layers={layers!r}: {_describe(trackable)}")
     specs.sort(key=lambda spec: spec.name)
-    untracked = _untracked(clone, {spec.name for spec in specs})
+    untracked = _untracked(clone, {spec.name for spec in specs})._replace(skipped=skipped)
     graphdef, state = nnx.split(clone)
     return TrackedModel(graphdef, state, tuple(spec.info for spec in specs), model_fingerprint(model), tuple(specs),
                         untracked)
@@ -353,9 +378,11 @@ def warn_untracked(tracked: TrackedModel, stacklevel: int = 2) -> None:
     shown = sorted(untracked.modules.items(), key=lambda item: -item[1][1])
     listed = ", ".join(f"{path} ({cls}, {n})" for path, (cls, n) in shown[:12])
     more = f" and {len(shown) - 12} more" if len(shown) > 12 else ""
+    why = "".join(f" Skipped {reason}." for reason in untracked.skipped.values())
     warnings.warn(
         f"{untracked.n_parameters} of {untracked.total} parameters ({untracked.share:.1%}) lie outside the tracked "
-        f"layers and are left out of the influence: {listed}{more}. They are listed in Factors.metadata['untracked']. "
+        f"layers and are left out of the influence: {listed}{more}.{why} They are listed in "
+        "Factors.metadata['untracked']. "
         "If that is intended, silence this with "
         "warnings.simplefilter('ignore', influence.UntrackedParametersWarning).",
         UntrackedParametersWarning, stacklevel=stacklevel + 1)
