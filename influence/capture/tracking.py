@@ -33,6 +33,7 @@ from flax import nnx
 
 from influence.capture.kinds import LayerInfo, LayerKind, describe_kinds, kind_class
 from influence.capture.linen import LinenLayer, intercepting, is_wrapper, linen_layers
+from influence.capture.rest import REST, rest_layer
 from influence.errors import TrackingError, UntrackedParametersWarning
 
 __all__ = ["LayerFilter", "LayerInfo", "TrackedModel", "Untracked", "model_fingerprint", "track", "trackable_infos",
@@ -296,7 +297,7 @@ def _untracked(model: nnx.Module, tracked: set[str]) -> Untracked:
     return Untracked(dict(sorted(counts.items())), sum(n for _, n in counts.values()), total)
 
 
-def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
+def track(model: nnx.Module, layers: LayerFilter = None, rest: bool = False) -> TrackedModel:
     """Prepare ``model`` for capture, tracking each trackable layer selected by ``layers``.
 
     The trackable layers are the modules of the kinds in :mod:`influence.capture.kinds`
@@ -320,6 +321,10 @@ def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
+    if layers is not None and not callable(layers) and not isinstance(layers, str):
+        layers = list(layers)
+        if REST in layers:
+            rest, layers = True, [entry for entry in layers if entry != REST]
     keep = _make_filter(layers)
     clone = nnx.clone(model)
     # Influence is of the deterministic function the model computes at evaluation: Dropout
@@ -357,13 +362,17 @@ def track(model: nnx.Module, layers: LayerFilter = None) -> TrackedModel:
     for wrapper, chosen in wrappers.values():
         wrapper.__class__ = _tracked_wrapper_class(type(wrapper))
         setattr(wrapper, _LINEN_ATTRIBUTE, tuple((layer.linen_path, layer) for layer in chosen))
+    specs.sort(key=lambda spec: spec.name)
+    untracked = _untracked(clone, {spec.name for spec in specs})._replace(skipped=skipped)
+    rest_spec = rest_layer(nnx.state(clone), {spec.name for spec in specs}) if rest else None
+    if rest_spec is not None:
+        specs.append(rest_spec)  # "~" sorts after every module path
+        untracked = Untracked({}, 0, untracked.total, skipped)
     if not specs:
         why = "".join(f"; skipped {reason}" for reason in skipped.values())
         if layers is None:
             raise TrackingError(f"no layer of the model can be tracked: {_describe(trackable)}{why}")
         raise TrackingError(f"no layer of the model is tracked by layers={layers!r}: {_describe(trackable)}")
-    specs.sort(key=lambda spec: spec.name)
-    untracked = _untracked(clone, {spec.name for spec in specs})._replace(skipped=skipped)
     graphdef, state = nnx.split(clone)
     return TrackedModel(graphdef, state, tuple(spec.info for spec in specs), model_fingerprint(model), tuple(specs),
                         untracked)
