@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -301,7 +302,13 @@ def fit_factors(
     key = jax.random.key(0) if key is None else key
 
     def per_example_bytes(row):  # of the Fisher the fit will use (K exact directions or k draws per example)
-        kind = choose_fisher(nnx.merge(tracked.graphdef, tracked.state), task, row, key, fisher, fisher_samples).kind
+        if not chosen.passes:  # no curvature pass, no Fisher (and no warning about one)
+            kind = "empirical"
+        else:
+            with warnings.catch_warnings():  # sizing only: the first batch's check says it, once
+                warnings.simplefilter("ignore")
+                kind = choose_fisher(nnx.merge(tracked.graphdef, tracked.state), task, row, key, fisher,
+                                     fisher_samples).kind
         return bytes_per_example(tracked.graphdef, tracked.state, tracked.layers, task, kind, row)
 
     run = run.sized(data, task, per_example_bytes, multiple=n_data(mesh), even_out=not spans_processes(mesh))

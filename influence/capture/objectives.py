@@ -272,8 +272,13 @@ def choose_fisher(model: Any, task: Any, batch: dict[str, Any], key: jax.Array, 
     try:
         mode = sample_key_mode(model, task, batch, key)
     except (TaskError, NotImplementedError) as e:
-        warnings.warn(f"fisher: {why} and its loss cannot sample targets ({e}); using the empirical Fisher (the "
-                      "data's labels). Pass fisher= to choose", stacklevel=4)
+        warnings.warn(
+            f"fisher: {type(task).__name__} uses the empirical Fisher (gradients of its loss at the data's own "
+            f"labels), because {why} (no fisher_directions) and its loss does not draw targets from sample_key "
+            f"({e}). The empirical Fisher is not the Gauss-Newton matrix the factors approximate, and is poor away "
+            "from a minimum. For the exact or sampled Fisher, subclass influence.tasks.OutputTask with a LossFamily "
+            "(or use a built-in task: Classification, MultiLabel, Regression, CausalLM); pass fisher='empirical' to "
+            "choose it knowingly and silence this", stacklevel=4)
         return FisherChoice("empirical", None, "empirical", "example",
                             f"default: empirical, {why} and the loss cannot sample targets")
     if samples > 1:
