@@ -52,6 +52,7 @@ from influence.tasks import Task
 _LAZY = {"lm": "influence.lm", "query": "influence.query", "reference": "influence.reference",
          "hosts": "influence.scoring.hosts", "testing": "influence.testing", "index": "influence.index"}
 _LAZY_NAMES = {"build_index": ("influence.index.build", "build_index")}
+_LAZY_NAMES["diagnose"] = ("influence.diagnose", "diagnose")  # issue 24
 
 
 def __getattr__(name):
@@ -74,3 +75,4 @@ __all__ = ["STRATEGIES", "Attribution", "CheckpointMismatch", "DataError", "Dege
            "lm", "pairwise_scores", "query", "rank_training", "reference", "self_scores", "tasks", "testing", "track"]
 __all__ += ["RandomStreamsWarning"]  # issue 24
 __all__ += ["linen_model"]  # issue 24
+__all__ += ["diagnose"]  # issue 24
