@@ -251,7 +251,9 @@ def fit_factors(
         the default rule picks the sampled Fisher.
       key: PRNG key for sampled targets (default ``jax.random.key(0)``).
       layers: which layers to track (see :func:`influence.capture.track`): by default every
-        ``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral`` and ``nnx.Einsum``. Parameters
+        ``nnx.Linear``, ``nnx.Conv``, ``nnx.ConvTranspose``, ``nnx.LinearGeneral`` and
+        ``nnx.Einsum``, and the Linen ``nn.Dense``/``DenseGeneral``/``Conv``/``Einsum``
+        inside an ``nnx.bridge.ToNNX`` (grouped convolutions are skipped, said). Parameters
         outside them are warned about once (:class:`influence.UntrackedParametersWarning`)
         and listed in ``metadata["untracked"]``.
       blocks: split layers' factors into diagonal blocks to bound their memory: an int,
