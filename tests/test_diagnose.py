@@ -2,6 +2,7 @@
 damping), and on linear regression, where EK-FAC is exact, everything agrees."""
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from influence import tasks
@@ -31,6 +32,7 @@ def test_linear_regression_ekfac_is_exact_and_diagnose_says_so():
     assert np.abs(other.scores["full"] - full).max() > 0.1 * np.abs(full).max()
 
 
+@pytest.mark.slow
 def test_conjugate_gradient_equals_a_dense_solve_full_and_block_diagonal():
     model, train, queries = trained_mlp(hidden=4, n_train=16, steps=20)
     queries = {k: v[:3] for k, v in queries.items()}

@@ -58,6 +58,7 @@ class Net(nnx.Module):
         return self.head(jnp.tanh(self.up(x)).mean(axis=(1, 2)))
 
 
+@pytest.mark.slow
 def test_factored_per_example_gradient_equals_jax_grad():
     model, task = Net(), tasks.Classification()
     data = {"x": X, "y": np.array([0, 2, 1], np.int32)}
