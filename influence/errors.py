@@ -112,3 +112,10 @@ class UntrackedParametersWarning(UserWarning):
     """Parameters of the model lie outside the tracked layers (embeddings, norms, layers
     of a kind that cannot be tracked, layers left out by ``layers=``): their influence is
     not part of any score. ``Factors.metadata["untracked"]`` lists them."""
+
+
+class RandomStreamsWarning(UserWarning):
+    """The model's forward pass draws from ``nnx.Rngs`` streams. They are held fixed (each
+    forward pass starts from the stored stream state), so fits and scores are
+    deterministic; a draw shaped like the batch (Dropout left on) is then fixed per batch
+    position. ``Factors.metadata["rng_streams"]`` lists the streams."""

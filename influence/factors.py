@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from influence.capture.rest import REST
 from influence.capture.tracking import LayerInfo, TrackedModel, model_fingerprint, trackable_infos
 from influence.curvature import STRATEGIES, LayerCurvature, default_damping, get_strategy
 from influence.curvature import blocks as blocks_
@@ -179,7 +180,7 @@ class Factors:
             if info != theirs[name]:
                 problems.append(f"layer {name!r}: the factors have {_shape(info)}, "
                                 f"the model has {_shape(theirs[name])}")
-        missing = [name for name in ours if name not in theirs]
+        missing = [name for name in ours if name not in theirs and (tracked or name != REST)]  # ~rest: no module
         if missing:
             found = ", ".join(f"{n} ({_shape(i)})" for n, i in theirs.items()) or "none"
             problems.append(f"layers in the factors but not in the model: {missing} (the model's trackable layers: "

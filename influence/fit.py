@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -24,9 +25,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from influence.capture.objectives import bytes_per_example, choose_fisher, has_directions
-from influence.capture.tracking import LayerFilter, track, warn_untracked
+from influence.capture.rest import REST
+from influence.capture.streams import drawn_streams, warn_streams
+from influence.capture.tracking import LayerFilter, track, trackable_infos, warn_untracked
 from influence.curvature import LayerCurvature, get_strategy
 from influence.curvature import blocks as blocks_
+from influence.curvature.eigenvalues import EIGENVALUES
 from influence.curvature.passes import CurvaturePass
 from influence.errors import CheckpointMismatch, ConfigError, DataError, NonFiniteError
 from influence.factors import (
@@ -178,6 +182,18 @@ def _earlier_results(curvature, n_tokens) -> dict[str, np.ndarray]:
     return kept
 
 
+def _pass_layers(passes: tuple, layers: tuple) -> list[tuple[CurvaturePass, tuple]]:
+    """Each pass with the layers it fits. ``~rest`` is diagonal whatever the strategy: left
+    out of the covariance pass (its S would be R × R), fitted by the eigenvalue pass in the
+    parameter basis; a strategy without that pass (K-FAC) gets one for ``~rest`` alone."""
+    real = tuple(i for i in layers if i.name != REST)
+    rest = tuple(i for i in layers if i.name == REST)
+    out = [(p, layers if p is EIGENVALUES else real) for p in passes]
+    if rest and passes and EIGENVALUES not in passes:
+        out.append((EIGENVALUES, rest))
+    return [(p, chosen) for p, chosen in out if chosen]
+
+
 def _key_settings(key: jax.Array) -> list[int]:
     data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
     return np.asarray(data).ravel().tolist()
@@ -196,6 +212,7 @@ def fit_factors(
     blocks: Any = None,
     max_block_size: int | None = None,
     factor_dtype: Any = "float32",
+    rest: str | None = "auto",
     execution: Execution | None = None,
     **options: Any,
 ) -> Factors:
@@ -234,7 +251,9 @@ def fit_factors(
         the default rule picks the sampled Fisher.
       key: PRNG key for sampled targets (default ``jax.random.key(0)``).
       layers: which layers to track (see :func:`influence.capture.track`): by default every
-        ``nnx.Linear``, ``nnx.Conv``, ``nnx.LinearGeneral`` and ``nnx.Einsum``. Parameters
+        ``nnx.Linear``, ``nnx.Conv``, ``nnx.ConvTranspose``, ``nnx.LinearGeneral`` and
+        ``nnx.Einsum``, and the Linen ``nn.Dense``/``DenseGeneral``/``Conv``/``Einsum``
+        inside an ``nnx.bridge.ToNNX`` (grouped convolutions are skipped, said). Parameters
         outside them are warned about once (:class:`influence.UntrackedParametersWarning`)
         and listed in ``metadata["untracked"]``.
       blocks: split layers' factors into diagonal blocks to bound their memory: an int,
@@ -244,6 +263,15 @@ def fit_factors(
       factor_dtype: ``"float32"`` or ``"bfloat16"``: the dtype the eigenbases and
         eigenvalues are kept in, on device and in the result (sums are accumulated in
         float32 and eigendecompositions run in float64 on the host either way).
+      rest: what the parameters outside the tracked layers get (norm scales,
+        embeddings, bare ``nnx.Param`` s, skipped layers): ``"diagonal"`` tracks them as
+        the pseudo-layer ``"~rest"`` with the diagonal Gauss-Newton (Λ = E_n[g_n²], one
+        per-example gradient per example: :mod:`influence.capture.rest`), whatever the
+        strategy of the layers; ``None`` leaves them out (warned, and listed in
+        ``metadata["untracked"]``). ``"auto"`` (default): ``"diagonal"`` only when the
+        model has no trackable layer (a model of bare parameters), since per-example
+        gradients of, e.g., an LM's embeddings cost vocabulary × width floats per
+        example; ``None`` otherwise. ``metadata["rest"]`` records the choice.
       execution, **options: run settings (:class:`influence.Execution`: ``batch_size``,
         ``mesh``, ``progress``, ``checkpoint_dir``, ``checkpoint_every``, ``resume``), as an
         object or by name. A mesh may span hosts; the factors equal the one-device factors
@@ -266,13 +294,23 @@ def fit_factors(
         fisher_samples = int(fisher_samples)
     dtype = as_factor_dtype(factor_dtype)
     mesh = data_mesh(run.mesh)
-    tracked = track(model, layers)
+    if rest not in ("auto", "diagonal", None):
+        raise ConfigError(f"unknown rest {rest!r}; expected 'diagonal', None or 'auto'")
+    if rest == "auto":
+        rest = None if trackable_infos(model) else "diagonal"
+    tracked = track(model, layers, rest=rest == "diagonal")
     check_finite_weights(tracked.state)
     warn_untracked(tracked)
     key = jax.random.key(0) if key is None else key
 
     def per_example_bytes(row):  # of the Fisher the fit will use (K exact directions or k draws per example)
-        kind = choose_fisher(nnx.merge(tracked.graphdef, tracked.state), task, row, key, fisher, fisher_samples).kind
+        if not chosen.passes:  # no curvature pass, no Fisher (and no warning about one)
+            kind = "empirical"
+        else:
+            with warnings.catch_warnings():  # sizing only: the first batch's check says it, once
+                warnings.simplefilter("ignore")
+                kind = choose_fisher(nnx.merge(tracked.graphdef, tracked.state), task, row, key, fisher,
+                                     fisher_samples).kind
         return bytes_per_example(tracked.graphdef, tracked.state, tracked.layers, task, kind, row)
 
     run = run.sized(data, task, per_example_bytes, multiple=n_data(mesh), even_out=not spans_processes(mesh))
@@ -281,13 +319,16 @@ def fit_factors(
         times = "twice" if len(chosen.passes) == 2 else f"{len(chosen.passes)} times"
         raise DataError(f"{strategy} reads the data {times}; pass a list, a datasets.Dataset or a callable, not a "
                         "one-shot iterator")
-    layer_blocks = blocks_.resolve(tracked.layers, blocks, max_block_size)
+    layer_blocks = blocks_.resolve([i for i in tracked.layers if i.name != REST], blocks, max_block_size)
+    layer_blocks.update(blocks_.resolve([i for i in tracked.layers if i.name == REST]))  # diagonal: never split
     metadata: dict[str, Any] = {
         "layers": [info._asdict() for info in tracked.layers],
         "fisher": fisher,
         "fisher_rule": "not used: the strategy has no curvature pass" if not chosen.passes else None,
         "fingerprint": tracked.fingerprint,
         "untracked": tracked.untracked.as_metadata(),
+        "rest": ({"curvature": "diagonal", "parameters": tracked.kind(REST).d_out,
+                  "paths": list(tracked.kind(REST).paths)} if REST in tracked.layer_names else None),
         "dtype": dtype.name,
         "batch_size": run.batch_size,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -319,16 +360,20 @@ def fit_factors(
     on_mesh = dataclasses.replace(tracked, state=replicate(tracked.state, mesh))
 
     def check(arrays):
+        # streams the forward pass draws from are held fixed (capture.streams): said once, on the first batch
+        choice["streams"] = drawn_streams(tracked.graphdef, tracked.state, lambda model: task.loss(model, arrays))
+        warn_streams(choice["streams"], stacklevel=6)
         return choose_fisher(nnx.merge(tracked.graphdef, tracked.state), task, arrays, key, fisher, fisher_samples)
 
     row_offset, sample_rows = _global_row_offset(source, mesh)
     choice: dict[str, Any] = {"check": check, "row_offset": row_offset}
-    ordered_blocks = tuple(layer_blocks[i.name] for i in tracked.layers)
-    for position, curvature_pass in enumerate(chosen.passes):
+    for position, (curvature_pass, pass_layers) in enumerate(_pass_layers(chosen.passes, tracked.layers)):
         if resumed_pass is not None and curvature_pass.index < resumed_pass:
             continue
-        zeros = curvature_pass.zeros(tracked.layers, layer_blocks, mesh)
-        accumulator = _pass_accumulator(curvature_pass, zeros, curvature_pass.step_args(curvature, mesh), on_mesh, task,
+        ordered_blocks = tuple(layer_blocks[i.name] for i in pass_layers)
+        zeros = curvature_pass.zeros(pass_layers, layer_blocks, mesh)
+        accumulator = _pass_accumulator(curvature_pass, zeros, curvature_pass.step_args(curvature, mesh),
+                                        dataclasses.replace(on_mesh, layers=pass_layers), task,
                                         mesh, key, ordered_blocks, source.batch_size, choice)
         result = run_pass(accumulator, source, mesh, checkpoint=checkpoint,
                           resumed=resumed if curvature_pass.index == resumed_pass else None,
@@ -340,9 +385,12 @@ def fit_factors(
         n_examples = int(all_processes_sum(np.array(result.n_examples, np.int64)))
         totals = reduce_slots(state.sums, mesh)
         del result, state
-        curvature = curvature_pass.finish(curvature, totals, n_tokens, n_examples, layer_blocks, dtype)
+        # a pass returns the layers it fitted; the others (~rest, left to another pass) are kept
+        curvature = {**curvature, **curvature_pass.finish(curvature, totals, n_tokens, n_examples, layer_blocks, dtype)}
         del totals
     metadata.update(n_examples=int(n_examples), n_tokens=n_tokens, mesh=describe_mesh(mesh))
+    if choice.get("streams"):
+        metadata["rng_streams"] = choice["streams"]
     if "fisher" in choice:
         used = choice["fisher"]
         metadata.update(fisher=used.fisher, fisher_rule=used.rule)

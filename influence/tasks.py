@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence.errors import ConfigError, Unsupported
+from influence.errors import ConfigError, ConfigTypeError, Unsupported
 
 Arrays = dict[str, jax.Array]  # a batch's named arrays (not runtime.data.Batch, the padded batch)
 
@@ -252,6 +252,30 @@ class Gaussian(LossFamily):
         return (outputs * mask[..., None]).reshape(outputs.shape[0], -1).T
 
 
+@dataclasses.dataclass(frozen=True)
+class Bernoulli(LossFamily):
+    """Independent sigmoid cross-entropies (multi-label): outputs are logits ``[B, T, K]``,
+    targets in {0, 1} ``[B, T, K]``; the loss is Σ_k softplus(f_k) − y_k f_k per token.
+    Its output Hessian is diag(p (1 − p)), p = sigmoid(f), so the exact Fisher has K
+    directions per token."""
+
+    def loss(self, outputs, targets, mask):
+        per_token = jnp.sum(jax.nn.softplus(outputs) - targets * outputs, axis=-1)
+        return jnp.sum(per_token * mask, axis=1)
+
+    def sample(self, outputs, key):
+        p = jax.nn.sigmoid(jax.lax.stop_gradient(outputs))
+        return jax.random.bernoulli(key, p).astype(outputs.dtype)
+
+    def fisher_directions(self, outputs, mask):
+        """``[T*K, B]``: direction (t, k) is √(p_k (1 − p_k)) f_k (coefficient held
+        constant), whose gradient in the outputs is √(p_k (1 − p_k)) e_k; their outer
+        products sum to diag(p (1 − p)), the Hessian of the loss."""
+        p = jax.lax.stop_gradient(jax.nn.sigmoid(outputs))
+        psi = jnp.sqrt(p * (1 - p)) * outputs * mask[..., None]
+        return psi.reshape(outputs.shape[0], -1).T
+
+
 def sample_targets(family: LossFamily, outputs: jax.Array, key: jax.Array) -> jax.Array:
     """``family``'s targets at ``outputs [B, T, K]``: with a ``[B]`` key array, example b
     is drawn with ``key[b]`` alone (``jax.vmap`` over examples), so its targets do not
@@ -316,6 +340,18 @@ class OutputTask(Task):
         return self.family.fisher_directions(out, self.output_mask(batch, out))
 
 
+def _extra(task: Any, batch: Arrays) -> dict[str, jax.Array]:
+    """The batch fields a task passes to the model as keyword arguments (``extra_inputs``)."""
+    return {name: batch[name] for name in task.extra_inputs}
+
+
+def _extra_inputs(value: Any) -> tuple[str, ...]:
+    names = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(n, str) for n in names):
+        raise ConfigTypeError(f"extra_inputs must be batch field names (strings), got {value!r}")
+    return names
+
+
 @dataclasses.dataclass(frozen=True)
 class Classification(OutputTask):
     """Softmax cross-entropy on ``model(batch[x_key]) -> logits [B, C]``.
@@ -325,23 +361,28 @@ class Classification(OutputTask):
       measurement_kind: ``"loss"`` (cross-entropy of the labelled class) or
         ``"margin"``: −(logit_y − logsumexp of the other logits), loss-like so that
         positive influence still means "upweighting raises the correct-class margin".
+      extra_inputs: further batch fields passed to the model by name, e.g.
+        ``("mask",)`` calls ``model(batch["x"], mask=batch["mask"])`` (attention masks,
+        token types, a second modality).
     """
 
     family: LossFamily = dataclasses.field(default=Categorical(), init=False)
     x_key: str = "x"
     y_key: str = "y"
     measurement_kind: Literal["loss", "margin"] = "loss"
+    extra_inputs: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.measurement_kind not in ("loss", "margin"):
             raise ConfigError(f"measurement_kind must be 'loss' or 'margin', got {self.measurement_kind!r}")
+        object.__setattr__(self, "extra_inputs", _extra_inputs(self.extra_inputs))
 
     @property
     def fields(self):  # type: ignore[override]
-        return (self.x_key, self.y_key)
+        return (self.x_key, self.y_key, *self.extra_inputs)
 
     def outputs(self, model, batch):
-        logits = model(batch[self.x_key])
+        logits = model(batch[self.x_key], **_extra(self, batch))
         if logits.ndim != 2:
             raise ConfigError(f"Classification expects logits [B, C]; the model returned shape {logits.shape}")
         return logits[:, None, :]
@@ -422,6 +463,8 @@ class CausalLM(OutputTask):
     that counts (padding and, for queries, the prompt are 0; position 0 is never a
     target). Without a mask every token after the first counts. The measurement is
     therefore the completion's loss given the prompt when the prompt is masked out.
+    ``extra_inputs`` names further batch fields passed to the model by name (e.g.
+    ``("attention_mask", "token_type_ids")``).
 
     Token convention for the factors A and S: a position counts iff it predicts a
     counted target (T−1 positions for an unpadded sequence); the last position, which
@@ -432,10 +475,14 @@ class CausalLM(OutputTask):
     family: LossFamily = dataclasses.field(default=Categorical(), init=False)
     input_key: str = "input_ids"
     mask_key: str = "loss_mask"
+    extra_inputs: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "extra_inputs", _extra_inputs(self.extra_inputs))
 
     @property
     def fields(self):  # type: ignore[override]
-        return (self.input_key,)
+        return (self.input_key, *self.extra_inputs)
 
     @property
     def optional_fields(self):  # type: ignore[override]
@@ -443,7 +490,7 @@ class CausalLM(OutputTask):
 
     def outputs(self, model, batch):
         ids = batch[self.input_key]
-        logits = model(ids)
+        logits = model(ids, **_extra(self, batch))
         if logits.ndim != 3 or logits.shape[:2] != ids.shape:
             raise ConfigError(f"CausalLM expects logits [B, T, V] for input_ids {ids.shape}; got {logits.shape}")
         return logits[:, :-1]
@@ -475,3 +522,49 @@ class CausalLM(OutputTask):
     def token_mask(self, batch):
         m = self._target_mask(batch)
         return jnp.concatenate([m, jnp.zeros((m.shape[0], 1), m.dtype)], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiLabel(OutputTask):
+    """Multi-label classification: independent sigmoid cross-entropies (:class:`Bernoulli`)
+    on ``model(batch[x_key]) -> logits [B, K]`` against ``batch[y_key]`` in {0, 1}
+    ``[B, K]``, summed over the K labels. The exact Fisher has K directions per example
+    (the default Fisher while K ≤ 32).
+
+    Args:
+      x_key, y_key: batch entries holding inputs and the 0/1 label matrix.
+      extra_inputs: further batch fields passed to the model by name.
+    """
+
+    family: LossFamily = dataclasses.field(default=Bernoulli(), init=False)
+    x_key: str = "x"
+    y_key: str = "y"
+    extra_inputs: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "extra_inputs", _extra_inputs(self.extra_inputs))
+
+    @property
+    def fields(self):  # type: ignore[override]
+        return (self.x_key, self.y_key, *self.extra_inputs)
+
+    def outputs(self, model, batch):
+        logits = model(batch[self.x_key], **_extra(self, batch))
+        if logits.ndim != 2:
+            raise ConfigError(f"MultiLabel expects logits [B, K]; the model returned shape {logits.shape}")
+        return logits[:, None, :]
+
+    def targets(self, batch):
+        y = batch[self.y_key]
+        return y.reshape(y.shape[0], 1, -1).astype(jnp.float32)
+
+    def validate(self, batch, output_shape, *, first_row=0):
+        """Labels: 0/1 ``[B, K]`` matching the model's K logits."""
+        y = batch[self.y_key]
+        if output_shape is not None and y.shape[1:] != (output_shape[-1],):
+            raise ConfigError(f"labels {self.y_key!r} must have shape {_batch_shape((output_shape[-1],))} to match the "
+                             f"model's {output_shape[-1]} logits; got {_batch_shape(y.shape[1:])}")
+        bad = (y != 0) & (y != 1)
+        if bad.any():
+            row = _first_bad(bad.reshape(len(y), -1))
+            raise ConfigError(f"labels {self.y_key!r} must be 0 or 1; row {first_row + row} has another value")

@@ -13,7 +13,7 @@ import influence
 
 ROOT = Path(influence.__file__).parent
 CORE = ("errors", "tasks", "capture", "curvature", "factors", "fit", "scoring", "index", "runtime", "_version")
-APPLICATIONS = ("lm", "query", "cli", "reference", "testing", "unrolled")
+APPLICATIONS = ("lm", "query", "cli", "reference", "testing", "unrolled", "diagnose")
 
 # package (first component under influence/) -> what it may import of influence
 ALLOWED = {
@@ -34,6 +34,8 @@ ALLOWED = {
     "unrolled": {"scoring", "fit", "errors", "tasks", "lm"},
     "lm": {"errors", "runtime", "tasks", "fit"},  # a run fits its own factors (lm.run)
     "query": {"scoring", "factors", "tasks", "runtime", "errors", "lm"},
+    # strategy vs exact influence on a subset: fits, scores, and the exact references
+    "diagnose": {"fit", "factors", "scoring", "reference", "capture", "runtime", "errors"},
 }
 LAZY_ONLY = {("query", "lm"),  # token offsets of influence.lm runs, imported inside a function
              ("unrolled", "lm")}  # lm_run, the adapter of `influence train` runs

@@ -175,8 +175,8 @@ class _OneDrawPerCall(tasks.Task):
 
 def test_default_for_a_loss_that_cannot_sample_is_empirical_and_warned(small_classifier):
     model, data = small_classifier
-    with pytest.warns(UserWarning, match=r"the task has no exact Fisher and its loss cannot sample targets.*"
-                                         r"using the empirical Fisher"):
+    with pytest.warns(UserWarning, match=r"uses the empirical Fisher.*because the task has no exact Fisher.*"
+                                         r"does not draw targets from sample_key"):
         factors = _fit(model, data, _LabelsOnly(), strategy="kfac")
     assert factors.metadata["fisher"] == "empirical"
     assert "cannot sample" in factors.metadata["fisher_rule"]

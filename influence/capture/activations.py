@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from influence.capture.streams import fresh
 from influence.capture.tracking import LayerInfo, tapping
 from influence.errors import TrackingError
 
@@ -60,7 +61,9 @@ def capture(
     names = tuple(info.name for info in layers)
 
     def run(perturbations):
-        model = nnx.merge(graphdef, state)
+        # fresh Variables in this trace: a forward pass that draws from nnx.Rngs advances
+        # their counts here, and the advance is discarded (the streams are held fixed)
+        model = nnx.merge(graphdef, fresh(state))
         with tapping(perturbations) as tap:
             value = objective(model)
         missing = set(names) - set(tap.inputs)

@@ -10,6 +10,8 @@ token ``t``. A *kind* says how a module class fits that form, in one place per c
   ``d_in = in_features``, ``d_out = out_features``.
 * ``conv`` (``nnx.Conv``): tokens are the output positions (× any extra batch axes), ``a_t``
   the input patch under the kernel (KFC); ``d_in = prod(kernel_size) · c_in``, ``d_out = c_out``.
+* ``conv_transpose`` (``nnx.ConvTranspose``): the convolution of the stride-dilated input
+  that ``lax.conv_transpose`` is, tracked as ``conv``;
 * ``linear_general`` (``nnx.LinearGeneral``): tokens are the axes not contracted;
   ``d_in = prod(in_features)``, ``d_out = prod(out_features)``.
 * ``einsum`` (``nnx.Einsum``): tokens are the input's letters absent from the kernel;
@@ -237,6 +239,43 @@ class Conv(LayerKind):
         return jnp.swapaxes(patches, -1, -2).reshape(batch, -1, self.d_in)
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvTranspose(Conv):
+    """``nnx.ConvTranspose`` (``transpose_kernel=False``, flax's default): ``lax.conv_transpose``
+    is a convolution of the input dilated by the strides, with stride 1 and the padding
+    lax derives from the (dilated) kernel size, so it is tracked as that :class:`Conv`:
+    tokens are the output positions, ``a_t`` the patch of the dilated input under the
+    kernel ``[*k, c_in, c_out]``. ``CIRCULAR`` padding (a wrap of the output), masks and
+    ``transpose_kernel=True`` are refused."""
+
+    kind: ClassVar[str] = "conv_transpose"
+    module_type: ClassVar[type] = nnx.ConvTranspose
+
+    @classmethod
+    def of(cls, name, module):
+        from jax._src.lax.convolution import _conv_transpose_padding  # lax's own rule, not re-derived
+
+        refused = ("a masked kernel" if module.mask is not None else
+                   "transpose_kernel=True (a flipped, transposed kernel)" if module.transpose_kernel else
+                   "CIRCULAR padding (the output is wrapped)" if module.padding == "CIRCULAR" else None)
+        if refused:
+            raise TrackingError(f"layer {name!r} is an nnx.ConvTranspose with {refused}, which is not tracked: "
+                                "exclude it with layers=...")
+        k = tuple(int(s) for s in module.kernel_size)
+        n = len(k)
+        if not 1 <= n <= 3:
+            raise TrackingError(f"layer {name!r} has {n} spatial axes; tracked convolutions have 1 to 3")
+        strides, dilation = _tuple(module.strides, n), _tuple(module.kernel_dilation, n)
+        padding = canonicalize_padding(module.padding, n)
+        if isinstance(padding, str):
+            dilated = [(kk - 1) * d + 1 for kk, d in zip(k, dilation)]
+            padding = tuple(_conv_transpose_padding(kk, s, padding) for kk, s in zip(dilated, strides))
+        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+        shape = tuple(int(s) for s in module.kernel.shape)
+        return cls(name, math.prod(k) * shape[-2], shape[-1], _bias_shape(module) is not None, shape,
+                   _bias_shape(module), k, (1,) * n, padding, strides, dilation, None, "constant")
+
+
 def _normal_axes(axes: tuple[int, ...], ndim: int) -> tuple[int, ...]:
     return tuple(a % ndim for a in axes)
 
@@ -383,7 +422,7 @@ class Einsum(LayerKind):
 
 #: The trackable kinds, most specific class first (a subclass of a tracked flax class is
 #: tracked as its base).
-KINDS: tuple[type[LayerKind], ...] = (Linear, Conv, LinearGeneral, Einsum)
+KINDS: tuple[type[LayerKind], ...] = (Linear, Conv, ConvTranspose, LinearGeneral, Einsum)
 KIND_NAMES = tuple(k.kind for k in KINDS)
 
 

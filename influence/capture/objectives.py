@@ -28,6 +28,7 @@ from flax import nnx
 from jax.extend import core as jax_core
 
 from influence.capture.activations import capture
+from influence.capture.rest import REST, rest_gradients, rest_layer
 from influence.capture.tracking import LayerInfo
 from influence.errors import ConfigError, TaskError, TrackingError
 
@@ -271,8 +272,13 @@ def choose_fisher(model: Any, task: Any, batch: dict[str, Any], key: jax.Array, 
     try:
         mode = sample_key_mode(model, task, batch, key)
     except (TaskError, NotImplementedError) as e:
-        warnings.warn(f"fisher: {why} and its loss cannot sample targets ({e}); using the empirical Fisher (the "
-                      "data's labels). Pass fisher= to choose", stacklevel=4)
+        warnings.warn(
+            f"fisher: {type(task).__name__} uses the empirical Fisher (gradients of its loss at the data's own "
+            f"labels), because {why} (no fisher_directions) and its loss does not draw targets from sample_key "
+            f"({e}). The empirical Fisher is not the Gauss-Newton matrix the factors approximate, and is poor away "
+            "from a minimum. For the exact or sampled Fisher, subclass influence.tasks.OutputTask with a LossFamily "
+            "(or use a built-in task: Classification, MultiLabel, Regression, CausalLM); pass fisher='empirical' to "
+            "choose it knowingly and silence this", stacklevel=4)
         return FisherChoice("empirical", None, "empirical", "example",
                             f"default: empirical, {why} and the loss cannot sample targets")
     if samples > 1:
@@ -331,7 +337,23 @@ def layer_gradients(
             shapes = {k: tuple(v.shape) for k, v in batch.items()}
             raise ConfigError(f"the task's forward pass failed on a batch with fields {shapes}: {e}") from e
 
-    return capture(graphdef, state, layers, checked, batch_size)
+    rest = [info for info in layers if info.name == REST]
+    if not rest:
+        return capture(graphdef, state, layers, checked, batch_size)
+    # ~rest (capture.rest): per-example gradients of the parameters outside the layers,
+    # beside the layers' one captured backward pass
+    real = tuple(info for info in layers if info.name != REST)
+    spec = rest_layer(state, {info.name for info in real})
+    if spec is None or spec.d_out != rest[0].d_out:
+        raise TrackingError(f"{REST} was fitted on {rest[0].d_out} parameters outside the tracked layers; this model "
+                            f"has {0 if spec is None else spec.d_out}")
+    if real:
+        value, a, g = capture(graphdef, state, real, checked, batch_size)
+    else:
+        value, a, g = capture(graphdef, state, (), checked, batch_size)
+    a[REST], g[REST] = rest_gradients(graphdef, state, spec, lambda b, m, k: _objective(task, kind, b, m, k),
+                                      batch, example_mask, key)
+    return value, a, g
 
 
 def token_weights(task: Any, batch, example_mask: jax.Array, a: jax.Array) -> jax.Array:

@@ -72,6 +72,7 @@ def test_model_without_tracked_layers_is_a_clear_error():
 
     with pytest.raises(ValueError, match="no trackable layer.*nnx.Linear, nnx.Conv"):
         track(NoLinear())
+    assert track(NoLinear(), rest=True).layer_names == ("~rest",)  # scorable through ~rest (capture.rest)
     model, _, _ = trained_mlp()
     with pytest.raises(ValueError, match=r"no layer of the model is tracked.*l1 \(linear\)"):
         track(model, "nothing_matches")
