@@ -13,7 +13,7 @@ import influence
 
 ROOT = Path(influence.__file__).parent
 CORE = ("errors", "tasks", "capture", "curvature", "factors", "fit", "scoring", "index", "runtime", "_version")
-APPLICATIONS = ("lm", "query", "cli", "reference", "testing")
+APPLICATIONS = ("lm", "query", "cli", "reference", "testing", "pretrained")
 
 # package (first component under influence/) -> what it may import of influence
 ALLOWED = {
@@ -32,6 +32,7 @@ ALLOWED = {
     "reference": {"capture", "curvature", "runtime", "errors", "tasks"},
     "lm": {"errors", "runtime", "tasks", "fit", "factors"},  # a run fits its own factors (lm.run)
     "query": {"scoring", "factors", "tasks", "runtime", "errors", "lm"},
+    "pretrained": {"errors"},  # Hugging Face checkpoints: models to study, like lm, but knowing nothing of it
 }
 LAZY_ONLY = {("query", "lm"),  # token offsets of influence.lm runs, imported inside a function
              ("scoring", "index")}  # the index= dispatch of pairwise_scores / rank_training: no import cycle
