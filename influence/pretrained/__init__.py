@@ -23,12 +23,14 @@ from flax import nnx
 from influence.errors import CheckpointError
 
 from .config import ArchConfig, from_hf_config
+from .export import hf_config, hf_tensors, save_pretrained
 from .model import PretrainedLM
 from .tokenizer import PretrainedTokenizer
 from .weights import fingerprint, map_weights, read_tensors, weight_files
 
 __all__ = ["ArchConfig", "Pretrained", "PretrainedLM", "PretrainedTokenizer", "fingerprint", "from_hf_config",
-           "load", "load_config", "load_model", "read_tensors", "weight_files"]
+           "hf_config", "hf_tensors", "load", "load_config", "load_model", "read_tensors", "save_pretrained",
+           "weight_files"]
 
 
 def load_config(folder: str | pathlib.Path) -> tuple[ArchConfig, dict]:
