@@ -30,7 +30,8 @@ ALLOWED = {
     # the gradient index builds on the scoring's query side and result types
     "index": {"scoring", "factors", "curvature", "capture", "runtime", "errors", "_version"},
     "reference": {"capture", "curvature", "runtime", "errors", "tasks"},
-    "lm": {"errors", "runtime", "tasks", "fit", "factors"},  # a run fits its own factors (lm.run)
+    # a run fits its own factors (lm.run); a workspace opens a pretrained checkpoint (lm.workspace)
+    "lm": {"errors", "runtime", "tasks", "fit", "factors", "pretrained"},
     "query": {"scoring", "factors", "tasks", "runtime", "errors", "lm"},
     "pretrained": {"errors"},  # Hugging Face checkpoints: models to study, like lm, but knowing nothing of it
 }

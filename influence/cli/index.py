@@ -22,6 +22,7 @@ import re
 import time
 from pathlib import Path
 
+from influence.cli import workspace
 from influence.cli.common import add_factor_arguments, check_layers, fail
 
 REQUIRES = ("lm", ("tokenizers",))
@@ -30,7 +31,9 @@ FIDELITY = "fidelity.json"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="training run folder (from `influence train`)")
+    parser.add_argument("--run", help="training run folder (from `influence train`) or a workspace (from --model "
+                                       "and --data)")
+    workspace.add_arguments(parser)
     add_factor_arguments(parser)
     parser.add_argument("--factors", metavar="FOLDER", help="a folder of RUN/factors to use")
     parser.add_argument("--compression", default=None,
@@ -62,6 +65,8 @@ def read_fidelity(index_path: Path) -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (status := workspace.resolve("index", args)) is not None:  # --model/--data: args.run becomes a workspace
+        return status
     import numpy as np
 
     import influence as inf

@@ -24,6 +24,7 @@ import re
 import time
 from pathlib import Path
 
+from influence.cli import workspace
 from influence.cli.common import (
     add_factor_arguments,
     check_layers,
@@ -38,7 +39,9 @@ REQUIRES = ("lm", ("tokenizers",))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="training run folder (from `influence train`)")
+    parser.add_argument("--run", help="training run folder (from `influence train`) or a workspace (from --model "
+                                       "and --data)")
+    workspace.add_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt (use with --completion)")
     source.add_argument("--queries", help="JSON-lines file of queries")
@@ -172,6 +175,8 @@ def load_factors(command: str, args: argparse.Namespace, loaded) -> tuple[Path, 
 
 
 def run(args: argparse.Namespace) -> int:
+    if (status := workspace.resolve("query", args)) is not None:  # --model/--data: args.run becomes a workspace
+        return status
     from influence.lm.run import load_run
     from influence.query.engine import Query, QueryEngine, read_queries, write_json
     from influence.query.report import write_html

@@ -232,9 +232,40 @@ def cache_key(data: str, tokenizer_fingerprint: str, settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def corpus_settings(seq_len: int, text_column: str = "text", mode: str = "window", split: str = "train",
+                    max_documents: int | None = None, shard_documents: int = 1000) -> dict:
+    """Every setting that changes :func:`read_corpus`'s sequences (its cache key's part)."""
+    return {"seq_len": int(seq_len), "text_column": text_column, "mode": mode, "split": split,
+            "max_documents": None if max_documents is None else int(max_documents),
+            "shard_documents": int(shard_documents)}
+
+
+def cache_folder(cache_dir: str | os.PathLike, data: str, tokenizer, settings: dict) -> pathlib.Path:
+    """Where :func:`read_corpus` caches the corpus of fingerprint ``data`` (see
+    :func:`data_fingerprint`) tokenized by ``tokenizer`` with ``settings`` (of
+    :func:`corpus_settings`)."""
+    return pathlib.Path(cache_dir) / cache_key(data, tokenizer.fingerprint(), settings)
+
+
+def load_cached(folder: str | os.PathLike):
+    """The sequences :func:`read_corpus` cached in ``folder`` (one of ``cache_dir``'s).
+
+    Raises:
+      DataError: the folder holds no complete cache (``manifest.json`` is written last).
+    """
+    from datasets import load_from_disk
+
+    folder = pathlib.Path(folder)
+    if not (folder / "manifest.json").is_file():
+        raise DataError(f"{folder} holds no complete tokenized corpus (no manifest.json); read the corpus again")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return _concatenate([load_from_disk(str(folder / s)) for s in manifest["shards"]])
+
+
 def read_corpus(path: str | os.PathLike, tokenizer, *, seq_len: int, text_column: str = "text",
                 mode: str = "window", split: str = "train", max_documents: int | None = None,
-                cache_dir: str | os.PathLike | None = None, shard_documents: int = 1000):
+                cache_dir: str | os.PathLike | None = None, shard_documents: int = 1000,
+                fingerprint: str | None = None):
     """Training sequences (a ``datasets.Dataset``, columns in the module docstring) of the
     corpus at ``path``, tokenized with ``tokenizer`` (``encode_with_offsets``, ``bos_id``,
     ``pad_id``, ``fingerprint``; e.g. :class:`influence.pretrained.PretrainedTokenizer`).
@@ -247,6 +278,7 @@ def read_corpus(path: str | os.PathLike, tokenizer, *, seq_len: int, text_column
       cache_dir: keep the tokenized shards there, keyed by data, tokenizer and settings;
         a later call with the same key reads them, an interrupted one resumes.
       shard_documents: documents per cached shard (bounds memory while tokenizing).
+      fingerprint: :func:`data_fingerprint` of ``path``, if known (saves hashing it again).
 
     Raises:
       DataError: see :func:`iter_documents`; a corpus without any non-empty document.
@@ -257,14 +289,12 @@ def read_corpus(path: str | os.PathLike, tokenizer, *, seq_len: int, text_column
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (one context token and one target), got {seq_len}")
-    settings = {"seq_len": int(seq_len), "text_column": text_column, "mode": mode, "split": split,
-                "max_documents": max_documents, "shard_documents": int(shard_documents)}
+    settings = corpus_settings(seq_len, text_column, mode, split, max_documents, shard_documents)
     folder = None
     if cache_dir is not None:
-        folder = pathlib.Path(cache_dir) / cache_key(data_fingerprint(path), tokenizer.fingerprint(), settings)
+        folder = cache_folder(cache_dir, fingerprint or data_fingerprint(path), tokenizer, settings)
         if (folder / "manifest.json").is_file():
-            manifest = json.loads((folder / "manifest.json").read_text())
-            return _concatenate([load_from_disk(str(folder / s)) for s in manifest["shards"]])
+            return load_cached(folder)
     features = _features(seq_len)
     shards, parts, batch = [], [], []
     n_sequences = n_docs = 0
