@@ -226,9 +226,9 @@ def load_run(path: str | pathlib.Path, step: int | None = None) -> Run:
     path = pathlib.Path(path)
     info = _read_info(path)
     if info.get("kind") == "pretrained":  # a checkpoint folder and a corpus (influence.lm.workspace)
-        from .workspace import load_workspace
+        from .workspace import workspace_parts
 
-        return load_workspace(path, info)
+        return Run(**workspace_parts(path, info))
     config = GPTConfig.from_dict(info["model_config"])
     if step is None:
         step = _latest_step(path)

@@ -69,10 +69,10 @@ def open_workspace(model_dir: str | os.PathLike, data: str | os.PathLike, *, roo
     return folder
 
 
-def load_workspace(path: str | os.PathLike, info: dict | None = None):
-    """The :class:`influence.lm.run.Run` of a workspace folder: the pretrained model, its
-    tokenizer, the corpus' sequences as ``train`` (``heldout`` and ``documents`` empty),
-    ``step`` 0.
+def workspace_parts(path: str | os.PathLike, info: dict | None = None) -> dict:
+    """The fields of the :class:`influence.lm.run.Run` of a workspace folder (which
+    ``load_run`` builds from them): the pretrained model, its tokenizer, the corpus'
+    sequences as ``train`` (``heldout`` and ``documents`` empty), ``step`` 0.
 
     Raises:
       CheckpointError: the checkpoint folder moved or its weights changed since the
@@ -82,8 +82,6 @@ def load_workspace(path: str | os.PathLike, info: dict | None = None):
 
     from influence.errors import CheckpointError
     from influence.pretrained import PretrainedTokenizer, fingerprint, load_config, load_model
-
-    from .run import Run
 
     path = pathlib.Path(path)
     info = info or json.loads((path / "run.json").read_text())
@@ -97,5 +95,5 @@ def load_workspace(path: str | os.PathLike, info: dict | None = None):
     tokenizer = PretrainedTokenizer.load(model_dir, raw)
     train = reader.load_cached(path / "tokens" / info["data"]["tokens"])
     empty = Dataset.from_dict({k: [] for k in train.features}, features=train.features)
-    return Run(path=path, model=model, tokenizer=tokenizer, config=arch, train=train, heldout=empty,
-               documents=empty, info=info, state={"step": 0}, step=0)
+    return {"path": path, "model": model, "tokenizer": tokenizer, "config": arch, "train": train, "heldout": empty,
+            "documents": empty, "info": info, "state": {"step": 0}, "step": 0}

@@ -55,12 +55,16 @@ def test_fit_then_query_ranks_source_texts(checkpoint, capsys):
     # The same model and data reopen the same workspace (factors already there).
     assert main(["fit", *source, "--quiet"]) == 0
     assert "already fitted" in capsys.readouterr().out
+    # An index of the workspace's training gradients answers the query below.
+    assert main(["index", "--run", str(workspace), "--quiet"]) == 0
+    assert "fidelity not measured" in capsys.readouterr().out  # a corpus has no held-out split
     html, js = root / "report.html", root / "results.json"
     query = DOCS[2]
     assert main(["query", "--run", str(workspace), "--prompt", query[:9], "--completion", query[9:], "-k", "3",
                  "--html", str(html), "--json", str(js), "--quiet"]) == 0
     printed = capsys.readouterr().out
     results = json.loads(js.read_text())
+    assert "index" in str(results["info"]["answered by"])
     top = results["results"][0]["influences"]
     assert len(top) == 3
     texts = [t["text"] for t in top]
