@@ -87,9 +87,9 @@ def workspace_parts(path: str | os.PathLike, info: dict | None = None) -> dict:
     info = info or json.loads((path / "run.json").read_text())
     model_dir = pathlib.Path(info["model"]["path"])
     if not model_dir.is_dir() or fingerprint(model_dir) != info["model"]["fingerprint"]:
-        raise CheckpointError(f"workspace {path} was made for the checkpoint {model_dir} with fingerprint "
-                              f"{info['model']['fingerprint']}, which is no longer there; open a new workspace with "
-                              f"--model and --data")
+        raise CheckpointError(f"workspace {path} was made for the checkpoint {model_dir} (fingerprint "
+                              f"{info['model']['fingerprint']}); that folder is gone or its weights or config.json "
+                              f"changed: open a new workspace with --model and --data")
     model, arch = load_model(model_dir)
     _, raw = load_config(model_dir)
     tokenizer = PretrainedTokenizer.load(model_dir, raw)

@@ -90,6 +90,22 @@ def test_workspace_opens_as_a_run(checkpoint, tmp_path):
     assert np.asarray(run.model(ids)).shape == (2, 16, run.tokenizer.vocab_size)
 
 
+def test_a_workspace_whose_checkpoint_changed_is_refused(checkpoint, tmp_path):
+    import shutil
+
+    from influence.errors import CheckpointError
+    from influence.lm.run import load_run
+    from influence.lm.workspace import open_workspace
+
+    _, model_dir, data = checkpoint
+    moved = shutil.copytree(model_dir, tmp_path / "model")
+    folder = open_workspace(moved, data, root=tmp_path / "ws", seq_len=16)
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 1e-6}))
+    with pytest.raises(CheckpointError, match="gone or its weights or config.json changed"):
+        load_run(folder)
+
+
 def test_bad_inputs_fail_with_a_message(checkpoint, tmp_path, capsys):
     root, model_dir, data = checkpoint
     assert main(["fit", "--model", str(model_dir), "--quiet"]) == 2
