@@ -140,8 +140,10 @@ def render(results: dict) -> str:
     """The generated section of docs/pretrained.md (a test holds the doc to it)."""
     m = results["machine"]
     lines = [f"`{results['command']}` — {m['date'][:10]}, {m['cores']} cores, jax {m['jax']} on {m['device']}, "
-             f"load average {', '.join(f'{x:.1f}' for x in results['load_start'])} at the start (1, 5, 15 min; "
-             "other jobs shared the machine). Random weights, Pythia shapes, REDUCED sizes (below).", "",
+             f"load average {', '.join(f'{x:.1f}' for x in results['load_start'])} at the start and "
+             f"{', '.join(f'{x:.1f}' for x in results['load_end'])} at the end (1, 5, 15 min; other jobs shared the "
+             "machine). Random weights, Pythia shapes, REDUCED sizes (above); fit and scores include compilation "
+             "and the eigendecompositions.", "",
              "| shape | parameters | data | tracked | forward+backward (s) | fit (s) | fit ÷ f+b | scores (s) "
              "| scores ÷ f+b | peak after f+b / fit / scores (GB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -19,3 +19,6 @@ def test_the_benchmark_section_is_rendered_from_its_results_file():
     results = json.loads((ROOT / "docs" / "benchmarks" / "pretrained.json").read_text())
     assert match.group(1).strip() == render(results).strip()
     assert "has not been run" in doc  # the GPU script's status is stated
+    # The prose's claim: fitting and scoring never raised the peak above the forward+backward step's.
+    for row in results["rows"]:
+        assert max(row["peak_gb_after_fit"], row["peak_gb_after_scores"]) <= row["peak_gb_after_forward_backward"]
