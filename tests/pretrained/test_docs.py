@@ -5,6 +5,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from benchmarks.pretrained import render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,3 +24,13 @@ def test_the_benchmark_section_is_rendered_from_its_results_file():
     # The prose's claim: fitting and scoring never raised the peak above the forward+backward step's.
     for row in results["rows"]:
         assert max(row["peak_gb_after_fit"], row["peak_gb_after_scores"]) <= row["peak_gb_after_forward_backward"]
+
+
+@pytest.mark.slow  # a 19M-parameter model written, loaded, fitted and scored: a few minutes under load
+def test_the_benchmark_runs_at_smoke_size():
+    from benchmarks.pretrained import CONFIGS, measure
+
+    (shape, n, t, batch_size, layers), = CONFIGS["smoke"]
+    row = measure(shape, n, t, batch_size, layers, shrink_vocab=512)
+    assert row["tracked_layers"] == ["blocks.0.mlp.down", "blocks.0.mlp.up"]
+    assert row["fit_x"] > 0 and row["scores_x"] > 0 and row["peak_gb_after_scores"] > 0
