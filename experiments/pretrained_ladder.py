@@ -147,8 +147,10 @@ def run_checkpoint(model_dir: Path, data: Path, specs: Sequence[QuerySpec], out:
     log(f"{model_dir}: workspace {folder}")
     run = load_run(folder)
     t0 = time.perf_counter()
-    factors = steps.fit(folder, run, cfg.layers, LAYERS.get(cfg.layers, cfg.layers), cfg.seed, log)
-    scores = steps.score(folder, run, factors, cfg.layers, specs, log)
+    # A regular expression is no folder name: its factors and scores go under its hash.
+    layer_set = cfg.layers if cfg.layers in LAYERS else "re-" + _key(cfg.layers)[:8]
+    factors = steps.fit(folder, run, layer_set, LAYERS.get(cfg.layers, cfg.layers), cfg.seed, log)
+    scores = steps.score(folder, run, factors, layer_set, specs, log)
     values = np.asarray(scores.values, np.float64)
     ctx = Context.build(training_table(run.train))
     records = query_records(specs, values, scores.per_layer, ctx, n_blocks=run.config.n_layers, k=cfg.top_k,
@@ -161,7 +163,7 @@ def run_checkpoint(model_dir: Path, data: Path, specs: Sequence[QuerySpec], out:
     result = _clean({
         "name": model_dir.resolve().name, "path": str(model_dir.resolve()), "fingerprint": fp,
         "family": run.config.family, "parameters": int(run.config.n_params), "n_layers": run.config.n_layers,
-        "d_model": run.config.d_model, "workspace": str(folder), "sequences": len(run.train),
+        "d_model": run.config.d_model, "workspace": str(folder), "layer_set": layer_set, "sequences": len(run.train),
         "tracked_layers": list(factors.layer_names), "seconds": round(time.perf_counter() - t0, 1),
         "means": means, "queries": records})
     io.atomic_write_json(path, result)

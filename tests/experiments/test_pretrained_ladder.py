@@ -54,7 +54,7 @@ def ladder(tmp_path_factory):
     return root, args
 
 
-@pytest.mark.slow  # two checkpoints fitted, scored and attributed: ~70 s on a loaded 2-core CPU
+@pytest.mark.slow  # two checkpoints fitted, scored and attributed: 30-70 s on a shared 2-core CPU
 def test_one_result_per_checkpoint_ordered_by_size(ladder):
     root, _ = ladder
     results = json.loads((root / "out" / "results.json").read_text())
@@ -63,8 +63,8 @@ def test_one_result_per_checkpoint_ordered_by_size(ladder):
     assert ckpts[0]["parameters"] < ckpts[1]["parameters"]
     assert results["families"] == ["neox"] and results["queries"] == ["verbatim", "new"]
     for c in ckpts:
-        assert c["tracked_layers"] == [f"blocks.{i}.mlp.{p}" for i in range(3) for p in ("down", "up")] or \
-            sorted(c["tracked_layers"]) == sorted(f"blocks.{i}.mlp.{p}" for i in range(3) for p in ("down", "up"))
+        assert sorted(c["tracked_layers"]) == [f"blocks.{i}.mlp.{p}" for i in range(3) for p in ("down", "up")]
+        assert c["layer_set"] == "mlp"
         assert [q["id"] for q in c["queries"]] == ["verbatim", "new"]
     md = (root / "out" / "results.md").read_text()
     for group in ("### sparsity", "### BM25 vs influence", "### layer thirds", "### token-wise"):
@@ -73,14 +73,14 @@ def test_one_result_per_checkpoint_ordered_by_size(ladder):
     assert md.index("| neox-narrow |") < md.index("| neox-wide |")
 
 
-@pytest.mark.slow  # two checkpoints fitted, scored and attributed: ~70 s on a loaded 2-core CPU
+@pytest.mark.slow  # two checkpoints fitted, scored and attributed: 30-70 s on a shared 2-core CPU
 def test_metrics_match_a_recomputation_from_the_stored_scores(ladder):
     from influence.lm.run import load_run
     from influence.query.bm25 import words
 
     root, _ = ladder
     for c in json.loads((root / "out" / "results.json").read_text())["checkpoints"]:
-        scores = inf.Scores.load(f"{c['workspace']}/scores/mlp.npz")
+        scores = inf.Scores.load(f"{c['workspace']}/scores/{c['layer_set']}.npz")
         values = np.asarray(scores.values, np.float64)
         n = values.shape[1]
         assert n == c["sequences"] >= len(DOCS)
@@ -108,12 +108,13 @@ def test_metrics_match_a_recomputation_from_the_stored_scores(ladder):
         assert all("stitch" not in words(t) for r, t in enumerate(run.train["text"]) if r != src)
         verbatim = c["queries"][0]
         assert verbatim["source_bm25_rank"] == 1
-        # Influence of a random-weight model: the copied sequence is among the top 2 of N.
-        assert verbatim["source_rank"] <= 2, verbatim
+        # Influence of a random-weight model ranks the copied sequence first too (its score
+        # was 1.7-3.6x the runner-up's when this test was written).
+        assert verbatim["source_rank"] == 1, verbatim
         assert "source_rank" not in c["queries"][1]
 
 
-@pytest.mark.slow  # two checkpoints fitted, scored and attributed: ~70 s on a loaded 2-core CPU
+@pytest.mark.slow  # two checkpoints fitted, scored and attributed: 30-70 s on a shared 2-core CPU
 def test_rerun_reuses_each_checkpoint(ladder, capsys):
     root, args = ladder
     before = {p.name: p.stat().st_mtime_ns for p in (root / "out" / "checkpoints").iterdir()}
