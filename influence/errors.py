@@ -11,6 +11,7 @@ the base :class:`InfluenceError`, so ``except inf.InfluenceError`` catches any o
     ├── ModelMismatch       factors (or a checkpoint) of a model of another structure
     ├── CheckpointMismatch  a checkpoint of another run (other data or settings)
     ├── DegenerateCurvature a layer whose fitted curvature is all zero (no default damping)
+    ├── CheckpointError     a pretrained (Hugging Face) model folder that cannot be loaded
     ├── MissingCorpusError  a text corpus whose package is not installed (influence.lm)
     ├── ConfigError         an argument or setting out of range or of an unknown name
     ├── ConfigTypeError     an argument of the wrong type (also a TypeError)
@@ -64,6 +65,12 @@ class CheckpointMismatch(InfluenceError):
 class DegenerateCurvature(InfluenceError):
     """A layer's curvature Λ is all zero (its gradients were zero on the fitting data), so
     the default damping 0.1 × mean(Λ) would be 0; pass ``damping=`` explicitly."""
+
+
+class CheckpointError(InfluenceError):
+    """A pretrained model folder (Hugging Face format, :mod:`influence.pretrained`) cannot be
+    loaded: an unsupported architecture or setting, missing, unexpected or mis-shaped
+    tensors, a corrupt or absent weights file (e.g. a folder with only ``.bin`` files)."""
 
 
 class MissingCorpusError(InfluenceError, RuntimeError):

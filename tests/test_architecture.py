@@ -13,7 +13,7 @@ import influence
 
 ROOT = Path(influence.__file__).parent
 CORE = ("errors", "tasks", "capture", "curvature", "factors", "fit", "scoring", "index", "runtime", "_version")
-APPLICATIONS = ("lm", "query", "cli", "reference", "testing", "unrolled", "diagnose")
+APPLICATIONS = ("lm", "query", "cli", "reference", "testing", "unrolled", "diagnose", "pretrained")
 
 # package (first component under influence/) -> what it may import of influence
 ALLOWED = {
@@ -32,10 +32,12 @@ ALLOWED = {
     "reference": {"capture", "curvature", "runtime", "errors", "tasks", "fit", "scoring", "unrolled"},
     # training runs as functions of example weights; lm only for the `influence train` adapter
     "unrolled": {"scoring", "fit", "errors", "tasks", "lm"},
-    "lm": {"errors", "runtime", "tasks", "fit"},  # a run fits its own factors (lm.run)
+    # a run fits its own factors (lm.run); a workspace opens a pretrained checkpoint (lm.workspace)
+    "lm": {"errors", "runtime", "tasks", "fit", "pretrained"},
     "query": {"scoring", "factors", "tasks", "runtime", "errors", "lm"},
     # strategy vs exact influence on a subset: fits, scores, and the exact references
     "diagnose": {"fit", "factors", "scoring", "reference", "capture", "runtime", "errors"},
+    "pretrained": {"errors"},  # Hugging Face checkpoints: models to study, like lm, but knowing nothing of it
 }
 LAZY_ONLY = {("query", "lm"),  # token offsets of influence.lm runs, imported inside a function
              ("unrolled", "lm")}  # lm_run, the adapter of `influence train` runs

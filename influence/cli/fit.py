@@ -19,6 +19,7 @@ import argparse
 import re
 from pathlib import Path
 
+from influence.cli import workspace
 from influence.cli.common import add_factor_arguments, check_layers, fail, terminal_text
 
 # Loading a run reads its tokenizer (the lm extra).
@@ -26,7 +27,9 @@ REQUIRES = ("lm", ("tokenizers",))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="training run folder (from `influence train`)")
+    parser.add_argument("--run", help="training run folder (from `influence train`) or a workspace (from --model "
+                                       "and --data)")
+    workspace.add_arguments(parser)
     add_factor_arguments(parser)
     parser.add_argument("--fisher", choices=["sampled", "empirical"], default="sampled",
                         help="targets for the curvature: sampled from the model (default) or the data's")
@@ -47,6 +50,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (status := workspace.resolve("fit", args)) is not None:  # --model/--data: args.run becomes a workspace
+        return status
     from influence.errors import CheckpointMismatch
     from influence.lm.run import (
         FACTORS,

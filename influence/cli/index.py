@@ -21,13 +21,16 @@ import re
 import time
 from pathlib import Path
 
+from influence.cli import workspace
 from influence.cli.common import FIDELITY, INDEXES, add_factor_arguments, check_layers, fail, load_factors
 
 REQUIRES = ("lm", ("tokenizers",))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="training run folder (from `influence train`)")
+    parser.add_argument("--run", help="training run folder (from `influence train`) or a workspace (from --model "
+                                       "and --data)")
+    workspace.add_arguments(parser)
     add_factor_arguments(parser)
     parser.add_argument("--factors", metavar="FOLDER", help="a folder of RUN/factors to use")
     parser.add_argument("--compression", default=None,
@@ -46,6 +49,8 @@ def index_folder(factors_folder: Path, compression) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (status := workspace.resolve("index", args)) is not None:  # --model/--data: args.run becomes a workspace
+        return status
     import numpy as np
 
     import influence as inf

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from influence.cli import workspace
 from influence.cli.common import (
     add_factor_arguments,
     check_layers,
@@ -37,7 +38,9 @@ REQUIRES = ("lm", ("tokenizers",))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="training run folder (from `influence train`)")
+    parser.add_argument("--run", help="training run folder (from `influence train`) or a workspace (from --model "
+                                       "and --data)")
+    workspace.add_arguments(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt (use with --completion)")
     source.add_argument("--queries", help="JSON-lines file of queries")
@@ -87,6 +90,8 @@ def print_results(results, max_chars: int = 110) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (status := workspace.resolve("query", args)) is not None:  # --model/--data: args.run becomes a workspace
+        return status
     from influence.lm.run import load_run
     from influence.query.engine import Query, QueryEngine, read_queries, write_json
     from influence.query.report import write_html

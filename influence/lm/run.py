@@ -230,6 +230,8 @@ def _read_info(path: pathlib.Path) -> dict:
 
 
 def _latest_step(path: pathlib.Path) -> int:
+    if _read_info(path).get("kind") == "pretrained":  # a workspace (lm.workspace): one set of weights
+        return 0
     latest = ckpt.latest_checkpoint(path / "checkpoints")
     if latest is None:
         raise MissingFileError(f"{path} has no checkpoint yet")
@@ -251,6 +253,10 @@ def load_run(path: str | pathlib.Path, step: int | None = None) -> Run:
     is the final weights once training has finished)."""
     path = pathlib.Path(path)
     info = _read_info(path)
+    if info.get("kind") == "pretrained":  # a checkpoint folder and a corpus (influence.lm.workspace)
+        from .workspace import workspace_parts
+
+        return Run(**workspace_parts(path, info))
     config = GPTConfig.from_dict(info["model_config"])
     if step is None:
         step = _latest_step(path)
