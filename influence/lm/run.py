@@ -75,7 +75,16 @@ def factor_settings(run_dir: str | pathlib.Path, strategy: str = "ekfac", layers
 
 def weights_digest(run_dir: str | pathlib.Path, step: int) -> str:
     """SHA-256 of the weights of checkpoint ``step`` of a run: every array's name, dtype,
-    shape and bytes (the checksum its file carries; a file without one is hashed here)."""
+    shape and bytes (the checksum its file carries; a file without one is hashed here).
+
+    A workspace (a pretrained checkpoint and a corpus, :mod:`influence.lm.workspace`) has no
+    checkpoints of its own: its digest is the checkpoint folder's fingerprint (config and
+    every weights file's bytes) recorded when it was opened, which opening it checks again."""
+    info_file = pathlib.Path(run_dir) / "run.json"
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        if info.get("kind") == "pretrained":
+            return str(info["model"]["fingerprint"])
     found = ckpt.list_checkpoints(pathlib.Path(run_dir) / "checkpoints")
     if step not in found:
         raise ConfigError(f"{run_dir} has no checkpoint for step {step}; kept: {sorted(found)}")
