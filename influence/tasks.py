@@ -345,6 +345,16 @@ def _extra(task: Any, batch: Arrays) -> dict[str, jax.Array]:
     return {name: batch[name] for name in task.extra_inputs}
 
 
+def _logits_per_example(task, model, batch, width: str):
+    """The model's logits ``[B, 1, width]`` for a task of one prediction per example (the
+    token axis of length 1 that :class:`OutputTask` expects); refuses other shapes."""
+    logits = model(batch[task.x_key], **_extra(task, batch))
+    if logits.ndim != 2:
+        raise ConfigError(f"{type(task).__name__} expects logits [B, {width}]; the model returned shape "
+                          f"{logits.shape}")
+    return logits[:, None, :]
+
+
 def _extra_inputs(value: Any) -> tuple[str, ...]:
     names = (value,) if isinstance(value, str) else tuple(value)
     if not all(isinstance(n, str) for n in names):
@@ -382,10 +392,7 @@ class Classification(OutputTask):
         return (self.x_key, self.y_key, *self.extra_inputs)
 
     def outputs(self, model, batch):
-        logits = model(batch[self.x_key], **_extra(self, batch))
-        if logits.ndim != 2:
-            raise ConfigError(f"Classification expects logits [B, C]; the model returned shape {logits.shape}")
-        return logits[:, None, :]
+        return _logits_per_example(self, model, batch, "C")
 
     def targets(self, batch):
         return batch[self.y_key].reshape(-1, 1)
@@ -549,10 +556,7 @@ class MultiLabel(OutputTask):
         return (self.x_key, self.y_key, *self.extra_inputs)
 
     def outputs(self, model, batch):
-        logits = model(batch[self.x_key], **_extra(self, batch))
-        if logits.ndim != 2:
-            raise ConfigError(f"MultiLabel expects logits [B, K]; the model returned shape {logits.shape}")
-        return logits[:, None, :]
+        return _logits_per_example(self, model, batch, "K")
 
     def targets(self, batch):
         y = batch[self.y_key]
