@@ -24,6 +24,8 @@ def _relative(a, b) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+# default-suite time; runtime/multidevice check_sharding [mlp] checks the same across batch sizes and devices
+@pytest.mark.slow
 def test_sampled_fisher_does_not_depend_on_the_batch_size(small_classifier):
     """Each example's targets are drawn with a key of its row, so batch sizes 7, 32 and 128
     (one padded batch) give the same factors and scores; a per-batch key gave up to 29%."""

@@ -52,6 +52,7 @@ def test_draws_are_the_single_draw_gradients_with_folded_keys_over_root_k(small_
     assert _relative(g[name][0], g[name][1]) > 1e-2
 
 
+@pytest.mark.slow  # default-suite time; the sampled Fisher vs exact stays in tests/curvature/test_curvature.py
 def test_more_draws_approach_the_exact_fisher(small_classifier):
     """K-FAC's S with 64 draws per example is within sampling error of the exact S, and
     much closer than one draw (error ∝ 1/√k: 8× at k = 64; asserted 3×)."""

@@ -52,6 +52,7 @@ def test_parse_verses_joins_lines_and_drops_footnotes_headings_and_markup():
     assert VERSE_MODULES["web"][1] == "sword-text-web"
 
 
+@pytest.mark.slow  # default-suite time (reads two whole Bibles)
 @pytest.mark.skipif(not HAVE_WEB, reason="needs diatheke and Debian's sword-text-web (listed in .ci/apt-packages.txt)")
 def test_web_and_kjv_are_verse_aligned():
     web, kjv = bible_verses("web"), bible_verses("kjv")

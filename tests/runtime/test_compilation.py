@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 # Compile a pairwise-scores call of a tiny MLP and count the cache's hits and misses.
 SCRIPT = """
 import json, sys
@@ -41,6 +43,8 @@ def _run(*args, env=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# default-suite time; test_the_cli_enables_the_cache_in_its_folder_unless_told_not_to stays
+@pytest.mark.slow
 def test_a_second_process_loads_every_step_from_the_cache(tmp_path):
     folder = tmp_path / "jax-cache"
     first = _run("on", str(folder))

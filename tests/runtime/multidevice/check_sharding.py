@@ -54,7 +54,8 @@ def _fitted(case):
     return model, task, data, queries, one, four
 
 
-@pytest.mark.parametrize("case", ["mlp", "lm"])  # one token per example (fast paths), sequences
+# one token per example (fast paths), sequences; [lm] only under -m slow (default-suite time)
+@pytest.mark.parametrize("case", ["mlp", pytest.param("lm", marks=pytest.mark.slow)])
 def test_sharded_factors_equal_single_device(case):
     model, task, data, queries, one, four = _fitted(case)
     assert four.metadata["mesh"]["axes"] == {"data": 4}
