@@ -12,23 +12,15 @@ from flax import nnx
 
 import influence.pretrained as hf
 from influence.cli import main
+from tests.helpers import PROVERBS, byte_level_bpe
 
-DOCS = ["the cat sat on the mat and looked at the dog.", "a stitch in time saves nine, said the tailor.",
-        "to be or not to be, that is the question.", "the rain in spain stays mainly in the plain.",
-        "all that glitters is not gold, all who wander are not lost.", "a penny saved is a penny earned.",
-        "early to bed and early to rise makes a man healthy.", "the quick brown fox jumps over the lazy dog."]
+DOCS = PROVERBS
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    import tokenizers
-
     root = tmp_path_factory.mktemp("byo")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    tok.train_from_iterator(DOCS, tokenizers.trainers.BpeTrainer(vocab_size=120, special_tokens=["<|endoftext|>"],
-                                                                 show_progress=False))
+    tok = byte_level_bpe(DOCS)
     arch = hf.ArchConfig(family="gpt2", model_type="gpt2", vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2,
                          n_heads=4, n_kv_heads=4, head_dim=8, d_mlp=64, context_length=32, norm="layernorm",
                          norm_eps=1e-5, activation="gelu_new", gated_mlp=False, parallel_residual=False,

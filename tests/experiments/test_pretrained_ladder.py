@@ -15,11 +15,9 @@ from flax import nnx
 import influence as inf
 import influence.pretrained as hf
 from experiments.pretrained_ladder import main
+from tests.helpers import PROVERBS, byte_level_bpe
 
-DOCS = ["the cat sat on the mat and looked at the dog.", "a stitch in time saves nine, said the tailor.",
-        "to be or not to be, that is the question.", "the rain in spain stays mainly in the plain.",
-        "all that glitters is not gold, all who wander are not lost.", "a penny saved is a penny earned.",
-        "early to bed and early to rise makes a man healthy.", "the quick brown fox jumps over the lazy dog."]
+DOCS = PROVERBS
 QUERIES = [{"id": "verbatim", "prompt": "a stitch in time", "completion": " saves nine, said the tailor.",
             "source_text": "a stitch in time saves nine"},
            {"id": "new", "prompt": "the lazy cat", "completion": " saves a penny."}]
@@ -27,14 +25,8 @@ QUERIES = [{"id": "verbatim", "prompt": "a stitch in time", "completion": " save
 
 @pytest.fixture(scope="module")
 def ladder(tmp_path_factory):
-    import tokenizers
-
     root = tmp_path_factory.mktemp("ladder")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    tok.train_from_iterator(DOCS, tokenizers.trainers.BpeTrainer(vocab_size=120, special_tokens=["<|endoftext|>"],
-                                                                 show_progress=False))
+    tok = byte_level_bpe(DOCS)
     models = []
     # Given widest first: the ladder must order them by parameter count itself.
     for name, d in (("neox-wide", 32), ("neox-narrow", 16)):

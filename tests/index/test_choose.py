@@ -7,19 +7,9 @@ import numpy as np
 import pytest
 
 import influence as inf
-from influence import tasks
 from influence.index.choose import MIN_QUERY
-from influence.testing import trained_mlp
 
 QUIET = {"progress": False}
-
-
-@pytest.fixture(scope="module")
-def mlp():
-    model, data, queries = trained_mlp(n_train=96)
-    task = tasks.Classification()
-    factors = inf.fit_factors(model, task, data, strategy="ekfac", batch_size=32, **QUIET)
-    return model, task, factors, data, queries
 
 
 def _top10(approx, reference):

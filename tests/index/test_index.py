@@ -13,7 +13,7 @@ from influence.curvature.layer import rotate
 from influence.index import Compression, Index, open_parts
 from influence.index.compress import decode_numpy, reconstruct
 from influence.reference.exact import per_example_gradients, unflatten
-from influence.testing import trained_lm, trained_mlp
+from influence.testing import trained_lm
 
 QUIET = {"progress": False}
 
@@ -34,14 +34,6 @@ def _same_ranking(ranking, reference, rtol=2e-5):
     tie_free = ~(np.pad(ties, ((0, 0), (0, 1))) | np.pad(ties, ((0, 0), (1, 0))))
     tie_free[:, -1] = False  # the k-th row may tie with the unseen (k+1)-th; its value is checked above
     np.testing.assert_array_equal(ranking.indices[tie_free], reference.indices[tie_free])
-
-
-@pytest.fixture(scope="module")
-def mlp():
-    model, data, queries = trained_mlp(n_train=96)
-    task = tasks.Classification()
-    factors = inf.fit_factors(model, task, data, strategy="ekfac", batch_size=32, **QUIET)
-    return model, task, factors, data, queries
 
 
 @pytest.fixture(scope="module")
