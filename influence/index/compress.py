@@ -28,6 +28,21 @@ stored as
   are the map; a score is the rescan's terms on the kept coordinates.
 * ``"project"``: ``M`` is a Gaussian matrix ``N(0, 1/k)`` (LoGra-style, one per side, drawn
   from ``seed``): ``⟨K_q, C⟩`` is an unbiased estimate of the score.
+* ``"sketch"``: one global random projection (bergson-style), as a count-sketch: every
+  whitened eigen-coordinate ``(i, j)`` of a layer is added, with a random sign, into one of
+  the layer's ``m`` buckets (a sparse Rademacher matrix ``R [d_a·d_out, m]``, one ±1 per
+  row, drawn from ``seed``), so ``⟨R(K ⊙ W), R(C ⊘ W)⟩`` is an unbiased estimate of the
+  score (E RRᵀ = I). The global budget ``round(fraction · Σ d_a·d_out)`` buckets is split
+  across layers in proportion to each layer's whitened variance ``Σ Λ/(Λ+λ₀)`` (for
+  independent query and training gradients the estimate's variance is
+  ``Σ_l ‖K_l‖²‖C_l‖²/m_l``, least with ``m_l ∝ ‖K_l‖‖C_l‖``; with identity factors, to
+  ``d_a·d_out``), at most ``d_a·d_out`` per layer. The coordinates are dealt to the
+  buckets in a random order (each bucket ⌊D/m⌋ or ⌈D/m⌉ of them). The maps are each
+  bucket's flat coordinates ``bucket [m, ⌈D/m⌉]`` (int32; ``D = d_a·d_out`` pads) and the
+  signed whitening ``w = ±sqrt(Λ+λ₀)`` ``[D]`` (the sign folded in: dividing by it and
+  multiplying by it apply the same sign). Unlike bergson it projects in the eigenbasis
+  against preconditioned queries; the build forms each sequence's rotated gradient
+  ``[d_a, d_out]``, as for a selection.
 * ``"fidelity"``: a selection (the same maps as ``"select"``) whose share of each layer's
   coordinates is chosen at build time from a probe's measured top-10 agreement with exact
   scores (``fraction`` is the target agreement; :mod:`influence.index.choose`).
@@ -70,8 +85,8 @@ import numpy as np
 from influence.curvature.blocks import is_blocked, matmul_last
 from influence.errors import ConfigError, ConfigTypeError, InfluenceError
 
-METHODS = ("none", "truncate", "select", "project", "rank", "fidelity")
-MAP_KEYS = ("a", "s", "w", "wa", "ws", "keep")
+METHODS = ("none", "truncate", "select", "project", "rank", "fidelity", "sketch")
+MAP_KEYS = ("a", "s", "w", "wa", "ws", "keep", "bucket")
 """The arrays a layer's maps may hold (see :func:`compression_maps`)."""
 DTYPES = ("float32", "bfloat16", "int8", "int4")
 # Bytes per column of a shard file, and the dtype it holds (bfloat16 kept as its bits; int4
@@ -174,6 +189,8 @@ def compression_maps(compression: Compression, layers: list[tuple[str, np.ndarra
     tracking order: :func:`side_maps` per layer, or the selection across all of them."""
     if compression.method == "select":
         return select_maps(compression.fraction, layers)
+    if compression.method == "sketch":
+        return sketch_maps(compression.fraction, layers, compression.seed)
     if compression.method == "fidelity":
         raise ConfigError("'fidelity' chooses its coordinates from a probe: use influence.index.choose")
     return {name: side_maps(compression, lam, d_a, d_out, i, name) for i, (name, lam, d_a, d_out) in enumerate(layers)}
@@ -209,14 +226,55 @@ def select_maps(fraction: float, layers: list[tuple[str, np.ndarray | None, int,
     return out
 
 
+def sketch_maps(fraction: float, layers: list[tuple[str, np.ndarray | None, int, int]], seed: int = 0
+                ) -> dict[str, dict[str, np.ndarray]]:
+    """``"sketch"``: per layer ``bucket [m_l, ⌈D/m_l⌉]`` (int32: each bucket's flat coordinates
+    into the row-major ``[d_a, d_out]``, padded with ``D = d_a·d_out``) and the signed whitening
+    ``w [D]`` (float32, ``±sqrt(Λ + λ₀)``, ±1 without eigenvalues),
+    drawn from ``(seed, layer index)``; ``m_l`` splits ``round(fraction · Σ d_a·d_out)``
+    buckets in proportion to ``Σ Λ/(Λ+λ₀)`` (or ``d_a·d_out``), each ``1 ≤ m_l ≤ d_a·d_out``."""
+    sizes = np.array([d_a * d_out for _, _, d_a, d_out in layers])
+    weights, whitening = [], []
+    for (_, lam, _, _), size in zip(layers, sizes):
+        if lam is None:
+            weights.append(float(size))
+            whitening.append(np.ones(size))
+            continue
+        lam = np.maximum(np.asarray(lam, np.float64), 0.0).ravel()
+        damp = 0.1 * max(float(lam.mean()), np.finfo(np.float32).tiny)
+        weights.append(float(np.sum(lam / (lam + damp))))
+        whitening.append(np.sqrt(lam + damp))
+    budget = max(len(layers), int(round(fraction * sizes.sum())))
+    weights = np.maximum(np.array(weights), np.finfo(np.float64).tiny)
+    widths = np.ones(len(layers), np.int64)
+    # water-filling: share the budget by weight, capping each layer at its size
+    for _ in range(len(layers)):
+        free = widths < sizes
+        left = budget - int(widths[~free].sum())
+        share = np.floor(left * weights * free / max(float(np.sum(weights[free])), 1e-300)).astype(np.int64)
+        widths = np.where(free, np.clip(share, 1, sizes), widths)
+        if not np.any(free & (share > sizes)):
+            break
+    out = {}
+    for i, ((name, *_), size, w, m) in enumerate(zip(layers, sizes, whitening, widths)):
+        rng = np.random.default_rng([seed, i, 1])  # the 1 keeps these draws apart from 'project''s
+        per = -(-int(size) // int(m))
+        table = np.full(per * int(m), size, np.int64)
+        table[:size] = rng.permutation(size)
+        bucket = table.reshape(per, int(m)).T.astype(np.int32)  # [m, per]: coordinates dealt round-robin
+        sign = rng.integers(0, 2, size) * 2.0 - 1.0
+        out[name] = {"bucket": bucket, "w": (sign * w).astype(np.float32)}
+    return out
+
+
 def side_maps(compression: Compression, eigenvalues: np.ndarray | None, d_a: int, d_out: int,
               layer_index: int, name: str = "") -> dict[str, np.ndarray]:
     """The maps of one layer as arrays for a file: ``M_A``, ``M_S`` (absent for ``"none"``;
     sorted int32 indices ``a [k_a]``, ``s [k_s]`` for ``"truncate"``; float32 matrices
     ``a [d_a, k_a]``, ``s [d_out, k_s]`` for ``"project"``) and the whitening ``w``
     (``[k_a, k_s]`` on the kept block, ``[d_a, d_out]`` before a projection)."""
-    if compression.method == "select":
-        raise ConfigError("'select' chooses coordinates across all layers at once: use compression_maps")
+    if compression.method in ("select", "sketch"):
+        raise ConfigError(f"{compression.method!r} shares its budget across all layers at once: use compression_maps")
     maps = _side_maps(compression, eigenvalues, d_a, d_out, layer_index, name)
     if compression.method == "rank":
         if eigenvalues is not None:  # separable: w_A w_Sᵀ ≈ sqrt(Λ + λ₀) (exactly so for K-FAC's Λ)
@@ -267,6 +325,7 @@ class LayerMap(NamedTuple):
     wa: jax.Array | None = None  # rank-c: separable whitening w_A [d_a]
     ws: jax.Array | None = None  # and w_S [d_out]
     keep: jax.Array | None = None  # selection: flat indices [k] into the rotated [d_a, d_out]
+    bucket: jax.Array | None = None  # sketch: each bucket's flat coordinates [m, ⌈D/m⌉] (w then signed)
 
 
 def _projects(layer: LayerMap) -> bool:
@@ -298,8 +357,11 @@ def map_training(a: jax.Array, g: jax.Array, layer: LayerMap, rank: int = 0) -> 
         if layer.wa is not None:
             left, right = left / layer.wa, right / layer.ws
         return jnp.concatenate([left.reshape(left.shape[0], -1), right.reshape(right.shape[0], -1)], axis=-1)
-    if layer.keep is not None or (_projects(layer) and layer.w is not None):  # the rotated gradient [B, d_a, d_out]
+    if layer.keep is not None or layer.bucket is not None or (_projects(layer) and layer.w is not None):
+        # the rotated gradient [B, d_a, d_out]
         rotated = jnp.einsum("bti,btj->bij", apply_side(a, layer.q_a, None), apply_side(g, layer.q_s, None))
+        if layer.bucket is not None:  # signed, whitened, summed into buckets
+            return _sketch(rotated.reshape(rotated.shape[0], -1) / layer.w, layer)
         if layer.keep is not None:  # the selected coordinates, whitened
             return jnp.take(rotated.reshape(rotated.shape[0], -1), layer.keep, axis=1) / layer.w
         # whiten, then project
@@ -373,6 +435,9 @@ def map_queries(queries, layer: LayerMap, rank: int = 0) -> jax.Array:
     if layer.keep is not None:
         k = _rotated_queries(queries, layer)
         return jnp.take(k.reshape(k.shape[0], -1), layer.keep, axis=1) * layer.w
+    if layer.bucket is not None:
+        k = _rotated_queries(queries, layer)
+        return _sketch(k.reshape(k.shape[0], -1) * layer.w, layer)
     if _projects(layer) and layer.w is not None:
         rotated = _rotated_queries(queries, layer)
         k = jnp.einsum("ia,qij,js->qas", layer.m_a, rotated * layer.w, layer.m_s)
@@ -387,6 +452,12 @@ def map_queries(queries, layer: LayerMap, rank: int = 0) -> jax.Array:
     if layer.w is not None:
         k = k * layer.w
     return k.reshape(k.shape[0], -1)
+
+
+def _sketch(x: jax.Array, layer: LayerMap) -> jax.Array:
+    """``x [B, D]`` summed into the layer's buckets ``[B, m]`` (signs already applied): a
+    gather of each bucket's coordinates (the pad index ``D`` reads a zero)."""
+    return jnp.take(jnp.pad(x, ((0, 0), (0, 1))), layer.bucket, axis=1).sum(axis=-1)
 
 
 def _rotated_queries(queries, layer: LayerMap) -> jax.Array:
@@ -496,6 +567,10 @@ def reconstruct(c: np.ndarray, maps: dict[str, np.ndarray], d_a: int, d_out: int
             dense = dense * np.outer(maps["wa"], maps["ws"])
         return dense
     w = maps["w"].astype(np.float64) if "w" in maps else 1.0
+    if "bucket" in maps:  # each coordinate's unbiased estimate: its bucket, signed and unwhitened
+        of = np.empty(d_a * d_out + 1, np.int64)  # each coordinate's bucket
+        of[maps["bucket"].ravel()] = np.repeat(np.arange(maps["bucket"].shape[0]), maps["bucket"].shape[1])
+        return (c[:, of[:-1]] * w).reshape(-1, d_a, d_out)
     if "keep" in maps:
         out = np.zeros((c.shape[0], d_a * d_out))
         out[:, maps["keep"]] = c * w

@@ -231,7 +231,8 @@ def write_index(model, task, factors: Factors, train: Any, *, path: Path, comp: 
             k_s = info.d_out if "s" not in m else (len(m["s"]) if m["s"].ndim == 1 else m["s"].shape[1])
             rank = ranks.get(info.name, min(comp.rank, info.d_a, info.d_out)) if comp.method == "rank" else 0
             width = (rank * (info.d_a + info.d_out) if comp.method == "rank"
-                     else len(m["keep"]) if "keep" in m else int(k_a) * int(k_s))
+                     else len(m["keep"]) if "keep" in m else len(m["bucket"]) if "bucket" in m
+                     else int(k_a) * int(k_s))
             layers.append({"name": info.name, "d_a": info.d_a, "d_out": info.d_out, "k_a": int(k_a),
                            "k_s": int(k_s), "rank": rank, "width": width})
         assert comp.method != "none" or all(lay["k_a"] == lay["d_a"] for lay in layers)

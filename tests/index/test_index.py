@@ -112,7 +112,8 @@ def test_stored_rows_are_the_gradients_in_the_eigenbasis(mlp, tmp_path):
 
 @pytest.mark.parametrize("compression", ["truncate:0.5", "project:0.5:int8", "truncate:0.75:int8",
                                          "none:bfloat16", "rank:2", "rank:3:bfloat16", "select:0.3",
-                                         "select:0.5:int4", "none:int4", "rank:3:int4"])
+                                         "select:0.5:int4", "none:int4", "rank:3:int4",
+                                         pytest.param("sketch:0.25:int8", marks=pytest.mark.slow)])
 def test_compressed_index_scores_its_own_reconstruction(compression, lm, tmp_path):
     """Scores = ⟨Q_Aᵀ P_q Q_S, M_A C_n M_Sᵀ⟩, computed here in numpy from the stored rows."""
     model, task, factors, data, queries = lm
