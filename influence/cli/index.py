@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         c = index.chosen
         print(f"chosen from a probe of {c['probe_queries']} {c['probe']} ranked among {c['sample_rows']} training "
               f"rows: top-10 agreement {c['top10']:.3f} (least query {c['least_top10']:.2f}, target {c['target']:g}"
-              f"{'' if c['reached'] else ', NOT reached'}) in {c['dtype']}")
+              f"{'' if c['reached'] else ', NOT reached'}) in {c['dtype']}, {c['share_of_full']:.3f} of the full bytes"
+              + (f" (budget {c['budget']:g})" if c.get("budget", 1) < 1 else ""))
     n = min(args.check, len(loaded.heldout))
     if args.check and not n:
         print("fidelity not measured: the run has no held-out sequences")

@@ -9,8 +9,10 @@ layer keeps the coordinates of largest whitened variance, as ``"select"`` does, 
 share is chosen: starting from the smallest share of every layer, the layer whose next
 share removes the most score error per stored byte grows, until the probe's mean top-10
 agreement with the exact scores reaches ``target`` and no probe query is below
-:data:`MIN_QUERY` (or every layer is whole). Layers that compress badly (e.g. an output
-head) so get more. What was measured goes to the manifest (``Index.chosen``).
+:data:`MIN_QUERY` (or every layer is whole, or the next step would pass the byte
+``budget``: ``"fidelity:<target>:<budget>:<dtype>"``, a share of the full float32
+bytes). Layers that compress badly (e.g. an output head) so get more. What was measured
+goes to the manifest (``Index.chosen``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ SAMPLE_ROWS = 256
 """Training rows the probe is ranked among (fewer if their exact rows outgrow :data:`SAMPLE_BYTES`)."""
 SAMPLE_BYTES = 1 << 28
 """Most bytes of exact (float32) sample rows held at once (256 MiB)."""
-SHARES = (1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1.0)
-"""The shares of a layer's coordinates the choice tries, smallest first."""
+SHARES = tuple(sorted({1 / 128, *(2 ** (-x / 4) for x in range(25))}))
+"""The shares of a layer's coordinates the choice tries, smallest first (steps of 2^¼)."""
 DTYPE_LADDER = ("int4", "int8", "bfloat16", "float32")
 """The storage dtypes tried, narrowest first, from the requested one on."""
 MIN_QUERY = 0.8
@@ -69,6 +71,13 @@ def choose_compression(model, task, factors: Factors, train: Any, comp: Compress
 
 
 def _fidelity(model, task, factors, train, comp: Compression, layers, probe, run: Execution):
+    return choose_from_probe(comp, layers, measure_probe(model, task, factors, train, layers, probe, run))
+
+
+def measure_probe(model, task, factors, train, layers, probe, run: Execution) -> dict[str, Any]:
+    """The exact scores a ``"fidelity"`` choice grows toward: per layer the probe's keys
+    ``[P, D]`` and the sampled training rows ``[S, D]`` in the eigenbasis (float64), and
+    which probe it was. ``layers`` as :func:`choose_compression` lists them."""
     for name, lam, _, _ in layers:
         if lam is None:
             raise InfluenceError(f"layer {name!r}: 'fidelity' keeps the eigen-coordinates of largest curvature, but "
@@ -94,22 +103,36 @@ def _fidelity(model, task, factors, train, comp: Compression, layers, probe, run
             for i, (data, _) in enumerate(arrays):
                 rows[i].append(np.asarray(data, np.float64))
         rows = [np.concatenate(r) for r in rows]  # [S, D] per layer: Q_Aᵀ DW Q_S
+    return {"keys": keys, "rows": rows, "held": held, "n_sample": n_sample}
+
+
+def choose_from_probe(comp: Compression, layers, measured: dict[str, Any]):
+    """``(compression, maps, chosen)`` of a ``"fidelity"`` ``comp`` from a probe
+    :func:`measure_probe` made (one probe serves several targets and budgets)."""
+    keys, rows, held, n_sample = measured["keys"], measured["rows"], measured["held"], measured["n_sample"]
+    total = sum(d_a * d_out for _, _, d_a, d_out in layers)
     exact_layer = [k @ r.T for k, r in zip(keys, rows)]  # [P, S]
     reference = sum(exact_layer)
     ladder = DTYPE_LADDER[DTYPE_LADDER.index(comp.dtype):] if comp.dtype in DTYPE_LADDER else (comp.dtype,)
     tried = []
+    cap = comp.budget * 4 * total
+    results = []
     for dtype in ladder:  # a wider dtype only where the requested one cannot reach the target
-        level, options, sizes, orders, whitening, agreement = _grow(comp.fraction, dtype, layers, keys, rows,
-                                                                    reference)
+        result = _grow(comp.fraction, dtype, layers, keys, rows, reference, cap)
+        agreement = result[-1]
         reached = bool(agreement.mean() >= comp.fraction and agreement.min() >= MIN_QUERY)
         tried.append({"dtype": dtype, "top10": round(float(agreement.mean()), 4),
                       "least_top10": round(float(agreement.min()), 4), "reached": reached})
+        results.append((reached, float(agreement.mean()), dtype, result))
         if reached:
             break
+    # the first dtype that reaches the target; else (under a budget) the most faithful one tried
+    reached, _, dtype, (level, options, sizes, orders, whitening, agreement) = (
+        results[-1] if results[-1][0] or comp.budget == 1 else max(results, key=lambda r: r[1]))
     if not reached:
+        where = (f"within {comp.budget:g} of the full bytes" if comp.budget < 1 else "with every layer whole")
         warnings.warn(f"compression {comp}: the probe's top-10 agreement reaches only {agreement.mean():.3f} (least "
-                      f"query {agreement.min():.2f}) with every layer whole, even in {dtype}; the index stores "
-                      f"every coordinate in {dtype}", stacklevel=3)
+                      f"query {agreement.min():.2f}) {where}, in {dtype}", stacklevel=4)
     comp = dataclasses.replace(comp, dtype=dtype)
     maps, per_layer = {}, {}
     for (name, _, d_a, d_out), (by_variance, counts), w, opts, lvl, exact_l in zip(
@@ -119,7 +142,8 @@ def _fidelity(model, task, factors, train, comp: Compression, layers, probe, run
         per_layer[name] = {"share": round(counts[lvl] / (d_a * d_out), 6),
                            "top10": round(float(_agreement(opts[lvl], exact_l).mean()), 4)}
     stored = sum(sizes[i][level[i]] for i in range(len(layers)))
-    chosen = {"target": comp.fraction, "min_query": MIN_QUERY, "reached": reached, "dtype": dtype, "tried": tried,
+    chosen = {"target": comp.fraction, "budget": comp.budget, "min_query": MIN_QUERY, "reached": reached,
+              "dtype": dtype, "tried": tried,
               "probe": "probe queries" if held == 0 else "held-out training rows",
               "probe_queries": int(reference.shape[0]), "sample_rows": int(n_sample),
               "top10": round(float(agreement.mean()), 4), "least_top10": round(float(agreement.min()), 4),
@@ -128,9 +152,10 @@ def _fidelity(model, task, factors, train, comp: Compression, layers, probe, run
     return comp, maps, chosen
 
 
-def _grow(target: float, dtype: str, layers, keys, rows, reference):
+def _grow(target: float, dtype: str, layers, keys, rows, reference, cap: float = float("inf")):
     """Per layer the chosen level of :data:`SHARES` (greedy by score error removed per
-    stored byte) in ``dtype``, each level's simulated scores ``[P, S]``, bytes per row,
+    stored byte, the total stored bytes per row at most ``cap`` beyond the smallest
+    levels) in ``dtype``, each level's simulated scores ``[P, S]``, bytes per row,
     the variance order and whitening, and the probe's final agreement ``[P]``."""
     options, sizes, orders, whitening = [], [], [], []
     for (_, lam, d_a, d_out), k, r in zip(layers, keys, rows):
@@ -160,7 +185,9 @@ def _grow(target: float, dtype: str, layers, keys, rows, reference):
         agreement = _agreement(approx, reference)
         if agreement.mean() >= target and agreement.min() >= MIN_QUERY:
             break
-        growable = [i for i in range(len(layers)) if level[i] + 1 < len(options[i])]
+        spent = sum(sizes[i][level[i]] for i in range(len(layers)))
+        growable = [i for i in range(len(layers)) if level[i] + 1 < len(options[i])
+                    and spent + sizes[i][level[i] + 1] - sizes[i][level[i]] <= cap]
         if not growable:
             break
         now = error(approx)
@@ -181,4 +208,4 @@ def _agreement(approx: np.ndarray, reference: np.ndarray, top: int = TOP) -> np.
     return np.array([len(set(x) & set(y)) / top for x, y in zip(a, r)])
 
 
-__all__ = ["MIN_QUERY", "PROBE_QUERIES", "SAMPLE_ROWS", "choose_compression"]
+__all__ = ["MIN_QUERY", "PROBE_QUERIES", "SAMPLE_ROWS", "choose_compression", "choose_from_probe", "measure_probe"]

@@ -110,6 +110,9 @@ class Compression:
         one scale per row and layer).
       seed: the projections' seed (``"project"`` only).
       rank: c, the rank kept per sequence and layer (``"rank"`` only; 0 otherwise).
+      budget: ``"fidelity"`` only: the most stored bytes per sequence, as a share of the
+        full float32 gradient's (1: no cap). The choice stops growing there, target
+        reached or not (and says so).
     """
 
     method: str = "none"
@@ -117,6 +120,7 @@ class Compression:
     dtype: str = "float32"
     seed: int = 0
     rank: int = 0
+    budget: float = 1.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -132,6 +136,10 @@ class Compression:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or (self.rank < 1) == (self.method == "rank"):
             raise ConfigError(f"compression rank must be a positive integer for 'rank' and 0 otherwise, got "
                              f"{self.rank!r} for {self.method!r}")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int | float) or not 0 < self.budget <= 1:
+            raise ConfigError(f"compression budget must be in (0, 1], got {self.budget!r}")
+        if self.budget != 1 and self.method != "fidelity":
+            raise ConfigError(f"a byte budget caps a 'fidelity' choice; {self.method!r} stores a fixed size")
         if self.method == "rank" and self.fraction != 1:
             raise ConfigError("compression 'rank' keeps rank c of every sequence (rank:c), not a fraction")
 
@@ -139,7 +147,8 @@ class Compression:
     def parse(cls, spec: Any) -> Compression:
         """A :class:`Compression` from itself, a dict of its fields, or a string
         ``method[:fraction][:dtype]``: ``"none"``, ``"none:bfloat16"``, ``"truncate:0.25"``,
-        ``"select:0.25:int8"``, ``"project:0.125:int8"``, ``"rank:4:bfloat16"`` (for ``rank`` the number is c)."""
+        ``"select:0.25:int8"``, ``"project:0.125:int8"``, ``"rank:4:bfloat16"`` (for ``rank`` the number is c),
+        ``"sketch:0.25:int8"``, ``"fidelity:0.95:0.0625:int4"`` (target, then the byte budget)."""
         if isinstance(spec, Compression):
             return spec
         if isinstance(spec, dict):
@@ -147,16 +156,22 @@ class Compression:
         if not isinstance(spec, str):
             raise ConfigTypeError(f"compression must be a string, a dict or a Compression, got {type(spec).__name__}")
         parts = spec.split(":")
-        method, fraction, dtype = parts[0], 1.0, "float32"
+        method, numbers, dtype = parts[0], [], "float32"
         for part in parts[1:]:
             if part in DTYPES:
                 dtype = part
             else:
                 try:
-                    fraction = float(part)
+                    numbers.append(float(part))
                 except ValueError:
                     raise ConfigError(f"compression {spec!r}: {part!r} is neither a fraction nor one of {DTYPES}; "
                                      "write method[:fraction][:dtype], e.g. 'truncate:0.25:bfloat16'") from None
+        if len(numbers) > (2 if method == "fidelity" else 1):
+            raise ConfigError(f"compression {spec!r}: too many numbers; write method[:fraction][:dtype] "
+                              "(fidelity: fidelity:target[:budget][:dtype])")
+        fraction = numbers[0] if numbers else 1.0
+        if len(numbers) == 2:
+            return cls(method, fraction, dtype, budget=numbers[1])
         if method == "rank":
             if fraction != int(fraction) or fraction < 1:
                 raise ConfigError(f"compression {spec!r}: write rank:c with c a positive integer")
@@ -167,6 +182,8 @@ class Compression:
         text = self.method if self.method == "none" else f"{self.method}:{self.fraction:g}"
         if self.method == "rank":
             text = f"rank:{self.rank}"
+        if self.budget != 1:
+            text = f"{text}:{self.budget:g}"
         return text if self.dtype == "float32" else f"{text}:{self.dtype}"
 
     def as_dict(self) -> dict[str, Any]:
