@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import influence as inf
-from influence.index.choose import MIN_QUERY
+from influence.index import Compression
+from influence.index.choose import MIN_QUERY, choose_compression
 
 QUIET = {"progress": False}
 
@@ -51,3 +52,21 @@ def test_a_stricter_target_stores_more(mlp, tmp_path):
     assert loose.chosen["probe"] == "held-out training rows"
     assert loose.chosen["bytes_per_sequence"] < strict.chosen["bytes_per_sequence"]
     assert strict.chosen["top10"] == 1.0 or not strict.chosen["reached"]
+
+
+def test_a_byte_budget_caps_the_choice_and_says_it_missed(mlp):
+    """``fidelity:<target>:<budget>:<dtype>``: the choice stops at the budget (a share of
+    the full float32 bytes), records it and warns that the target was not reached."""
+    model, task, factors, data, queries = mlp
+    comp = Compression.parse("fidelity:1:0.02:int4")
+    assert (comp.fraction, comp.budget, comp.dtype, str(comp)) == (1.0, 0.02, "int4", "fidelity:1:0.02:int4")
+    with pytest.warns(UserWarning, match="within 0.02 of the full bytes"):
+        chosen_comp, maps, chosen = choose_compression(model, task, factors, data, comp, probe=queries,
+                                                       execution=inf.Execution(batch_size=32, progress=False))
+    assert chosen["budget"] == 0.02 and not chosen["reached"]
+    assert chosen["share_of_full"] <= 0.02 < 2 * chosen["share_of_full"]  # it spent the budget
+    assert chosen["bytes_per_sequence"] == sum(4 + -(-len(m["keep"]) // 2) for m in maps.values())
+    with pytest.raises(inf.ConfigError, match="budget"):
+        Compression.parse("select:0.5:0.1:int4")
+    with pytest.raises(inf.ConfigError, match="budget"):
+        Compression("fidelity", 0.9, budget=1.5)
