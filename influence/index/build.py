@@ -43,7 +43,11 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
         ``"project:0.25:int8"``, ...; ``"fidelity:0.95:int4"``: per layer the fewest
         coordinates that keep a probe's top-10 agreement with exact scores at 0.95,
         :func:`~influence.index.choose.choose_compression`); ``None``:
-        :data:`DEFAULT_COMPRESSION` for a new index, the index's own when appending.
+        :data:`DEFAULT_COMPRESSION` for a new index, the index's own when appending; an
+        :class:`~influence.index.Index`: its compression and maps, as chosen for it (so
+        each host's part of a multi-host index stores what host 0's choice measured:
+        a ``"fidelity"`` choice depends on the rows it samples, and parts with other
+        maps are refused when merged).
       append: add ``train``'s sequences after the rows of the index at ``path`` (same model,
         task, factors and compression; the data digest then covers both).
       overwrite: replace an index at ``path``. Without ``append`` or ``overwrite`` an
@@ -68,6 +72,9 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
         raise ConfigError(f"row_offset must be a non-negative integer, got {row_offset!r}")
     path = Path(path)
     exists = (path / MANIFEST).is_file()
+    like = compression if isinstance(compression, Index) else None
+    if like is not None:
+        compression = like.compression
     previous, chosen = None, None
     if append:
         if not exists:
@@ -82,7 +89,10 @@ def build_index(model, task, factors: Factors, train: Any, *, path, compression:
             raise InfluenceError(f"an index exists at {path}; pass overwrite=True to replace it or append=True to add "
                                  "sequences to it")
         comp = Compression.parse(DEFAULT_COMPRESSION if compression is None else compression)
-        comp, maps, chosen = choose_compression(model, task, factors, train, comp, probe=probe, execution=run)
+        if like is not None:  # another index's choice, maps and what it measured
+            comp, maps, chosen = like.compression, like.maps, like.chosen
+        else:
+            comp, maps, chosen = choose_compression(model, task, factors, train, comp, probe=probe, execution=run)
         if exists:
             (path / MANIFEST).unlink()  # from here on the folder is not an index until the new manifest is written
             shutil.rmtree(path / SHARDS, ignore_errors=True)

@@ -318,5 +318,7 @@ def open_parts(index: Any) -> list[Index]:
             raise InfluenceError(f"the index parts {first.path} and {part.path} were built from other models, factors "
                                  "or compressions; build every part with the same ones")
         if any(not np.array_equal(part.maps[n][s], first.maps[n][s]) for n in first.maps for s in first.maps[n]):
-            raise InfluenceError(f"the index parts {first.path} and {part.path} have other compression maps")
+            raise InfluenceError(f"the index parts {first.path} and {part.path} have other compression maps (a "
+                                 "'fidelity' choice depends on the rows it samples): build every part with "
+                                 "compression=<the first part's Index>, which reuses its maps")
     return parts

@@ -51,7 +51,7 @@ def test_fit_then_query_ranks_source_texts(checkpoint, capsys):
     assert main(["index", "--run", str(workspace), "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "fidelity not measured" in out  # a corpus has no held-out split
-    assert "chosen from a probe of" in out and "of the full bytes" in out  # the default (fidelity) says what it measured
+    assert "chosen from a probe of" in out and "of the full bytes" in out  # the default says what it measured
     html, js = root / "report.html", root / "results.json"
     query = DOCS[2]
     assert main(["query", "--run", str(workspace), "--prompt", query[:9], "--completion", query[9:], "-k", "3",

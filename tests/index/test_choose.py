@@ -40,6 +40,12 @@ def test_fidelity_index_scores_as_its_probe_measured(mlp, tmp_path):
     # Index.bytes counts every file the index wrote
     on_disk = sum(f.stat().st_size for f in Path(index.path).rglob("*") if f.is_file())
     assert index.bytes == on_disk
+    # another host's part reuses this choice (its own probe would choose other maps, which a merge refuses)
+    half = {k: v[48:] for k, v in data.items()}
+    part = inf.build_index(model, task, factors, half, path=tmp_path / "part", compression=index, row_offset=48,
+                           batch_size=32, **QUIET)
+    assert part.compression == index.compression and part.chosen == chosen
+    assert all(np.array_equal(part.maps[n][s], index.maps[n][s]) for n in index.maps for s in index.maps[n])
 
 
 @pytest.mark.slow
