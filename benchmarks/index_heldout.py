@@ -439,19 +439,22 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = results["settings"]
-    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.2), sharey=True)
+    fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 4.2), sharey=True)
     for ax, (name, s) in zip(np.atleast_1d(axes), settings.items()):
         for label, curve in s["curve"].items():
             pts = sorted((p["share"], p["top10"]) for p in curve.values())
-            ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label=label)
+            ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label=label, ls="--" if "dots" in label else "-")
         ax.set_xscale("log", base=2)
         ax.axvline(SIXTEENTH, color="grey", lw=0.5, ls="--")
         ax.axhline(0.95, color="grey", lw=0.5, ls="--")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("bytes / full float32 gradient", fontsize=8)
     np.atleast_1d(axes)[0].set_ylabel("top-10 agreement", fontsize=8)
-    np.atleast_1d(axes)[-1].legend(fontsize=5, loc="lower right")
-    fig.tight_layout()
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=6, loc="lower center", ncol=3, frameon=False,
+               title="against the EK-FAC rescan unless marked (dashed: against full-gradient dot products)",
+               title_fontsize=6)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

@@ -40,3 +40,4 @@ def test_the_default_is_the_most_faithful_within_a_sixteenth_on_the_heldout_mode
             assert all(p["share"] <= float(b) * 1.001 or label.startswith(("project", "truncate"))
                        for b, p in curve.items()), label
     assert "## The default (chosen on these held-out models)" in DOC.read_text()
+    assert f"(`{DEFAULT_COMPRESSION}`, the most faithful" in (DOC.parent / "api.md").read_text()
