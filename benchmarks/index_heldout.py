@@ -426,7 +426,9 @@ def render(results: dict) -> list[str]:
               "bytes in shards; every file of the index counted):", ""]
     for n, c in checks.items():
         probe = c.get("probe")
-        lines.append(f"* {n}: {c['built']['top10']:.3f} (least {c['built']['least_top10']:.1f}), r "
+        simulated = _point(results["settings"][n], c["spec"])
+        lines.append(f"* {n}: {c['built']['top10']:.3f} (least {c['built']['least_top10']:.1f}; simulated in the "
+                     f"curve: {simulated['top10']:.3f}), r "
                      f"{c['built']['pearson']:.4f}, {c['built']['share']:.4f} ({c['index_bytes_share']:.4f} with "
                      "maps and manifest)" + ("" if not probe else
                                               f"; its probe measured {probe['top10']:.3f} (least "
@@ -438,6 +440,12 @@ def render(results: dict) -> list[str]:
               f"{len(checks)} settings" + (f"; not on {', '.join(missed)}." if missed else "."),
               "", "![top-10 vs bytes](benchmarks/index-heldout.png)", ""]
     return lines
+
+
+def _point(setting: dict, spec: str) -> dict:
+    """The curve's (or the fixed points') record of ``spec`` in one setting."""
+    points = [p for curve in setting["curve"].values() for p in curve.values() if p.get("spec") == spec]
+    return points[0] if points else setting["fixed"][spec]
 
 
 def plot(results: dict, path: Path) -> None:
