@@ -100,3 +100,19 @@ def test_stored_sketch_reproduces_an_independent_numpy_projection(dtype, mlp, tm
         full_bytes += 4 * d_a * d_out
     assert np.abs(scores.values - total).max() <= 1e-4 * np.abs(total).max()
     assert index.bytes_per_sequence <= 0.26 * full_bytes + 4 * len(index.layers)
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "identity"])
+def test_one_coordinate_per_bucket_scores_as_the_rescan(strategy, mlp, tmp_path):
+    """``sketch:1`` has as many buckets as coordinates, one each: its index must give the
+    rescan's scores (a wrong sign, whitening or bucket table would not), on EK-FAC factors
+    and on identity factors (no eigenbasis: bergson's setting, raw gradients)."""
+    model, task, factors, data, queries = mlp
+    if strategy == "identity":
+        factors = inf.fit_factors(model, task, data, strategy="identity", batch_size=32, **QUIET)
+    index = inf.build_index(model, task, factors, data, path=tmp_path / "i", compression="sketch:1", batch_size=32,
+                            **QUIET)
+    assert all(la["width"] == la["d_a"] * la["d_out"] for la in index.layers)
+    rescan = inf.pairwise_scores(model, task, factors, queries, data, batch_size=32, **QUIET).values
+    answered = inf.pairwise_scores(model, task, factors, queries, None, index=index, **QUIET).values
+    assert np.abs(answered - rescan).max() <= 1e-4 * np.abs(rescan).max()
