@@ -519,7 +519,7 @@ def main(argv=None) -> None:
         results["settings"][name] = measure(name, args.part, results["settings"].get(name), default)
         results["settings"] = {k: results["settings"][k] for k in SETTINGS if k in results["settings"]}
         results.update(command="nice python -m benchmarks.index_heldout --settings S --part curve|check (one "
-                       "command per setting and part, each under 10 minutes)", machine=platform.machine() + ", "
+                       "command per setting and part)", machine=platform.machine() + ", "
                        + f"{os.cpu_count()} CPUs, jax {jax.__version__}", load=round(os.getloadavg()[0], 1))
         if len(results["settings"]) == len(SETTINGS) and all("curve" in s for s in results["settings"].values()):
             results["default_compression"] = choose_default(results)

@@ -56,7 +56,8 @@ stored as
 ``fraction`` is the share of each side's directions kept (so about ``fraction²`` of the
 full gradient's numbers are stored), except for ``"select"``, where it is the share of
 the coordinates kept, ``"sketch"``, where it is the buckets as a share of the coordinates,
-and ``"fidelity"``, where it is the target top-10 agreement (``budget``: the byte cap). The storage ``dtype`` is ``float32``, ``bfloat16``,
+and ``"fidelity"``, where it is the target top-10 agreement (``budget``: the byte cap).
+The storage ``dtype`` is ``float32``, ``bfloat16``,
 ``int8`` or ``int4`` (two to a byte), the integers with one float32 scale per stored row
 and layer (``max|C| / 127`` or ``/ 7``).
 
