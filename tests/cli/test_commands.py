@@ -1,19 +1,20 @@
 """The run-based commands end to end on a tiny language model: fit, query, demo."""
 
 import json
+import shutil
 
 import pytest
 
 from influence.cli import main
-from influence.lm import Trainer
 from influence.lm.run import factors_dir
-from tests.lm.helpers import tiny_config
+from tests.cli.conftest import SCENES
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    Trainer(tiny_config(corpus="shakespeare:macbeth"), out).run(progress=False)
+def run_dir(trained_run, tmp_path_factory):
+    """The session's trained run (tests/cli/conftest.py), copied: these tests fit into it."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    shutil.copytree(trained_run, out)
     return out
 
 
@@ -60,7 +61,12 @@ def test_query_errors_are_clear(run_dir, capsys):
     assert "--prompt needs --completion" in capsys.readouterr().err
 
 
-def test_demo_end_to_end_and_reuse(tmp_path, capsys):
+def test_demo_end_to_end_and_reuse(tmp_path, capsys, monkeypatch):
+    import influence.lm.train
+
+    # The demo reads the whole play: its first scenes take every step of the demo, faster.
+    real = influence.lm.train.load_corpus
+    monkeypatch.setattr(influence.lm.train, "load_corpus", lambda spec: real(spec)[:SCENES])
     args = ["demo", "--out", str(tmp_path / "demo"), "--plays", "macbeth", "--scale", "tiny", "--tokens", "12000",
             "--vocab-size", "300", "-k", "2", "--quiet"]
     queries = tmp_path / "q.jsonl"
