@@ -62,11 +62,12 @@ def test_query_errors_are_clear(run_dir, capsys):
 
 
 def test_demo_end_to_end_and_reuse(tmp_path, capsys, monkeypatch):
-    import influence.lm.train
+    import importlib
 
     # The demo reads the whole play: its first scenes take every step of the demo, faster.
-    real = influence.lm.train.load_corpus
-    monkeypatch.setattr(influence.lm.train, "load_corpus", lambda spec: real(spec)[:SCENES])
+    train_module = importlib.import_module("influence.lm.train")  # influence.lm.train is also a function
+    real = train_module.load_corpus
+    monkeypatch.setattr(train_module, "load_corpus", lambda spec: real(spec)[:SCENES])
     args = ["demo", "--out", str(tmp_path / "demo"), "--plays", "macbeth", "--scale", "tiny", "--tokens", "12000",
             "--vocab-size", "300", "-k", "2", "--quiet"]
     queries = tmp_path / "q.jsonl"
