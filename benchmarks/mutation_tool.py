@@ -81,14 +81,13 @@ TESTS = {
 
 # Survivors looked at and found equivalent: (module, the mutated line after the change) ->
 # why no input can tell the mutant from the original. Filled in after reading each diff.
-_ANNOTATION = ("an annotation, never evaluated: the module has `from __future__ import annotations`, so "
-               "annotations stay strings that nothing reads")
-EQUIVALENT: dict[tuple[str, str], str] = {
-    ("influence/scoring/hosts.py", "def _part_file(directory, process_index: int + None) -> Path:"): _ANNOTATION,
+_ANNOTATION = ("the mutated code is a type annotation, never evaluated: the module has "
+               "`from __future__ import annotations`, so annotations stay strings that nothing reads")
+EQUIVALENT: dict[tuple[str, str], str] = {  # (mutants in annotations are found by in_annotation)
     ("influence/curvature/covariance.py", "limit = 1 if m.shape[0] >= _THREADED_EIGH_SIZE else None"):
-        "equivalent in results: it changes how many BLAS threads `eigh` may use (speed), not what it computes",
+        "it changes how many BLAS threads `eigh` may use (speed only), not what it computes",
     ("influence/curvature/covariance.py", "limit = 1 if m.shape[0] <= _THREADED_EIGH_SIZE else None"):
-        "equivalent in results: it changes how many BLAS threads `eigh` may use (speed), not what it computes",
+        "it changes how many BLAS threads `eigh` may use (speed only), not what it computes",
 }
 
 # Survivors that showed a real gap, and the test written afterwards that kills them
@@ -99,6 +98,20 @@ GAPS: dict[tuple[str, str], str] = {
     ("influence/curvature/eigenvalues.py", "sq = sq.sum(axis= 1)"):
         "tests/curvature/test_eigenvalue_sums.py::test_lambda_sums_over_directions_and_weighted_examples",
 }
+
+
+def in_annotation(module: str, position: tuple[int, int]) -> bool:
+    """Whether ``position`` (line, column) of ``module`` lies in a type annotation of a
+    module that never evaluates them (``from __future__ import annotations``)."""
+    import ast
+
+    tree = ast.parse((ROOT / module).read_text())
+    if not any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and
+               any(a.name == "annotations" for a in n.names) for n in tree.body):
+        return False
+    notes = [n.annotation for n in ast.walk(tree) if isinstance(n, ast.arg | ast.AnnAssign) and n.annotation]
+    notes += [n.returns for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.returns]
+    return any((n.lineno, n.col_offset) <= tuple(position) < (n.end_lineno, n.end_col_offset) for n in notes)
 
 
 def target_of(module: str) -> str:
@@ -293,7 +306,8 @@ def report(session: Path, per_target: int, seed: int, timeout: float) -> dict:
             survivors.append({"module": str(m.module_path), "operator": m.operator_name.split("/")[-1],
                               "occurrence": m.occurrence, "line": m.start_pos[0], "mutated": line,
                               "diff": diff[:600],
-                              "equivalent": EQUIVALENT.get((str(m.module_path), line)),
+                              "equivalent": (_ANNOTATION if in_annotation(str(m.module_path), m.start_pos)
+                                             else EQUIVALENT.get((str(m.module_path), line))),
                               "killed_since_by": GAPS.get((str(m.module_path), line))})
         else:
             row["incompetent"] += 1

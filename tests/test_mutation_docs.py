@@ -98,3 +98,12 @@ def test_the_sample_is_seeded_spread_and_extends_without_changing():
     assert ids[2][:5] == ids[0][:5] and set(ids[0]) < set(ids[2])  # a larger sample extends the smaller
     assert ids[3] != ids[0]
     assert [sum(i.startswith(mods[0]) for i in ids[0]) for mods in TARGETS.values()] == [5] * len(TARGETS)
+
+
+def test_mutants_in_annotations_are_recognised():
+    from benchmarks.mutation_tool import in_annotation
+
+    lines = (ROOT / "influence" / "scoring" / "hosts.py").read_text().splitlines()
+    row = next(i for i, line in enumerate(lines, 1) if line.startswith("def _part_file("))
+    assert in_annotation("influence/scoring/hosts.py", (row, lines[row - 1].index("int | None")))
+    assert not in_annotation("influence/scoring/hosts.py", (row + 1, 4))  # the body
