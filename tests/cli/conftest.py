@@ -9,6 +9,7 @@ anything more (the commands' code paths do not depend on the number of sequences
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -25,14 +26,16 @@ def macbeth_scenes():
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, worker_id):
+def trained_run(tmp_path_factory):
     """A finished tiny run (``tests.lm.helpers.tiny_config``: 48 steps, a checkpoint every 8)
     on :func:`macbeth_scenes`. Read it only; copy it to write into it."""
     from influence.lm import Trainer
     from tests.lm.helpers import tiny_config
 
     # Under xdist each worker has its own base folder; their parent is the session's.
-    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
     out = root / "cli-trained-run"
     with FileLock(str(root / "cli-trained-run.lock")):
         if not (out / "trained").exists():
