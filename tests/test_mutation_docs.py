@@ -66,17 +66,21 @@ def test_the_mutation_tool_counts_add_up_and_every_survivor_was_judged():
     for row in rows.values():
         assert row["killed"] + row["survived"] + row["timed_out"] + row["incompetent"] == row["run"] <= row["sampled"]
         assert row["sampled"] == r["per_target"] <= row["generated"]  # the same number from each target
-    assert r["run"] >= 40 and len(r["survivors"]) == r["survived"]
+    assert r["run"] >= 35 and len(r["survivors"]) == r["survived"]
     assert r["kill_rate"] == round(r["killed"] / r["run"], 3)
     # the interval, from scipy's binomial test rather than the tool's own formula
     ci = binomtest(r["killed"], r["run"]).proportion_ci(confidence_level=0.95, method="wilson")
     assert r["wilson95"] == [round(ci.low, 3), round(ci.high, 3)]
     for s in r["survivors"]:
         assert any(s["module"] in mods for mods in TARGETS.values()), s["module"]
-        assert bool(s["equivalent"]) != bool(s["killed_since_by"]), f"survivor not judged: {s['mutated']}"
-        if s["killed_since_by"]:
-            file, _, name = s["killed_since_by"].partition("::")
-            assert f"def {name}(" in (ROOT / file).read_text(), s["killed_since_by"]
+        verdicts = [s["equivalent"], s["killed_since_by"], s["killed_elsewhere_by"]]
+        assert sum(map(bool, verdicts)) == 1, f"survivor not judged: {s['mutated']}"
+        for test in verdicts[1:]:
+            if test:
+                file, _, name = test.partition("::")
+                assert f"def {name}(" in (ROOT / file).read_text(), test
+        if s["killed_elsewhere_by"]:
+            assert s["killed_elsewhere_by"].partition("::")[0] in tests_for(s["module"])
     for module in (m for mods in TARGETS.values() for m in mods):
         assert tests_for(module) and all((ROOT / t).is_file() for t in tests_for(module)), module
 
