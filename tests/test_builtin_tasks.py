@@ -101,3 +101,15 @@ def test_a_loss_only_task_says_once_which_fisher_and_identity_says_nothing():
         warnings.simplefilter("always")
         inf.fit_factors(model, LossOnly(), train, strategy="identity", progress=False)
     assert not [w for w in caught if "Fisher" in str(w.message)]
+
+
+@pytest.mark.parametrize("bad_row,first_row", [(2, 5), (0, 5), (3, 0)])
+def test_multilabel_names_the_row_of_a_bad_label_in_the_whole_data(bad_row, first_row):
+    """The row counted from the data's start (the batch's first row + its row in the
+    batch): a cosmic-ray mutant writing ``first_row << row`` survived the test above,
+    whose bad labels start the first batch."""
+    y = np.zeros((4, 3), np.float32)
+    y[bad_row, 1] = 2.0
+    y[bad_row + 1:, 2] = 0.5  # later bad rows are not the first
+    with pytest.raises(inf.InfluenceError, match=rf"labels 'y' must be 0 or 1; row {first_row + bad_row} has"):
+        tasks.MultiLabel().validate({"x": np.zeros((4, 2)), "y": y}, (4, 3), first_row=first_row)

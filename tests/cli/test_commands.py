@@ -1,19 +1,20 @@
 """The run-based commands end to end on a tiny language model: fit, query, demo."""
 
 import json
+import shutil
 
 import pytest
 
 from influence.cli import main
-from influence.lm import Trainer
 from influence.lm.run import factors_dir
-from tests.lm.helpers import tiny_config
+from tests.cli.conftest import SCENES
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    Trainer(tiny_config(corpus="shakespeare:macbeth"), out).run(progress=False)
+def run_dir(trained_run, tmp_path_factory):
+    """The session's trained run (tests/cli/conftest.py), copied: these tests fit into it."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    shutil.copytree(trained_run, out)
     return out
 
 
@@ -60,7 +61,13 @@ def test_query_errors_are_clear(run_dir, capsys):
     assert "--prompt needs --completion" in capsys.readouterr().err
 
 
-def test_demo_end_to_end_and_reuse(tmp_path, capsys):
+def test_demo_end_to_end_and_reuse(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    # The demo reads the whole play: its first scenes take every step of the demo, faster.
+    train_module = importlib.import_module("influence.lm.train")  # influence.lm.train is also a function
+    real = train_module.load_corpus
+    monkeypatch.setattr(train_module, "load_corpus", lambda spec: real(spec)[:SCENES])
     args = ["demo", "--out", str(tmp_path / "demo"), "--plays", "macbeth", "--scale", "tiny", "--tokens", "12000",
             "--vocab-size", "300", "-k", "2", "--quiet"]
     queries = tmp_path / "q.jsonl"
@@ -97,16 +104,36 @@ def _query(run_dir, *extra):
                  "--quiet", *extra])
 
 
-def test_factors_are_keyed_by_every_setting(run_dir, capsys):
+def test_factors_are_keyed_by_every_setting(run_dir, capsys, monkeypatch):
+    import jax
+
+    import influence.lm.run as lm_run
+    from influence.factors import Factors
+
     # kfac on 8 sequences: one cheap pass per fit; the folder key does not depend on the strategy.
     fit = ["fit", "--run", str(run_dir), "--quiet", "--strategy", "kfac", "--max-sequences", "8"]
     assert main([*fit, "--layers", "mlp.fc_in"]) == 0
     capsys.readouterr()
-    # Another selection that sanitises to the same characters, another Fisher, seed or data: new fits.
-    for other in (["--layers", "mlp|fc_in"], ["--layers", "mlp.fc_in", "--fisher", "empirical"],
-                  ["--layers", "mlp.fc_in", "--seed", "1"], ["--layers", "mlp.fc_in", "--max-sequences", "4"]):
-        assert main([*fit, *other]) == 0
-        assert "fitted kfac" in capsys.readouterr().out, other
+    # Another selection that sanitises to the same characters: a new fit (queried below).
+    assert main([*fit, "--layers", "mlp|fc_in"]) == 0
+    assert "fitted kfac" in capsys.readouterr().out
+    # Another Fisher, seed or data: new fits, each given its setting. The fit itself is
+    # recorded, not run (this test is about the keys; the fits are tested elsewhere): it
+    # returns the factors above, which the command saves in the new folder.
+    fitted = Factors.load(factors_dir(run_dir, "kfac", "mlp.fc_in", max_sequences=8))
+    calls = []
+
+    def recorded(model, task, train, **kwargs):
+        calls.append((len(train), kwargs["fisher"], jax.random.key_data(kwargs["key"]).tolist()))
+        return fitted
+
+    with monkeypatch.context() as m:
+        m.setattr(lm_run, "fit_factors", recorded)
+        for other in (["--fisher", "empirical"], ["--seed", "1"], ["--max-sequences", "4"]):
+            assert main([*fit, "--layers", "mlp.fc_in", *other]) == 0
+            assert "fitted kfac" in capsys.readouterr().out, other
+    key = [jax.random.key_data(jax.random.key(seed)).tolist() for seed in (0, 1)]
+    assert calls == [(8, "empirical", key[0]), (8, "sampled", key[1]), (4, "sampled", key[0])]
     assert main([*fit, "--layers", "mlp.fc_in"]) == 0
     assert "already fitted" in capsys.readouterr().out
     folder = factors_dir(run_dir, "kfac", "mlp.fc_in", max_sequences=8)

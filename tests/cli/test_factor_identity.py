@@ -11,20 +11,17 @@ import pytest
 from flax import nnx
 
 from influence.cli import main
-from influence.lm import Trainer, load_run
 from influence.lm import checkpoint as ckpt
+from influence.lm import load_run
 from influence.lm.run import FACTORS, fitted_factors, weights_digest
-from tests.lm.helpers import tiny_config
 
 FIT = ["--quiet", "--max-sequences", "8"]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    Trainer(tiny_config(corpus="shakespeare:macbeth", tokens=8 * 32 * 8, eval_every=4, checkpoint_every=4),
-            out).run(progress=False)
-    return out
+@pytest.fixture
+def run_dir(trained_run):
+    """The session's trained run (tests/cli/conftest.py); each test copies it before writing."""
+    return trained_run
 
 
 def _query(run, *extra):

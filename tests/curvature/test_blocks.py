@@ -47,6 +47,20 @@ def test_bounds_and_resolution():
         blocks.resolve(layers, None, max_block_size=0)
 
 
+@pytest.mark.parametrize("split", [(0, 2), (2, 0), (0, 0), (5, 2), (2, 9)])
+def test_each_block_count_is_checked_on_its_own(split):
+    """A zero or too large count on either side alone is refused naming the layer (a
+    mutation run found ``n_a < 1 and n_s < 1`` passing the old checks: (0, 2) then failed
+    later, in ``bounds``, without the layer's name)."""
+    from influence.capture.kinds import LayerInfo
+
+    layer = LayerInfo("fc", d_in=3, d_out=8, has_bias=True)  # d_a = 4
+    with pytest.raises(inf.InfluenceError, match=rf"layer 'fc' \(d_a=4, d_out=8\) cannot be split into "
+                                                 rf"{split[0]} × {split[1]} blocks"):
+        blocks.resolve([layer], split)
+    assert blocks.resolve([layer], (4, 8))["fc"] == (blocks.bounds(4, 4), blocks.bounds(8, 8))
+
+
 @pytest.fixture(scope="module")
 def lm():
     """The tiny transformer, its unsplit EK-FAC factors, and factors with two layers split

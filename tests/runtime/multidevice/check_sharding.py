@@ -46,10 +46,18 @@ def _case(name):
 
 
 @functools.cache
-def _fitted(case):
-    """EK-FAC (sampled Fisher) on one device and on four."""
+def _one_device(case):
+    """EK-FAC (sampled Fisher) on one device."""
     model, task, data, queries = _case(case)
     one = inf.fit_factors(model, task, data, strategy="ekfac", fisher="sampled", batch_size=8, progress=False)
+    return model, task, data, queries, one
+
+
+def _fitted(case):
+    """EK-FAC (sampled Fisher) on one device and on four. The four-device fit is made only
+    where it is compared (the sequence case's only under -m slow): the tests that score
+    with the one-device factors need not pay for it."""
+    model, task, data, queries, one = _one_device(case)
     four = inf.fit_factors(model, task, data, strategy="ekfac", fisher="sampled", batch_size=8, progress=False, mesh=4)
     return model, task, data, queries, one, four
 
@@ -78,7 +86,7 @@ def test_sharded_factors_equal_single_device(case):
 def test_sampled_fisher_same_for_other_batch_size_and_devices(case):
     """Sampled targets are keyed by each example's row, so a batch of 4 on one device and
     of 16 over four devices draw the same targets: the same factors, to rounding."""
-    model, task, data, queries, one, _ = _fitted(case)
+    model, task, data, queries, one = _one_device(case)
     four = inf.fit_factors(model, task, data, strategy="ekfac", fisher="sampled", batch_size=16 if case == "lm" else 32,
                            progress=False, mesh=4)
     small = inf.fit_factors(model, task, data, strategy="ekfac", fisher="sampled", batch_size=4, progress=False)
@@ -114,7 +122,7 @@ def test_sharded_scores_equal_single_device():
     of the batch, to 1e-6; against the same batch on one device, sums of float32 products
     that cancel differ by up to 2e-5 of the largest score (one device alone, batch 2 vs
     8, differs as much)."""
-    model, task, data, queries, factors, _ = _fitted("lm")
+    model, task, data, queries, factors = _one_device("lm")
     one = inf.pairwise_scores(model, task, factors, queries, data, batch_size=8, progress=False, per_layer=True)
     quarter = inf.pairwise_scores(model, task, factors, queries, data, batch_size=2, progress=False)
     four = inf.pairwise_scores(model, task, factors, queries, data, batch_size=8, progress=False, per_layer=True,
@@ -131,7 +139,7 @@ def test_sharded_scores_equal_single_device():
 
 
 def test_sharded_top_k_equals_the_single_device_ranking(tmp_path):
-    model, task, data, queries, factors, _ = _fitted("lm")
+    model, task, data, queries, factors = _one_device("lm")
     one = rank_training(model, task, factors, queries, data, k=6, batch_size=8, progress=False)
     grid = jax.make_mesh((2, 2), ("data", "query"))
     four = rank_training(model, task, factors, queries, data, k=6, batch_size=8, progress=False, mesh=grid,
@@ -145,7 +153,7 @@ def test_sharded_top_k_equals_the_single_device_ranking(tmp_path):
 def test_resume_on_another_number_of_devices(tmp_path):
     """Per-device sums saved on four devices are added into the one slot of one device:
     the same factors to rounding."""
-    model, task, data, queries, want, _ = _fitted("lm")
+    model, task, data, queries, want = _one_device("lm")
 
     class Stop(Exception):
         pass
