@@ -592,7 +592,7 @@ def render(results: dict) -> str:
     if HELDOUT.is_file():  # issue 28: the compressions on model kinds that did not set the default
         out += heldout_section(json.loads(HELDOUT.read_text()))
     if FLOOR.is_file():  # issue 28, item 4: a 1 GB index against its I/O floor
-        out += [""] + floor_section(json.loads(FLOOR.read_text()))
+        out += floor_section(json.loads(FLOOR.read_text()))
     return "\n".join(out)
 
 
