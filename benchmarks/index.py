@@ -50,6 +50,9 @@ from flax import nnx
 from scipy.stats import pearsonr, spearmanr
 
 import influence as inf
+from benchmarks.index_floor import OUT as FLOOR
+from benchmarks.index_floor import matmul_rate, scoring_flops
+from benchmarks.index_floor import render as floor_section
 from benchmarks.index_heldout import OUT as HELDOUT
 from benchmarks.index_heldout import render as heldout_section
 from benchmarks.speed import timed
@@ -226,28 +229,6 @@ def choose_default(results: dict) -> str:
         if all(r["top10_overlap"] >= OVERLAP_GOAL for r in rows):
             ok.append((max(r["fraction_of_full"] for r in rows), comp))
     return min(ok)[1] if ok else "none"
-
-
-def matmul_rate(width: int, rows: int = 2048, n_query: int = 256) -> float:
-    """Multiply-adds ×2 per second of a float32 ``[n_query, width] × [width, rows]`` matmul
-    at the scoring's precision, on the default device (best of 3, after a warm-up)."""
-    a = jnp.ones((n_query, width), jnp.float32)
-    b = jnp.ones((rows, width), jnp.float32)
-    product = jax.jit(lambda a, b: jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST))
-    return 2.0 * n_query * width * rows / timed(lambda: product(a, b).block_until_ready(), 3)
-
-
-def scoring_flops(index, n_query: int) -> float:
-    """Floating-point operations of answering ``n_query`` queries from ``index``: the
-    keys against every stored row, plus expanding rank-c rows to dense (``U Vᵀ``)."""
-    flops = 0.0
-    for layer in index.layers:
-        dense = layer["d_a"] * layer["d_out"]
-        key = dense if layer["rank"] else layer["width"]
-        flops += 2.0 * n_query * index.n_rows * key
-        if layer["rank"]:
-            flops += 2.0 * index.n_rows * layer["rank"] * dense
-    return flops
 
 
 def timings(state: dict, default: str, workdir: Path, name: str, batch_size: int) -> dict:
@@ -630,6 +611,8 @@ def render(results: dict) -> str:
     ]
     if HELDOUT.is_file():  # issue 28: the compressions on model kinds that did not set the default
         out += heldout_section(json.loads(HELDOUT.read_text()))
+    if FLOOR.is_file():  # issue 28, item 4: a 1 GB index against its I/O floor
+        out += floor_section(json.loads(FLOOR.read_text()))
     return "\n".join(out)
 
 

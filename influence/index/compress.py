@@ -523,8 +523,14 @@ def _pack4(q, xp):
 
 def _unpack4(packed, xp):
     """uint8 ``[B, h]`` → the signed numbers ``int8 [B, 2h]`` (:func:`_pack4`'s order)."""
+    return xp.concatenate(nibbles(packed, xp), axis=-1)
+
+
+def nibbles(packed, xp=jnp):
+    """uint8 ``[B, h]`` → its low and high nibbles as signed ``int8 [B, h]`` each: the
+    first and the second half of the packed row (:func:`_pack4`)."""
     signed = packed.view(xp.int8)  # arithmetic shifts sign-extend each nibble
-    return xp.concatenate([xp.right_shift(xp.left_shift(signed, 4), 4), xp.right_shift(signed, 4)], axis=-1)
+    return xp.right_shift(xp.left_shift(signed, 4), 4), xp.right_shift(signed, 4)
 
 
 def stored_width(width: int, dtype: str) -> int:

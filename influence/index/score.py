@@ -24,7 +24,7 @@ import numpy as np
 
 from influence.curvature.layer import map_arrays
 from influence.factors import Factors
-from influence.index.compress import LEVELS, MAP_KEYS, LayerMap, decode, levels, map_queries, row_bytes
+from influence.index.compress import LEVELS, MAP_KEYS, LayerMap, decode, map_queries, nibbles, row_bytes
 from influence.index.store import Index, check_data, open_parts
 from influence.index.write import built_from
 from influence.runtime.execution import Execution
@@ -105,39 +105,77 @@ def _keys(queries, layer: LayerMap, *, rank):
 
 BLOCK_BYTES = 1 << 24
 """Float32 bytes of stored rows decoded at once (16 MiB), a block of a chunk at a time:
-decoding a whole 64 MiB chunk before its product spills the float32 rows out of cache,
-which ran 2–4× slower at 1 and at 32 queries on the 2-core development machine (32 MiB
-L3). ``python -m benchmarks.index_scan`` measures the block sizes on yours."""
+decoding a whole 64 MiB chunk before its product spills the float32 rows out of cache.
+``python -m benchmarks.index_scan`` measures the block sizes on yours."""
 
 
 def _layer_scores(keys, chunk, dtype: str, shapes) -> list[jax.Array]:
-    """Scores ``[Q, rows]`` per layer of one chunk, decoded and multiplied a block of
-    rows at a time. Measured on a ladder run's int8 index (XLA on CPU): ``keys @ rowsᵀ``
-    ran up to 70× slower than ``(rows @ keysᵀ)ᵀ`` at one query; decoding fused into the
-    product lost its fast path too (the barrier keeps it apart); and integer rows are
-    scaled after the product (one multiply per score, not per stored number; int4's
-    padding column meets a zero of the key)."""
+    """Scores ``[Q, rows]`` per layer of one chunk, decoded and multiplied a block at a
+    time. Measured on a ladder run's int8 index (XLA on CPU): ``keys @ rowsᵀ`` ran up to
+    70× slower than ``(rows @ keysᵀ)ᵀ`` at one query; decoding fused into the product lost
+    its fast path too (the barrier keeps it apart); and integer rows are scaled after the
+    product (one multiply per score, not per stored number; int4's padding column meets a
+    zero of the key). Stored rows are cut into blocks of columns (:func:`_column_scores`),
+    rank-c rows (expanded to dense ones) into blocks of rows."""
     out = []
     for k, parts, shape in zip(keys, chunk, shapes):
+        if shape is None:
+            out.append(_column_scores(k, parts, dtype))
+            continue
         n = parts[0].shape[0]
-        decoded = shape[0] * shape[1] if shape is not None else parts[0].shape[1] * (2 if dtype == "int4" else 1)
-        size = max(1, min(n, BLOCK_BYTES // (4 * decoded)))
+        size = max(1, min(n, BLOCK_BYTES // (4 * shape[0] * shape[1])))
         count = -(-n // size)
         blocks = tuple(jnp.pad(p, [(0, count * size - n)] + [(0, 0)] * (p.ndim - 1)).reshape(count, size, *p.shape[1:])
                        for p in parts)
-        if dtype in LEVELS and shape is None:
-            key = jnp.pad(k, ((0, 0), (0, decoded - k.shape[1])))
 
-            def block_scores(block, key=key):
-                rows = jax.lax.optimization_barrier(levels(block, dtype))
-                return jnp.matmul(rows, key.T, precision=jax.lax.Precision.HIGHEST) * block[1][:, None]
-        else:
-            def block_scores(block, k=k, shape=shape):
-                rows = jax.lax.optimization_barrier(decode(block, dtype, shape))
-                return jnp.matmul(rows, k.T, precision=jax.lax.Precision.HIGHEST)
-        scores = jax.lax.map(block_scores, blocks).reshape(count * size, -1)[:n]
-        out.append(scores.T)
+        def block_scores(block, k=k, shape=shape):
+            rows = jax.lax.optimization_barrier(decode(block, dtype, shape))
+            return jnp.matmul(rows, k.T, precision=jax.lax.Precision.HIGHEST)
+
+        out.append(jax.lax.map(block_scores, blocks).reshape(count * size, -1)[:n].T)
     return out
+
+
+def _column_scores(key, parts, dtype: str) -> jax.Array:
+    """Scores ``[Q, rows]`` of one layer's stored rows ``parts`` (data ``[rows, h]``, and
+    the integers' scales ``[rows]``) against ``key [Q, D]``, a block of columns at a time:
+    every row of the chunk, ``BLOCK_BYTES`` of them decoded, ``[rows, cb] @ [cb, Q]``
+    accumulated. Blocks of whole rows instead leave a few rows to a block when rows are
+    wide (4 of 1M int4 numbers in 16 MiB), and XLA's CPU product of ``[4, 1M] @ [1M, Q]``
+    is very slow beyond one query; columns keep the product's rows at the chunk's.
+    ``python -m benchmarks.index_floor`` measures the scan against the I/O floor. int4 is
+    decoded to its two halves (low and high nibbles, each against its half of the key)
+    without interleaving them; the last block overlaps the one before, and the key's
+    columns already counted are zeroed there, so no padded copy of the rows is made."""
+    data = parts[0]
+    n, h = data.shape
+    halves = 2 if dtype == "int4" else 1
+    key = jnp.pad(key, ((0, 0), (0, halves * h - key.shape[1])))
+    key_parts = [key[:, i * h:(i + 1) * h] for i in range(halves)]
+    cb = max(1, min(h, BLOCK_BYTES // (4 * halves * n)))
+    count = -(-h // cb)
+
+    def block_scores(i, acc):
+        start = jnp.minimum(i * cb, h - cb)
+        keep = (start + jnp.arange(cb)) >= i * cb  # columns an earlier block has not counted
+        block = jax.lax.dynamic_slice_in_dim(data, start, cb, axis=1)
+        if dtype == "int4":
+            decoded = tuple(x.astype(jnp.float32) for x in nibbles(block))
+        elif dtype in LEVELS:
+            decoded = (block.astype(jnp.float32),)
+        else:
+            decoded = (decode((block,), dtype),)
+        decoded = jax.lax.optimization_barrier(decoded)
+        for rows, k in zip(decoded, key_parts):
+            k = jnp.where(keep, jax.lax.dynamic_slice_in_dim(k, start, cb, axis=1), 0.0)
+            acc = acc + jnp.matmul(rows, k.T, precision=jax.lax.Precision.HIGHEST)
+        return acc
+
+    acc = jnp.zeros((n, key.shape[0]), jnp.float32)
+    acc = block_scores(0, acc) if count == 1 else jax.lax.fori_loop(0, count, block_scores, acc)
+    if dtype in LEVELS:
+        acc = acc * parts[1][:, None]
+    return acc.T
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "keep_layers", "shapes"))

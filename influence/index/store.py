@@ -230,8 +230,11 @@ class Index:
         for shard in self.shards:
             lo, hi = shard["rows"]
             arrays = self.layer_arrays(shard)
+            will_need(arrays, 0, min(chunk_rows, hi - lo))
             for start in range(lo, hi, chunk_rows):
                 stop = min(start + chunk_rows, hi)
+                if stop < hi:  # the disk reads the next chunk while this one is scored
+                    will_need(arrays, stop - lo, min(stop + chunk_rows, hi) - lo)
                 yield start, stop - start, [(d[start - lo:stop - lo], None if s is None else s[start - lo:stop - lo])
                                             for d, s in arrays]
 
@@ -256,6 +259,26 @@ class Index:
         raise error(f"the index at {self.path} was built from another "
                     f"{'model' if model else 'task or factors'}: it differs in " + "; ".join(problems)
                     + ". Build an index for these (influence.build_index), or score without index=")
+
+
+def will_need(arrays: list[tuple[np.ndarray, np.ndarray | None]], lo: int, hi: int) -> None:
+    """Ask the kernel to start reading rows ``lo..hi-1`` of a shard's memory-mapped
+    arrays (``posix_fadvise(WILLNEED)``: it returns at once and the pages arrive while
+    the caller works, so a cold scan overlaps its reads with its scoring). A no-op where
+    the call or the file is not there."""
+    advise = getattr(os, "posix_fadvise", None)
+    for arr in (a for pair in arrays for a in pair):
+        if advise is None or not isinstance(arr, np.memmap) or arr.filename is None:
+            continue
+        stride = arr.strides[0]
+        try:
+            fd = os.open(arr.filename, os.O_RDONLY)
+            try:
+                advise(fd, arr.offset + lo * stride, (hi - lo) * stride, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:  # a hint only: the scan reads the rows anyway
+            pass
 
 
 _CHECK_BATCH = 256

@@ -43,3 +43,18 @@ def test_the_default_is_the_most_faithful_within_a_sixteenth_on_the_heldout_mode
                        for b, p in curve.items()), label
     assert "## The default (chosen on these held-out models)" in DOC.read_text()
     assert f"(`{DEFAULT_COMPRESSION}`, the most faithful" in (DOC.parent / "api.md").read_text()
+
+def test_the_floor_section_is_a_gigabyte_index_measured_under_a_recorded_load():
+    """docs/index.md's section on the I/O floor comes from docs/benchmarks/index-floor.json
+    (held by the first test): an index of at least 1 GB, medians of at least 3 runs, the
+    machine's load recorded, and the ratios those of the times beside them."""
+    from benchmarks.index_floor import OUT as FLOOR
+
+    r = json.loads(FLOOR.read_text())
+    assert r["index_bytes"] >= 1e9 and r["shard_bytes"] < r["index_bytes"]
+    assert r["repeats"] >= 3 and "load average" in r["uptime_start"] and "load average" in r["uptime_end"]
+    assert r["latency"] and all(row["top10_agreement"] > 0 for row in r["latency"])
+    assert len(r["cold_reads_seconds"]) >= 3 and r["io_floor_cold_seconds"] == min(r["cold_reads_seconds"])
+    for row in r["latency"]:
+        assert abs(row["index_cold_over_io_floor"] * r["io_floor_cold_seconds"] / row["index_cold_seconds"] - 1) < 1e-2
+    assert "## Query time against the I/O floor (a 1 GB index)" in DOC.read_text()
