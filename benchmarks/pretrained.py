@@ -1,31 +1,39 @@
 """Influence on Pythia-shaped checkpoints (random weights, written and loaded in the Hugging
-Face format): EK-FAC fit and pairwise scoring as multiples of one forward+backward pass over
-the same sequences, and peak memory.
+Face format): EK-FAC fit, pairwise scoring, index build and index query as multiples of one
+forward+backward pass over the same sequences, at two data sizes (so the fixed costs and the
+per-token cost separate), with each step's peak memory.
 
   nice -n 10 python -m benchmarks.pretrained                       # writes docs/benchmarks/pretrained.json
   python -m benchmarks.pretrained --render docs/benchmarks/pretrained.json   # its section of docs/pretrained.md
   python -m benchmarks.pretrained --config gpu --out gpu.json       # 410M and 1B shapes (prepared, see below)
 
-Each shape runs in its own process (so its peak resident memory is its own):
+For each row (a shape, a sequence length, a layer selection) the parent process writes one
+random-weight checkpoint with ``influence.pretrained.save_pretrained``; then, for each data
+size ``N`` of the row, every step runs in its OWN process (so its peak resident memory,
+``ru_maxrss``, is its own), loading the checkpoint with ``influence.pretrained.load_model``
+as a user's would:
 
-1. a random-weight model of the shape is written with ``influence.pretrained.save_pretrained``
-   and loaded back with ``influence.pretrained.load`` (the path a user's checkpoint takes);
-2. ``N`` random token sequences of ``T`` tokens are the training data, 4 more the queries;
-3. **forward+backward**: a jitted gradient of the summed next-token loss with respect to
-   every parameter, over the ``N`` sequences in batches of ``--batch-size``; best of two
-   passes after a compiling one;
-4. **fit**: ``fit_factors`` (EK-FAC, sampled Fisher: two passes) on the tracked layers;
-5. **scores**: ``pairwise_scores`` of the 4 queries against the ``N`` sequences.
+* ``fb`` — one training step's work, repeated: a jitted gradient of the summed next-token
+  loss with respect to EVERY parameter, batch after batch over the ``N`` sequences. The first
+  batch compiles (reported apart); the pass's time is the median batch time × batches (the
+  median resists the other jobs' load spikes). Its peak memory is one training step's
+  (parameters, gradients, activations of one batch; no optimizer state).
+* ``fit`` — ``fit_factors`` (EK-FAC; the sampled Fisher the task's rule picks: two passes).
+* ``scores`` — ``pairwise_scores`` of 4 query sequences against the ``N``.
+* ``index`` — ``build_index`` (the default compression) of the ``N``.
+* ``query`` — ``pairwise_scores(..., index=)``: the same 4 queries answered from the index.
 
-Fit and scores are timed as a user meets them, compilation included, so at these small
-``N`` the fixed costs (compiling, the eigendecompositions of the tracked layers' factors)
-weigh far more than they would on the issue's 2k–8k sequences. ``ru_maxrss`` after each
-step is the process's peak resident memory so far.
+Each is timed as a user meets it (compilation and eigendecompositions included). The data
+of the smaller ``N`` is a prefix of the larger's and the batch shape is the same, so a
+step's fixed costs (compiling, eigendecompositions, setup) are the same at both sizes: the
+**slope** ``(t(N₂) − t(N₁)) / (fb(N₂) − fb(N₁))`` is the step's cost in forward+backward
+passes per extra token (its multiple at large ``N``), the **intercept**
+``t(N₁) − slope·fb(N₁)`` its fixed cost in seconds.
 
-The ``cpu`` config is REDUCED to what a 2-core machine shared with other jobs runs in a few
-minutes: few sequences, 128 tokens, only block 0's MLP tracked. The ``gpu`` config (Pythia
-410M and 1B shapes, 2,048 sequences of 512 tokens, every MLP tracked) is prepared for one
-accelerator but has not been run.
+The ``cpu`` config is what a 2-core machine shared with other jobs runs in about half an
+hour; the JSON also records an estimate of one forward+backward over 2,048 × 512 tokens from
+the measured per-token time. The ``gpu`` config (Pythia 410M and 1B shapes, 512 and 2,048
+sequences of 512 tokens, every MLP tracked) is prepared for one accelerator.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,17 +56,22 @@ OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "pretrained.
 
 # Pythia's shapes (GPT-NeoX: parallel residual, rotary on 25% of each head, untied head).
 SHAPES = {
+    "pythia-14m": {"d_model": 128, "n_layers": 6, "n_heads": 4, "d_mlp": 512},
     "pythia-70m": {"d_model": 512, "n_layers": 6, "n_heads": 8, "d_mlp": 2048},
     "pythia-160m": {"d_model": 768, "n_layers": 12, "n_heads": 12, "d_mlp": 3072},
     "pythia-410m": {"d_model": 1024, "n_layers": 24, "n_heads": 16, "d_mlp": 4096},
     "pythia-1b": {"d_model": 2048, "n_layers": 16, "n_heads": 8, "d_mlp": 8192},
 }
 VOCAB = 50304
+N_QUERIES = 4
+STEPS = ("fb", "fit", "scores", "index", "query")
+# Every attention and MLP projection of every block (not the 512 x 50,304 output head).
+BLOCKS = r"blocks\.\d+\.(attn|mlp)\."
 CONFIGS = {
-    # (shape, sequences, tokens per sequence, batch size, layers)
-    "cpu": [("pythia-70m", 8, 128, 4, r"blocks\.0\.mlp"), ("pythia-160m", 4, 128, 2, r"blocks\.0\.mlp")],
-    "gpu": [("pythia-410m", 2048, 512, 16, "mlp"), ("pythia-1b", 2048, 512, 8, "mlp")],
-    "smoke": [("pythia-70m", 4, 16, 2, r"blocks\.0\.mlp")],  # the test's: seconds
+    # rows of (shape, [N₁, N₂] sequences, tokens per sequence, batch size, layers, vocabulary or None)
+    "cpu": [("pythia-70m", [4, 16], 512, 4, BLOCKS, None)],
+    "gpu": [("pythia-410m", [512, 2048], 512, 16, "mlp", None), ("pythia-1b", [512, 2048], 512, 8, "mlp", None)],
+    "smoke": [("pythia-14m", [2, 4], 16, 2, r"blocks\.0\.mlp", 512)],  # the test's: seconds
 }
 
 
@@ -65,8 +79,41 @@ def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
 
 
-def measure(shape: str, n: int, t: int, batch_size: int, layers: str, shrink_vocab: int | None = None) -> dict:
-    """One shape's row (runs in the calling process)."""
+def arch_of(shape: str, vocab: int | None = None):
+    """The ``ArchConfig`` of a Pythia shape (GPT-NeoX) with ``vocab`` tokens (default Pythia's)."""
+    import influence.pretrained as hf
+
+    s = SHAPES[shape]
+    head = s["d_model"] // s["n_heads"]
+    return hf.ArchConfig(family="neox", model_type="gpt_neox", vocab_size=vocab or VOCAB, d_model=s["d_model"],
+                         n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_heads"], head_dim=head,
+                         d_mlp=s["d_mlp"], context_length=2048, norm="layernorm", norm_eps=1e-5, activation="gelu",
+                         gated_mlp=False, parallel_residual=True, tied_embeddings=False, qkv_bias=True, o_bias=True,
+                         mlp_bias=True, rotary_dim=head // 4, rope_theta=10000.0)
+
+
+def write_checkpoint(shape: str, folder: str | Path, vocab: int | None = None, seed: int = 0) -> None:
+    """A random-weight checkpoint of ``shape`` in the Hugging Face format (float32)."""
+    from flax import nnx
+
+    import influence.pretrained as hf
+
+    hf.save_pretrained(hf.PretrainedLM(arch_of(shape, vocab), rngs=nnx.Rngs(seed)), folder)
+
+
+def token_data(n: int, t: int, vocab: int, n_queries: int = N_QUERIES):
+    """``(train, queries)``: ``n`` random sequences of ``t`` tokens (those of a smaller ``n``
+    are a prefix of a larger's) and ``n_queries`` more drawn apart, as CausalLM batches."""
+    import numpy as np
+
+    train = np.random.default_rng(0).integers(0, vocab, size=(n, t), dtype=np.int32)
+    queries = np.random.default_rng(1).integers(0, vocab, size=(n_queries, t), dtype=np.int32)
+    return ({"input_ids": train, "loss_mask": np.ones((n, t), np.int32)},
+            {"input_ids": queries, "loss_mask": np.ones((n_queries, t), np.int32)})
+
+
+def run_step(step: str, folder: str, work: str, n: int, t: int, batch_size: int, layers: str) -> dict:
+    """One step at one size, in the calling process (see the module docstring)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -76,64 +123,100 @@ def measure(shape: str, n: int, t: int, batch_size: int, layers: str, shrink_voc
     import influence.pretrained as hf
     from influence.tasks import CausalLM
 
-    vocab = shrink_vocab or VOCAB
-    s = SHAPES[shape]
-    arch = hf.ArchConfig(family="neox", model_type="gpt_neox", vocab_size=vocab, d_model=s["d_model"],
-                         n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_heads"],
-                         head_dim=s["d_model"] // s["n_heads"], d_mlp=s["d_mlp"], context_length=2048,
-                         norm="layernorm", norm_eps=1e-5, activation="gelu", gated_mlp=False, parallel_residual=True,
-                         tied_embeddings=False, qkv_bias=True, o_bias=True, mlp_bias=True,
-                         rotary_dim=(s["d_model"] // s["n_heads"]) // 4, rope_theta=10000.0)
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        hf.save_pretrained(hf.PretrainedLM(arch, rngs=nnx.Rngs(0)), tmp)
-        model, _ = hf.load_model(tmp)
-        load_s = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, vocab, size=(n + 4, t), dtype=np.int32)
-    train = {"input_ids": ids[:n], "loss_mask": np.ones((n, t), np.int32)}
-    queries = {"input_ids": ids[n:], "loss_mask": np.ones((4, t), np.int32)}
+    model, arch = hf.load_model(folder)
+    train, queries = token_data(n, t, arch.vocab_size)
     task = CausalLM()
-    graphdef, params = nnx.split(model)
+    work = Path(work)
+    factors_file = work / f"factors-{n}.npz"
+    warnings.simplefilter("ignore", inf.UntrackedParametersWarning)  # intended: only `layers` are tracked
+    row: dict = {"step": step, "sequences": n}
+    if step == "fb":
+        graphdef, params = nnx.split(model)
 
-    @jax.jit
-    def grad_step(params, batch):
-        def loss(p):
-            return task.loss(nnx.merge(graphdef, p), batch).sum()
+        @jax.jit
+        def grad_step(params, batch):
+            return jax.grad(lambda p: task.loss(nnx.merge(graphdef, p), batch).sum())(params)
 
-        return jax.grad(loss)(params)
-
-    def pass_over() -> float:
+        first = {k: jnp.asarray(v[:batch_size]) for k, v in train.items()}
         t0 = time.perf_counter()
+        jax.block_until_ready(grad_step(params, first))  # compiles
+        row["first_batch_s"] = round(time.perf_counter() - t0, 2)
+        times = []
         for i in range(0, n, batch_size):
             batch = {k: jnp.asarray(v[i:i + batch_size]) for k, v in train.items()}
+            t0 = time.perf_counter()
             jax.block_until_ready(grad_step(params, batch))
-        return time.perf_counter() - t0
+            times.append(time.perf_counter() - t0)
+        row.update(batch_s=[round(x, 3) for x in times], seconds=round(statistics.median(times) * len(times), 2))
+        row["parameters"] = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
+    elif step == "fit":
+        t0 = time.perf_counter()
+        factors = inf.fit_factors(model, task, train, layers=layers, batch_size=batch_size, progress=False)
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        factors.save(factors_file)
+        row["tracked_layers"] = list(factors.layer_names)
+        row["tracked_parameters"] = sum(int(np.prod(model_kernel.shape)) for name, model_kernel in
+                                        _kernels(model, factors.layer_names))
+        row["fisher"] = factors.metadata.get("fisher")
+    elif step == "scores":
+        factors = inf.Factors.load(factors_file)
+        t0 = time.perf_counter()
+        scores = inf.pairwise_scores(model, task, factors, queries, train, batch_size=batch_size, progress=False)
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        values = np.asarray(scores.values)
+        assert np.isfinite(values).all()
+        np.save(work / f"scores-{n}.npy", values)
+    elif step == "index":
+        factors = inf.Factors.load(factors_file)
+        t0 = time.perf_counter()
+        index = inf.build_index(model, task, factors, train, path=work / f"index-{n}", overwrite=True,
+                                batch_size=batch_size, progress=False)
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        row["compression"] = str(index.compression)
+        row["index_mb"] = round(sum(f.stat().st_size for f in (work / f"index-{n}").rglob("*") if f.is_file()) / 1e6, 1)
+    elif step == "query":
+        factors = inf.Factors.load(factors_file)
+        t0 = time.perf_counter()
+        scores = inf.pairwise_scores(model, task, factors, queries, train, index=work / f"index-{n}",
+                                     batch_size=batch_size, progress=False)
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        exact = np.load(work / f"scores-{n}.npy")
+        approx = np.asarray(scores.values)
+        k = min(10, n)
+        top = [len(set(np.argsort(-e)[:k]) & set(np.argsort(-a)[:k])) / k for e, a in zip(exact, approx)]
+        row["top10_vs_rescan"] = round(float(np.mean(top)), 3)
+    else:
+        raise ValueError(f"unknown step {step!r}; expected one of {STEPS}")
+    row["peak_gb"] = round(_peak_gb(), 2)
+    row["device"] = str(jax.devices()[0].platform)
+    return row
 
-    first_fb = pass_over()
-    fb = min(pass_over(), pass_over())
-    peak_fb = _peak_gb()
-    t0 = time.perf_counter()
-    warnings.simplefilter("ignore", inf.UntrackedParametersWarning)  # intended: only `layers` are tracked
-    factors = inf.fit_factors(model, task, train, layers=layers, batch_size=batch_size, progress=False)
-    fit_s = time.perf_counter() - t0
-    peak_fit = _peak_gb()
-    t0 = time.perf_counter()
-    scores = inf.pairwise_scores(model, task, factors, queries, train, batch_size=batch_size, progress=False)
-    score_s = time.perf_counter() - t0
-    peak_score = _peak_gb()
-    assert np.isfinite(np.asarray(scores.values)).all()
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
-    tracked = sum(int(np.prod(x.shape)) for name in factors.layer_names
-                  for x in (factors.layers[name].q_a, factors.layers[name].q_s))
-    return {"shape": shape, "parameters": n_params, "vocab": vocab, "sequences": n, "tokens": t,
-            "batch_size": batch_size, "layers": layers, "tracked_layers": list(factors.layer_names),
-            "factor_entries": tracked, "write_and_load_s": round(load_s, 2),
-            "forward_backward_s": round(fb, 3), "forward_backward_first_s": round(first_fb, 2),
-            "fit_s": round(fit_s, 2), "scores_s": round(score_s, 2),
-            "fit_x": round(fit_s / fb, 2), "scores_x": round(score_s / fb, 2),
-            "peak_gb_after_forward_backward": round(peak_fb, 2), "peak_gb_after_fit": round(peak_fit, 2),
-            "peak_gb_after_scores": round(peak_score, 2), "device": str(jax.devices()[0].platform)}
+
+def _kernels(model, names):
+    from flax import nnx
+
+    modules = dict((".".join(map(str, path)), m) for path, m in nnx.iter_graph(model) if isinstance(m, nnx.Linear))
+    return [(name, modules[name].kernel.value) for name in names if name in modules]
+
+
+def summarize(sizes: list[int], steps: dict[str, list[dict]], t: int) -> dict:
+    """Per step: seconds and multiple of the forward+backward at each size, the slope (extra
+    seconds per extra forward+backward second: the multiple at large N) and the intercept
+    (fixed seconds); peak memory ÷ the training step's."""
+    fb = [r["seconds"] for r in steps["fb"]]
+    peak_step = max(r["peak_gb"] for r in steps["fb"])
+    out = {}
+    for step, rows in steps.items():
+        secs = [r["seconds"] for r in rows]
+        slope = (secs[-1] - secs[0]) / (fb[-1] - fb[0]) if len(sizes) > 1 and fb[-1] != fb[0] else None
+        out[step] = {"seconds": secs, "x_fb": [round(s / f, 2) for s, f in zip(secs, fb)],
+                     "slope_x_fb": None if slope is None else round(slope, 2),
+                     "fixed_s": None if slope is None else round(secs[0] - slope * fb[0], 1),
+                     "peak_gb": [r["peak_gb"] for r in rows],
+                     "peak_x_step": round(max(r["peak_gb"] for r in rows) / peak_step, 2)}
+    per_token = fb[-1] / (sizes[-1] * t)
+    out["fb_seconds_2048x512_estimate"] = round(per_token * 2048 * 512)
+    return out
 
 
 def render(results: dict) -> str:
@@ -142,53 +225,106 @@ def render(results: dict) -> str:
     lines = [f"`{results['command']}` — {m['date'][:10]}, {m['cores']} cores, jax {m['jax']} on {m['device']}, "
              f"load average {', '.join(f'{x:.1f}' for x in results['load_start'])} at the start and "
              f"{', '.join(f'{x:.1f}' for x in results['load_end'])} at the end (1, 5, 15 min; other jobs shared the "
-             "machine). Random weights, Pythia shapes, REDUCED sizes (above); fit and scores include compilation "
-             "and the eigendecompositions.", "",
-             "| shape | parameters | data | tracked | forward+backward (s) | fit (s) | fit ÷ f+b | scores (s) "
-             "| scores ÷ f+b | peak after f+b / fit / scores (GB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results["rows"]:
-        lines.append(f"| {r['shape']} | {r['parameters'] / 1e6:.0f}M | {r['sequences']} × {r['tokens']} tokens | "
-                     f"{', '.join(r['tracked_layers'])} | {r['forward_backward_s']:.2f} | {r['fit_s']:.1f} | "
-                     f"{r['fit_x']:.1f}× | {r['scores_s']:.1f} | {r['scores_x']:.1f}× | "
-                     f"{r['peak_gb_after_forward_backward']:.1f} / {r['peak_gb_after_fit']:.1f} / "
-                     f"{r['peak_gb_after_scores']:.1f} |")
-    return "\n".join(lines)
+             "machine). Random weights, Pythia shapes; every step timed as a user meets it (compilation and "
+             "eigendecompositions included), each in its own process.", ""]
+    for row in results["rows"]:
+        sizes, s, t = row["sizes"], row["summary"], row["tokens"]
+        data = " and ".join(f"{n} × {t}" for n in sizes)
+        lines += [f"**{row['shape']}** ({row['parameters'] / 1e6:.0f}M parameters), {data} tokens, batches of "
+                  f"{row['batch_size']}; tracked: {len(row['tracked_layers'])} layers "
+                  f"(`{row['layers']}`, {row['tracked_parameters'] / 1e6:.1f}M parameters), Fisher "
+                  f"{row['fisher']}; index compression `{row['compression']}`. One forward+backward over "
+                  f"2,048 × 512 tokens would take about {s['fb_seconds_2048x512_estimate'] / 3600:.1f} h here "
+                  "(the per-token time of the larger size).", "",
+                  "| step | " + " | ".join(f"s at N={n}" for n in sizes) + " | "
+                  + " | ".join(f"÷ f+b at N={n}" for n in sizes)
+                  + " | slope (× f+b per extra token) | fixed (s) | peak (GB) | peak ÷ training step's |",
+                  "|---|" + "---|" * (2 * len(sizes) + 4)]
+        names = {"fb": "forward+backward", "fit": "factor fit", "scores": f"pairwise scores ({N_QUERIES} queries)",
+                 "index": "index build", "query": f"index query ({N_QUERIES} queries)"}
+        for step in STEPS:
+            r = s[step]
+            slope = "—" if r["slope_x_fb"] is None else f"{r['slope_x_fb']:.2f}"
+            fixed = "—" if r["fixed_s"] is None else f"{r['fixed_s']:.0f}"
+            lines.append(f"| {names[step]} | " + " | ".join(f"{x:.1f}" for x in r["seconds"]) + " | "
+                         + " | ".join(f"{x:.2f}" for x in r["x_fb"]) + f" | {slope} | {fixed} | "
+                         + " / ".join(f"{x:.2f}" for x in r["peak_gb"]) + f" | {r['peak_x_step']:.2f} |")
+        lines.append("")
+        lines.append(f"Index top-10 agreement with the rescan's scores: "
+                     + ", ".join(f"{x:.2f} at N={n}" for n, x in zip(sizes, row["top10_vs_rescan"])) + ".")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def measure_row(shape: str, sizes: list[int], t: int, batch_size: int, layers: str, vocab: int | None,
+                work: str, in_process: bool = False) -> dict:
+    """One row: a checkpoint written once, then every step at every size (each in its own
+    process unless ``in_process``, the test's smoke run)."""
+    folder = str(Path(work) / "checkpoint")
+    t0 = time.perf_counter()
+    write_checkpoint(shape, folder, vocab)
+    write_s = time.perf_counter() - t0
+    steps: dict[str, list[dict]] = {step: [] for step in STEPS}
+    for n in sizes:
+        for step in STEPS:
+            spec = [step, folder, work, n, t, batch_size, layers]
+            if in_process:
+                result = run_step(*spec)
+            else:
+                out = subprocess.run([sys.executable, "-m", "benchmarks.pretrained", "--step", json.dumps(spec)],
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    raise RuntimeError(f"step {spec} failed:\n{out.stderr[-4000:]}")
+                result = json.loads(next(x[4:] for x in out.stdout.splitlines() if x.startswith("ROW ")))
+            print(json.dumps(result), flush=True)
+            steps[step].append(result)
+    fit = steps["fit"][-1]
+    return {"shape": shape, "parameters": steps["fb"][0]["parameters"], "vocab": vocab or VOCAB, "sizes": sizes,
+            "tokens": t, "batch_size": batch_size, "layers": layers, "tracked_layers": fit["tracked_layers"],
+            "tracked_parameters": fit["tracked_parameters"], "fisher": fit["fisher"],
+            "compression": steps["index"][-1]["compression"],
+            "index_mb": [r["index_mb"] for r in steps["index"]],
+            "top10_vs_rescan": [r["top10_vs_rescan"] for r in steps["query"]],
+            "write_checkpoint_s": round(write_s, 1), "device": steps["fb"][0]["device"],
+            "fb_first_batch_s": [r["first_batch_s"] for r in steps["fb"]],
+            "summary": summarize(sizes, steps, t),
+            "steps": {step: [{k: v for k, v in r.items() if k not in ("tracked_layers", "device")} for r in rows]
+                      for step, rows in steps.items()}}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--work", help="folder for the checkpoint, factors and index (default: a temporary one)")
     parser.add_argument("--render", metavar="RESULTS", help="print the doc section of a results file")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one row as JSON
+    parser.add_argument("--step", help=argparse.SUPPRESS)  # a child process: one step as JSON
     args = parser.parse_args(argv)
     if args.render:
         print(render(json.loads(Path(args.render).read_text())))
         return 0
-    if args.one:
-        shape, n, t, b, layers, vocab = json.loads(args.one)
-        print("ROW " + json.dumps(measure(shape, n, t, b, layers, vocab)))
+    if args.step:
+        print("ROW " + json.dumps(run_step(*json.loads(args.step))))
         return 0
     import jax
 
     load_start = os.getloadavg()
     rows = []
-    for shape, n, t, b, layers in CONFIGS[args.config]:
-        vocab = 512 if args.config == "smoke" else None
-        out = subprocess.run([sys.executable, "-m", "benchmarks.pretrained", "--one",
-                              json.dumps([shape, n, t, b, layers, vocab])], capture_output=True, text=True,
-                             check=True)
-        rows.append(json.loads(next(line[4:] for line in out.stdout.splitlines() if line.startswith("ROW "))))
-        print(json.dumps(rows[-1]))
+    with tempfile.TemporaryDirectory(dir=args.work) as work:
+        for shape, sizes, t, b, layers, vocab in CONFIGS[args.config]:
+            sub = Path(work) / shape
+            sub.mkdir()
+            rows.append(measure_row(shape, sizes, t, b, layers, vocab, str(sub)))
     results = {"command": f"nice -n 10 python -m benchmarks.pretrained --config {args.config}",
-               "machine": {"date": datetime.datetime.now(datetime.UTC).isoformat(), "cores": os.cpu_count(),
-                           "processor": platform.processor() or platform.machine(), "jax": jax.__version__,
-                           "device": rows[0]["device"]},
+               "machine": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                           "cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                           "jax": jax.__version__, "device": rows[0]["device"]},
                "load_start": [round(x, 2) for x in load_start], "load_end": [round(x, 2) for x in os.getloadavg()],
                "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    tmp = Path(args.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(args.out)
     print(render(results))
     return 0
 
