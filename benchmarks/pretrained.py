@@ -69,7 +69,7 @@ STEPS = ("fb", "fit", "scores", "index", "query")
 BLOCKS = r"blocks\.\d+\.(attn|mlp)\."
 CONFIGS = {
     # rows of (shape, [N₁, N₂] sequences, tokens per sequence, batch size, layers, vocabulary or None)
-    "cpu": [("pythia-70m", [4, 16], 512, 4, BLOCKS, None)],
+    "cpu": [("pythia-70m", [2, 6], 512, 2, BLOCKS, None)],
     "gpu": [("pythia-410m", [512, 2048], 512, 16, "mlp", None), ("pythia-1b", [512, 2048], 512, 8, "mlp", None)],
     "smoke": [("pythia-14m", [2, 4], 16, 2, r"blocks\.0\.mlp", 512)],  # the test's: seconds
 }
@@ -77,6 +77,28 @@ CONFIGS = {
 
 def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children (all threads).
+    On a machine shared with other jobs it measures the work, where wall time measures
+    the share of the cores the job got."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        total += r.ru_utime + r.ru_stime
+    return total
+
+
+class _Timer:
+    """Wall and CPU seconds of a ``with`` block (``.wall``, ``.cpu``)."""
+
+    def __enter__(self):
+        self.w0, self.c0 = time.perf_counter(), cpu_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.w0, cpu_seconds() - self.c0
 
 
 def arch_of(shape: str, vocab: int | None = None):
@@ -138,21 +160,23 @@ def run_step(step: str, folder: str, work: str, n: int, t: int, batch_size: int,
             return jax.grad(lambda p: task.loss(nnx.merge(graphdef, p), batch).sum())(params)
 
         first = {k: jnp.asarray(v[:batch_size]) for k, v in train.items()}
-        t0 = time.perf_counter()
-        jax.block_until_ready(grad_step(params, first))  # compiles
-        row["first_batch_s"] = round(time.perf_counter() - t0, 2)
-        times = []
+        with _Timer() as first_t:
+            jax.block_until_ready(grad_step(params, first))  # compiles
+        row.update(first_batch_s=round(first_t.wall, 2), first_batch_cpu_s=round(first_t.cpu, 2))
+        walls, cpus = [], []
         for i in range(0, n, batch_size):
             batch = {k: jnp.asarray(v[i:i + batch_size]) for k, v in train.items()}
-            t0 = time.perf_counter()
-            jax.block_until_ready(grad_step(params, batch))
-            times.append(time.perf_counter() - t0)
-        row.update(batch_s=[round(x, 3) for x in times], seconds=round(statistics.median(times) * len(times), 2))
+            with _Timer() as bt:
+                jax.block_until_ready(grad_step(params, batch))
+            walls.append(bt.wall)
+            cpus.append(bt.cpu)
+        row.update(batch_s=[round(x, 3) for x in walls], batch_cpu_s=[round(x, 2) for x in cpus],
+                   seconds=round(statistics.median(walls) * len(walls), 2),
+                   cpu_s=round(statistics.median(cpus) * len(cpus), 2))
         row["parameters"] = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
     elif step == "fit":
-        t0 = time.perf_counter()
-        factors = inf.fit_factors(model, task, train, layers=layers, batch_size=batch_size, progress=False)
-        row["seconds"] = round(time.perf_counter() - t0, 2)
+        with _Timer() as timer:
+            factors = inf.fit_factors(model, task, train, layers=layers, batch_size=batch_size, progress=False)
         factors.save(factors_file)
         row["tracked_layers"] = list(factors.layer_names)
         row["tracked_parameters"] = sum(int(np.prod(model_kernel.shape)) for name, model_kernel in
@@ -160,26 +184,23 @@ def run_step(step: str, folder: str, work: str, n: int, t: int, batch_size: int,
         row["fisher"] = factors.metadata.get("fisher")
     elif step == "scores":
         factors = inf.Factors.load(factors_file)
-        t0 = time.perf_counter()
-        scores = inf.pairwise_scores(model, task, factors, queries, train, batch_size=batch_size, progress=False)
-        row["seconds"] = round(time.perf_counter() - t0, 2)
+        with _Timer() as timer:
+            scores = inf.pairwise_scores(model, task, factors, queries, train, batch_size=batch_size, progress=False)
         values = np.asarray(scores.values)
         assert np.isfinite(values).all()
         np.save(work / f"scores-{n}.npy", values)
     elif step == "index":
         factors = inf.Factors.load(factors_file)
-        t0 = time.perf_counter()
-        index = inf.build_index(model, task, factors, train, path=work / f"index-{n}", overwrite=True,
-                                batch_size=batch_size, progress=False)
-        row["seconds"] = round(time.perf_counter() - t0, 2)
+        with _Timer() as timer:
+            index = inf.build_index(model, task, factors, train, path=work / f"index-{n}", overwrite=True,
+                                    batch_size=batch_size, progress=False)
         row["compression"] = str(index.compression)
         row["index_mb"] = round(sum(f.stat().st_size for f in (work / f"index-{n}").rglob("*") if f.is_file()) / 1e6, 1)
     elif step == "query":
         factors = inf.Factors.load(factors_file)
-        t0 = time.perf_counter()
-        scores = inf.pairwise_scores(model, task, factors, queries, train, index=work / f"index-{n}",
-                                     batch_size=batch_size, progress=False)
-        row["seconds"] = round(time.perf_counter() - t0, 2)
+        with _Timer() as timer:
+            scores = inf.pairwise_scores(model, task, factors, queries, train, index=work / f"index-{n}",
+                                         batch_size=batch_size, progress=False)
         exact = np.load(work / f"scores-{n}.npy")
         approx = np.asarray(scores.values)
         k = min(10, n)
@@ -187,6 +208,8 @@ def run_step(step: str, folder: str, work: str, n: int, t: int, batch_size: int,
         row["top10_vs_rescan"] = round(float(np.mean(top)), 3)
     else:
         raise ValueError(f"unknown step {step!r}; expected one of {STEPS}")
+    if step != "fb":
+        row.update(seconds=round(timer.wall, 2), cpu_s=round(timer.cpu, 2))
     row["peak_gb"] = round(_peak_gb(), 2)
     row["device"] = str(jax.devices()[0].platform)
     return row
@@ -200,23 +223,32 @@ def _kernels(model, names):
 
 
 def summarize(sizes: list[int], steps: dict[str, list[dict]], t: int) -> dict:
-    """Per step: seconds and multiple of the forward+backward at each size, the slope (extra
-    seconds per extra forward+backward second: the multiple at large N) and the intercept
-    (fixed seconds); peak memory ÷ the training step's."""
-    fb = [r["seconds"] for r in steps["fb"]]
+    """Per step, in CPU seconds (the work; wall seconds kept beside them): the seconds and
+    the multiple of the forward+backward at each size, the slope (extra seconds per extra
+    forward+backward second: the multiple at large N) and the intercept (fixed seconds);
+    peak memory ÷ the training step's."""
+    fb = [r["cpu_s"] for r in steps["fb"]]
     peak_step = max(r["peak_gb"] for r in steps["fb"])
     out = {}
     for step, rows in steps.items():
-        secs = [r["seconds"] for r in rows]
+        secs = [r["cpu_s"] for r in rows]
         slope = (secs[-1] - secs[0]) / (fb[-1] - fb[0]) if len(sizes) > 1 and fb[-1] != fb[0] else None
-        out[step] = {"seconds": secs, "x_fb": [round(s / f, 2) for s, f in zip(secs, fb)],
+        out[step] = {"cpu_s": secs, "wall_s": [r["seconds"] for r in rows],
+                     "x_fb": [round(s / f, 2) for s, f in zip(secs, fb)],
                      "slope_x_fb": None if slope is None else round(slope, 2),
-                     "fixed_s": None if slope is None else round(secs[0] - slope * fb[0], 1),
+                     "fixed_cpu_s": None if slope is None else round(secs[0] - slope * fb[0], 1),
                      "peak_gb": [r["peak_gb"] for r in rows],
                      "peak_x_step": round(max(r["peak_gb"] for r in rows) / peak_step, 2)}
     per_token = fb[-1] / (sizes[-1] * t)
-    out["fb_seconds_2048x512_estimate"] = round(per_token * 2048 * 512)
+    out["fb_cpu_s_2048x512_estimate"] = round(per_token * 2048 * 512)
+    out["fit_cpu_s_2048x512_estimate"] = (None if out["fit"]["slope_x_fb"] is None else
+                                          round(out["fit"]["fixed_cpu_s"] + out["fit"]["slope_x_fb"] * per_token
+                                                * 2048 * 512))
     return out
+
+
+STEP_NAMES = {"fb": "forward+backward", "fit": "factor fit", "scores": f"pairwise scores ({N_QUERIES} queries)",
+              "index": "index build", "query": f"index query ({N_QUERIES} queries)"}
 
 
 def render(results: dict) -> str:
@@ -225,33 +257,37 @@ def render(results: dict) -> str:
     lines = [f"`{results['command']}` — {m['date'][:10]}, {m['cores']} cores, jax {m['jax']} on {m['device']}, "
              f"load average {', '.join(f'{x:.1f}' for x in results['load_start'])} at the start and "
              f"{', '.join(f'{x:.1f}' for x in results['load_end'])} at the end (1, 5, 15 min; other jobs shared the "
-             "machine). Random weights, Pythia shapes; every step timed as a user meets it (compilation and "
-             "eigendecompositions included), each in its own process.", ""]
+             "machine). Random weights, Pythia shapes; every step as a user meets it (compilation and "
+             "eigendecompositions included), each in its own process, measured in CPU seconds (user + system, all "
+             "threads: the work, which the load does not stretch; wall seconds beside them).", ""]
     for row in results["rows"]:
         sizes, s, t = row["sizes"], row["summary"], row["tokens"]
         data = " and ".join(f"{n} × {t}" for n in sizes)
-        lines += [f"**{row['shape']}** ({row['parameters'] / 1e6:.0f}M parameters), {data} tokens, batches of "
+        fit_est = s["fit_cpu_s_2048x512_estimate"]
+        lines += [f"**{row['shape']}** ({row['parameters'] / 1e6:.0f}M parameters), N = {data} tokens, batches of "
                   f"{row['batch_size']}; tracked: {len(row['tracked_layers'])} layers "
                   f"(`{row['layers']}`, {row['tracked_parameters'] / 1e6:.1f}M parameters), Fisher "
-                  f"{row['fisher']}; index compression `{row['compression']}`. One forward+backward over "
-                  f"2,048 × 512 tokens would take about {s['fb_seconds_2048x512_estimate'] / 3600:.1f} h here "
-                  "(the per-token time of the larger size).", "",
-                  "| step | " + " | ".join(f"s at N={n}" for n in sizes) + " | "
-                  + " | ".join(f"÷ f+b at N={n}" for n in sizes)
-                  + " | slope (× f+b per extra token) | fixed (s) | peak (GB) | peak ÷ training step's |",
-                  "|---|" + "---|" * (2 * len(sizes) + 4)]
-        names = {"fb": "forward+backward", "fit": "factor fit", "scores": f"pairwise scores ({N_QUERIES} queries)",
-                 "index": "index build", "query": f"index query ({N_QUERIES} queries)"}
+                  f"{row['fisher']}; index compression `{row['compression']}`. At the measured per-token cost, one "
+                  f"forward+backward over 2,048 × 512 tokens is about {s['fb_cpu_s_2048x512_estimate'] / 3600:.1f} "
+                  "CPU hours here"
+                  + (f" and the factor fit about {fit_est / 3600:.1f}" if fit_est is not None else "")
+                  + ": out of reach of this machine.", "",
+                  "| step | " + " | ".join(f"CPU s, N={n}" for n in sizes) + " | "
+                  + " | ".join(f"÷ f+b, N={n}" for n in sizes)
+                  + " | slope: × f+b per extra token | fixed CPU s | wall s | peak GB | peak ÷ training step's |",
+                  "|---|" + "---|" * (2 * len(sizes) + 5)]
         for step in STEPS:
             r = s[step]
             slope = "—" if r["slope_x_fb"] is None else f"{r['slope_x_fb']:.2f}"
-            fixed = "—" if r["fixed_s"] is None else f"{r['fixed_s']:.0f}"
-            lines.append(f"| {names[step]} | " + " | ".join(f"{x:.1f}" for x in r["seconds"]) + " | "
+            fixed = "—" if r["fixed_cpu_s"] is None else f"{r['fixed_cpu_s']:.0f}"
+            lines.append(f"| {STEP_NAMES[step]} | " + " | ".join(f"{x:.1f}" for x in r["cpu_s"]) + " | "
                          + " | ".join(f"{x:.2f}" for x in r["x_fb"]) + f" | {slope} | {fixed} | "
+                         + " / ".join(f"{x:.0f}" for x in r["wall_s"]) + " | "
                          + " / ".join(f"{x:.2f}" for x in r["peak_gb"]) + f" | {r['peak_x_step']:.2f} |")
         lines.append("")
-        lines.append(f"Index top-10 agreement with the rescan's scores: "
-                     + ", ".join(f"{x:.2f} at N={n}" for n, x in zip(sizes, row["top10_vs_rescan"])) + ".")
+        lines.append("Index top-10 agreement with the rescan's scores: "
+                     + ", ".join(f"{x:.2f} at N={n}" for n, x in zip(sizes, row["top10_vs_rescan"]))
+                     + f"; index size {' / '.join(f'{x:.1f}' for x in row['index_mb'])} MB.")
         lines.append("")
     return "\n".join(lines).rstrip()
 
@@ -262,13 +298,23 @@ def measure_row(shape: str, sizes: list[int], t: int, batch_size: int, layers: s
     process unless ``in_process``, the test's smoke run)."""
     folder = str(Path(work) / "checkpoint")
     t0 = time.perf_counter()
-    write_checkpoint(shape, folder, vocab)
+    if not (Path(folder) / "config.json").is_file():  # a kept work folder resumes (same seed, same weights)
+        write_checkpoint(shape, folder, vocab)
     write_s = time.perf_counter() - t0
+    # Each finished step is appended to steps.jsonl: a rerun with the same --work skips it.
+    log = Path(work) / "steps.jsonl"
+    done = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["step"], r["sequences"])] = r
     steps: dict[str, list[dict]] = {step: [] for step in STEPS}
     for n in sizes:
         for step in STEPS:
             spec = [step, folder, work, n, t, batch_size, layers]
-            if in_process:
+            if (step, n) in done:
+                result = done[(step, n)]
+            elif in_process:
                 result = run_step(*spec)
             else:
                 out = subprocess.run([sys.executable, "-m", "benchmarks.pretrained", "--step", json.dumps(spec)],
@@ -276,6 +322,9 @@ def measure_row(shape: str, sizes: list[int], t: int, batch_size: int, layers: s
                 if out.returncode:
                     raise RuntimeError(f"step {spec} failed:\n{out.stderr[-4000:]}")
                 result = json.loads(next(x[4:] for x in out.stdout.splitlines() if x.startswith("ROW ")))
+            if (step, n) not in done:
+                with log.open("a") as f:
+                    f.write(json.dumps(result) + "\n")
             print(json.dumps(result), flush=True)
             steps[step].append(result)
     fit = steps["fit"][-1]
@@ -296,7 +345,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     parser.add_argument("--out", default=str(OUT))
-    parser.add_argument("--work", help="folder for the checkpoint, factors and index (default: a temporary one)")
+    parser.add_argument("--work", help="folder for the checkpoint, factors, index and finished steps, kept: a rerun "
+                        "resumes (default: a temporary one)")
+    parser.add_argument("--sizes", help="comma-separated data sizes N, replacing the config's (e.g. 4,8)")
     parser.add_argument("--render", metavar="RESULTS", help="print the doc section of a results file")
     parser.add_argument("--step", help=argparse.SUPPRESS)  # a child process: one step as JSON
     args = parser.parse_args(argv)
@@ -310,12 +361,16 @@ def main(argv=None) -> int:
 
     load_start = os.getloadavg()
     rows = []
-    with tempfile.TemporaryDirectory(dir=args.work) as work:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or tmp
         for shape, sizes, t, b, layers, vocab in CONFIGS[args.config]:
-            sub = Path(work) / shape
-            sub.mkdir()
+            if args.sizes:
+                sizes = [int(x) for x in args.sizes.split(",")]
+            sub = Path(work) / f"{shape}-{t}"
+            sub.mkdir(parents=True, exist_ok=True)
             rows.append(measure_row(shape, sizes, t, b, layers, vocab, str(sub)))
-    results = {"command": f"nice -n 10 python -m benchmarks.pretrained --config {args.config}",
+    sizes_arg = f" --sizes {args.sizes}" if args.sizes else ""
+    results = {"command": f"nice -n 10 python -m benchmarks.pretrained --config {args.config}{sizes_arg}",
                "machine": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                            "cores": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                            "jax": jax.__version__, "device": rows[0]["device"]},
