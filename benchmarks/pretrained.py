@@ -222,29 +222,51 @@ def _kernels(model, names):
     return [(name, modules[name].kernel.value) for name in names if name in modules]
 
 
-def summarize(sizes: list[int], steps: dict[str, list[dict]], t: int) -> dict:
-    """Per step, in CPU seconds (the work; wall seconds kept beside them): the seconds and
+def summarize(sizes: list[int], steps: dict[str, list[dict]], t: int, clock: str = "cpu_s") -> dict:
+    """Per step, in CPU seconds (``clock="cpu_s"``: the work; on an accelerator
+    ``"seconds"``, wall) with wall seconds beside them: the seconds and
     the multiple of the forward+backward at each size, the slope (extra seconds per extra
     forward+backward second: the multiple at large N) and the intercept (fixed seconds);
     peak memory ÷ the training step's."""
-    fb = [r["cpu_s"] for r in steps["fb"]]
+    fb = [r[clock] for r in steps["fb"]]
     peak_step = max(r["peak_gb"] for r in steps["fb"])
-    out = {}
+    out: dict = {"clock": clock}
     for step, rows in steps.items():
-        secs = [r["cpu_s"] for r in rows]
+        secs = [r[clock] for r in rows]
         slope = (secs[-1] - secs[0]) / (fb[-1] - fb[0]) if len(sizes) > 1 and fb[-1] != fb[0] else None
-        out[step] = {"cpu_s": secs, "wall_s": [r["seconds"] for r in rows],
+        out[step] = {"clock_s": secs, "wall_s": [r["seconds"] for r in rows],
                      "x_fb": [round(s / f, 2) for s, f in zip(secs, fb)],
                      "slope_x_fb": None if slope is None else round(slope, 2),
-                     "fixed_cpu_s": None if slope is None else round(secs[0] - slope * fb[0], 1),
+                     "fixed_s": None if slope is None else round(secs[0] - slope * fb[0], 1),
                      "peak_gb": [r["peak_gb"] for r in rows],
                      "peak_x_step": round(max(r["peak_gb"] for r in rows) / peak_step, 2)}
     per_token = fb[-1] / (sizes[-1] * t)
-    out["fb_cpu_s_2048x512_estimate"] = round(per_token * 2048 * 512)
-    out["fit_cpu_s_2048x512_estimate"] = (None if out["fit"]["slope_x_fb"] is None else
-                                          round(out["fit"]["fixed_cpu_s"] + out["fit"]["slope_x_fb"] * per_token
+    out["fb_s_2048x512_estimate"] = round(per_token * 2048 * 512)
+    out["fit_s_2048x512_estimate"] = (None if out["fit"]["slope_x_fb"] is None else
+                                          round(out["fit"]["fixed_s"] + out["fit"]["slope_x_fb"] * per_token
                                                 * 2048 * 512))
     return out
+
+
+GOALS = {"fit": 2.0, "scores": 1.5}  # forward+backward passes over the same data (issue 23, item 5)
+PEAK_GOAL = 2.0  # × one training step's peak memory
+
+
+def verdict(summary: dict) -> str:
+    """The goals against the measured slopes and peaks, in words."""
+    def met(value, goal):
+        return "met" if value <= goal else "missed"
+
+    parts = []
+    for step, goal in GOALS.items():
+        slope = summary[step]["slope_x_fb"]
+        if slope is not None:
+            parts.append(f"{STEP_NAMES[step]} {slope:.2f}× forward+backward per extra token (goal ≤ {goal:g}: "
+                         f"{met(slope, goal)})")
+    peak = max(summary[step]["peak_x_step"] for step in STEPS)
+    parts.append(f"peak memory at most {peak:.2f}× the training step's (goal ≤ {PEAK_GOAL:g}: "
+                 f"{met(peak, PEAK_GOAL)})")
+    return "Goals, at large N (the slopes; fixed costs excluded): " + "; ".join(parts) + "."
 
 
 STEP_NAMES = {"fb": "forward+backward", "fit": "factor fit", "scores": f"pairwise scores ({N_QUERIES} queries)",
@@ -262,28 +284,31 @@ def render(results: dict) -> str:
              "threads: the work, which the load does not stretch; wall seconds beside them).", ""]
     for row in results["rows"]:
         sizes, s, t = row["sizes"], row["summary"], row["tokens"]
+        unit = "CPU s" if s["clock"] == "cpu_s" else "s"
         data = " and ".join(f"{n} × {t}" for n in sizes)
-        fit_est = s["fit_cpu_s_2048x512_estimate"]
+        fit_est = s["fit_s_2048x512_estimate"]
         lines += [f"**{row['shape']}** ({row['parameters'] / 1e6:.0f}M parameters), N = {data} tokens, batches of "
                   f"{row['batch_size']}; tracked: {len(row['tracked_layers'])} layers "
                   f"(`{row['layers']}`, {row['tracked_parameters'] / 1e6:.1f}M parameters), Fisher "
                   f"{row['fisher']}; index compression `{row['compression']}`. At the measured per-token cost, one "
-                  f"forward+backward over 2,048 × 512 tokens is about {s['fb_cpu_s_2048x512_estimate'] / 3600:.1f} "
-                  "CPU hours here"
+                  f"forward+backward over 2,048 × 512 tokens is about {s['fb_s_2048x512_estimate'] / 3600:.1f} "
+                  f"{'CPU ' if s['clock'] == 'cpu_s' else ''}hours here"
                   + (f" and the factor fit about {fit_est / 3600:.1f}" if fit_est is not None else "")
                   + ": out of reach of this machine.", "",
-                  "| step | " + " | ".join(f"CPU s, N={n}" for n in sizes) + " | "
+                  "| step | " + " | ".join(f"{unit}, N={n}" for n in sizes) + " | "
                   + " | ".join(f"÷ f+b, N={n}" for n in sizes)
-                  + " | slope: × f+b per extra token | fixed CPU s | wall s | peak GB | peak ÷ training step's |",
+                  + f" | slope: × f+b per extra token | fixed {unit} | wall s | peak GB | peak ÷ training step's |",
                   "|---|" + "---|" * (2 * len(sizes) + 5)]
         for step in STEPS:
             r = s[step]
             slope = "—" if r["slope_x_fb"] is None else f"{r['slope_x_fb']:.2f}"
-            fixed = "—" if r["fixed_cpu_s"] is None else f"{r['fixed_cpu_s']:.0f}"
-            lines.append(f"| {STEP_NAMES[step]} | " + " | ".join(f"{x:.1f}" for x in r["cpu_s"]) + " | "
+            fixed = "—" if r["fixed_s"] is None else f"{r['fixed_s']:.0f}"
+            lines.append(f"| {STEP_NAMES[step]} | " + " | ".join(f"{x:.1f}" for x in r["clock_s"]) + " | "
                          + " | ".join(f"{x:.2f}" for x in r["x_fb"]) + f" | {slope} | {fixed} | "
                          + " / ".join(f"{x:.0f}" for x in r["wall_s"]) + " | "
                          + " / ".join(f"{x:.2f}" for x in r["peak_gb"]) + f" | {r['peak_x_step']:.2f} |")
+        lines.append("")
+        lines.append(verdict(s))
         lines.append("")
         lines.append("Index top-10 agreement with the rescan's scores: "
                      + ", ".join(f"{x:.2f} at N={n}" for n, x in zip(sizes, row["top10_vs_rescan"]))
@@ -336,7 +361,7 @@ def measure_row(shape: str, sizes: list[int], t: int, batch_size: int, layers: s
             "top10_vs_rescan": [r["top10_vs_rescan"] for r in steps["query"]],
             "write_checkpoint_s": round(write_s, 1), "device": steps["fb"][0]["device"],
             "fb_first_batch_s": [r["first_batch_s"] for r in steps["fb"]],
-            "summary": summarize(sizes, steps, t),
+            "summary": summarize(sizes, steps, t, "cpu_s" if steps["fb"][0]["device"] == "cpu" else "seconds"),
             "steps": {step: [{k: v for k, v in r.items() if k not in ("tracked_layers", "device")} for r in rows]
                       for step, rows in steps.items()}}
 
