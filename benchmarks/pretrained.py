@@ -69,7 +69,7 @@ STEPS = ("fb", "fit", "scores", "index", "query")
 BLOCKS = r"blocks\.\d+\.(attn|mlp)\."
 CONFIGS = {
     # rows of (shape, [N₁, N₂] sequences, tokens per sequence, batch size, layers, vocabulary or None)
-    "cpu": [("pythia-70m", [2, 6], 512, 2, BLOCKS, None)],
+    "cpu": [("pythia-70m", [6], 512, 2, BLOCKS, None)],
     "gpu": [("pythia-410m", [512, 2048], 512, 16, "mlp", None), ("pythia-1b", [512, 2048], 512, 8, "mlp", None)],
     "smoke": [("pythia-14m", [2, 4], 16, 2, r"blocks\.0\.mlp", 512)],  # the test's: seconds
 }
@@ -134,14 +134,19 @@ def token_data(n: int, t: int, vocab: int, n_queries: int = N_QUERIES):
             {"input_ids": queries, "loss_mask": np.ones((n_queries, t), np.int32)})
 
 
-def run_step(step: str, folder: str, work: str, n: int, t: int, batch_size: int, layers: str) -> dict:
-    """One step at one size, in the calling process (see the module docstring)."""
+def run_step(step: str, folder: str, work: str, n: int, t: int, batch_size: int, layers: str,
+             again: bool = False) -> dict:
+    """One step at one size, in the calling process (see the module docstring). With
+    ``again``, a step after ``fb`` runs a second time on the same inputs: its compiled
+    functions are then cached, so the second run's time is the work without compilation,
+    and the fit's eigendecompositions are timed apart (``eigh_cpu_s``)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     import influence as inf
+    import influence.curvature.covariance as covariance
     import influence.pretrained as hf
     from influence.tasks import CausalLM
 
@@ -174,42 +179,70 @@ def run_step(step: str, folder: str, work: str, n: int, t: int, batch_size: int,
                    seconds=round(statistics.median(walls) * len(walls), 2),
                    cpu_s=round(statistics.median(cpus) * len(cpus), 2))
         row["parameters"] = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
-    elif step == "fit":
-        with _Timer() as timer:
-            factors = inf.fit_factors(model, task, train, layers=layers, batch_size=batch_size, progress=False)
-        factors.save(factors_file)
-        row["tracked_layers"] = list(factors.layer_names)
-        row["tracked_parameters"] = sum(int(np.prod(model_kernel.shape)) for name, model_kernel in
-                                        _kernels(model, factors.layer_names))
-        row["fisher"] = factors.metadata.get("fisher")
+        row["peak_gb"] = round(_peak_gb(), 2)
+        row["device"] = str(jax.devices()[0].platform)
+        return row
+
+    def fit():
+        return inf.fit_factors(model, task, train, layers=layers, batch_size=batch_size, progress=False)
+
+    def scores():
+        return inf.pairwise_scores(model, task, inf.Factors.load(factors_file), queries, train,
+                                   batch_size=batch_size, progress=False)
+
+    def index():
+        return inf.build_index(model, task, inf.Factors.load(factors_file), train, path=work / f"index-{n}",
+                               overwrite=True, batch_size=batch_size, progress=False)
+
+    def query():
+        return inf.pairwise_scores(model, task, inf.Factors.load(factors_file), queries, train,
+                                   index=work / f"index-{n}", batch_size=batch_size, progress=False)
+
+    calls = {"fit": fit, "scores": scores, "index": index, "query": query}
+    if step not in calls:
+        raise ValueError(f"unknown step {step!r}; expected one of {STEPS}")
+    with _Timer() as timer:
+        result = calls[step]()
+    row.update(seconds=round(timer.wall, 2), cpu_s=round(timer.cpu, 2))
+    if again:
+        eigh, eigh_cpu, eigh_wall = covariance._eigh, [0.0], [0.0]
+
+        def timed_eigh(*args):  # the fit's float64 eigendecompositions, timed apart
+            c0, w0 = cpu_seconds(), time.perf_counter()
+            try:
+                return eigh(*args)
+            finally:
+                eigh_cpu[0] += cpu_seconds() - c0
+                eigh_wall[0] += time.perf_counter() - w0
+
+        covariance._eigh = timed_eigh
+        try:
+            with _Timer() as again_t:
+                result = calls[step]()
+        finally:
+            covariance._eigh = eigh
+        row.update(again_s=round(again_t.wall, 2), again_cpu_s=round(again_t.cpu, 2),
+                   eigh_s=round(eigh_wall[0], 2), eigh_cpu_s=round(eigh_cpu[0], 2))
+    if step == "fit":
+        result.save(factors_file)
+        row["tracked_layers"] = list(result.layer_names)
+        row["tracked_parameters"] = sum(int(np.prod(kernel.shape)) for _, kernel in
+                                        _kernels(model, result.layer_names))
+        row["fisher"] = result.metadata.get("fisher")
     elif step == "scores":
-        factors = inf.Factors.load(factors_file)
-        with _Timer() as timer:
-            scores = inf.pairwise_scores(model, task, factors, queries, train, batch_size=batch_size, progress=False)
-        values = np.asarray(scores.values)
+        values = np.asarray(result.values)
         assert np.isfinite(values).all()
         np.save(work / f"scores-{n}.npy", values)
     elif step == "index":
-        factors = inf.Factors.load(factors_file)
-        with _Timer() as timer:
-            index = inf.build_index(model, task, factors, train, path=work / f"index-{n}", overwrite=True,
-                                    batch_size=batch_size, progress=False)
-        row["compression"] = str(index.compression)
-        row["index_mb"] = round(sum(f.stat().st_size for f in (work / f"index-{n}").rglob("*") if f.is_file()) / 1e6, 1)
-    elif step == "query":
-        factors = inf.Factors.load(factors_file)
-        with _Timer() as timer:
-            scores = inf.pairwise_scores(model, task, factors, queries, train, index=work / f"index-{n}",
-                                         batch_size=batch_size, progress=False)
+        row["compression"] = str(result.compression)
+        row["index_mb"] = round(sum(f.stat().st_size for f in (work / f"index-{n}").rglob("*") if f.is_file()) / 1e6,
+                                1)
+    else:
         exact = np.load(work / f"scores-{n}.npy")
-        approx = np.asarray(scores.values)
+        approx = np.asarray(result.values)
         k = min(10, n)
         top = [len(set(np.argsort(-e)[:k]) & set(np.argsort(-a)[:k])) / k for e, a in zip(exact, approx)]
         row["top10_vs_rescan"] = round(float(np.mean(top)), 3)
-    else:
-        raise ValueError(f"unknown step {step!r}; expected one of {STEPS}")
-    if step != "fb":
-        row.update(seconds=round(timer.wall, 2), cpu_s=round(timer.cpu, 2))
     row["peak_gb"] = round(_peak_gb(), 2)
     row["device"] = str(jax.devices()[0].platform)
     return row
@@ -223,28 +256,41 @@ def _kernels(model, names):
 
 
 def summarize(sizes: list[int], steps: dict[str, list[dict]], t: int, clock: str = "cpu_s") -> dict:
-    """Per step, in CPU seconds (``clock="cpu_s"``: the work; on an accelerator
-    ``"seconds"``, wall) with wall seconds beside them: the seconds and
-    the multiple of the forward+backward at each size, the slope (extra seconds per extra
-    forward+backward second: the multiple at large N) and the intercept (fixed seconds);
-    peak memory ÷ the training step's."""
-    fb = [r[clock] for r in steps["fb"]]
-    peak_step = max(r["peak_gb"] for r in steps["fb"])
-    out: dict = {"clock": clock}
-    for step, rows in steps.items():
-        secs = [r[clock] for r in rows]
-        slope = (secs[-1] - secs[0]) / (fb[-1] - fb[0]) if len(sizes) > 1 and fb[-1] != fb[0] else None
-        out[step] = {"clock_s": secs, "wall_s": [r["seconds"] for r in rows],
-                     "x_fb": [round(s / f, 2) for s, f in zip(secs, fb)],
-                     "slope_x_fb": None if slope is None else round(slope, 2),
-                     "fixed_s": None if slope is None else round(secs[0] - slope * fb[0], 1),
-                     "peak_gb": [r["peak_gb"] for r in rows],
-                     "peak_x_step": round(max(r["peak_gb"] for r in rows) / peak_step, 2)}
-    per_token = fb[-1] / (sizes[-1] * t)
-    out["fb_s_2048x512_estimate"] = round(per_token * 2048 * 512)
-    out["fit_s_2048x512_estimate"] = (None if out["fit"]["slope_x_fb"] is None else
-                                          round(out["fit"]["fixed_s"] + out["fit"]["slope_x_fb"] * per_token
-                                                * 2048 * 512))
+    """Per size and step, in CPU seconds (``clock="cpu_s"``: the work, which the load does
+    not stretch; on an accelerator ``"seconds"``, wall): the first run (as a user meets it)
+    and the second (compiled functions cached) as multiples of the forward+backward over
+    the same sequences, the fit's eigendecompositions, and the **per-token multiple**
+    ``(second − eigendecompositions) ÷ forward+backward``: what the step costs per token in
+    forward+backward passes, the fixed costs (compilation, eigendecompositions) taken out
+    (the small per-call setup stays in, so it errs high). Peak memory ÷ the training step's
+    (the forward+backward process's peak)."""
+    again_key = "again_cpu_s" if clock == "cpu_s" else "again_s"
+    eigh_key = "eigh_cpu_s" if clock == "cpu_s" else "eigh_s"
+    out: dict = {"clock": clock, "sizes": {}}
+    for i, n in enumerate(sizes):
+        fb_row = steps["fb"][i]
+        fb = fb_row[clock]
+        first, batches = (("first_batch_cpu_s", "batch_cpu_s") if clock == "cpu_s" else ("first_batch_s", "batch_s"))
+        per: dict = {"fb": {"first": round(fb_row[first] - fb_row[batches][0] + fb, 2), "again": fb,
+                            "per_token_x": 1.0, "peak_gb": fb_row["peak_gb"],
+            "peak_x_step": 1.0, "wall": [fb_row["seconds"], fb_row["seconds"]]}}
+        for step in STEPS[1:]:
+            r = steps[step][i]
+            again = r.get(again_key)
+            eigh = r.get(eigh_key, 0.0) if step == "fit" else 0.0
+            per[step] = {"first": r[clock], "first_x": round(r[clock] / fb, 2), "again": again,
+                         "again_x": None if again is None else round(again / fb, 2),
+                         "eigh": eigh if step == "fit" else None,
+                         "per_token_x": None if again is None else round((again - eigh) / fb, 2),
+                         "peak_gb": r["peak_gb"], "peak_x_step": round(r["peak_gb"] / fb_row["peak_gb"], 2),
+                         "wall": [r["seconds"], r.get("again_s")]}
+        out["sizes"][str(n)] = per
+    last = out["sizes"][str(sizes[-1])]
+    fb_2k = steps["fb"][-1][clock] / (sizes[-1] * t) * 2048 * 512
+    out["fb_s_2048x512_estimate"] = round(fb_2k)
+    fit = last["fit"]
+    out["fit_s_2048x512_estimate"] = (None if fit["per_token_x"] is None else
+                                      round(fit["eigh"] + fit["per_token_x"] * fb_2k))
     return out
 
 
@@ -253,24 +299,28 @@ PEAK_GOAL = 2.0  # × one training step's peak memory
 
 
 def verdict(summary: dict) -> str:
-    """The goals against the measured slopes and peaks, in words."""
+    """The goals against the largest size's per-token multiples and the peaks, in words."""
     def met(value, goal):
         return "met" if value <= goal else "missed"
 
+    last = summary["sizes"][max(summary["sizes"], key=int)]
     parts = []
     for step, goal in GOALS.items():
-        slope = summary[step]["slope_x_fb"]
-        if slope is not None:
-            parts.append(f"{STEP_NAMES[step]} {slope:.2f}× forward+backward per extra token (goal ≤ {goal:g}: "
-                         f"{met(slope, goal)})")
-    peak = max(summary[step]["peak_x_step"] for step in STEPS)
+        x = last[step]["per_token_x"]
+        if x is not None:
+            parts.append(f"{STEP_NAMES[step]} {x:.2f}× forward+backward per token (goal ≤ {goal:g}: {met(x, goal)})")
+    peak = max(r["peak_x_step"] for per in summary["sizes"].values() for r in per.values())
     parts.append(f"peak memory at most {peak:.2f}× the training step's (goal ≤ {PEAK_GOAL:g}: "
                  f"{met(peak, PEAK_GOAL)})")
-    return "Goals, at large N (the slopes; fixed costs excluded): " + "; ".join(parts) + "."
+    return "Goals, per token (compilation and eigendecompositions taken out): " + "; ".join(parts) + "."
 
 
 STEP_NAMES = {"fb": "forward+backward", "fit": "factor fit", "scores": f"pairwise scores ({N_QUERIES} queries)",
               "index": "index build", "query": f"index query ({N_QUERIES} queries)"}
+
+
+def _num(x, fmt: str = ".1f") -> str:
+    return "—" if x is None else format(x, fmt)
 
 
 def render(results: dict) -> str:
@@ -279,46 +329,45 @@ def render(results: dict) -> str:
     lines = [f"`{results['command']}` — {m['date'][:10]}, {m['cores']} cores, jax {m['jax']} on {m['device']}, "
              f"load average {', '.join(f'{x:.1f}' for x in results['load_start'])} at the start and "
              f"{', '.join(f'{x:.1f}' for x in results['load_end'])} at the end (1, 5, 15 min; other jobs shared the "
-             "machine). Random weights, Pythia shapes; every step as a user meets it (compilation and "
-             "eigendecompositions included), each in its own process, measured in CPU seconds (user + system, all "
-             "threads: the work, which the load does not stretch; wall seconds beside them).", ""]
+             "machine). Random weights, Pythia shapes; each step in its own process.", ""]
     for row in results["rows"]:
-        sizes, s, t = row["sizes"], row["summary"], row["tokens"]
+        s, t = row["summary"], row["tokens"]
         unit = "CPU s" if s["clock"] == "cpu_s" else "s"
-        data = " and ".join(f"{n} × {t}" for n in sizes)
         fit_est = s["fit_s_2048x512_estimate"]
-        lines += [f"**{row['shape']}** ({row['parameters'] / 1e6:.0f}M parameters), N = {data} tokens, batches of "
-                  f"{row['batch_size']}; tracked: {len(row['tracked_layers'])} layers "
+        hours = f"{'CPU ' if s['clock'] == 'cpu_s' else ''}hours"
+        lines += [f"**{row['shape']}** ({row['parameters'] / 1e6:.0f}M parameters), batches of {row['batch_size']} "
+                  f"sequences of {t} tokens; tracked: {len(row['tracked_layers'])} layers "
                   f"(`{row['layers']}`, {row['tracked_parameters'] / 1e6:.1f}M parameters), Fisher "
-                  f"{row['fisher']}; index compression `{row['compression']}`. At the measured per-token cost, one "
+                  f"{row['fisher']}; index compression `{row['compression']}`. At the measured cost per token, one "
                   f"forward+backward over 2,048 × 512 tokens is about {s['fb_s_2048x512_estimate'] / 3600:.1f} "
-                  f"{'CPU ' if s['clock'] == 'cpu_s' else ''}hours here"
-                  + (f" and the factor fit about {fit_est / 3600:.1f}" if fit_est is not None else "")
-                  + ": out of reach of this machine.", "",
-                  "| step | " + " | ".join(f"{unit}, N={n}" for n in sizes) + " | "
-                  + " | ".join(f"÷ f+b, N={n}" for n in sizes)
-                  + f" | slope: × f+b per extra token | fixed {unit} | wall s | peak GB | peak ÷ training step's |",
-                  "|---|" + "---|" * (2 * len(sizes) + 5)]
-        for step in STEPS:
-            r = s[step]
-            slope = "—" if r["slope_x_fb"] is None else f"{r['slope_x_fb']:.2f}"
-            fixed = "—" if r["fixed_s"] is None else f"{r['fixed_s']:.0f}"
-            lines.append(f"| {STEP_NAMES[step]} | " + " | ".join(f"{x:.1f}" for x in r["clock_s"]) + " | "
-                         + " | ".join(f"{x:.2f}" for x in r["x_fb"]) + f" | {slope} | {fixed} | "
-                         + " / ".join(f"{x:.0f}" for x in r["wall_s"]) + " | "
-                         + " / ".join(f"{x:.2f}" for x in r["peak_gb"]) + f" | {r['peak_x_step']:.2f} |")
-        lines.append("")
+                  f"{hours} here"
+                  + (f" and the factor fit about {fit_est / 3600:.1f}" if fit_est is not None else "") + ".", ""]
+        for n, per in s["sizes"].items():
+            lines += [f"N = {n} sequences ({int(n) * t:,} tokens):", "",
+                      f"| step | first run, {unit} | ÷ f+b | again (compiled), {unit} | ÷ f+b "
+                      f"| eigendecompositions, {unit} | per token, × f+b | wall s, first / again | peak GB "
+                      "| peak ÷ training step's |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for step in STEPS:
+                r = per[step]
+                first_x = "1.00" if step == "fb" else _num(r["first_x"], ".2f")
+                again_x = "1.00" if step == "fb" else _num(r["again_x"], ".2f")
+                lines.append(f"| {STEP_NAMES[step]} | {_num(r['first'])} | {first_x} | {_num(r['again'])} | "
+                             f"{again_x} | {_num(r.get('eigh'))} | {_num(r['per_token_x'], '.2f')} | "
+                             f"{' / '.join(_num(x, '.0f') for x in r['wall'])} | {r['peak_gb']:.2f} | "
+                             f"{r['peak_x_step']:.2f} |")
+            lines.append("")
         lines.append(verdict(s))
         lines.append("")
         lines.append("Index top-10 agreement with the rescan's scores: "
-                     + ", ".join(f"{x:.2f} at N={n}" for n, x in zip(sizes, row["top10_vs_rescan"]))
+                     + ", ".join(f"{x:.2f} at N={n}" for n, x in zip(row["sizes"], row["top10_vs_rescan"]))
                      + f"; index size {' / '.join(f'{x:.1f}' for x in row['index_mb'])} MB.")
         lines.append("")
     return "\n".join(lines).rstrip()
 
 
 def measure_row(shape: str, sizes: list[int], t: int, batch_size: int, layers: str, vocab: int | None,
-                work: str, in_process: bool = False) -> dict:
+                work: str, in_process: bool = False, again: bool = True) -> dict:
     """One row: a checkpoint written once, then every step at every size (each in its own
     process unless ``in_process``, the test's smoke run)."""
     folder = str(Path(work) / "checkpoint")
@@ -336,7 +385,7 @@ def measure_row(shape: str, sizes: list[int], t: int, batch_size: int, layers: s
     steps: dict[str, list[dict]] = {step: [] for step in STEPS}
     for n in sizes:
         for step in STEPS:
-            spec = [step, folder, work, n, t, batch_size, layers]
+            spec = [step, folder, work, n, t, batch_size, layers, again]
             if (step, n) in done:
                 result = done[(step, n)]
             elif in_process:

@@ -30,7 +30,7 @@ def test_the_benchmark_section_is_rendered_from_its_results_file():
         bench.render(results).strip()
     assert "has not been run" in doc  # the GPU script's status is stated
     for row in results["rows"]:  # the rendered summary is the arithmetic of the stored steps
-        assert row["summary"] == bench.summarize(row["sizes"], row["steps"], row["tokens"])
+        assert row["summary"] == bench.summarize(row["sizes"], row["steps"], row["tokens"], row["summary"]["clock"])
 
 
 def test_the_bergson_section_is_rendered_from_its_results_file():
@@ -41,22 +41,28 @@ def test_the_bergson_section_is_rendered_from_its_results_file():
     assert len(results["rows"]) >= 2  # two data sizes
 
 
-def _rows(cpu, peaks):
-    return [{"cpu_s": c, "seconds": 2 * c, "peak_gb": p} for c, p in zip(cpu, peaks)]
-
-
-def test_slope_and_fixed_cost_by_hand():
-    # fit = 30 s fixed + 2.5 × f+b: at f+b 10 and 30 CPU s, 55 and 105.
-    steps = {"fb": _rows([10.0, 30.0], [1.0, 1.0]), "fit": _rows([55.0, 105.0], [1.5, 1.8]),
-             "scores": _rows([20.0, 40.0], [1.0, 1.1]), "index": _rows([12.0, 30.0], [1.0, 1.0]),
-             "query": _rows([5.0, 5.0], [0.5, 0.5])}
-    s = bench.summarize([2, 6], steps, 512)
-    assert s["fit"]["slope_x_fb"] == 2.5 and s["fit"]["fixed_s"] == 30.0
-    assert s["fit"]["x_fb"] == [5.5, 3.5] and s["fit"]["peak_x_step"] == 1.8
-    assert s["scores"]["slope_x_fb"] == 1.0 and s["scores"]["fixed_s"] == 10.0
-    assert s["query"]["slope_x_fb"] == 0.0 and s["query"]["fixed_s"] == 5.0
-    assert s["fb_s_2048x512_estimate"] == round(30.0 / (6 * 512) * 2048 * 512)  # 10,240
-    assert s["fit_s_2048x512_estimate"] == round(30 + 2.5 * 10240)
+def test_per_token_multiples_by_hand():
+    # forward+backward: 10 CPU s over the pass (5 per batch), its first batch 9 (4 of compiling);
+    # fit: 70 s first, 45 again of which 20 are eigendecompositions: (45 - 20) / 10 = 2.5 per token.
+    fb = {"cpu_s": 10.0, "seconds": 30.0, "first_batch_s": 20.0, "first_batch_cpu_s": 9.0, "batch_cpu_s": [5.0, 5.0],
+          "batch_s": [15.0, 15.0], "peak_gb": 2.0}
+    fit = {"cpu_s": 70.0, "seconds": 200.0, "again_cpu_s": 45.0, "again_s": 120.0, "eigh_cpu_s": 20.0, "eigh_s": 50.0,
+           "peak_gb": 3.0}
+    scores = {"cpu_s": 30.0, "seconds": 90.0, "again_cpu_s": 12.0, "again_s": 40.0, "peak_gb": 2.2}
+    steps = {"fb": [fb], "fit": [fit], "scores": [scores], "index": [dict(scores)], "query": [dict(scores)]}
+    s = bench.summarize([4], steps, 512)
+    per = s["sizes"]["4"]
+    assert per["fb"]["first"] == 14.0 and per["fb"]["again"] == 10.0
+    assert per["fit"]["first_x"] == 7.0 and per["fit"]["again_x"] == 4.5 and per["fit"]["per_token_x"] == 2.5
+    assert per["fit"]["peak_x_step"] == 1.5
+    assert per["scores"]["per_token_x"] == 1.2 and per["scores"]["eigh"] is None
+    assert s["fb_s_2048x512_estimate"] == round(10.0 / (4 * 512) * 2048 * 512)  # 5,120
+    assert s["fit_s_2048x512_estimate"] == round(20 + 2.5 * 5120)
+    assert "factor fit 2.50× forward+backward per token (goal ≤ 2: missed)" in bench.verdict(s)
+    assert "pairwise scores (4 queries) 1.20× forward+backward per token (goal ≤ 1.5: met)" in bench.verdict(s)
+    assert "peak memory at most 1.50× the training step's (goal ≤ 2: met)" in bench.verdict(s)
+    wall = bench.summarize([4], steps, 512, clock="seconds")["sizes"]["4"]["fit"]  # an accelerator's clock
+    assert wall["per_token_x"] == round((120 - 50) / 30, 2)
 
 
 def test_agreement_by_hand():
@@ -87,6 +93,7 @@ def test_the_benchmark_runs_at_smoke_size(tmp_path):
     row = bench.measure_row(shape, sizes, t, batch_size, layers, vocab, str(tmp_path), in_process=True)
     assert row["tracked_layers"] == ["blocks.0.mlp.down", "blocks.0.mlp.up"]
     assert row["top10_vs_rescan"] == [1.0, 1.0]  # 2 and 4 rows: the index ranks them as the rescan
-    assert all(x > 0 for x in row["summary"]["fit"]["cpu_s"]) and row["summary"]["fb"]["peak_x_step"] == 1.0
+    per = row["summary"]["sizes"]["4"]
+    assert per["fit"]["first"] > 0 and per["fit"]["eigh"] > 0 and per["fb"]["peak_x_step"] == 1.0
     again = bench.measure_row(shape, sizes, t, batch_size, layers, vocab, str(tmp_path), in_process=True)
     assert again["steps"] == row["steps"]  # the second run is served from steps.jsonl
