@@ -1,9 +1,9 @@
 """Influence on Pythia-shaped checkpoints (random weights, written and loaded in the Hugging
 Face format): EK-FAC fit, pairwise scoring, index build and index query as multiples of one
-forward+backward pass over the same sequences, at two data sizes (so the fixed costs and the
-per-token cost separate), with each step's peak memory.
+forward+backward pass over the same sequences, with the fixed costs (compilation,
+eigendecompositions) taken apart from the per-token cost, and each step's peak memory.
 
-  nice -n 10 python -m benchmarks.pretrained                       # writes docs/benchmarks/pretrained.json
+  nice -n 10 python -m benchmarks.pretrained --work runs/pretrained-bench   # writes docs/benchmarks/pretrained.json
   python -m benchmarks.pretrained --render docs/benchmarks/pretrained.json   # its section of docs/pretrained.md
   python -m benchmarks.pretrained --config gpu --out gpu.json       # 410M and 1B shapes (prepared, see below)
 
@@ -14,26 +14,29 @@ size ``N`` of the row, every step runs in its OWN process (so its peak resident 
 as a user's would:
 
 * ``fb`` — one training step's work, repeated: a jitted gradient of the summed next-token
-  loss with respect to EVERY parameter, batch after batch over the ``N`` sequences. The first
-  batch compiles (reported apart); the pass's time is the median batch time × batches (the
-  median resists the other jobs' load spikes). Its peak memory is one training step's
-  (parameters, gradients, activations of one batch; no optimizer state).
+  loss with respect to EVERY parameter, batch after batch over the ``N`` sequences, after a
+  compiling call on the first batch; the pass's time is the median batch time × batches.
+  Its peak memory is one training step's (parameters, gradients, activations of one batch;
+  no optimizer state).
 * ``fit`` — ``fit_factors`` (EK-FAC; the sampled Fisher the task's rule picks: two passes).
 * ``scores`` — ``pairwise_scores`` of 4 query sequences against the ``N``.
 * ``index`` — ``build_index`` (the default compression) of the ``N``.
 * ``query`` — ``pairwise_scores(..., index=)``: the same 4 queries answered from the index.
 
-Each is timed as a user meets it (compilation and eigendecompositions included). The data
-of the smaller ``N`` is a prefix of the larger's and the batch shape is the same, so a
-step's fixed costs (compiling, eigendecompositions, setup) are the same at both sizes: the
-**slope** ``(t(N₂) − t(N₁)) / (fb(N₂) − fb(N₁))`` is the step's cost in forward+backward
-passes per extra token (its multiple at large ``N``), the **intercept**
-``t(N₁) − slope·fb(N₁)`` its fixed cost in seconds.
+Each step after ``fb`` runs twice in its process on the same inputs: the first run as a
+user meets it (compilation included), the second with its compiled functions cached and
+the fit's float64 eigendecompositions timed apart. The per-token multiple,
+``(second − eigendecompositions) ÷ forward+backward``, is the step's cost per token in
+forward+backward passes (the small per-call setup left in). Times are CPU seconds (user +
+system, all threads; on an accelerator, wall seconds) with wall seconds beside them: on a
+machine shared with other jobs, wall time measures the share of the cores a step got.
 
-The ``cpu`` config is what a 2-core machine shared with other jobs runs in about half an
-hour; the JSON also records an estimate of one forward+backward over 2,048 × 512 tokens from
-the measured per-token time. The ``gpu`` config (Pythia 410M and 1B shapes, 512 and 2,048
-sequences of 512 tokens, every MLP tracked) is prepared for one accelerator.
+Finished steps are appended to ``WORK/<shape>-<tokens>/steps.jsonl``: a rerun with the same
+``--work`` resumes. The ``cpu`` config is what a 2-core machine shared with four other jobs
+ran in about half an hour; the JSON records an estimate of one forward+backward and of a
+fit over 2,048 × 512 tokens from the measured per-token costs. The ``gpu`` config (Pythia
+410M and 1B shapes, 512 and 2,048 sequences of 512 tokens, every MLP tracked) is prepared
+for one accelerator.
 """
 
 from __future__ import annotations
@@ -274,7 +277,7 @@ def summarize(sizes: list[int], steps: dict[str, list[dict]], t: int, clock: str
         per: dict = {"fb": {"first": round(fb_row[first] - fb_row[batches][0] + fb, 2), "again": fb,
                             "per_token_x": 1.0, "peak_gb": fb_row["peak_gb"],
             "peak_x_step": 1.0, "wall": [fb_row["seconds"], fb_row["seconds"]]}}
-        for step in STEPS[1:]:
+        for step in (x for x in STEPS[1:] if steps.get(x)):  # a partial run (--steps) lacks some
             r = steps[step][i]
             again = r.get(again_key)
             eigh = r.get(eigh_key, 0.0) if step == "fit" else 0.0
@@ -306,7 +309,7 @@ def verdict(summary: dict) -> str:
     last = summary["sizes"][max(summary["sizes"], key=int)]
     parts = []
     for step, goal in GOALS.items():
-        x = last[step]["per_token_x"]
+        x = last[step]["per_token_x"] if step in last else None
         if x is not None:
             parts.append(f"{STEP_NAMES[step]} {x:.2f}× forward+backward per token (goal ≤ {goal:g}: {met(x, goal)})")
     peak = max(r["peak_x_step"] for per in summary["sizes"].values() for r in per.values())
@@ -338,7 +341,8 @@ def render(results: dict) -> str:
         lines += [f"**{row['shape']}** ({row['parameters'] / 1e6:.0f}M parameters), batches of {row['batch_size']} "
                   f"sequences of {t} tokens; tracked: {len(row['tracked_layers'])} layers "
                   f"(`{row['layers']}`, {row['tracked_parameters'] / 1e6:.1f}M parameters), Fisher "
-                  f"{row['fisher']}; index compression `{row['compression']}`. At the measured cost per token, one "
+                  f"{row['fisher']}" + (f"; index compression `{row['compression']}`" if row["compression"] else "")
+                  + ". At the measured cost per token, one "
                   f"forward+backward over 2,048 × 512 tokens is about {s['fb_s_2048x512_estimate'] / 3600:.1f} "
                   f"{hours} here"
                   + (f" and the factor fit about {fit_est / 3600:.1f}" if fit_est is not None else "") + ".", ""]
@@ -348,7 +352,7 @@ def render(results: dict) -> str:
                       f"| eigendecompositions, {unit} | per token, × f+b | wall s, first / again | peak GB "
                       "| peak ÷ training step's |",
                       "|---|---|---|---|---|---|---|---|---|---|"]
-            for step in STEPS:
+            for step in (x for x in STEPS if x in per):
                 r = per[step]
                 first_x = "1.00" if step == "fb" else _num(r["first_x"], ".2f")
                 again_x = "1.00" if step == "fb" else _num(r["again_x"], ".2f")
@@ -359,15 +363,16 @@ def render(results: dict) -> str:
             lines.append("")
         lines.append(verdict(s))
         lines.append("")
-        lines.append("Index top-10 agreement with the rescan's scores: "
-                     + ", ".join(f"{x:.2f} at N={n}" for n, x in zip(row["sizes"], row["top10_vs_rescan"]))
-                     + f"; index size {' / '.join(f'{x:.1f}' for x in row['index_mb'])} MB.")
-        lines.append("")
+        if row.get("top10_vs_rescan"):
+            lines.append("Index top-10 agreement with the rescan's scores: "
+                         + ", ".join(f"{x:.2f} at N={n}" for n, x in zip(row["sizes"], row["top10_vs_rescan"]))
+                         + f"; index size {' / '.join(f'{x:.1f}' for x in row['index_mb'])} MB.")
+            lines.append("")
     return "\n".join(lines).rstrip()
 
 
 def measure_row(shape: str, sizes: list[int], t: int, batch_size: int, layers: str, vocab: int | None,
-                work: str, in_process: bool = False, again: bool = True) -> dict:
+                work: str, in_process: bool = False, again: bool = True, only: tuple = STEPS) -> dict:
     """One row: a checkpoint written once, then every step at every size (each in its own
     process unless ``in_process``, the test's smoke run)."""
     folder = str(Path(work) / "checkpoint")
@@ -382,9 +387,9 @@ def measure_row(shape: str, sizes: list[int], t: int, batch_size: int, layers: s
         for line in log.read_text().splitlines():
             r = json.loads(line)
             done[(r["step"], r["sequences"])] = r
-    steps: dict[str, list[dict]] = {step: [] for step in STEPS}
+    steps: dict[str, list[dict]] = {step: [] for step in STEPS if step in only}
     for n in sizes:
-        for step in STEPS:
+        for step in steps:
             spec = [step, folder, work, n, t, batch_size, layers, again]
             if (step, n) in done:
                 result = done[(step, n)]
@@ -405,9 +410,9 @@ def measure_row(shape: str, sizes: list[int], t: int, batch_size: int, layers: s
     return {"shape": shape, "parameters": steps["fb"][0]["parameters"], "vocab": vocab or VOCAB, "sizes": sizes,
             "tokens": t, "batch_size": batch_size, "layers": layers, "tracked_layers": fit["tracked_layers"],
             "tracked_parameters": fit["tracked_parameters"], "fisher": fit["fisher"],
-            "compression": steps["index"][-1]["compression"],
-            "index_mb": [r["index_mb"] for r in steps["index"]],
-            "top10_vs_rescan": [r["top10_vs_rescan"] for r in steps["query"]],
+            "compression": steps["index"][-1]["compression"] if steps.get("index") else None,
+            "index_mb": [r["index_mb"] for r in steps.get("index", [])],
+            "top10_vs_rescan": [r["top10_vs_rescan"] for r in steps.get("query", [])],
             "write_checkpoint_s": round(write_s, 1), "device": steps["fb"][0]["device"],
             "fb_first_batch_s": [r["first_batch_s"] for r in steps["fb"]],
             "summary": summarize(sizes, steps, t, "cpu_s" if steps["fb"][0]["device"] == "cpu" else "seconds"),
@@ -422,6 +427,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", help="folder for the checkpoint, factors, index and finished steps, kept: a rerun "
                         "resumes (default: a temporary one)")
     parser.add_argument("--sizes", help="comma-separated data sizes N, replacing the config's (e.g. 4,8)")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated steps to run (of {STEPS}; fb and "
+                        "fit are needed by the others)")
     parser.add_argument("--render", metavar="RESULTS", help="print the doc section of a results file")
     parser.add_argument("--step", help=argparse.SUPPRESS)  # a child process: one step as JSON
     args = parser.parse_args(argv)
@@ -442,7 +449,7 @@ def main(argv=None) -> int:
                 sizes = [int(x) for x in args.sizes.split(",")]
             sub = Path(work) / f"{shape}-{t}"
             sub.mkdir(parents=True, exist_ok=True)
-            rows.append(measure_row(shape, sizes, t, b, layers, vocab, str(sub)))
+            rows.append(measure_row(shape, sizes, t, b, layers, vocab, str(sub), only=tuple(args.steps.split(","))))
     sizes_arg = f" --sizes {args.sizes}" if args.sizes else ""
     results = {"command": f"nice -n 10 python -m benchmarks.pretrained --config {args.config}{sizes_arg}",
                "machine": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
