@@ -150,7 +150,9 @@ def run_step(step: str, folder: str, work: str, n: int, t: int, batch_size: int,
 
     import influence as inf
     import influence.curvature.covariance as covariance
+    import influence.index.score as index_score
     import influence.pretrained as hf
+    import influence.scoring.pairwise as pairwise
     from influence.tasks import CausalLM
 
     model, arch = hf.load_model(folder)
@@ -218,14 +220,27 @@ def run_step(step: str, folder: str, work: str, n: int, t: int, batch_size: int,
                 eigh_cpu[0] += cpu_seconds() - c0
                 eigh_wall[0] += time.perf_counter() - w0
 
+        prepare, side_t = pairwise.prepare_queries, []
+
+        def timed_prepare(*args, **kwargs):  # the query side of a rescan (gradients, preconditioning)
+            with _Timer() as timer:
+                out = prepare(*args, **kwargs)
+                jax.block_until_ready(out.placed)
+            side_t.append(timer)
+            return out
+
         covariance._eigh = timed_eigh
+        pairwise.prepare_queries = index_score.prepare_queries = timed_prepare
         try:
             with _Timer() as again_t:
                 result = calls[step]()
         finally:
-            covariance._eigh = eigh
+            covariance._eigh, pairwise.prepare_queries, index_score.prepare_queries = eigh, prepare, prepare
         row.update(again_s=round(again_t.wall, 2), again_cpu_s=round(again_t.cpu, 2),
                    eigh_s=round(eigh_wall[0], 2), eigh_cpu_s=round(eigh_cpu[0], 2))
+        if side_t:
+            row.update(query_side_s=round(sum(x.wall for x in side_t), 2),
+                       query_side_cpu_s=round(sum(x.cpu for x in side_t), 2))
     if step == "fit":
         result.save(factors_file)
         row["tracked_layers"] = list(result.layer_names)
@@ -281,10 +296,12 @@ def summarize(sizes: list[int], steps: dict[str, list[dict]], t: int, clock: str
             r = steps[step][i]
             again = r.get(again_key)
             eigh = r.get(eigh_key, 0.0) if step == "fit" else 0.0
+            side = r.get("query_side_cpu_s" if clock == "cpu_s" else "query_side_s")  # the queries' own work
             per[step] = {"first": r[clock], "first_x": round(r[clock] / fb, 2), "again": again,
                          "again_x": None if again is None else round(again / fb, 2),
                          "eigh": eigh if step == "fit" else None,
-                         "per_token_x": None if again is None else round((again - eigh) / fb, 2),
+                         "query_side": side,
+                         "per_token_x": None if again is None else round((again - eigh - (side or 0.0)) / fb, 2),
                          "peak_gb": r["peak_gb"], "peak_x_step": round(r["peak_gb"] / fb_row["peak_gb"], 2),
                          "wall": [r["seconds"], r.get("again_s")]}
         out["sizes"][str(n)] = per
