@@ -49,13 +49,15 @@ def test_per_token_multiples_by_hand():
     fit = {"cpu_s": 70.0, "seconds": 200.0, "again_cpu_s": 45.0, "again_s": 120.0, "eigh_cpu_s": 20.0, "eigh_s": 50.0,
            "peak_gb": 3.0}
     scores = {"cpu_s": 30.0, "seconds": 90.0, "again_cpu_s": 12.0, "again_s": 40.0, "peak_gb": 2.2}
-    steps = {"fb": [fb], "fit": [fit], "scores": [scores], "index": [dict(scores)], "query": [dict(scores)]}
+    query = {**scores, "query_side_cpu_s": 6.0, "query_side_s": 20.0}  # the queries' gradients, taken out
+    steps = {"fb": [fb], "fit": [fit], "scores": [scores], "index": [dict(scores)], "query": [query]}
     s = bench.summarize([4], steps, 512)
     per = s["sizes"]["4"]
     assert per["fb"]["first"] == 14.0 and per["fb"]["again"] == 10.0
     assert per["fit"]["first_x"] == 7.0 and per["fit"]["again_x"] == 4.5 and per["fit"]["per_token_x"] == 2.5
     assert per["fit"]["peak_x_step"] == 1.5
     assert per["scores"]["per_token_x"] == 1.2 and per["scores"]["eigh"] is None
+    assert per["query"]["per_token_x"] == 0.6 and per["query"]["query_side"] == 6.0
     assert s["fb_s_2048x512_estimate"] == round(10.0 / (4 * 512) * 2048 * 512)  # 5,120
     assert s["fit_s_2048x512_estimate"] == round(20 + 2.5 * 5120)
     assert "factor fit 2.50× forward+backward per token (goal ≤ 2: missed)" in bench.verdict(s)
