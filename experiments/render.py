@@ -640,6 +640,8 @@ def v3_results_block(path: Path = V3_RESULTS) -> str:
         return ("**Not run yet:** no v3 results are published (`docs/experiments/scale-v3/results.json` is "
                 "absent).\n")
     r = json.loads(path.read_text())
+    if not r.get("scored", True):
+        return _v3_training_block(r)
     sizes, k = r["sizes"], r["recall_k"]
     ran = "; ".join(f"{s['scale']} ({params_label(s['total_params'])} parameters, {_seeds(s['seeds'])})"
                     for s in sizes)
@@ -719,6 +721,55 @@ def v3_results_block(path: Path = V3_RESULTS) -> str:
                         f" nats, top better for a share {fmt(t['share_top_better'])} of {len(t['queries'])} queries")
         out.append("Estimator check (tail patch, one SGD step on a translated query's top sequences vs random ones): "
                    + "; ".join(vals) + ".")
+    return "\n\n".join(out) + "\n"
+
+
+def _v3_training_block(r: dict) -> str:
+    """A v3 run that trained but scored nothing (:func:`experiments.scale_v3.publish_training`):
+    the runs, how far each got, the sweeps that finished, held-out loss beside the n-gram
+    baselines, and plainly that no endpoint has a number."""
+    runs = r["runs"]
+    started = sorted({(x["scale"], x["seed"]) for x in runs})
+    out = [f"**Partial run, training only** of config `{r['config']}` on CPU ({r['machine']}, "
+           f"{r['date'][:16].replace('T', ' ')} UTC, load {', '.join(map(str, r['loadavg']))} at the end, shared with "
+           f"other jobs; jax {r['jax']}): **no run was scored, so no influence, BM25-vs-influence or chance "
+           f"number of v3 exists yet** and no endpoint has a verdict. Training runs started: {len(runs)} "
+           f"({sum(x['finished'] for x in runs)} finished) at "
+           + ", ".join(f"{s} seed {x}" for s, x in started) + "."]
+    if r.get("max_tokens"):
+        capped = [f"{x['run']} ({fmt(x['tokens_planned'])} of the rule's {fmt(x['tokens_rule'])})" for x in runs
+                  if x["tokens_planned"] < x["tokens_rule"]]
+        out[-1] += (f" Token cap for this run: {fmt(r['max_tokens'])} tokens per run (the declared rule's budget at "
+                    "tiny, so that the larger size could train in the time left); " +
+                    (f"it cut {', '.join(capped)}." if capped else "no run shown here was cut by it."))
+    rows = []
+    for x in runs:
+        last = x["heldout_curve"][-1] if x["heldout_curve"] else None
+        rows.append([x["scale"], str(x["seed"]), f"×{fmt(x['lr_multiplier'], 2)} ({fmt(x['learning_rate'], 3)})",
+                     f"{x['steps_evaluated']}/{x['total_steps']}", "yes" if x["finished"] else "**no**",
+                     f"{fmt(last[1], 4)} at step {last[0]}" if last else "–"])
+    out.append(_table(["size", "seed", "lr multiplier (rate)", "steps (at the last evaluation)", "finished",
+                       "held-out loss (nats/token)"], rows))
+    ng = (r.get("ngram") or {}).get("heldout_nats", {})
+    base = ", ".join(f"{n}-gram {fmt(v, 4)}" for n, v in sorted(ng.items()))
+    lines = []
+    for s in r["sizes"]:
+        sweep = ", ".join(f"×{fmt(x['lr_multiplier'], 2)} → {fmt(x['heldout_loss'], 4)}" for x in s["sweep"])
+        held = min(x["heldout_loss"] for x in s["sweep"])
+        beats = ng and held < min(ng.values())
+        lines.append(f"- {s['scale']}: learning-rate sweep at seed 0 finished ({sweep}); chosen ×"
+                     f"{fmt(s['chosen_lr_multiplier'], 2)}, held-out {fmt(held, 4)} nats/token, "
+                     + ("below" if beats else "**not below**") + " the best Kneser-Ney baseline.")
+    if lines:
+        out.append("\n".join(lines))
+    else:
+        out.append("No size finished its learning-rate sweep, so no learning rate is chosen yet.")
+    if base:
+        out.append(f"Kneser-Ney baselines on the same windows (seed 0's split): {base}.")
+    missing = "; ".join(f"{s} ({'all seeds' if v == r['declared']['seeds'][s] else 'seeds ' + ', '.join(map(str, v))})"
+                        for s, v in r["not_run"].items())
+    out.append(f"**Not run** (CPU time): {missing}; the EK-FAC and identity scoring of every run; the "
+               "estimator checks. Resume with the command in `results.json`.")
     return "\n\n".join(out) + "\n"
 
 

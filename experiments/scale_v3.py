@@ -330,6 +330,16 @@ def v3_data(cfg: V3Config, work: Path, log=print) -> V3Data:
     from .v3_data import english_candidates, translated_queries
 
     work.mkdir(parents=True, exist_ok=True)
+    # The corpora come from diatheke, minutes under load: a resumed or parallel run reads
+    # the documents and queries back from a pickle keyed like the design.
+    cache = work / f"v3-data-{_data_key(cfg)}.pkl"
+    if cache.exists():
+        import pickle
+
+        data = pickle.loads(cache.read_bytes())
+        log(f"{cfg.name}: {len(data.queries)} queries, {len(data.train_docs)} training documents, "
+            f"{len(data.held)} held-out (cached)")
+        return data
     d = steps.cached_json(work / "design.json", _data_key(cfg), "design",
                           lambda: design(cfg, work))
     train_docs, held, _, _, spanish, kjv = documents_v3(cfg)
@@ -339,7 +349,13 @@ def v3_data(cfg: V3Config, work: Path, log=print) -> V3Data:
     for stratum, verses in d["bm25_strata"]["chosen"].items():
         queries += [dataclasses.replace(by_verse[v], kind=f"bm25_{stratum}") for v in verses if v in by_verse]
     log(f"{cfg.name}: {len(queries)} queries, {len(train_docs)} training documents, {len(held)} held-out")
-    return V3Data(train_docs, held, queries, list(d["bm25_strata"]["hard"]))
+    data = V3Data(train_docs, held, queries, list(d["bm25_strata"]["hard"]))
+    import pickle
+
+    from influence.runtime.io import atomic_write_bytes
+
+    atomic_write_bytes(cache, pickle.dumps(data))
+    return data
 
 
 def _train_one(cfg: V3Config, out: Path, data: V3Data, scale: str, seed: int, lr_multiplier: float, log,
@@ -863,6 +879,82 @@ def train_only(cfg: V3Config, out: Path, data: V3Data, *, seeds=None, time_budge
         log(f"stopping: {e}; run the same command again to resume")
         return EXIT_RESUME
     return 0
+
+
+def training_status(cfg: V3Config, out: Path) -> list[dict]:
+    """Every training run of ``cfg`` found in ``out`` (finished or not), in the order of
+    :func:`plan`: its size, seed, learning rate, steps done of its total, whether it
+    finished, and its held-out loss curve (``[[step, nats per token], ...]`` from
+    ``metrics.jsonl``). Runs never started are absent."""
+    from influence.lm import LADDER
+
+    rows = []
+    for scale in cfg.scales:
+        for seed in cfg.seeds(scale):
+            for m in cfg.lr_multipliers:
+                run_dir = out / f"{scale}-seed{seed}-lr{m:g}"
+                if not (run_dir / "run.json").exists():
+                    continue
+                info = json.loads((run_dir / "run.json").read_text())
+                evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                         if line.strip()] if (run_dir / "metrics.jsonl").exists() else []
+                total = int(info["total_steps"])
+                done = int(evals[-1]["step"]) if evals else 0
+                tc, n_params = info["train_config"], parameters(scale, cfg)["total"]
+                rule = token_budget(cfg, n_params, int(info["data"]["train_target_tokens"]))  # the design's budget
+                rule_steps = math.ceil(rule["epochs"] * int(info["data"]["train_sequences"]) / tc["batch_size"])
+                rows.append({"run": run_dir.name, "scale": scale, "seed": seed, "lr_multiplier": m,
+                             "learning_rate": LADDER[scale].learning_rate * m, "total_params": n_params,
+                             "tokens_planned": int(tc["tokens"]),
+                             "tokens_rule": rule_steps * tc["batch_size"] * tc["seq_len"],
+                             "total_steps": total, "steps_evaluated": done, "finished": done == total,
+                             "heldout_curve": [[int(e["step"]), round(float(e["heldout_loss"]), 4)] for e in evals]})
+    return rows
+
+
+def publish_training(cfg: V3Config, out: Path, publish: Path, *, command: str = "", ngram: dict | None = None) -> dict:
+    """A partial ``results.json`` for a run that trained but scored nothing (the CPU time
+    ran out): what the design planned, every training run started (:func:`training_status`),
+    the learning rate chosen at each size whose seed-0 sweep finished, the held-out loss
+    beside the Kneser-Ney baselines ``ngram`` (:func:`experiments.ngram.heldout_nats` on the
+    first run's windows), and no endpoint (no influence was computed). Written to
+    ``publish`` and ``out``; :func:`experiments.render.v3_results_block` renders it."""
+    import os
+
+    import jax
+
+    from influence.runtime.io import atomic_write_bytes
+
+    from .scale_v2 import _machine, _rounded
+
+    runs = training_status(cfg, out)
+    sizes = []
+    for scale in cfg.scales:
+        sweep = [r for r in runs if r["scale"] == scale and r["seed"] == cfg.seeds(scale)[0]]
+        if len(sweep) == len(cfg.lr_multipliers) and all(r["finished"] for r in sweep):
+            best = min(sweep, key=lambda r: r["heldout_curve"][-1][1])
+            sizes.append({"scale": scale, "total_params": best["total_params"],
+                          "chosen_lr_multiplier": best["lr_multiplier"],
+                          "sweep": [{"lr_multiplier": r["lr_multiplier"], "heldout_loss": r["heldout_curve"][-1][1]}
+                                    for r in sweep]})
+    finished = {(r["scale"], r["seed"]) for r in runs if r["finished"]}
+    declared = V3_CONFIGS.get(cfg.name, cfg)
+    results = _rounded({
+        "version": 3, "config": cfg.name, "status": "partial: trained only, nothing scored", "scored": False,
+        "partial": True, "command": command,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": _machine(),
+        "jax": jax.__version__, "loadavg": [round(x, 2) for x in os.getloadavg()], "max_tokens": cfg.max_tokens,
+        "declared": {"scales": list(declared.scales), "seeds": {s: list(declared.seeds(s)) for s in declared.scales},
+                     "lr_multipliers": list(declared.lr_multipliers)},
+        "runs": runs, "sizes": sizes, "ngram": ngram,
+        "not_run": {s: [x for x in declared.seeds(s) if (s, x) not in finished] for s in declared.scales
+                    if any((s, x) not in finished for x in declared.seeds(s))},
+        "endpoints": {}}, 4)
+    text = json.dumps(results, indent=1, default=float).encode()
+    for folder in (out, publish):
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / "results.json", text)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
