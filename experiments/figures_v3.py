@@ -6,6 +6,9 @@
   and the identity), BM25 and chance, with their 95% intervals (queries nested within seeds);
 - held-out loss per seed against total parameters beside the Kneser-Ney baselines.
 
+A run that trained but scored nothing (``scored`` false) gets its held-out loss curves per
+size and learning rate beside the baselines instead (:func:`draw_training`).
+
   python -m experiments.figures_v3      # writes docs/experiments/scale-v3/figures/v3.png
 """
 
@@ -82,13 +85,48 @@ def draw(data: dict, path: Path) -> Path:
     return path
 
 
+def draw_training(results: dict, path: Path) -> Path:
+    """The figure of a run that trained but scored nothing (``results["scored"]`` false):
+    held-out loss against training step for every run started, one colour per learning-rate
+    multiplier and one panel per size, beside the Kneser-Ney baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = [s for s in results["declared"]["scales"] if any(r["scale"] == s and r["heldout_curve"]
+                                                                for r in results["runs"])]
+    fig, axes = plt.subplots(1, max(1, len(scales)), figsize=(5 * max(1, len(scales)), 3.4), squeeze=False)
+    mults = results["declared"]["lr_multipliers"]
+    ng = (results.get("ngram") or {}).get("heldout_nats", {})
+    for ax, scale in zip(axes[0], scales):
+        for r in results["runs"]:
+            if r["scale"] != scale or not r["heldout_curve"]:
+                continue
+            steps, loss = zip(*r["heldout_curve"])
+            ax.plot(steps, loss, "o-", ms=3, color=f"C{mults.index(r['lr_multiplier'])}",
+                    label=f"seed {r['seed']}, lr ×{r['lr_multiplier']:g}" + ("" if r["finished"] else " (unfinished)"))
+        for (n, v), ls in zip(sorted(ng.items()), (":", "--", "-.")):
+            ax.axhline(v, color="0.4", ls=ls, lw=1, label=f"{n}-gram KN")
+        ax.set_title(f"{scale}: held-out loss (nats/token)", fontsize=9)
+        ax.set_xlabel("training step (32 x 128 tokens)", fontsize=8)
+        ax.set_ylim(top=min(6.0, ax.get_ylim()[1]))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.figures_v3", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, default=FOLDER)
     args = parser.parse_args(argv)
     results = json.loads((args.folder / "results.json").read_text())
-    print(draw(figure_data(results), args.folder / "figures" / FIGURE))
+    path = args.folder / "figures" / FIGURE
+    print(draw(figure_data(results), path) if results.get("scored", True) else draw_training(results, path))
     return 0
 
 

@@ -746,9 +746,11 @@ def _v3_training_block(r: dict) -> str:
     for x in runs:
         last = x["heldout_curve"][-1] if x["heldout_curve"] else None
         rows.append([x["scale"], str(x["seed"]), f"×{fmt(x['lr_multiplier'], 2)} ({fmt(x['learning_rate'], 3)})",
-                     f"{x['steps_evaluated']}/{x['total_steps']}", "yes" if x["finished"] else "**no**",
+                     f"{x['steps_evaluated']}/{x['total_steps']}", fmt(x.get("seconds_per_step"), 2),
+                     "yes" if x["finished"] else "**no**",
                      f"{fmt(last[1], 4)} at step {last[0]}" if last else "–"])
-    out.append(_table(["size", "seed", "lr multiplier (rate)", "steps (at the last evaluation)", "finished",
+    out.append(_table(["size", "seed", "lr multiplier (rate)", "steps (at the last evaluation)",
+                       "s per step (training + evaluation, under the load above)", "finished",
                        "held-out loss (nats/token)"], rows))
     ng = (r.get("ngram") or {}).get("heldout_nats", {})
     base = ", ".join(f"{n}-gram {fmt(v, 4)}" for n, v in sorted(ng.items()))

@@ -908,6 +908,7 @@ def training_status(cfg: V3Config, out: Path) -> list[dict]:
                              "tokens_planned": int(tc["tokens"]),
                              "tokens_rule": rule_steps * tc["batch_size"] * tc["seq_len"],
                              "total_steps": total, "steps_evaluated": done, "finished": done == total,
+                             "seconds_per_step": round(float(evals[-1]["elapsed_s"]) / done, 3) if done else None,
                              "heldout_curve": [[int(e["step"]), round(float(e["heldout_loss"]), 4)] for e in evals]})
     return rows
 
