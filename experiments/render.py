@@ -767,11 +767,16 @@ def _v3_training_block(r: dict) -> str:
     else:
         out.append("No size finished its learning-rate sweep, so no learning rate is chosen yet.")
     if base:
-        out.append(f"Kneser-Ney baselines on the same windows (seed 0's split): {base}.")
+        best_n, best = min(ng.items(), key=lambda kv: kv[1])
+        below = [x["run"] for x in runs if x["heldout_curve"] and x["heldout_curve"][-1][1] < best]
+        out.append(f"Kneser-Ney baselines on the same windows (seed 0's split): {base}. At its last evaluation "
+                   + (f"{', '.join(below)} is below" if below else "no run is below")
+                   + f" the best of them ({best_n}-gram)." + ("" if all(x["finished"] for x in runs) else
+                                                              " An unfinished run's loss is not its final one."))
     missing = "; ".join(f"{s} ({'all seeds' if v == r['declared']['seeds'][s] else 'seeds ' + ', '.join(map(str, v))})"
                         for s, v in r["not_run"].items())
     out.append(f"**Not run** (CPU time): {missing}; the EK-FAC and identity scoring of every run; the "
-               "estimator checks. Resume with the command in `results.json`.")
+               "estimator checks (how to resume: below).")
     return "\n\n".join(out) + "\n"
 
 

@@ -972,6 +972,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, help="run: cap every run's training steps (smoke tests)")
     parser.add_argument("--max-tokens", type=int, help="run: cap every run's training tokens below the budget "
                         "rule's (a deviation from the design, recorded in results.json)")
+    parser.add_argument("--publish-training", action="store_true", help="run: publish (to --publish) what has "
+                        "trained so far, scoring nothing: a partial results.json (publish_training)")
     parser.add_argument("--train-only", action="store_true", help="run: only train the given sizes, seeds and "
                         "learning-rate multipliers (no choice, no scoring): independent runs in parallel processes")
     parser.add_argument("--time-budget", type=float, help="run: stop between cached steps after this many "
@@ -993,6 +995,17 @@ def main(argv: list[str] | None = None) -> int:
             overrides["max_tokens"] = args.max_tokens
         run_cfg = dataclasses.replace(cfg, **overrides)
         out = args.out or Path("runs/scale") / cfg.name
+        if args.publish_training:
+            from . import scale_runs as steps
+            from .ngram import heldout_nats
+
+            first = out / f"{run_cfg.scales[0]}-seed0-lr{run_cfg.lr_multipliers[0]:g}"  # every lr: the same windows
+            ngram = steps.cached_json(out / "ngram-train.json", f"{first.name}:{run_cfg.ngram_orders}", "baseline",
+                                      lambda: heldout_nats(first / "data", run_cfg.base.vocab_size,
+                                                           run_cfg.ngram_orders))
+            publish_training(run_cfg, out, args.publish or out, ngram=ngram,
+                             command=" ".join(["python -m experiments.scale_v3", *(argv or sys.argv[1:])]))
+            return 0
         if args.train_only:
             return train_only(run_cfg, out, v3_data(run_cfg, out, _log), seeds=args.seeds,
                               time_budget=args.time_budget, log=_log)

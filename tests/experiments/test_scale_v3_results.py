@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from experiments.render import _BLOCK, DOC, V3_RESULTS, doc_blocks
+from experiments.render import _BLOCK, DOC, V3_RESULTS, v3_results_block
 from experiments.scale_v3 import V3, recompute_means, render_v3_report, v3_verdict
 
 FOLDER = V3_RESULTS.parent
@@ -82,14 +82,14 @@ def test_training_only_results_are_consistent(results):
 
 def test_doc_states_what_ran_and_what_the_data_show(results):
     if not results.get("scored", True):
-        block = doc_blocks()["v3-results"]
+        block = v3_results_block()
         text = DOC.read_text(encoding="utf-8")
         assert block in text and "no run was scored" in block and "scale-v3/figures/v3.png" in text
         prose = _BLOCK.sub("", text)
         assert "reproduces the paper: **yes**" not in prose
         assert "no influence number of v3 exists yet" in prose  # the hand-written text says so too
         return
-    block = doc_blocks()["v3-results"]
+    block = v3_results_block()
     text = DOC.read_text(encoding="utf-8")
     assert block in text
     prose = _BLOCK.sub("", text)
