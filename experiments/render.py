@@ -759,8 +759,12 @@ def _v3_training_block(r: dict) -> str:
         sweep = ", ".join(f"×{fmt(x['lr_multiplier'], 2)} → {fmt(x['heldout_loss'], 4)}" for x in s["sweep"])
         held = min(x["heldout_loss"] for x in s["sweep"])
         beats = ng and held < min(ng.values())
+        mults = [x["lr_multiplier"] for x in s["sweep"]]
+        edge = s["chosen_lr_multiplier"] in (min(mults), max(mults))
         lines.append(f"- {s['scale']}: learning-rate sweep at seed 0 finished ({sweep}); chosen ×"
-                     f"{fmt(s['chosen_lr_multiplier'], 2)}, held-out {fmt(held, 4)} nats/token, "
+                     f"{fmt(s['chosen_lr_multiplier'], 2)}"
+                     + (" (at the edge of the grid: the best rate may lie beyond it)" if edge else "")
+                     + f", held-out {fmt(held, 4)} nats/token, "
                      + ("below" if beats else "**not below**") + " the best Kneser-Ney baseline.")
     if lines:
         out.append("\n".join(lines))

@@ -37,7 +37,15 @@ chance's reciprocal rank and recall@10 of the source; then ``results.json`` (per
 intervals, slopes, verdicts), ``report.md`` and ``scores.npz`` (:mod:`experiments.archive`,
 kept out of git). It stops between cached steps when ``--time-budget`` is spent (exit
 status 75: run it again). ``experiments/run_gpu_v3.sh`` is the accelerator ladder's script.
-No v3 run has been made yet (the docs say so).
+
+  python -m experiments.scale_v3 run --config v3 --sizes tiny --seeds 0 --lr-multipliers 1 --train-only
+  python -m experiments.scale_v3 run --config v3 --publish docs/experiments/scale-v3 --publish-training
+
+``--train-only`` trains the given runs without choosing or scoring (one process per run, in
+parallel; ``run`` then finds them cached); ``--max-tokens`` caps every run's tokens below
+the budget rule (a deviation, recorded); ``--publish-training`` publishes what has trained
+when nothing could be scored (:func:`publish_training`). The first CPU run (2026-12-08)
+only trained part of the ``tiny`` sweep on a heavily shared machine: the docs say so.
 """
 
 from __future__ import annotations
