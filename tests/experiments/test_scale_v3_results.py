@@ -88,6 +88,13 @@ def test_doc_states_what_ran_and_what_the_data_show(results):
         prose = _BLOCK.sub("", text)
         assert "reproduces the paper: **yes**" not in prose
         assert "no influence number of v3 exists yet" in prose  # the hand-written text says so too
+        best_ngram = min(results["ngram"]["heldout_nats"].values())
+        tiny = next((s for s in results["sizes"] if s["scale"] == "tiny"), None)
+        if tiny:  # "it does not [beat the n-gram]; ... best rate at the top of the grid"
+            held = min(x["heldout_loss"] for x in tiny["sweep"])
+            assert ("the chosen `tiny` run stays above the best n-gram baseline" in prose) == (held >= best_ngram)
+            top = tiny["chosen_lr_multiplier"] == max(x["lr_multiplier"] for x in tiny["sweep"])
+            assert ("its best rate lies at the top of the\ndeclared grid" in prose) == top
         return
     block = v3_results_block()
     text = DOC.read_text(encoding="utf-8")
