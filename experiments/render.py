@@ -621,6 +621,7 @@ def v3_block(path: Path = V3_DESIGN) -> str:
 
 
 V3_RESULTS = V3_DESIGN.parent / "results.json"
+V3_SCORED = V3_DESIGN.parent / "scored" / "results.json"  # the scored part of a partial run, if any
 V3_HEADLINE = ("translated", "translated_masked", "bm25_hard")
 
 
@@ -665,8 +666,9 @@ def v3_results_block(path: Path = V3_RESULTS) -> str:
     means = [(s["scale"], float(np.mean(s["heldout_loss"]))) for s in sizes]
     beat = [s for s, v in means if v < best]
     out.append("Held-out loss (nats per token, mean over seeds): " + "; ".join(f"{s} {fmt(v, 4)}" for s, v in means)
-               + f". It {'falls' if r['heldout_falls_with_size'] else '**does not fall**'} with size over the sizes "
-               f"run. Kneser-Ney baselines on the same windows: "
+               + (f". It {'falls' if r['heldout_falls_with_size'] else '**does not fall**'} with size over the sizes "
+                  "run" if len(means) > 1 else ". One size ran: no trend with size")
+               + ". Kneser-Ney baselines on the same windows: "
                + ", ".join(f"{n}-gram {fmt(v, 4)}" for n, v in sorted(ng.items()))
                + (f"; every size run beats the best ({best_n}-gram)." if len(beat) == len(means) else
                   f"; sizes below the best ({best_n}-gram): {', '.join(beat) or 'none'}."))
@@ -790,7 +792,8 @@ def doc_blocks(v1: Path = V1_RESULTS, v2: Path = V2_RESULTS, v2_gpu: Path = V2_G
             "v2-results": v2_status(v2),
             "v2-gpu-results": v2_status(v2_gpu, "the `gpu` ladder (no accelerator was available to this session)"),
             "v1-summary": render_v1_summary(json.loads(v1.read_text())), "v2-archive": archive_block(v2.parent),
-            "v2-figures": figures_block(v2.parent), "v3-design": v3_block(), "v3-results": v3_results_block()}
+            "v2-figures": figures_block(v2.parent), "v3-design": v3_block(), "v3-results": v3_results_block(),
+            "v3-scored": v3_results_block(V3_SCORED)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -665,7 +665,9 @@ def v3_verdict(e: dict, declared_largest: str | None = None) -> tuple[str, str]:
     if not last["low"] > 0:
         return fail, f"influence does not beat BM25 at {e['scales'][-1]}"
     slope = e.get("slope_per_decade")
-    if not slope or not slope["low"] > 0:
+    if not slope:
+        return fail, f"influence beats BM25 at {e['scales'][-1]}, but one size ran: no slope, no test of growth"
+    if not slope["low"] > 0:
         return fail, (f"influence beats BM25 at {e['scales'][-1]} but the difference does not grow with size "
                       "(slope interval not above 0)")
     if partial:

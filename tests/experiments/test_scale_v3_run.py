@@ -236,6 +236,7 @@ def test_the_cached_design_is_keyed_by_the_data_not_the_sizes():
     assert _data_key(V3) != _data_key(dataclasses.replace(V3, translated_only=("Luke 15-16",)))
 
 
+@pytest.mark.slow  # 32 s at load ~5 on 2 cores (two fits and three scoring passes compile)
 @pytest.mark.filterwarnings("ignore::influence.UntrackedParametersWarning")
 def test_fused_scores_equal_pairwise_scores_per_variant():
     """One training pass for EK-FAC at three dampings and the identity (the v3 runs) gives
