@@ -734,8 +734,8 @@ def _v3_training_block(r: dict) -> str:
     started = sorted({(x["scale"], x["seed"]) for x in runs})
     out = [f"**Partial run, training only** of config `{r['config']}` on CPU ({r['machine']}, "
            f"{r['date'][:16].replace('T', ' ')} UTC, load {', '.join(map(str, r['loadavg']))} at the end, shared with "
-           f"other jobs; jax {r['jax']}): **no run was scored, so no influence, BM25-vs-influence or chance "
-           f"number of v3 exists yet** and no endpoint has a verdict. Training runs started: {len(runs)} "
+           f"other jobs; jax {r['jax']}): the training runs only; **this file scores nothing** (the scored part "
+           f"of the run, if any, is published apart, in `scored/`). Training runs started: {len(runs)} "
            f"({sum(x['finished'] for x in runs)} finished) at "
            + ", ".join(f"{s} seed {x}" for s, x in started) + "."]
     if r.get("max_tokens"):

@@ -84,7 +84,7 @@ def test_doc_states_what_ran_and_what_the_data_show(results):
     if not results.get("scored", True):
         block = v3_results_block()
         text = DOC.read_text(encoding="utf-8")
-        assert block in text and "no run was scored" in block and "scale-v3/figures/v3.png" in text
+        assert block in text and "this file scores nothing" in block and "scale-v3/figures/v3.png" in text
         prose = _BLOCK.sub("", text)
         assert "reproduces the paper: **yes**" not in prose
         assert "only the chosen `tiny` run was scored" in prose
