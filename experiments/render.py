@@ -597,8 +597,10 @@ def v3_block(path: Path = V3_DESIGN) -> str:
     # A run publishes results.json (and report.md) beside the design or in scale-v3-gpu/.
     ran = [p for p in (path.parent / "results.json", path.parent.parent / "scale-v3-gpu" / "results.json")
            if p.exists()]
-    status = (f"**Run:** results in {', '.join(f'`{p.parent.name}/results.json`' for p in ran)} (see the "
-              "report.md beside each)" if ran else
+    partial = any(json.loads(p.read_text()).get("partial") for p in ran)
+    status = (f"**{'Partial run' if partial else 'Run'}:** results in "
+              f"{', '.join(f'`{p.parent.name}/results.json`' for p in ran)} (see the report.md beside each and "
+              "[v3 results](#v3-results-partial-cpu-run))" if ran else
               "**Not run yet:** no v3 model has been trained (neither `python -m experiments.scale_v3 run` nor "
               "`experiments/run_gpu_v3.sh` has been run)")
     return (f"{status}; `docs/experiments/scale-v3/design.json` (config "
@@ -618,13 +620,180 @@ def v3_block(path: Path = V3_DESIGN) -> str:
             f"{', '.join(d['robustness']['validate_scales'])}. Verdict rule: {d['verdict_rule']}.\n")
 
 
+V3_RESULTS = V3_DESIGN.parent / "results.json"
+V3_SCORED = V3_DESIGN.parent / "scored" / "results.json"  # the scored part of a partial run, if any
+V3_HEADLINE = ("translated", "translated_masked", "bm25_hard")
+
+
+def _seeds(xs: Sequence[int]) -> str:
+    xs = list(xs)
+    return f"seeds {xs[0]}–{xs[-1]}" if len(xs) > 2 and xs == list(range(xs[0], xs[-1] + 1)) else \
+        ("seed " if len(xs) == 1 else "seeds ") + ", ".join(map(str, xs))
+
+
+def v3_results_block(path: Path = V3_RESULTS) -> str:
+    """The v3 run's results (``python -m experiments.scale_v3 run --publish``), written from
+    ``results.json`` only: what ran and what did not, the learning-rate sweeps and held-out
+    loss beside the Kneser-Ney baselines, each headline endpoint per size with influence,
+    BM25 and chance, the damping and identity variants, and each verdict by the declared
+    rule (a partial ladder cannot pass it)."""
+    if not path.exists():
+        return ("**Not run yet:** no v3 results are published (`docs/experiments/scale-v3/results.json` is "
+                "absent).\n")
+    r = json.loads(path.read_text())
+    if not r.get("scored", True):
+        return _v3_training_block(r)
+    sizes, k = r["sizes"], r["recall_k"]
+    ran = "; ".join(f"{s['scale']} ({params_label(s['total_params'])} parameters, {_seeds(s['seeds'])})"
+                    for s in sizes)
+    missing = "; ".join(f"{s} ({'all seeds' if v == r['declared']['seeds'][s] else _seeds(v)})"
+                        for s, v in r["not_run"].items())
+    out = [f"**{'Partial run' if r['partial'] else 'Run'}** of config `{r['config']}` on CPU "
+           f"({r['machine']}, {r['date'][:16].replace('T', ' ')} UTC, load {', '.join(map(str, r['loadavg']))} at the "
+           f"end, shared with other jobs; jax {r['jax']}). Ran: {ran}. "
+           + (f"**Not run** (time): {missing}." if missing else "Every declared size and seed ran.")]
+    rows = []
+    for s in sizes:
+        sweep = ", ".join(f"×{fmt(x['lr_multiplier'], 2)} → {fmt(x['heldout_loss'], 4)}" for x in s["sweep"])
+        b = s["budget"]
+        rows.append([s["scale"], params_label(s["total_params"]), sweep, f"×{fmt(s['chosen_lr_multiplier'], 2)}",
+                     f"{fmt(b['tokens_trained'])} ({fmt(s['epochs'], 3)} epochs; {b['rule']})",
+                     ", ".join(fmt(x, 4) for x in s["heldout_loss"])])
+    out.append(_table(["size", "total params", "lr sweep at seed 0 (multiplier → held-out loss)", "chosen",
+                       "tokens trained (rule)", "held-out loss per seed"], rows))
+    ng = r["ngram"]["heldout_nats"]
+    best_n, best = min(ng.items(), key=lambda kv: kv[1])
+    means = [(s["scale"], float(np.mean(s["heldout_loss"]))) for s in sizes]
+    beat = [s for s, v in means if v < best]
+    out.append("Held-out loss (nats per token, mean over seeds): " + "; ".join(f"{s} {fmt(v, 4)}" for s, v in means)
+               + (f". It {'falls' if r['heldout_falls_with_size'] else '**does not fall**'} with size over the sizes "
+                  "run" if len(means) > 1 else ". One size ran: no trend with size")
+               + ". Kneser-Ney baselines on the same windows: "
+               + ", ".join(f"{n}-gram {fmt(v, 4)}" for n, v in sorted(ng.items()))
+               + (f"; every size run beats the best ({best_n}-gram)." if len(beat) == len(means) else
+                  f"; sizes below the best ({best_n}-gram): {', '.join(beat) or 'none'}."))
+    eps = {e["name"]: e for e in r["endpoints"]["ekfac-x1"]}
+    rows = []
+    for name in (*V3_HEADLINE, "bm25_first"):
+        e = eps[name]
+        for c in e["per_scale"]:
+            rows.append([name, e["role"], str(e["n_queries"]), c["scale"], fmt_ci(c["influence_mrr"]),
+                         fmt_ci(c["bm25_mrr"]), fmt(c["chance_mrr"]["value"]), fmt_ci(c["influence_minus_bm25"]),
+                         f"{fmt(c[f'influence_recall{k}']['value'])} / {fmt(c[f'bm25_recall{k}']['value'])} / "
+                         f"{fmt(c[f'chance_recall{k}']['value'])}"])
+    out.append("Headline endpoints, EK-FAC at the default damping λ (mean reciprocal rank of the source; 95% "
+               "intervals over queries nested within seeds):")
+    out.append(_table(["endpoint", "role", "n", "size", "influence MRR", "BM25 MRR", "chance MRR",
+                       "influence − BM25", f"R@{k} influence / BM25 / chance"], rows))
+    variants = list(r["endpoints"])
+    last = sizes[-1]["scale"]
+    rows = []
+    for name in V3_HEADLINE:
+        cells = [name]
+        for v in variants:
+            e = next(x for x in r["endpoints"][v] if x["name"] == name)
+            cells.append(fmt_ci(e["per_scale"][-1]["influence_minus_bm25"]))
+        rows.append(cells)
+    label = {v: ("identity (gradient dot product)" if v == "identity" else f"EK-FAC λ × {v.removeprefix('ekfac-x')}")
+             for v in variants}
+    out.append(f"Influence − BM25 at {last} under each curvature and damping:")
+    out.append(_table(["endpoint", *(label[v] for v in variants)], rows))
+    two = len(sizes) == 2
+    lines = []
+    for name in V3_HEADLINE:
+        e = eps[name]
+        sl = e.get("slope_per_decade")
+        change = (f"change from {sizes[0]['scale']} to {last} {fmt_ci(sl)} per decade of parameters"
+                  if two else f"slope {fmt_ci(sl)} per decade of parameters") if sl else "no slope (one size)"
+        robust = [v for v in variants if next(x for x in r["endpoints"][v] if x["name"] == name)["verdict"]
+                  == e["verdict"]]
+        lines.append(f"- **{name}** (paper claim, n = {e['n_queries']}): **{e['verdict']}**"
+                     + (f" ({e['reason']})" if e["reason"] else "") + f"; {change}; same verdict under "
+                     f"{len(robust)} of {len(variants)} variants ({', '.join(label[v] for v in robust)}).")
+    out.append("Verdicts by the declared rule (n ≥ 30, influence above BM25 at the largest size and a gain that "
+               "grows with size, both intervals excluding 0):\n\n" + "\n".join(lines))
+    if two:
+        out.append("With two sizes the slope is the change between them: it can say whether influence's gap to "
+                   "BM25 differs between these two sizes, not whether it trends with scale.")
+    if r.get("validation"):
+        vals = []
+        for run, v in r["validation"].items():
+            t = v["tail_patch"]
+            vals.append(f"{run}: top-{t['k']} − random change of the query loss {fmt(t['mean_delta_top_minus_random'])}"
+                        f" nats, top better for a share {fmt(t['share_top_better'])} of {len(t['queries'])} queries")
+        out.append("Estimator check (tail patch, one SGD step on a translated query's top sequences vs random ones): "
+                   + "; ".join(vals) + ".")
+    return "\n\n".join(out) + "\n"
+
+
+def _v3_training_block(r: dict) -> str:
+    """A v3 run that trained but scored nothing (:func:`experiments.scale_v3.publish_training`):
+    the runs, how far each got, the sweeps that finished, held-out loss beside the n-gram
+    baselines, and plainly that no endpoint has a number."""
+    runs = r["runs"]
+    started = sorted({(x["scale"], x["seed"]) for x in runs})
+    out = [f"**Partial run, training only** of config `{r['config']}` on CPU ({r['machine']}, "
+           f"{r['date'][:16].replace('T', ' ')} UTC, load {', '.join(map(str, r['loadavg']))} at the end, shared with "
+           f"other jobs; jax {r['jax']}): the training runs only; **this file scores nothing** (the scored part "
+           f"of the run, if any, is published apart, in `scored/`). Training runs started: {len(runs)} "
+           f"({sum(x['finished'] for x in runs)} finished) at "
+           + ", ".join(f"{s} seed {x}" for s, x in started) + "."]
+    if r.get("max_tokens"):
+        capped = [f"{x['run']} ({fmt(x['tokens_planned'])} of the rule's {fmt(x['tokens_rule'])})" for x in runs
+                  if x["tokens_planned"] < x["tokens_rule"]]
+        out[-1] += (f" Token cap for this run: {fmt(r['max_tokens'])} tokens per run (the declared rule's budget at "
+                    "tiny, so that the larger size could train in the time left); " +
+                    (f"it cut {', '.join(capped)}." if capped else "no run shown here was cut by it."))
+    rows = []
+    for x in runs:
+        last = x["heldout_curve"][-1] if x["heldout_curve"] else None
+        rows.append([x["scale"], str(x["seed"]), f"×{fmt(x['lr_multiplier'], 2)} ({fmt(x['learning_rate'], 3)})",
+                     f"{x['steps_evaluated']}/{x['total_steps']}", fmt(x.get("seconds_per_step"), 2),
+                     "yes" if x["finished"] else "**no**",
+                     f"{fmt(last[1], 4)} at step {last[0]}" if last else "–"])
+    out.append(_table(["size", "seed", "lr multiplier (rate)", "steps (at the last evaluation)",
+                       "s per step (training + evaluation, under the load above)", "finished",
+                       "held-out loss (nats/token)"], rows))
+    ng = (r.get("ngram") or {}).get("heldout_nats", {})
+    base = ", ".join(f"{n}-gram {fmt(v, 4)}" for n, v in sorted(ng.items()))
+    lines = []
+    for s in r["sizes"]:
+        sweep = ", ".join(f"×{fmt(x['lr_multiplier'], 2)} → {fmt(x['heldout_loss'], 4)}" for x in s["sweep"])
+        held = min(x["heldout_loss"] for x in s["sweep"])
+        beats = ng and held < min(ng.values())
+        mults = [x["lr_multiplier"] for x in s["sweep"]]
+        edge = s["chosen_lr_multiplier"] in (min(mults), max(mults))
+        lines.append(f"- {s['scale']}: learning-rate sweep at seed 0 finished ({sweep}); chosen ×"
+                     f"{fmt(s['chosen_lr_multiplier'], 2)}"
+                     + (" (at the edge of the grid: the best rate may lie beyond it)" if edge else "")
+                     + f", held-out {fmt(held, 4)} nats/token, "
+                     + ("below" if beats else "**not below**") + " the best Kneser-Ney baseline.")
+    if lines:
+        out.append("\n".join(lines))
+    else:
+        out.append("No size finished its learning-rate sweep, so no learning rate is chosen yet.")
+    if base:
+        best_n, best = min(ng.items(), key=lambda kv: kv[1])
+        below = [x["run"] for x in runs if x["heldout_curve"] and x["heldout_curve"][-1][1] < best]
+        out.append(f"Kneser-Ney baselines on the same windows (seed 0's split): {base}. At its last evaluation "
+                   + (f"{', '.join(below)} is below" if below else "no run is below")
+                   + f" the best of them ({best_n}-gram)." + ("" if all(x["finished"] for x in runs) else
+                                                              " An unfinished run's loss is not its final one."))
+    missing = "; ".join(f"{s} ({'all seeds' if v == r['declared']['seeds'][s] else 'seeds ' + ', '.join(map(str, v))})"
+                        for s, v in r["not_run"].items())
+    out.append(f"**Not run** (CPU time): {missing}; the EK-FAC and identity scoring of every run; the "
+               "estimator checks (how to resume: below).")
+    return "\n\n".join(out) + "\n"
+
+
 def doc_blocks(v1: Path = V1_RESULTS, v2: Path = V2_RESULTS, v2_gpu: Path = V2_GPU_RESULTS) -> dict[str, str]:
     """Every generated block of the doc."""
     return {"v2-headline": headline(v2), "v2-configs": configs_table(), "v2-endpoints": endpoints_table(),
             "v2-results": v2_status(v2),
             "v2-gpu-results": v2_status(v2_gpu, "the `gpu` ladder (no accelerator was available to this session)"),
             "v1-summary": render_v1_summary(json.loads(v1.read_text())), "v2-archive": archive_block(v2.parent),
-            "v2-figures": figures_block(v2.parent), "v3-design": v3_block()}
+            "v2-figures": figures_block(v2.parent), "v3-design": v3_block(), "v3-results": v3_results_block(),
+            "v3-scored": v3_results_block(V3_SCORED)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,15 @@ chance's reciprocal rank and recall@10 of the source; then ``results.json`` (per
 intervals, slopes, verdicts), ``report.md`` and ``scores.npz`` (:mod:`experiments.archive`,
 kept out of git). It stops between cached steps when ``--time-budget`` is spent (exit
 status 75: run it again). ``experiments/run_gpu_v3.sh`` is the accelerator ladder's script.
-No v3 run has been made yet (the docs say so).
+
+  python -m experiments.scale_v3 run --config v3 --sizes tiny --seeds 0 --lr-multipliers 1 --train-only
+  python -m experiments.scale_v3 run --config v3 --publish docs/experiments/scale-v3 --publish-training
+
+``--train-only`` trains the given runs without choosing or scoring (one process per run, in
+parallel; ``run`` then finds them cached); ``--max-tokens`` caps every run's tokens below
+the budget rule (a deviation, recorded); ``--publish-training`` publishes what has trained
+when nothing could be scored (:func:`publish_training`). The first CPU run (2026-12-08)
+only trained part of the ``tiny`` sweep on a heavily shared machine: the docs say so.
 """
 
 from __future__ import annotations
@@ -81,6 +89,9 @@ class V3Config:
     curvatures: tuple[str, ...] = ("ekfac", "identity")
     validate_scales: tuple[str, ...] = ()
     max_steps: int | None = None  # cap on training steps per run (smoke tests only; None = the budget)
+    # A cap on the tokens of every run below the budget rule's (None: the rule). Not part of
+    # the design: a run that needs it (the CPU time available) records it in its results.
+    max_tokens: int | None = None
     recall_k: int = 10
     ngram_orders: tuple[int, ...] = (2, 3, 4)  # Kneser-Ney baselines printed beside held-out loss
 
@@ -327,6 +338,16 @@ def v3_data(cfg: V3Config, work: Path, log=print) -> V3Data:
     from .v3_data import english_candidates, translated_queries
 
     work.mkdir(parents=True, exist_ok=True)
+    # The corpora come from diatheke, minutes under load: a resumed or parallel run reads
+    # the documents and queries back from a pickle keyed like the design.
+    cache = work / f"v3-data-{_data_key(cfg)}.pkl"
+    if cache.exists():
+        import pickle
+
+        data = pickle.loads(cache.read_bytes())
+        log(f"{cfg.name}: {len(data.queries)} queries, {len(data.train_docs)} training documents, "
+            f"{len(data.held)} held-out (cached)")
+        return data
     d = steps.cached_json(work / "design.json", _data_key(cfg), "design",
                           lambda: design(cfg, work))
     train_docs, held, _, _, spanish, kjv = documents_v3(cfg)
@@ -336,7 +357,13 @@ def v3_data(cfg: V3Config, work: Path, log=print) -> V3Data:
     for stratum, verses in d["bm25_strata"]["chosen"].items():
         queries += [dataclasses.replace(by_verse[v], kind=f"bm25_{stratum}") for v in verses if v in by_verse]
     log(f"{cfg.name}: {len(queries)} queries, {len(train_docs)} training documents, {len(held)} held-out")
-    return V3Data(train_docs, held, queries, list(d["bm25_strata"]["hard"]))
+    data = V3Data(train_docs, held, queries, list(d["bm25_strata"]["hard"]))
+    import pickle
+
+    from influence.runtime.io import atomic_write_bytes
+
+    atomic_write_bytes(cache, pickle.dumps(data))
+    return data
 
 
 def _train_one(cfg: V3Config, out: Path, data: V3Data, scale: str, seed: int, lr_multiplier: float, log,
@@ -360,6 +387,11 @@ def _train_one(cfg: V3Config, out: Path, data: V3Data, scale: str, seed: int, lr
     tokens = steps.epoch_tokens(base, info["train_sequences"], budget["epochs"])
     if cfg.max_steps:
         tokens = min(tokens, cfg.max_steps * b.batch_size * b.seq_len)
+    step_tokens = b.batch_size * b.seq_len
+    capped = bool(cfg.max_tokens and tokens > cfg.max_tokens)
+    if capped:  # whole steps, at most max_tokens
+        tokens = max(1, cfg.max_tokens // step_tokens) * step_tokens
+    budget = {**budget, "capped": capped}
     tc = dataclasses.replace(base, tokens=tokens)
     trained = steps.train(run_dir, tc, docs, log, deadline=deadline)
     steps.check_deadline(deadline, f"evaluating {run_dir.name}")
@@ -382,6 +414,51 @@ def query_metrics(values, rows_of: list, k: int = 10) -> list[dict]:
 
     return [{"rr": M.reciprocal_rank(v, rows), f"recall{k}": M.recall_at_k(v, rows, k)}
             for v, rows in zip(values, rows_of)]
+
+
+def fused_scores(model, task, variants: dict, queries, train, *, batch_size: int = 32) -> dict:
+    """Scores ``[Q, N]`` of several curvature/damping variants from ONE pass over ``train``:
+    ``variants`` maps a name to ``(factors, damping)`` (as :func:`influence.pairwise_scores`
+    takes them); each variant's preconditioned query gradients are stacked along the query
+    axis and contracted with the same per-example training gradients, so k variants cost
+    one training pass instead of k (the v3 runs score EK-FAC at three dampings and the
+    identity). Equal to ``pairwise_scores`` per variant (tested); returns ``{name:
+    (values [Q, N] float32, damping per layer)}``. Every variant must track the same layers."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from influence.runtime.data import as_source
+    from influence.runtime.driver import concatenate, run_pass
+    from influence.runtime.execution import Execution
+    from influence.scoring.contractions import LayerQueries
+    from influence.scoring.finite import RowCheck
+    from influence.scoring.pairwise import score_step
+    from influence.scoring.queries import place_queries, prepare_queries, scoring_batch
+
+    ex = Execution.of(None, {"batch_size": batch_size, "progress": False})
+    sides = {v: prepare_queries(model, task, f, queries, damping=d, execution=ex) for v, (f, d) in variants.items()}
+    first = next(iter(sides.values()))
+    tracked, mesh, names = first.tracked, first.mesh, list(first.tracked.layer_names)
+    if other := [v for v, side in sides.items() if list(side.tracked.layer_names) != names]:
+        raise ValueError(f"variants {other} track other layers than {names}: fuse only variants of the same layers")
+    stacked = {n: LayerQueries(full=jnp.concatenate([side.queries[n].dense() for side in sides.values()]))
+               for n in names}
+    placed = place_queries(stacked, mesh)
+    ex = scoring_batch(ex, tracked, task, train, mesh, queries=placed)
+    source = as_source(train, ex.batch_size, task, model)
+    finite = RowCheck(source.batch_size)
+
+    def score(step):
+        out = score_step(placed, tracked.state, step.arrays, step.example_mask, graphdef=tracked.graphdef,
+                         layers=tracked.layers, task=task, kind="empirical", mesh=mesh, keep_layers=False)
+        finite.update(out, step.batch)
+        return out
+
+    collected = run_pass(finite.guard(concatenate(score), checkpointed=False), source, mesh, desc="scores",
+                         progress=False).value
+    total = np.asarray(collected, np.float32).sum(axis=0)  # [Q x variants (+ padding), N]
+    q = first.n_query
+    return {v: (total[i * q:(i + 1) * q], side.damping) for i, (v, side) in enumerate(sides.items())}
 
 
 def _score_variants(cfg: V3Config, run_dir: Path, queries, log, deadline) -> dict:
@@ -420,8 +497,9 @@ def _score_variants(cfg: V3Config, run_dir: Path, queries, log, deadline) -> dic
         # lambda x m: the library default (0.1 x mean eigenvalue per layer), averaged over the
         # layers into one absolute damping (the scorer takes one), times m.
         lam = float(np.mean([ekfac.damping(name) for name in ekfac.layer_names]))
+        steps.check_deadline(deadline, f"scoring {run_dir.name}")
+        plan_ = {}
         for v in variants:
-            steps.check_deadline(deadline, f"scoring {v} at {run_dir.name}")
             if v == "identity":
                 path = run_dir / "factors" / "identity-mlp"
                 if (path / "factors.npz").exists():
@@ -430,16 +508,56 @@ def _score_variants(cfg: V3Config, run_dir: Path, queries, log, deadline) -> dic
                     factors = inf.fit_factors(run.model, inf.tasks.CausalLM(), run.train, strategy="identity",
                                               layers=layers, batch_size=32, progress=False)
                     factors.save(path)
-                scores = steps.score(run_dir, run, factors, "mlp", queries, log, name="v3-identity", per_layer=False)
+                plan_[v] = (factors, None)
             else:
-                m = float(v.removeprefix("ekfac-x"))
-                scores = steps.score(run_dir, run, ekfac, "mlp", queries, log, damping=m * lam, name=f"v3-{v}",
-                                     per_layer=False)
-            for rec, qm in zip(recs, query_metrics(np.asarray(scores.values), rows_of, k)):
+                plan_[v] = (ekfac, float(v.removeprefix("ekfac-x")) * lam)
+        values = _fused_cached(run_dir, run, plan_, queries, log)
+        for v in variants:
+            for rec, qm in zip(recs, query_metrics(values[v], rows_of, k)):
                 rec.setdefault("influence", {})[v] = qm
         return {"n_train": n, "lambda_default_mean": lam, "variants": variants, "records": recs}
 
     return steps.cached_json(run_dir / "v3-metrics.json", key, "metrics", compute)
+
+
+def _fused_cached(run_dir: Path, run, plan_: dict, queries, log) -> dict:
+    """Each variant's scores ``[Q, N]``, from ``scores/v3-<variant>.npz`` when it holds these
+    queries at this damping (as :func:`experiments.scale_runs.score` keys them), else all
+    missing variants in one pass (:func:`fused_scores`), saved there."""
+    import time
+
+    import numpy as np
+
+    import influence as inf
+    from influence.query.engine import encode_queries
+
+    from . import scale_runs as steps
+
+    base = steps.queries_fingerprint(queries)
+
+    def key(damping):
+        return base + ("" if damping is None else f"@{damping:.6g}")
+
+    out, missing = {}, {}
+    for v, (factors, damping) in plan_.items():
+        path = run_dir / "scores" / f"v3-{v}.npz"
+        if path.exists() and (cached := inf.Scores.load(path)).metadata.get("queries_fingerprint") == key(damping):
+            out[v] = np.asarray(cached.values)
+        else:
+            missing[v] = (factors, damping)
+    if missing:
+        log(f"  scoring {len(queries)} queries x {len(run.train)} sequences, {len(missing)} variants in one pass")
+        t0 = time.perf_counter()
+        batch = encode_queries([q.query for q in queries], run.tokenizer, run.config.context_length)
+        got = fused_scores(run.model, inf.tasks.CausalLM(), missing, batch, run.train)
+        for v, (values, dampings) in got.items():
+            scores = inf.Scores(values, None, {"strategy": missing[v][0].strategy, "damping": dampings,
+                                               "queries_fingerprint": key(missing[v][1]),
+                                               "query_ids": [q.id for q in queries], "fused": list(missing)})
+            scores.save(run_dir / "scores" / f"v3-{v}.npz")
+            out[v] = values
+        log(f"  scored in {time.perf_counter() - t0:.0f} s")
+    return out
 
 
 def _validate(cfg: V3Config, run_dir: Path, queries) -> dict:
@@ -483,11 +601,12 @@ def _matrix(runs: list[dict], ids: list[str], value):
 
 
 def endpoint_v3(name: str, role: str, kinds, runs_by_scale: dict[str, list[dict]], variant: str, k: int = 10,
-                n_boot: int = 2000) -> dict:
+                n_boot: int = 2000, declared_largest: str | None = None) -> dict:
     """One endpoint at one variant: per size, influence's, BM25's and chance's MRR and
     recall@k with nested intervals (queries resampled jointly, seeds within size), the
     difference influence - BM25 in reciprocal rank, its slope against log10 of the total
-    parameters, and the verdict (:func:`v3_verdict`)."""
+    parameters, and the verdict (:func:`v3_verdict`; ``declared_largest``: the design's largest
+    size, for a run of part of the ladder)."""
     import numpy as np
 
     from . import stats as S
@@ -518,28 +637,98 @@ def endpoint_v3(name: str, role: str, kinds, runs_by_scale: dict[str, list[dict]
     x = np.log10([c["total_params"] for c in out["per_scale"]])
     slope = S.slope_vs(x, per["influence_minus_bm25"], n_boot=n_boot) if len(scales) > 1 else None
     out["slope_per_decade"] = slope.as_dict() if slope else None
-    out["verdict"], out["reason"] = v3_verdict(out)
+    out["verdict"], out["reason"] = v3_verdict(out, declared_largest)
     return out
 
 
-def v3_verdict(e: dict) -> tuple[str, str]:
+PARTIAL_FAIL = "not shown on a partial ladder"
+PARTIAL_PASS = "passes on the sizes run only (partial ladder): not a reproduction"
+
+
+def v3_verdict(e: dict, declared_largest: str | None = None) -> tuple[str, str]:
     """The declared rule: a paper claim reproduces the paper only if n >= 30
     (:data:`experiments.stats.MIN_N_CLAIM`), influence beats BM25 at the largest size (the
     interval of the difference above 0) and the difference grows with size (the slope's
-    interval above 0); anything else says which part fails."""
+    interval above 0); anything else says which part fails. When the run stops short of
+    the design's largest size ``declared_largest`` the test cannot pass: the verdict says
+    so (:data:`PARTIAL_FAIL` / :data:`PARTIAL_PASS`) and the reason says how the sizes run
+    fare under the rule."""
     from . import stats as S
 
     if e["role"] != "paper claim":
         return f"{e['role']}, not a test of the paper", ""
+    partial = declared_largest is not None and e["scales"][-1] != declared_largest
+    fail = PARTIAL_FAIL if partial else "does not reproduce"
     if e["n_queries"] < S.MIN_N_CLAIM:
-        return "does not reproduce", f"n = {e['n_queries']} < {S.MIN_N_CLAIM} queries"
+        return fail, f"n = {e['n_queries']} < {S.MIN_N_CLAIM} queries"
     last = e["per_scale"][-1]["influence_minus_bm25"]
     if not last["low"] > 0:
-        return "does not reproduce", f"influence does not beat BM25 at {e['scales'][-1]}"
+        return fail, f"influence does not beat BM25 at {e['scales'][-1]}"
     slope = e.get("slope_per_decade")
-    if not slope or not slope["low"] > 0:
-        return "does not reproduce", "the difference does not grow with size (slope interval not above 0)"
+    if not slope:
+        return fail, f"influence beats BM25 at {e['scales'][-1]}, but one size ran: no slope, no test of growth"
+    if not slope["low"] > 0:
+        return fail, (f"influence beats BM25 at {e['scales'][-1]} but the difference does not grow with size "
+                      "(slope interval not above 0)")
+    if partial:
+        return PARTIAL_PASS, (f"influence beats BM25 at {e['scales'][-1]} and the difference grows over "
+                              f"{', '.join(e['scales'])}; the declared test needs the ladder up to {declared_largest}")
     return "reproduces the paper", "influence beats BM25 at the largest size and the gain grows with size"
+
+
+def rank_table(runs_by_scale: dict[str, list[dict]], k: int = 10) -> dict:
+    """Every query's rank of its source per run, compact enough for git (the archive of a
+    run's per-query metrics; scores stay out of git): ``ids``, ``kinds``, ``n_rows`` (source
+    windows; 0: not in training) once, then per run ``n_train`` and per method (``bm25``
+    and each influence variant) ``rank`` (1-based best rank of a source window, ``None``
+    when there is none; reciprocal rank = 1 / rank) and ``recall{k}`` (share of source
+    windows in the top k, 3 decimals)."""
+    first = next(iter(runs_by_scale.values()))[0]["metrics"]["records"]
+    out = {"ids": [r["id"] for r in first], "kinds": [r["kind"] for r in first],
+           "n_rows": [r["n_rows"] for r in first], "recall_k": k, "runs": {}}
+
+    def rank(rr):
+        return None if rr is None or not math.isfinite(rr) else int(round(1 / rr))
+
+    def recall(x):
+        return None if x is None or not math.isfinite(x) else round(float(x), 3)
+
+    for scale, runs in runs_by_scale.items():
+        for r in runs:
+            recs = r["metrics"]["records"]
+            if [x["id"] for x in recs] != out["ids"] or [x["n_rows"] for x in recs] != out["n_rows"]:
+                raise ValueError(f"{scale} seed {r['seed']} is scored on other queries or windows than the first run")
+            row = {"n_train": r["metrics"]["n_train"],
+                   "bm25": {"rank": [rank(x["bm25_rr"]) for x in recs],
+                            f"recall{k}": [recall(x[f"bm25_recall{k}"]) for x in recs]}}
+            for v in r["metrics"]["variants"]:
+                row[v] = {"rank": [rank(x["influence"][v]["rr"]) for x in recs],
+                          f"recall{k}": [recall(x["influence"][v][f"recall{k}"]) for x in recs]}
+            out["runs"][f"{scale}-seed{r['seed']}"] = row
+    return out
+
+
+def recompute_means(results: dict, ranks: dict) -> dict:
+    """Each endpoint's per-size point values (influence, BM25 and chance MRR, influence -
+    BM25) re-derived from ``ranks.json`` alone (:func:`rank_table`): ``{(variant, endpoint,
+    scale, metric): value}``, to hold against ``results.json``."""
+    import numpy as np
+
+    from .metrics import chance_mrr
+
+    out = {}
+    for variant, eps in results["endpoints"].items():
+        for e in eps:
+            cols = [i for i, (kd, n) in enumerate(zip(ranks["kinds"], ranks["n_rows"])) if kd in e["kinds"] and n]
+            for cell in e["per_scale"]:
+                runs = [v for name, v in ranks["runs"].items() if name.rsplit("-seed", 1)[0] == cell["scale"]]
+                inf_rr = np.array([[1 / r[variant]["rank"][i] for i in cols] for r in runs])
+                bm_rr = np.array([[1 / r["bm25"]["rank"][i] for i in cols] for r in runs])
+                ch = np.array([[chance_mrr(r["n_train"], ranks["n_rows"][i]) for i in cols] for r in runs])
+                for m, v in (("influence_mrr", inf_rr), ("bm25_mrr", bm_rr), ("chance_mrr", ch),
+                             ("influence_minus_bm25", inf_rr - bm_rr)):
+                    out[(variant, e["name"], cell["scale"], m)] = float(v.mean()) if v.size else float("nan")
+    return out
 
 
 def render_v3_report(results: dict) -> str:
@@ -642,11 +831,15 @@ def run_all(cfg: V3Config, out: Path, data: V3Data, *, seeds=None, time_budget: 
         s["beats_ngram"] = bool(np.mean(s["heldout_loss"]) < best_ngram)
     k, n_boot = cfg.recall_k, n_boot or cfg.base.n_boot
     variants = runs_by_scale[cfg.scales[0]][0]["metrics"]["variants"]
+    declared = V3_CONFIGS.get(cfg.name, cfg)
     endpoints = {v: [endpoint_v3(name, role, kinds or tuple(f"bm25_{h}" for h in data.hard), runs_by_scale, v, k,
-                                 n_boot) for name, role, kinds in ENDPOINTS_V3] for v in variants}
+                                 n_boot, declared.scales[-1]) for name, role, kinds in ENDPOINTS_V3] for v in variants}
+    ran = {z["scale"]: z["seeds"] for z in sizes}
+    not_run = {s: [x for x in declared.seeds(s) if x not in ran.get(s, [])] for s in declared.scales}
     results = _rounded({
         "version": 3, "config": cfg.name, "status": "run" if cfg.max_steps is None else
         f"smoke run (training capped at {cfg.max_steps} steps): not a measurement", "command": command,
+        "max_tokens": cfg.max_tokens,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": _machine(),
         "jax": jax.__version__, "loadavg": [round(x, 2) for x in os.getloadavg()], "recall_k": k,
         "hard_strata": data.hard, "query_counts": {kd: sum(q.kind == kd for q in data.queries)
@@ -655,6 +848,9 @@ def run_all(cfg: V3Config, out: Path, data: V3Data, *, seeds=None, time_budget: 
                                        for r in rs if r.get("validation")},
         "sizes": sizes, "heldout_falls_with_size": bool(all(
             np.mean(a["heldout_loss"]) > np.mean(b["heldout_loss"]) for a, b in zip(sizes, sizes[1:]))),
+        "declared": {"scales": list(declared.scales), "seeds": {s: list(declared.seeds(s)) for s in declared.scales}},
+        "not_run": {s: v for s, v in not_run.items() if v},
+        "partial": any(not_run.values()),
         "endpoints": endpoints,
         "lambda_default_mean": {f"{s}-seed{r['seed']}": r["metrics"]["lambda_default_mean"]
                                 for s, rs in runs_by_scale.items() for r in rs}})
@@ -662,13 +858,114 @@ def run_all(cfg: V3Config, out: Path, data: V3Data, *, seeds=None, time_budget: 
 
     atomic_write_bytes(out / "results.json", json.dumps(results, indent=1, default=float).encode())
     atomic_write_bytes(out / "report.md", render_v3_report(results).encode())
+    # The per-query ranks (every MRR of the results recomputes from them; tens of kB, unlike the scores).
+    atomic_write_bytes(out / "ranks.json", json.dumps(rank_table(runs_by_scale, k), separators=(",", ":")).encode())
     write_scores(out / "scores.npz", archive)
-    if publish:  # results and report only: the score archive stays out of git
+    if publish:  # results, ranks and report: the score archive stays out of git
         publish.mkdir(parents=True, exist_ok=True)
-        for name in ("results.json", "report.md"):
+        for name in ("results.json", "ranks.json", "report.md"):
             atomic_write_bytes(publish / name, (out / name).read_bytes())
     log(f"done: {out / 'results.json'}")
     return 0
+
+
+def train_only(cfg: V3Config, out: Path, data: V3Data, *, seeds=None, time_budget: float | None = None,
+               log=print) -> int:
+    """Train (or resume) every run of ``cfg.scales`` x ``seeds`` (default: the first seed)
+    x ``cfg.lr_multipliers`` without choosing or scoring: several processes can train
+    disjoint runs at once, and :func:`run_all` then finds them cached. Returns 0, or
+    :data:`EXIT_RESUME` when the time budget ran out first."""
+    import time
+
+    from . import scale_runs as steps
+
+    deadline = None if time_budget is None else time.monotonic() + time_budget
+    try:
+        for scale in cfg.scales:
+            for seed in seeds or cfg.seeds(scale)[:1]:
+                for m in cfg.lr_multipliers:
+                    _train_one(cfg, out, data, scale, seed, m, log, deadline)
+    except steps.OutOfTime as e:
+        log(f"stopping: {e}; run the same command again to resume")
+        return EXIT_RESUME
+    return 0
+
+
+def training_status(cfg: V3Config, out: Path) -> list[dict]:
+    """Every training run of ``cfg`` found in ``out`` (finished or not), in the order of
+    :func:`plan`: its size, seed, learning rate, steps done of its total, whether it
+    finished, and its held-out loss curve (``[[step, nats per token], ...]`` from
+    ``metrics.jsonl``). Runs never started are absent."""
+    from influence.lm import LADDER
+
+    rows = []
+    for scale in cfg.scales:
+        for seed in cfg.seeds(scale):
+            for m in cfg.lr_multipliers:
+                run_dir = out / f"{scale}-seed{seed}-lr{m:g}"
+                if not (run_dir / "run.json").exists():
+                    continue
+                info = json.loads((run_dir / "run.json").read_text())
+                evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                         if line.strip()] if (run_dir / "metrics.jsonl").exists() else []
+                total = int(info["total_steps"])
+                done = int(evals[-1]["step"]) if evals else 0
+                tc, n_params = info["train_config"], parameters(scale, cfg)["total"]
+                rule = token_budget(cfg, n_params, int(info["data"]["train_target_tokens"]))  # the design's budget
+                rule_steps = math.ceil(rule["epochs"] * int(info["data"]["train_sequences"]) / tc["batch_size"])
+                rows.append({"run": run_dir.name, "scale": scale, "seed": seed, "lr_multiplier": m,
+                             "learning_rate": LADDER[scale].learning_rate * m, "total_params": n_params,
+                             "tokens_planned": int(tc["tokens"]),
+                             "tokens_rule": rule_steps * tc["batch_size"] * tc["seq_len"],
+                             "total_steps": total, "steps_evaluated": done, "finished": done == total,
+                             "seconds_per_step": round(float(evals[-1]["elapsed_s"]) / done, 3) if done else None,
+                             "heldout_curve": [[int(e["step"]), round(float(e["heldout_loss"]), 4)] for e in evals]})
+    return rows
+
+
+def publish_training(cfg: V3Config, out: Path, publish: Path, *, command: str = "", ngram: dict | None = None) -> dict:
+    """A partial ``results.json`` for a run that trained but scored nothing (the CPU time
+    ran out): what the design planned, every training run started (:func:`training_status`),
+    the learning rate chosen at each size whose seed-0 sweep finished, the held-out loss
+    beside the Kneser-Ney baselines ``ngram`` (:func:`experiments.ngram.heldout_nats` on the
+    first run's windows), and no endpoint (no influence was computed). Written to
+    ``publish`` and ``out``; :func:`experiments.render.v3_results_block` renders it."""
+    import os
+
+    import jax
+
+    from influence.runtime.io import atomic_write_bytes
+
+    from .scale_v2 import _machine, _rounded
+
+    runs = training_status(cfg, out)
+    sizes = []
+    for scale in cfg.scales:
+        sweep = [r for r in runs if r["scale"] == scale and r["seed"] == cfg.seeds(scale)[0]]
+        if len(sweep) == len(cfg.lr_multipliers) and all(r["finished"] for r in sweep):
+            best = min(sweep, key=lambda r: r["heldout_curve"][-1][1])
+            sizes.append({"scale": scale, "total_params": best["total_params"],
+                          "chosen_lr_multiplier": best["lr_multiplier"],
+                          "sweep": [{"lr_multiplier": r["lr_multiplier"], "heldout_loss": r["heldout_curve"][-1][1]}
+                                    for r in sweep]})
+    finished = {(r["scale"], r["seed"]) for r in runs if r["finished"]}
+    declared = V3_CONFIGS.get(cfg.name, cfg)
+    results = _rounded({
+        "version": 3, "config": cfg.name, "status": "partial: trained only, nothing scored", "scored": False,
+        "partial": True, "command": command,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": _machine(),
+        "jax": jax.__version__, "loadavg": [round(x, 2) for x in os.getloadavg()], "max_tokens": cfg.max_tokens,
+        "declared": {"scales": list(declared.scales), "seeds": {s: list(declared.seeds(s)) for s in declared.scales},
+                     "lr_multipliers": list(declared.lr_multipliers)},
+        "runs": runs, "sizes": sizes, "ngram": ngram,
+        "not_run": {s: [x for x in declared.seeds(s) if (s, x) not in finished] for s in declared.scales
+                    if any((s, x) not in finished for x in declared.seeds(s))},
+        "endpoints": {}}, 4)
+    text = json.dumps(results, indent=1, default=float).encode()
+    for folder in (out, publish):
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / "results.json", text)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -683,6 +980,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, help="run: only these seeds (default: the config's per size)")
     parser.add_argument("--lr-multipliers", nargs="+", type=float, help="run: override the sweep's multipliers")
     parser.add_argument("--max-steps", type=int, help="run: cap every run's training steps (smoke tests)")
+    parser.add_argument("--max-tokens", type=int, help="run: cap every run's training tokens below the budget "
+                        "rule's (a deviation from the design, recorded in results.json)")
+    parser.add_argument("--publish-training", action="store_true", help="run: publish (to --publish) what has "
+                        "trained so far, scoring nothing: a partial results.json (publish_training)")
+    parser.add_argument("--train-only", action="store_true", help="run: only train the given sizes, seeds and "
+                        "learning-rate multipliers (no choice, no scoring): independent runs in parallel processes")
     parser.add_argument("--time-budget", type=float, help="run: stop between cached steps after this many "
                         "seconds (exit status 75: run again to resume)")
     args = parser.parse_args(argv)
@@ -698,8 +1001,24 @@ def main(argv: list[str] | None = None) -> int:
                      tuple(args.lr_multipliers or ()))) if v}
         if args.max_steps:
             overrides["max_steps"] = args.max_steps
+        if args.max_tokens:
+            overrides["max_tokens"] = args.max_tokens
         run_cfg = dataclasses.replace(cfg, **overrides)
         out = args.out or Path("runs/scale") / cfg.name
+        if args.publish_training:
+            from . import scale_runs as steps
+            from .ngram import heldout_nats
+
+            first = out / f"{run_cfg.scales[0]}-seed0-lr{run_cfg.lr_multipliers[0]:g}"  # every lr: the same windows
+            ngram = steps.cached_json(out / "ngram-train.json", f"{first.name}:{run_cfg.ngram_orders}", "baseline",
+                                      lambda: heldout_nats(first / "data", run_cfg.base.vocab_size,
+                                                           run_cfg.ngram_orders))
+            publish_training(run_cfg, out, args.publish or out, ngram=ngram,
+                             command=" ".join(["python -m experiments.scale_v3", *(argv or sys.argv[1:])]))
+            return 0
+        if args.train_only:
+            return train_only(run_cfg, out, v3_data(run_cfg, out, _log), seeds=args.seeds,
+                              time_budget=args.time_budget, log=_log)
         return run_all(run_cfg, out, v3_data(run_cfg, out, _log), seeds=args.seeds, time_budget=args.time_budget,
                        publish=args.publish,
                        command=" ".join(["python -m experiments.scale_v3", *(argv or sys.argv[1:])]))
