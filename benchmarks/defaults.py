@@ -154,7 +154,7 @@ def step_floor(batch_sizes: tuple[int, ...], repeats: int = 5) -> dict:
     from influence.runtime.execution import Execution
     from influence.runtime.mesh import shard_batch
     from influence.scoring.pairwise import _score_step
-    from influence.scoring.queries import prepare_queries
+    from influence.scoring.preconditioned import prepare_queries
 
     model, task, train, queries, _ = setup("mlp", 1536)
     factors = inf.fit_factors(model, task, train, fisher="empirical", progress=False)
@@ -255,7 +255,7 @@ def lm_step_floor(model, task, factors, queries, train, batch_size: int, repeats
     from influence.runtime.execution import Execution
     from influence.runtime.mesh import shard_batch
     from influence.scoring.pairwise import _score_step
-    from influence.scoring.queries import prepare_queries
+    from influence.scoring.preconditioned import prepare_queries
 
     side = prepare_queries(model, task, factors, queries, execution=Execution(progress=False))
     tracked = side.tracked

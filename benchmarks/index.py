@@ -58,7 +58,7 @@ from benchmarks.index_heldout import render as heldout_section
 from benchmarks.speed import timed
 from influence import testing
 from influence.index.build import DEFAULT_COMPRESSION as CURRENT_DEFAULT
-from influence.index.score import read_floor
+from influence.index.source import read_floor
 
 OLD_DEFAULT = "select:0.375:int4"
 """The library's default compression before issue 28, chosen by :func:`choose_default` on
@@ -237,7 +237,7 @@ def timings(state: dict, default: str, workdir: Path, name: str, batch_size: int
     the build timed is the default compression's first build in :func:`measure` (the full
     gradient is gigabytes; that build's compilation is a few seconds of minutes)."""
     from influence.runtime.execution import Execution
-    from influence.scoring.queries import prepare_queries
+    from influence.scoring.preconditioned import prepare_queries
 
     model, task, train, queries, factors = (state[k] for k in ("model", "task", "train", "queries", "factors"))
     started = os.getloadavg()
@@ -724,7 +724,7 @@ def _cost_notes(results: dict) -> list[str]:
                "costs less than multiplying it, and the queries' own cost does not shrink with the index."
                if inf.index.Compression.parse(t["default_compression"]).method in ("none", "rank") else
                "The scan decodes each block of stored rows to float32 before its product (see "
-               "`influence.index.score.BLOCK_BYTES`; `python -m benchmarks.index_scan` times the block sizes "
+               "`influence.index.source.BLOCK_BYTES`; `python -m benchmarks.index_scan` times the block sizes "
                "on a machine), so it writes and reads "
                f"{DECODED_PER_STORED[inf.index.Compression.parse(t['default_compression']).dtype]} bytes of "
                "float32 for every stored byte; the queries' own cost (their gradients and "

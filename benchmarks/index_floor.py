@@ -49,7 +49,7 @@ from influence import testing
 from influence.index.store import open_parts
 from influence.runtime.execution import Execution
 from influence.scoring.blocks import TopK
-from influence.scoring.queries import prepare_queries
+from influence.scoring.preconditioned import prepare_queries
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "benchmarks" / "index-floor.json"
@@ -183,7 +183,7 @@ def measure(args) -> dict:
             side = prepare_queries(model, task, factors, q, execution=Execution(progress=False))
             jax.block_until_ready(side.placed)
 
-        source = inf.index.score.IndexSource(model, task, factors, q, None, index, None, None,
+        source = inf.index.source.IndexSource(model, task, factors, q, None, index, None, None,
                                              Execution(progress=False))
 
         def scan(source=source):
@@ -258,7 +258,7 @@ def render(result: dict) -> list[str]:
         f"on {r['machine']}, **under load from other jobs** (load average at the start {load[0]}, at the end "
         f"{load[1]}): every time is inflated by the others' work, reads included.", "",
         "The scan decodes the stored rows a block of columns at a time across all the rows of a 64 MiB chunk "
-        "(`influence.index.score._column_scores`: blocks of whole rows left 4 rows of this width to a block, "
+        "(`influence.index.source._column_scores`: blocks of whole rows left 4 rows of this width to a block, "
         "and XLA's CPU product of so few rows was very slow beyond one query), and it asks the kernel to read "
         "the next chunk while one is scored (`posix_fadvise(WILLNEED)`, `influence.index.store.will_need`).", "",
         "| queries | index (cold) | ÷ I/O floor | queries' own cost | scan, cold | scan, warm | scan's FLOP floor "

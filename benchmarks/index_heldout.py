@@ -59,7 +59,7 @@ import influence as inf
 from influence import testing
 from influence.index.choose import choose_from_probe, measure_probe
 from influence.index.compress import Compression, compression_maps, decode_numpy, encode_numpy, row_bytes
-from influence.index.score import IndexSource
+from influence.index.source import IndexSource
 from influence.runtime.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """The index scan's decoding block size: stored bytes per second of ``_chunk_scores``.
 
 The scan decodes stored rows to float32 a block at a time before each product
-(``influence.index.score.BLOCK_BYTES``). This times one chunk of synthetic stored rows
+(``influence.index.source.BLOCK_BYTES``). This times one chunk of synthetic stored rows
 (random numbers of the given dtype, widths like a ``small`` ladder run's
 ``select:0.375:int4`` index by default) at several block sizes and a whole-chunk decode,
 at 1 and 32 queries, and prints the stored bytes scanned per second of each, measured in
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from influence.index import score
+from influence.index import source
 from influence.index.compress import encode_numpy
 
 SMALL_WIDTHS = "35339,22949,21186,24836,21713,22153"
@@ -29,11 +29,11 @@ SMALL_WIDTHS = "35339,22949,21186,24836,21713,22153"
 
 def rate(chunk, keys, dtype: str, block_bytes: int, repeats: int) -> float:
     """Stored bytes per second of scoring ``chunk`` against ``keys`` with ``block_bytes``."""
-    score.BLOCK_BYTES = block_bytes
+    source.BLOCK_BYTES = block_bytes
     jax.clear_caches()  # the block size is read when the scan is traced
 
     def run():
-        return score._chunk_scores(keys, chunk, dtype=dtype, keep_layers=False, shapes=(None,) * len(keys))
+        return source._chunk_scores(keys, chunk, dtype=dtype, keep_layers=False, shapes=(None,) * len(keys))
 
     run().block_until_ready()
     t0 = time.perf_counter()
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     chunk = tuple(tuple(jnp.asarray(p) for p in encode_numpy(rng.standard_normal((args.rows, w)), args.dtype))
                   for w in widths)
-    default = score.BLOCK_BYTES
+    default = source.BLOCK_BYTES
     whole = 4 * args.rows * max(2 * -(-w // 2) for w in widths)  # one block: the whole chunk decoded at once
     print(f"{args.rows} rows of {args.dtype}, widths {widths}; jax {jax.__version__} {jax.devices()[0].platform}")
     print("block (MiB of float32) | 1 query (GB/s stored) | 32 queries (GB/s stored)")
@@ -64,7 +64,7 @@ def main(argv=None) -> None:
         label = f"{block / 2**20:.0f}" + (" (the default)" if block == default else "")
         label += " (whole chunk)" if block == whole else ""
         print(f"{label:>22s} | {rates[0] / 1e9:21.2f} | {rates[1] / 1e9:24.2f}", flush=True)
-    score.BLOCK_BYTES = default
+    source.BLOCK_BYTES = default
 
 
 if __name__ == "__main__":

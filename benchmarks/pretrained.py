@@ -150,7 +150,7 @@ def run_step(step: str, folder: str, work: str, n: int, t: int, batch_size: int,
 
     import influence as inf
     import influence.curvature.covariance as covariance
-    import influence.index.score as index_score
+    import influence.index.source as index_score
     import influence.pretrained as hf
     import influence.scoring.pairwise as pairwise
     from influence.tasks import CausalLM

@@ -433,7 +433,7 @@ def fused_scores(model, task, variants: dict, queries, train, *, batch_size: int
     from influence.scoring.contractions import LayerQueries
     from influence.scoring.finite import RowCheck
     from influence.scoring.pairwise import score_step
-    from influence.scoring.queries import place_queries, prepare_queries, scoring_batch
+    from influence.scoring.preconditioned import place_queries, prepare_queries, scoring_batch
 
     ex = Execution.of(None, {"batch_size": batch_size, "progress": False})
     sides = {v: prepare_queries(model, task, f, queries, damping=d, execution=ex) for v, (f, d) in variants.items()}

@@ -84,7 +84,7 @@ def attribute_top(run, factors, specs: Sequence[QuerySpec], values: np.ndarray, 
     import influence as inf
     from influence.lm.sequences import as_arrays
     from influence.query.engine import encode_queries
-    from influence.scoring.queries import query_gradients
+    from influence.scoring.preconditioned import query_gradients
     from influence.scoring.ranking import Ranking
 
     if not len(specs):

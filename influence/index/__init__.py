@@ -5,7 +5,7 @@ training sequence's gradient for every tracked layer in the factors' eigenbasis
 (compressed, :mod:`influence.index.compress`) in memory-mapped shards
 (:mod:`influence.index.write`, :mod:`influence.index.store`); ``pairwise_scores(..., index=)``
 and ``rank_training(..., index=)`` then answer a query batch with one score block per
-chunk of the index (:mod:`influence.index.score`), consumed as a rescan's are
+chunk of the index (:mod:`influence.index.source`), consumed as a rescan's are
 (:mod:`influence.scoring.blocks`), the damping chosen at query time.
 """
 

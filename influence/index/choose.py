@@ -28,11 +28,11 @@ import numpy as np
 from influence.errors import DataError, InfluenceError
 from influence.factors import Factors
 from influence.index.compress import Compression, compression_maps, decode_numpy, encode_numpy, row_bytes
-from influence.index.score import IndexSource
+from influence.index.source import IndexSource
 from influence.index.write import write_index
 from influence.runtime.data import num_rows, select_rows
 from influence.runtime.execution import Execution
-from influence.scoring.queries import prepare, scoring_mesh
+from influence.scoring.preconditioned import prepare, scoring_mesh
 
 PROBE_QUERIES = 32
 """Held-out training rows used as probe queries when no ``probe=`` is given."""

@@ -444,7 +444,7 @@ def _balanced(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def map_queries(queries, layer: LayerMap, rank: int = 0) -> jax.Array:
     """``K [Q, k_a·k_s]`` = ``E_Aᵀ P_q E_S`` of a layer's preconditioned queries (a
-    :class:`~influence.scoring.queries.LayerQueries`, full or rank r). For ``"rank"``
+    :class:`~influence.scoring.preconditioned.LayerQueries`, full or rank r). For ``"rank"``
     (``rank`` = c) the dense ``[Q, d_a·d_out]`` (whitened), which rows of ``U Vᵀ`` are dotted with."""
     if rank:
         k = _rotated_queries(queries, layer)

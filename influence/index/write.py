@@ -59,7 +59,7 @@ from influence.runtime.driver import Accumulator, run_pass
 from influence.runtime.execution import Execution
 from influence.runtime.io import digest_arrays
 from influence.runtime.mesh import replicate
-from influence.scoring.queries import GRADIENT_STATICS, prepare, scoring_batch, scoring_mesh
+from influence.scoring.preconditioned import GRADIENT_STATICS, prepare, scoring_batch, scoring_mesh
 
 log = logging.getLogger(__name__)
 

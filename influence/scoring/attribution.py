@@ -23,7 +23,7 @@ from influence.runtime.data import as_source, select_rows
 from influence.runtime.driver import concatenate, run_pass
 from influence.runtime.execution import Execution
 from influence.scoring.contractions import token_scores
-from influence.scoring.queries import scoring_batch, scoring_mesh
+from influence.scoring.preconditioned import scoring_batch, scoring_mesh
 from influence.scoring.ranking import Ranking
 
 

@@ -4,7 +4,7 @@ A *score block* is the scores of a run of training rows against every query,
 ``[L, Q, n]`` per tracked layer or ``[1, Q, n]`` summed, with the training rows it
 holds (``rows [n]``, ``-1`` for padding). A rescan produces one block per training batch
 (:func:`influence.scoring.pairwise.score_step`); an index produces one per chunk of its
-stored rows (:mod:`influence.index.score`, a *block source* registered here). Whatever
+stored rows (:mod:`influence.index.source`, a *block source* registered here). Whatever
 produced them, the blocks become results here, once:
 
 * :class:`TopK`: the running top-k per query (candidate masks, the lower row first on
@@ -40,7 +40,7 @@ from influence.scoring.finite import RowCheck
 from influence.scoring.results import Scores
 from influence.scoring.topk import merge_slots
 
-INDEX_SOURCE_MODULE = "influence.index.score"
+INDEX_SOURCE_MODULE = "influence.index.source"
 """Module that registers the index's block source (imported by name on first ``index=``)."""
 
 _INDEX_SOURCES: list[Callable[..., Any]] = []
@@ -49,7 +49,7 @@ _INDEX_SOURCES: list[Callable[..., Any]] = []
 def register_index_source(opener: Callable[..., Any]) -> None:
     """Register ``opener(model, task, factors, queries, train, index, damping, query_rank,
     run)``, which returns a block source: an object with ``side`` (the prepared
-    :class:`~influence.scoring.queries.QuerySide`), ``n_rows``, ``names`` (layers),
+    :class:`~influence.scoring.preconditioned.QuerySide`), ``n_rows``, ``names`` (layers),
     ``blocks(keep_layers)`` yielding ``(first row, rows, scores [L|1, Q, rows])`` in row
     order, and ``metadata(factors, query_rank)``."""
     if opener not in _INDEX_SOURCES:

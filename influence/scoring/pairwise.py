@@ -37,7 +37,7 @@ from influence.runtime.mesh import DATA, describe_mesh, local, query_axis, spec
 from influence.scoring.blocks import collect_scores, open_index_source, scores_result
 from influence.scoring.contractions import layer_scores, query_token_scores, stack_layers
 from influence.scoring.finite import RowCheck
-from influence.scoring.queries import GRADIENT_STATICS, prepare_queries, score_checkpoint, scoring_batch
+from influence.scoring.preconditioned import GRADIENT_STATICS, prepare_queries, score_checkpoint, scoring_batch
 from influence.scoring.results import Scores
 
 MAX_PER_TOKEN = 2**26

@@ -24,7 +24,7 @@ from influence.scoring.blocks import TopK, check_candidates, open_index_source
 from influence.scoring.contractions import LayerQueries
 from influence.scoring.finite import RowCheck
 from influence.scoring.pairwise import score_step
-from influence.scoring.queries import prepare_queries, score_checkpoint, scoring_batch
+from influence.scoring.preconditioned import prepare_queries, score_checkpoint, scoring_batch
 from influence.scoring.results import check_k
 
 

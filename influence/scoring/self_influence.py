@@ -25,7 +25,7 @@ from influence.runtime.execution import Execution
 from influence.runtime.mesh import DATA, describe_mesh, local, spec
 from influence.scoring.contractions import stack_layers
 from influence.scoring.finite import RowCheck
-from influence.scoring.queries import (
+from influence.scoring.preconditioned import (
     GRADIENT_STATICS,
     prepare,
     score_checkpoint,

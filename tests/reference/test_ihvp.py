@@ -15,7 +15,7 @@ from influence.reference.ihvp import (
     damping_vector,
     gauss_newton_product,
 )
-from influence.scoring.queries import query_gradients
+from influence.scoring.preconditioned import query_gradients
 from influence.testing import trained_lm, trained_mlp
 
 

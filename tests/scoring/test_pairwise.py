@@ -10,7 +10,7 @@ import influence as inf
 from influence import tasks
 from influence.reference.exact import exact_scores, per_example_gradients
 from influence.scoring.contractions import _lowrank_scores, layer_scores
-from influence.scoring.queries import LayerQueries, low_rank
+from influence.scoring.preconditioned import LayerQueries, low_rank
 from influence.testing import trained_lm, trained_mlp
 
 

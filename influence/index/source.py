@@ -1,7 +1,7 @@
 """Answering queries from an index: one matrix product per chunk of stored rows.
 
 The queries' preconditioned gradients are computed as for a rescan
-(:func:`~influence.scoring.queries.prepare_queries`: the same damping, checks and rank-r
+(:func:`~influence.scoring.preconditioned.prepare_queries`: the same damping, checks and rank-r
 query batching), mapped like the stored rows, ``K_q = E_Aᵀ P_q E_S`` per layer
 (:mod:`influence.index.compress`), and each chunk of the index scores ``K C_chunkᵀ``
 ``[Q, rows]``. The index is streamed from its memory-mapped shards, a chunk at a time,
@@ -31,7 +31,7 @@ from influence.runtime.execution import Execution
 from influence.runtime.mesh import describe_mesh
 from influence.scoring.blocks import register_index_source
 from influence.scoring.finite import RowCheck
-from influence.scoring.queries import prepare_queries
+from influence.scoring.preconditioned import prepare_queries
 
 CHUNK_BYTES = 1 << 26
 """Stored bytes read per chunk (64 MiB): what the scoring holds of the index at once."""
