@@ -14,6 +14,12 @@ os.environ.setdefault("INFLUENCE_COMPILATION_CACHE", "0")
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``early`` run first: a minute-long test collected last would leave one
+    of the two workers idle while it finishes (longest first is the classic remedy)."""
+    items.sort(key=lambda item: item.get_closest_marker("early") is None)  # stable: order kept otherwise
+
+
 @pytest.fixture(scope="module")
 def small_classifier():
     """``(model, train)``: a hidden-8 digits MLP trained briefly on 96 examples, for the
