@@ -88,10 +88,10 @@ def test_verbatim_training_sequence_ranks_first(setup):
 def test_low_rank_and_bm25_options(setup):
     model, data, factors = setup
     query = [Query(data["text"][2][:3], data["text"][2][3:])]
-    full = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, progress=False).run(query, k=3)
+    # the full-rank engine ranks a verbatim sequence first: test_verbatim_training_sequence_ranks_first
     low = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, query_rank=2,
                       progress=False).run(query, k=3)
-    assert low[0].influences[0].row == full[0].influences[0].row == 2
+    assert low[0].influences[0].row == 2
     # BM25 on whole words: only the sequence with the exact same text shares the query's single "word"
     bm25 = QueryEngine(model, LetterTokenizer(), data, factors, context_length=8, bm25_candidates=1, progress=False)
     result = bm25.run(query, k=3)
