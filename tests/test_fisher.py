@@ -73,7 +73,8 @@ def test_more_draws_approach_the_exact_fisher(small_classifier):
         assert err_many < 0.1, (name, err_many)
 
 
-@pytest.mark.slow  # default: runtime/multidevice/check_sharding.py::test_sampled_draws_same_for_other_batch_size_and_devices
+# by default: check_sharding.py::test_sampled_draws_same_for_other_batch_size_and_devices
+@pytest.mark.slow
 def test_draws_do_not_depend_on_the_batch_size(small_classifier):
     model, data = small_classifier
     fits = {bs: _fit(model, data, fisher="sampled", fisher_samples=4, batch_size=bs) for bs in (7, 96)}
