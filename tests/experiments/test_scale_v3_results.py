@@ -19,6 +19,15 @@ def results():
     return json.loads(V3_RESULTS.read_text())
 
 
+@pytest.fixture(scope="module")
+def scored(results):
+    """``(results, folder)`` of the published file that holds scores: results.json itself once
+    a run scored everything, else the scored part of a partial run (scored/results.json)."""
+    if results.get("scored", True):
+        return results, FOLDER
+    return json.loads((FOLDER / "scored" / "results.json").read_text()), FOLDER / "scored"
+
+
 def test_published_files_are_small_and_scores_stay_out_of_git():
     files = [p for p in FOLDER.rglob("*") if p.is_file()]
     assert all(p.stat().st_size < 1_000_000 for p in files), "every published file < 1 MB"
@@ -27,10 +36,9 @@ def test_published_files_are_small_and_scores_stay_out_of_git():
     assert (FOLDER / "figures" / "v3.png").stat().st_size < 100_000
 
 
-def test_every_point_value_recomputes_from_the_ranks(results):
-    if not results.get("scored", True):
-        pytest.skip("training only: nothing scored, no ranks")
-    ranks = json.loads((FOLDER / "ranks.json").read_text())
+def test_every_point_value_recomputes_from_the_ranks(scored):
+    results, folder = scored
+    ranks = json.loads((folder / "ranks.json").read_text())
     got = recompute_means(results, ranks)
     assert got, "nothing recomputed"
     for variant, eps in results["endpoints"].items():
@@ -44,9 +52,8 @@ def test_every_point_value_recomputes_from_the_ranks(results):
     assert set(ranks["runs"]) == seeds
 
 
-def test_verdicts_follow_the_declared_rule(results):
-    if not results.get("scored", True):
-        pytest.skip("training only: no endpoint, no verdict")
+def test_verdicts_follow_the_declared_rule(scored):
+    results, folder = scored
     assert results["config"] == "v3" and results["declared"]["scales"] == list(V3.scales)
     ran = [s["scale"] for s in results["sizes"]]
     assert results["partial"] == (ran != list(V3.scales) or bool(results["not_run"]))
@@ -55,15 +62,14 @@ def test_verdicts_follow_the_declared_rule(results):
             assert (e["verdict"], e["reason"]) == v3_verdict(e, V3.scales[-1])
             if results["partial"]:
                 assert e["verdict"] != "reproduces the paper"
-    assert (FOLDER / "report.md").read_text() == render_v3_report(results)
+    assert (folder / "report.md").read_text() == render_v3_report(results)
 
 
 def test_training_only_results_are_consistent(results):
     """A partial run that scored nothing: each sweep's choice is its lowest held-out loss,
     a run is finished exactly when its last evaluation is its last step, and every declared
     seed without a finished run is listed as not run."""
-    if results.get("scored", True):
-        pytest.skip("scored run")
+    assert not results.get("scored", True), "results.json now scores: check its runs in the tests above"
     assert results["partial"] and results["endpoints"] == {} and results["config"] == "v3"
     for r in results["runs"]:
         assert r["finished"] == (r["steps_evaluated"] == r["total_steps"])
